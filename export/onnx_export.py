@@ -1,0 +1,198 @@
+"""Export a checkpoint to the two ONNX graphs, check them, verify parity, and publish the folder."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import vqtool
+from export.graphs import DecoderGraph, EncoderGraph
+from export.parity import ParityReport, check_parity, torch_reference
+from train.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from vqtool.atomic import usual_mode, write_json
+from vqtool.errors import VqtoolError, missing_extra
+from vqtool.manifest import MANIFEST_NAME, GraphEntry, Manifest, code_dtype_for, sha256_file
+from vqtool.runtime import OnnxRuntimeRunner
+
+# TensorRT's ONNX parser supports opsets up to 20; 18 is well inside what every runtime we target reads.
+OPSET = 18
+PARITY_NAME = "parity.json"
+ENCODER_INPUT, ENCODER_OUTPUT = "images", "codes"
+DECODER_INPUT, DECODER_OUTPUT = "codes", "images"
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    export_dir: Path
+    manifest: Manifest
+    reports: tuple[ParityReport, ...]
+
+
+def graph_names(precision: str) -> tuple[str, str]:
+    """Manifest keys (and file stems) of the encoder and decoder for a precision."""
+    suffix = "" if precision == "fp32" else f".{precision}"
+    return f"encoder{suffix}", f"decoder{suffix}"
+
+
+def load_for_export(path: Path) -> Checkpoint:
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as exc:
+        raise VqtoolError(str(exc)) from None
+
+
+def held_out_images(checkpoint: Checkpoint, log: Callable[[str], None]) -> np.ndarray:
+    """The validation split of the data the checkpoint was trained on (the default data if that is gone)."""
+    from vqtool.imagesets import load_training_set
+
+    size = checkpoint.model_config.image_size
+    source = Path(checkpoint.data) if checkpoint.data else None
+    if source is not None and not source.exists():
+        log(f"training data {source} is gone; checking parity on the embedded default images instead")
+        source = None
+    return load_training_set(source, size).val
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[io.StringIO]:
+    """torch.onnx narrates each stage on stdout; keep it for error messages only."""
+    captured = io.StringIO()
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)  # e.g. "torchvision is not installed. Skipping ..."
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(captured):
+            warnings.simplefilter("ignore")
+            yield captured
+    finally:
+        exporter_log.setLevel(level)
+
+
+def _export_graph(module: torch.nn.Module, example: torch.Tensor, path: Path, names: tuple[str, str],
+                  spatial_scale: int, metadata: dict[str, str]) -> None:  # fmt: skip
+    """torch.onnx (dynamo) export with dynamic batch and spatial size, then the full ONNX checker."""
+    try:
+        import onnx
+    except ModuleNotFoundError:
+        raise missing_extra("vqtool export", "onnx", "train") from None
+    batch, height, width = torch.export.Dim("batch", min=1), torch.export.Dim("h", min=1), torch.export.Dim("w", min=1)
+    dims = {0: batch, 1: spatial_scale * height, 2: spatial_scale * width}
+    with _quiet_exporter() as narration:
+        try:
+            torch.onnx.export(
+                module.eval(), (example,), str(path), input_names=[names[0]], output_names=[names[1]],
+                opset_version=OPSET, dynamic_shapes={names[0]: dims}, external_data=False, dynamo=True,
+            )  # fmt: skip
+        except Exception as exc:
+            raise VqtoolError(f"torch.onnx could not export {path.name}: {exc}\n{narration.getvalue()}") from None
+    graph = onnx.load(str(path))
+    for key, value in metadata.items():
+        graph.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(graph, full_check=True)
+    onnx.save(graph, str(path))
+
+
+def write_graphs(checkpoint: Checkpoint, checkpoint_sha: str, out_dir: Path, precision: str) -> dict[str, GraphEntry]:
+    """Export the encoder and decoder at one precision into `out_dir`; returns their manifest entries."""
+    model, config = checkpoint.model.eval(), checkpoint.model_config
+    size, grid = config.image_size, config.grid
+    examples = torch.zeros(2, size, size, 3, dtype=torch.uint8), torch.zeros(2, grid, grid, dtype=torch.int32)
+    meta = {"vqtool.model_config": json.dumps(config.to_dict()), "vqtool.checkpoint_sha256": checkpoint_sha,
+            "vqtool.precision": precision, "vqtool.version": vqtool.__version__}  # fmt: skip
+    entries = {}
+    encoder_name, decoder_name = graph_names(precision)
+    for name, module, example, names, scale in (
+        (encoder_name, EncoderGraph(model, precision), examples[0], (ENCODER_INPUT, ENCODER_OUTPUT), 16),
+        (decoder_name, DecoderGraph(model, precision), examples[1], (DECODER_INPUT, DECODER_OUTPUT), 1),
+    ):
+        path = out_dir / f"{name}.onnx"
+        _export_graph(module, example, path, names, scale, {**meta, "vqtool.role": name.split(".")[0]})
+        entries[name] = GraphEntry(path.name, sha256_file(path), precision, names[0], names[1])
+    return entries
+
+
+def onnx_parity(checkpoint: Checkpoint, export_dir: Path, entries: dict[str, GraphEntry], precision: str,
+                images: np.ndarray, reference=None, device: str = "cpu") -> ParityReport:  # fmt: skip
+    encoder_name, decoder_name = graph_names(precision)
+    encoder = OnnxRuntimeRunner(export_dir / entries[encoder_name].file, device)
+    decoder = OnnxRuntimeRunner(export_dir / entries[decoder_name].file, device)
+    return check_parity(checkpoint.model, images, encoder, decoder, runtime=encoder.backend, provider=encoder.provider,
+                        precision=precision,
+                        reference=reference)  # fmt: skip
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    """Replace `out_dir` with `staging` so that readers see the old export or the new one, never a mix."""
+    if out_dir.exists():
+        backup = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        out_dir.rename(backup)
+        staging.rename(out_dir)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        staging.rename(out_dir)
+
+
+def export_model(
+    checkpoint_path: Path,
+    out_dir: Path,
+    *,
+    precisions: tuple[str, ...] = ("fp32",),
+    parity_images: np.ndarray | None = None,
+    log: Callable[[str], None] = print,
+) -> ExportResult:
+    """Write graphs + manifest + parity.json to `out_dir`; a failed parity fails the export."""
+    if out_dir.exists() and not (out_dir / MANIFEST_NAME).is_file():
+        if not out_dir.is_dir() or any(out_dir.iterdir()):
+            raise VqtoolError("exists and is not a vqtool export folder; choose another --out", out_dir)
+    checkpoint = load_for_export(checkpoint_path)
+    checkpoint_sha = sha256_file(checkpoint_path)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    usual_mode(staging)
+    try:
+        entries: dict[str, GraphEntry] = {}
+        for precision in precisions:
+            entries.update(write_graphs(checkpoint, checkpoint_sha, staging, precision))
+        config = checkpoint.model_config
+        manifest = Manifest(
+            model_config=config.to_dict(), image_size=config.image_size, grid=config.grid, codes=config.codes,
+            code_dtype=code_dtype_for(config.codes).name, opset=OPSET, checkpoint_sha256=checkpoint_sha,
+            graphs=entries, vqtool_version=vqtool.__version__, torch_version=str(torch.__version__),
+        )  # fmt: skip
+        write_json(staging / MANIFEST_NAME, manifest.to_dict())
+        images = held_out_images(checkpoint, log) if parity_images is None else parity_images
+        reference = torch_reference(checkpoint.model, images)
+        reports = tuple(onnx_parity(checkpoint, staging, entries, p, images, reference) for p in precisions)
+        write_json(staging / PARITY_NAME, {"reports": [r.to_dict() for r in reports]})
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    failed = [r for r in reports if not r.passed]
+    if failed:
+        kept = out_dir.with_name(f"{out_dir.name}.failed-parity")
+        shutil.rmtree(kept, ignore_errors=True)
+        staging.rename(kept)
+        reasons = "; ".join(f"{r.precision}: {', '.join(r.failures)}" for r in failed)
+        raise ParityFailed(f"parity failed ({reasons}); graphs kept for inspection in {kept}", reports)
+    _publish(staging, out_dir)
+    return ExportResult(out_dir, manifest, reports)
+
+
+class ParityFailed(VqtoolError):
+    """Export finished but the graphs disagree with PyTorch beyond tolerance."""
+
+    def __init__(self, message: str, reports: tuple[ParityReport, ...]) -> None:
+        super().__init__(message)
+        self.reports = reports

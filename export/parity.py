@@ -1,0 +1,161 @@
+"""Parity: the PyTorch model against an exported graph's runtime, on held-out images.
+
+Codes: the fraction identical, and each differing code classified as a near-tie (the PyTorch
+distances of the two codes differ by less than `tie_rtol` times the distance to PyTorch's code,
+so either answer is right up to rounding) or as an unexplained mismatch, which is a defect.
+Reconstructions: the decoder runtime and PyTorch decode the *same* codes (PyTorch's), so decoder
+error is measured apart from encoder disagreements.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from train.model import VQVAE, code_distances, images_to_input, output_to_images
+
+BATCH = 256
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What a precision must meet; None means not checked."""
+
+    tie_rtol: float
+    max_unexplained: int = 0
+    min_identical: float | None = None
+    max_abs_diff: int | None = None
+    min_psnr: float | None = None
+
+
+TOLERANCES = {
+    # FP32 must agree exactly apart from true ties; rounding of a length-D dot product is ~1e-6.
+    "fp32": Tolerance(tie_rtol=1e-5, max_abs_diff=1),
+    "fp16": Tolerance(tie_rtol=1e-2, min_identical=0.995, min_psnr=40.0),
+    "fp16-naive": Tolerance(tie_rtol=1e-2, min_identical=0.995, min_psnr=40.0),
+}
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """Agreement of one runtime (backend + precision) with the PyTorch model."""
+
+    runtime: str
+    provider: str
+    precision: str
+    images: int
+    codes: int
+    identical: int
+    near_ties: int
+    unexplained: int
+    max_gap_rtol: float
+    recon_max_abs: int
+    recon_mean_abs: float
+    recon_psnr: float
+    failures: tuple[str, ...]
+
+    @property
+    def identical_fraction(self) -> float:
+        return self.identical / self.codes
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["failures"] = list(self.failures)
+        out["identical_fraction"] = self.identical_fraction
+        out["passed"] = self.passed
+        out["recon_psnr"] = None if math.isinf(self.recon_psnr) else self.recon_psnr
+        return out
+
+
+@dataclass(frozen=True)
+class Reference:
+    """PyTorch's latents, codes and reconstructions for a set of images."""
+
+    latents: torch.Tensor  # N x h x w x D, float32
+    codes: np.ndarray  # N x h x w, int64
+    reconstructions: np.ndarray  # N x H x W x 3, uint8
+
+
+@torch.no_grad()
+def torch_reference(model: VQVAE, images: np.ndarray) -> Reference:
+    model = model.eval().to("cpu")
+    latents, codes, recons = [], [], []
+    for start in range(0, len(images), BATCH):
+        x = images_to_input(torch.from_numpy(images[start : start + BATCH]))
+        z = model.encode_latents(x)
+        c = model.quantizer.nearest(z)
+        latents.append(z)
+        codes.append(c)
+        recons.append(output_to_images(model.decode(c)))
+    return Reference(torch.cat(latents), torch.cat(codes).numpy(), torch.cat(recons).numpy())
+
+
+def classify_mismatches(reference: Reference, codebook: torch.Tensor, other: np.ndarray, rtol: float):
+    """(near_ties, unexplained, largest relative distance gap) among codes that differ."""
+    where = np.nonzero(reference.codes != other)
+    if len(where[0]) == 0:
+        return 0, 0, 0.0
+    z = reference.latents[where].to(torch.float64)
+    book = codebook.to(torch.float64)
+    ours = torch.from_numpy(reference.codes[where])
+    theirs = torch.from_numpy(other[where].astype(np.int64))
+    d_ours = ((z - book[ours]) ** 2).sum(-1)
+    d_theirs = ((z - book[theirs]) ** 2).sum(-1)
+    gap = (d_theirs - d_ours).abs() / d_ours.clamp_min(1e-30)
+    ties = int((gap <= rtol).sum().item())
+    return ties, len(gap) - ties, float(gap.max().item())
+
+
+def check_parity(
+    model: VQVAE,
+    images: np.ndarray,
+    encode: Callable[[np.ndarray], np.ndarray],
+    decode: Callable[[np.ndarray], np.ndarray],
+    *,
+    runtime: str,
+    provider: str,
+    precision: str,
+    reference: Reference | None = None,
+) -> ParityReport:
+    """Compare PyTorch with `encode`/`decode` (uint8 images -> codes, int32 codes -> uint8 images)."""
+    tolerance = TOLERANCES[precision]
+    reference = reference or torch_reference(model, images)
+    codes = np.concatenate([encode(images[s : s + BATCH]) for s in range(0, len(images), BATCH)])
+    ref_codes32 = reference.codes.astype(np.int32)
+    recons = np.concatenate([decode(ref_codes32[s : s + BATCH]) for s in range(0, len(images), BATCH)])
+    if codes.shape != reference.codes.shape:
+        raise ValueError(f"{runtime}: codes shaped {codes.shape}, PyTorch gives {reference.codes.shape}")
+    codebook = model.quantizer.codebook.weight.detach().cpu()
+    ties, unexplained, max_gap = classify_mismatches(reference, codebook, codes, tolerance.tie_rtol)
+    diff = np.abs(recons.astype(np.int16) - reference.reconstructions.astype(np.int16))
+    mse = float((diff.astype(np.float64) ** 2).mean())
+    report = dict(
+        runtime=runtime, provider=provider, precision=precision, images=len(images), codes=int(codes.size),
+        identical=int((codes == reference.codes).sum()), near_ties=ties, unexplained=unexplained,
+        max_gap_rtol=max_gap, recon_max_abs=int(diff.max()), recon_mean_abs=float(diff.mean()),
+        recon_psnr=math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse),
+    )  # fmt: skip
+    return ParityReport(**report, failures=tuple(_failures(report, tolerance)))  # type: ignore[arg-type]
+
+
+def _failures(report: dict[str, Any], tolerance: Tolerance) -> list[str]:
+    failures = []
+    if report["unexplained"] > tolerance.max_unexplained:
+        failures.append(f"{report['unexplained']} codes differ from PyTorch without a near-tie to explain them")
+    identical = report["identical"] / report["codes"]
+    if tolerance.min_identical is not None and identical < tolerance.min_identical:
+        failures.append(f"{identical:.2%} identical codes, below {tolerance.min_identical:.1%}")
+    if tolerance.max_abs_diff is not None and report["recon_max_abs"] > tolerance.max_abs_diff:
+        failures.append(f"reconstructions differ by up to {report['recon_max_abs']} grey levels (> {tolerance.max_abs_diff})")
+    if tolerance.min_psnr is not None and report["recon_psnr"] < tolerance.min_psnr:
+        failures.append(f"reconstruction PSNR against PyTorch {report['recon_psnr']:.1f} dB < {tolerance.min_psnr} dB")
+    return failures

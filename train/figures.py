@@ -1,0 +1,57 @@
+"""Figures a run leaves behind: reconstruction grids over training and loss curves (PNG)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from train.atomic import atomic_path
+
+
+def _save_png_atomically(path: Path, save: Any) -> None:
+    with atomic_path(path) as temp:
+        save(temp)
+
+
+def save_reconstruction_grid(path: Path, inputs: np.ndarray, reconstructions: np.ndarray, scale: int = 3) -> None:
+    """Inputs on the top row, their reconstructions below (uint8 N x H x W x 3 each)."""
+    count, height, width = inputs.shape[:3]
+    gap = 2
+    canvas = np.full((2 * (height * scale + gap) + gap, count * (width * scale + gap) + gap, 3), 255, np.uint8)
+    for row, images in enumerate((inputs, reconstructions)):
+        for col, image in enumerate(images):
+            top, left = gap + row * (height * scale + gap), gap + col * (width * scale + gap)
+            canvas[top : top + height * scale, left : left + width * scale] = image.repeat(scale, 0).repeat(scale, 1)
+    _save_png_atomically(path, lambda temp: Image.fromarray(canvas).save(temp, format="PNG"))
+
+
+def save_loss_curves(path: Path, trace: Sequence[dict[str, float]], epochs: Sequence[dict[str, Any]]) -> bool:
+    """Training losses per step and validation MSE per epoch; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError:
+        return False
+    figure, (recon_axis, vq_axis) = plt.subplots(1, 2, figsize=(10, 3.6))
+    steps = [t["step"] for t in trace]
+    recon_axis.plot(steps, [t["recon"] for t in trace], label="train reconstruction (MSE)", lw=1)
+    if epochs:
+        recon_axis.plot([e["step"] for e in epochs], [e["val_mse"] for e in epochs], "o-", label="validation MSE")
+    recon_axis.set_yscale("log")
+    recon_axis.set_xlabel("step")
+    recon_axis.legend()
+    vq_axis.plot(steps, [t["codebook"] for t in trace], label="codebook loss", lw=1)
+    vq_axis.plot(steps, [t["commit"] for t in trace], label="commitment loss", lw=1)
+    vq_axis.set_yscale("log")
+    vq_axis.set_xlabel("step")
+    vq_axis.legend()
+    figure.tight_layout()
+    _save_png_atomically(path, lambda temp: figure.savefig(temp, dpi=110, format="png"))
+    plt.close(figure)
+    return True

@@ -1,0 +1,45 @@
+"""Validation figures: reconstruction error, PSNR, and how much of the codebook is in use."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from train.model import VQVAE, images_to_input, output_to_images
+
+
+def code_usage(codes: torch.Tensor, num_codes: int) -> dict[str, float]:
+    """Fraction of the K codes used at least once, and the perplexity of the code histogram."""
+    counts = torch.bincount(codes.flatten().to(torch.int64), minlength=num_codes).to(torch.float64)
+    probs = counts / counts.sum()
+    entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum().item()
+    used = int((counts > 0).sum().item())
+    return {"usage": used / num_codes, "codes_used": float(used), "perplexity": math.exp(entropy)}
+
+
+def psnr_uint8(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """PSNR in dB between uint8 images, peak 255; infinite when identical."""
+    mse = (reference.to(torch.float64) - test.to(torch.float64)).pow(2).mean().item()
+    return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
+
+
+@torch.no_grad()
+def evaluate(model: VQVAE, images: torch.Tensor, batch_size: int = 512) -> dict[str, float]:
+    """Validation metrics on uint8 N x H x W x 3 images (on the model's device)."""
+    was_training = model.training
+    model.eval()
+    totals = {"val_mse": 0.0, "val_codebook_loss": 0.0, "val_commit_loss": 0.0}
+    all_codes, all_pixels = [], []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        result = model(images_to_input(chunk))
+        weight = len(chunk) / len(images)
+        totals["val_mse"] += result.recon_loss.item() * weight
+        totals["val_codebook_loss"] += result.codebook_loss.item() * weight
+        totals["val_commit_loss"] += result.commit_loss.item() * weight
+        all_codes.append(result.codes)
+        all_pixels.append(output_to_images(result.reconstruction))
+    model.train(was_training)
+    pixels = torch.cat(all_pixels)
+    return {**totals, "val_psnr": psnr_uint8(images, pixels), **code_usage(torch.cat(all_codes), model.config.codes)}

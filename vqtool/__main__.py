@@ -1,0 +1,3 @@
+from vqtool.cli import main
+
+main()

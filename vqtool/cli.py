@@ -1,0 +1,209 @@
+"""The `vqtool` command line: thin Typer commands over library functions.
+
+Nothing here imports torch at module level: encode/decode run where PyTorch is not installed,
+and train/export reach the `train` and `export` packages inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from vqtool.errors import VqtoolError, missing_extra
+
+app = typer.Typer(
+    help="Train a VQ-VAE image tokenizer, export it to ONNX (and TensorRT), and run it with verified parity.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# Piped output gets a width that fits the parity table rather than rich's default of 80 columns.
+out = Console(width=None if sys.stdout.isatty() else 132)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 132)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _say(message: str) -> None:
+    err.print(message, highlight=False)
+
+
+def user_errors(command: F) -> F:
+    """Print a VqtoolError as one line on stderr and exit 1, instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except VqtoolError as exc:
+            err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _require_torch(command: str) -> None:
+    try:
+        import torch  # noqa: F401
+    except ModuleNotFoundError:
+        raise missing_extra(f"vqtool {command}", "PyTorch", "train") from None
+
+
+def next_run_dir(root: Path) -> Path:
+    """runs/run-001, runs/run-002, ...: a new run never lands on an old one."""
+    taken = {p.name for p in root.glob("run-*")} if root.is_dir() else set()
+    number = 1
+    while f"run-{number:03d}" in taken:
+        number += 1
+    return root / f"run-{number:03d}"
+
+
+@app.command()
+@user_errors
+def train(
+    data: Annotated[Path | None, typer.Option(help="Folder of images (recursive), .npy/.npz uint8 N x H x W x 3, "
+                                              "or a cifar-10-batches-py folder. Default: embedded photographs.")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (default: a new runs/run-NNN).")] = None,
+    codes: Annotated[int, typer.Option(help="Codebook size K.")] = 256,
+    dim: Annotated[int, typer.Option(help="Code dimension D.")] = 256,
+    image_size: Annotated[int, typer.Option(help="Training image side, a multiple of 16.")] = 32,
+    epochs: Annotated[int, typer.Option(help="Epochs to train (ignored when --steps is given).")] = 10,
+    steps: Annotated[int | None, typer.Option(help="Total optimisation steps (overrides --epochs).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 128,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    beta: Annotated[float, typer.Option(help="Commitment loss weight β.")] = 0.25,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory from its checkpoint.")] = None,
+) -> None:
+    """Train the VQ-VAE; writes checkpoint.pt, metrics.jsonl and figures/ to the run directory."""
+    _require_torch("train")
+    from train.checkpoint import CheckpointError, load_checkpoint
+    from train.config import ModelConfig, TrainConfig
+    from train.loop import CHECKPOINT_NAME, TrainingStopped, fit
+    from vqtool.imagesets import load_training_set
+
+    try:
+        if resume is not None:
+            saved = load_checkpoint(resume / CHECKPOINT_NAME)
+            model_config, run_dir = saved.model_config, resume
+            config = TrainConfig.from_dict({**saved.train_config.to_dict(), "epochs": epochs, "steps": steps})
+            source = Path(saved.data) if saved.data else None
+        else:
+            model_config = ModelConfig(codes=codes, dim=dim, image_size=image_size)
+            config = TrainConfig(epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, beta=beta, seed=seed,
+                                 device=device)  # fmt: skip
+            run_dir, source = out_dir or next_run_dir(Path("runs")), data
+            if (run_dir / CHECKPOINT_NAME).exists():
+                raise VqtoolError(f"already holds a run; continue it with --resume {run_dir} or pick another --out",
+                                  run_dir)  # fmt: skip
+    except (ValueError, CheckpointError) as exc:
+        raise VqtoolError(str(exc)) from None
+    if source is not None and not source.exists():
+        raise VqtoolError("no such file or folder", source)
+    try:
+        training_set = load_training_set(source, model_config.image_size)
+    except RuntimeError as exc:  # the default data's missing scikit-image
+        raise VqtoolError(str(exc)) from None
+    _say(f"data: {source or 'embedded default photographs'} — {len(training_set.val)} held-out validation images")
+    try:
+        result = fit(model_config, config, training_set, run_dir, data_source=str(source) if source else None,
+                     resume=resume is not None, show_progress=err.is_terminal)  # fmt: skip
+    except (TrainingStopped, CheckpointError) as exc:
+        raise VqtoolError(str(exc)) from None
+    final = result.final
+    minutes, seconds = divmod(int(result.seconds), 60)
+    if result.interrupted:
+        _say(f"interrupted: checkpoint saved at step {result.steps}; continue with: vqtool train --resume {run_dir}")
+    out.print(
+        f"trained {result.steps} steps in {minutes}m{seconds:02d}s: val PSNR {final['val_psnr']:.2f} dB, "
+        f"val MSE {final['val_mse']:.4f}, codebook usage {final['usage']:.1%} "
+        f"({int(final['codes_used'])}/{model_config.codes} codes), perplexity {final['perplexity']:.1f}\n"
+        f"checkpoint: {result.checkpoint}\nmetrics:    {result.metrics}\n"
+        f"figures:    {result.figures}/ (loss.png, recon_step*.png)\n"
+        f"next:       vqtool export {result.checkpoint}",
+        highlight=False,
+    )
+
+
+@app.command("export")
+@user_errors
+def export_command(
+    checkpoint: Annotated[Path, typer.Argument(help="checkpoint.pt written by vqtool train.")],
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Export folder (default: CHECKPOINT's folder/export).")] = None,
+) -> None:
+    """Export encoder.onnx and decoder.onnx, check them, and verify parity against PyTorch."""
+    _require_torch("export")
+    from export.onnx_export import PARITY_NAME, ParityFailed, export_model
+    from vqtool.tables import parity_table
+
+    target = out_dir or checkpoint.parent / "export"
+    try:
+        result = export_model(checkpoint, target, log=_say)
+    except ParityFailed as failed:
+        out.print(parity_table([r.to_dict() for r in failed.reports]))
+        raise
+    out.print(parity_table([r.to_dict() for r in result.reports]))
+    files = ", ".join(entry.file for entry in result.manifest.graphs.values())
+    out.print(f"exported {files}, manifest.json and {PARITY_NAME} to {target}", highlight=False)
+
+
+@app.command()
+@user_errors
+def encode(
+    images: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
+    model: Annotated[Path, typer.Option(help="Export folder made by vqtool export.")],
+    out_path: Annotated[Path, typer.Option("--out", help="Output .npy of codes N x h x w.")],
+    batch_size: Annotated[int, typer.Option(help="Images per inference batch.")] = 64,
+    resize: Annotated[bool, typer.Option(help="Resize images to the model's size; --no-resize keeps sizes "
+                                              "that are multiples of 16.")] = True,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Encode images to integer codes with the exported encoder graph."""
+    from vqtool.encode import encode_files
+    from vqtool.images import list_images
+    from vqtool.manifest import read_manifest, verify_graph
+    from vqtool.runtime import OnnxRuntimeRunner
+
+    manifest = read_manifest(model)
+    files = list_images(images)
+    runner = OnnxRuntimeRunner(verify_graph(model, manifest, "encoder"), device)
+    _say(f"encoding {len(files)} images with {runner.describe()}")
+    result = encode_files(files, manifest, model, runner, out_path, batch_size=batch_size, resize=resize, log=_say)
+    out.print(f"wrote {result.codes_path} ({result.count} x {result.grid[0]} x {result.grid[1]} codes) and "
+              f"{result.sidecar_path} in {result.seconds:.2f}s ({result.count / result.seconds:.0f} images/s)",
+              highlight=False)  # fmt: skip
+
+
+@app.command()
+@user_errors
+def decode(
+    codes: Annotated[Path, typer.Argument(help="codes.npy written by vqtool encode.")],
+    model: Annotated[Path, typer.Option(help="Export folder made by vqtool export.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the PNG reconstructions.")],
+    batch_size: Annotated[int, typer.Option(help="Code grids per inference batch.")] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Decode integer codes back to images (one PNG per code grid)."""
+    from vqtool.decode import decode_file
+    from vqtool.manifest import read_manifest, verify_graph
+    from vqtool.runtime import OnnxRuntimeRunner
+
+    manifest = read_manifest(model)
+    runner = OnnxRuntimeRunner(verify_graph(model, manifest, "decoder"), device)
+    _say(f"decoding with {runner.describe()}")
+    result = decode_file(codes, manifest, runner, out_dir, batch_size=batch_size, log=_say)
+    out.print(f"wrote {result.count} PNG files to {result.out_dir} in {result.seconds:.2f}s", highlight=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

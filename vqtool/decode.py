@@ -1,0 +1,65 @@
+"""codes.npy -> one PNG per code grid; PNG encoding overlaps with the decoder graph."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vqtool.codes import read_codes
+from vqtool.errors import VqtoolError
+from vqtool.images import write_png
+from vqtool.manifest import Manifest
+from vqtool.runtime import Runner
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    out_dir: Path
+    count: int
+    runtime: str
+    seconds: float
+
+
+def output_names(count: int, sources: list[str] | None) -> list[str]:
+    """0001_cat.png ... when the sidecar names the sources, 0001.png ... otherwise."""
+    width = max(4, len(str(count - 1)))
+    if sources is None:
+        return [f"{i:0{width}d}.png" for i in range(count)]
+    return [f"{i:0{width}d}_{Path(s).stem}.png" for i, s in enumerate(sources)]
+
+
+def decode_file(
+    codes_path: Path,
+    manifest: Manifest,
+    decoder: Runner,
+    out_dir: Path,
+    *,
+    batch_size: int = 64,
+    workers: int | None = None,
+    log: Callable[[str], None] = print,
+) -> DecodeResult:
+    """Decode every grid in `codes_path` into `out_dir`; all input checks run before anything is written."""
+    if batch_size < 1:
+        raise VqtoolError(f"--batch-size must be at least 1, got {batch_size}")
+    started = time.perf_counter()
+    codes, sidecar = read_codes(codes_path, manifest)
+    if sidecar is None:
+        log(f"{codes_path}: no sidecar (codes.json) beside it, so these codes cannot be checked against the model")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise VqtoolError("exists and is not a folder", out_dir)
+    names = output_names(len(codes), sidecar.files if sidecar else None)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 2) + 2)) as pool:
+        pending = []
+        for start in range(0, len(codes), batch_size):
+            images = decoder(np.ascontiguousarray(codes[start : start + batch_size], dtype=np.int32))
+            pending += [pool.submit(write_png, out_dir / names[start + i], image) for i, image in enumerate(images)]
+        for future in pending:
+            future.result()
+    return DecodeResult(out_dir, len(codes), decoder.describe(), time.perf_counter() - started)

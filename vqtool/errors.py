@@ -1,0 +1,18 @@
+"""The one error type users see: its message is the single line the CLI prints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class VqtoolError(Exception):
+    """A problem with the user's input or environment, stated in one line."""
+
+    def __init__(self, message: str, path: Path | str | None = None) -> None:
+        self.path = None if path is None else Path(path)
+        super().__init__(f"{path}: {message}" if path is not None else message)
+
+
+def missing_extra(what: str, module: str, extra: str) -> VqtoolError:
+    """The one sentence for an optional dependency that is not installed."""
+    return VqtoolError(f"{what} needs {module}, which is not installed: pip install 'vqtool[{extra}]'")

@@ -1,0 +1,86 @@
+"""Finding, reading and writing image files as uint8 H x W x 3 RGB arrays (torch-free)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vqtool.atomic import atomic_output
+from vqtool.errors import VqtoolError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+
+
+def list_images(inputs: Iterable[Path | str]) -> list[Path]:
+    """Image files named directly or found recursively under folders, in a stable sorted order.
+
+    The order is by path string, so the same inputs give the same order on every machine.
+    """
+    found: set[Path] = set()
+    for item in map(Path, inputs):
+        if item.is_dir():
+            matches = [p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+            if not matches:
+                raise VqtoolError(f"no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})", item)
+            found.update(matches)
+        elif item.is_file():
+            found.add(item)
+        else:
+            raise VqtoolError("no such file or folder", item)
+    return sorted(found, key=lambda p: p.as_posix())
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    """Any Pillow mode -> uint8 RGB; 16-bit and 32-bit grey are scaled, not clipped."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        grey = np.clip(np.round(values * (255.0 / top)), 0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if values.max(initial=0) <= 1.0 else 1.0
+        grey = np.clip(np.round(values * scale), 0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """Decode one image file to uint8 H x W x 3, or raise a one-line error naming the file."""
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            image.load()
+            return _to_rgb(image)
+    except UnidentifiedImageError:
+        raise VqtoolError("not an image file (or a format Pillow cannot read)", path) from None
+    except FileNotFoundError:
+        raise VqtoolError("no such file", path) from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        # Pillow reports truncated and corrupt data as OSError/SyntaxError with its own wording.
+        raise VqtoolError(f"unreadable or truncated image ({exc})", path) from None
+
+
+def fit_to_size(pixels: np.ndarray, size: int, *, resize: bool, multiple: int, path: Path) -> np.ndarray:
+    """Resize to size x size, or with resize=False keep the image if its sides are multiples of `multiple`."""
+    height, width = pixels.shape[:2]
+    if not resize:
+        if height % multiple or width % multiple:
+            raise VqtoolError(f"{width}x{height} is not a multiple of {multiple}; drop --no-resize to resize it", path)
+        return pixels
+    if (height, width) == (size, size):
+        return pixels
+    resized = Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def write_png(path: Path, pixels: np.ndarray) -> None:
+    """Write uint8 H x W x 3 as PNG under a temporary name, then rename it into place."""
+    with atomic_output(path) as temp:
+        Image.fromarray(pixels).save(temp, format="PNG")
+

@@ -1,0 +1,100 @@
+"""Reading a whole image collection for training: a folder, a .npy/.npz array, or CIFAR-10 batches."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from vqtool.errors import VqtoolError
+from vqtool.images import fit_to_size, list_images, read_rgb
+
+if TYPE_CHECKING:
+    from train.data import TrainingSet
+
+CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR_TEST_BATCH = "test_batch"
+
+
+def _check_array(images: Any, path: Path) -> np.ndarray:
+    if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[-1] != 3:
+        shape = getattr(images, "shape", None)
+        raise VqtoolError(f"expected uint8 images shaped N x H x W x 3, got shape {shape}", path)
+    if images.dtype != np.uint8:
+        raise VqtoolError(f"expected uint8 images, got dtype {images.dtype}", path)
+    if len(images) == 0:
+        raise VqtoolError("the array holds no images", path)
+    return images
+
+
+def _read_array(path: Path) -> np.ndarray:
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise VqtoolError(f"cannot read as a NumPy array ({exc})", path) from None
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            keys = list(loaded.keys())
+            key = "images" if "images" in keys else keys[0] if len(keys) == 1 else None
+            if key is None:
+                raise VqtoolError(f"holds several arrays ({', '.join(keys)}); name the images array 'images'", path)
+            loaded = loaded[key]
+    return _check_array(loaded, path)
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """CIFAR's batches are pickles; allow only what they contain (NumPy arrays), never arbitrary code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.split(".")[0] == "numpy":
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _read_cifar_batch(path: Path) -> np.ndarray:
+    try:
+        with open(path, "rb") as handle:
+            batch = _CifarUnpickler(handle, encoding="bytes").load()
+        flat = np.asarray(batch[b"data"], dtype=np.uint8)
+        return flat.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
+    except FileNotFoundError:
+        raise VqtoolError("missing CIFAR-10 batch file", path) from None
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as exc:
+        raise VqtoolError(f"not a CIFAR-10 python batch ({exc})", path) from None
+
+
+def is_cifar_folder(path: Path) -> bool:
+    return path.is_dir() and (path / CIFAR_TRAIN_BATCHES[0]).is_file()
+
+
+def _resize_all(images: np.ndarray, size: int, path: Path) -> np.ndarray:
+    if images.shape[1:3] == (size, size):
+        return images
+    return np.stack([fit_to_size(im, size, resize=True, multiple=1, path=path) for im in images])
+
+
+def read_image_set(path: Path, size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Images N x size x size x 3 from `path`, and the collection's own validation images if it has them."""
+    if is_cifar_folder(path):
+        train = np.concatenate([_read_cifar_batch(path / name) for name in CIFAR_TRAIN_BATCHES])
+        test = path / CIFAR_TEST_BATCH
+        val = _read_cifar_batch(test) if test.is_file() else None
+        return _resize_all(train, size, path), None if val is None else _resize_all(val, size, path)
+    if path.is_file() and path.suffix.lower() in (".npy", ".npz"):
+        return _resize_all(_read_array(path), size, path), None
+    files = list_images([path])
+    return np.stack([fit_to_size(read_rgb(f), size, resize=True, multiple=1, path=f) for f in files]), None
+
+
+def load_training_set(data: Path | None, size: int) -> TrainingSet:
+    """The training set a run uses: the embedded default photographs, or the collection at `data`."""
+    from train.data import default_training_set, split_training_set
+
+    if data is None:
+        return default_training_set(size)
+    images, val = read_image_set(data, size)
+    if val is None and len(images) < 2:
+        raise VqtoolError("need at least 2 images (one is held out for validation)", data)
+    return split_training_set(images, size, val)

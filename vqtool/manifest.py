@@ -1,0 +1,108 @@
+"""manifest.json: what an export directory holds, enough to run and verify it without the checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vqtool.errors import VqtoolError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "vqtool.export"
+FORMAT_VERSION = 1
+DOWNSAMPLE = 16
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def code_dtype_for(num_codes: int) -> np.dtype:
+    """The smallest unsigned integer type that holds codes 0..K-1."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if num_codes - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise ValueError(f"{num_codes} codes do not fit in 32 bits")
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    """One exported graph: file name, checksum, precision and tensor names."""
+
+    file: str
+    sha256: str
+    precision: str
+    input: str
+    output: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The export's model configuration, graphs and provenance."""
+
+    model_config: dict[str, Any]
+    image_size: int
+    grid: int
+    codes: int
+    code_dtype: str
+    opset: int
+    checkpoint_sha256: str
+    graphs: dict[str, GraphEntry]
+    vqtool_version: str
+    torch_version: str
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def graph_path(self, export_dir: Path, name: str) -> Path:
+        if name not in self.graphs:
+            raise VqtoolError(f"export has no '{name}' graph (it has: {', '.join(sorted(self.graphs))})", export_dir)
+        return export_dir / self.graphs[name].file
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_manifest(export_dir: Path) -> Manifest:
+    """Load and check EXPORT_DIR/manifest.json, with one-line errors naming the file."""
+    path = export_dir / MANIFEST_NAME
+    if not export_dir.is_dir():
+        raise VqtoolError("no such export folder (make one with: vqtool export CHECKPOINT --out DIR)", export_dir)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise VqtoolError("no manifest.json here; is this an export folder made by vqtool export?", path) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise VqtoolError(f"corrupt manifest ({exc})", path) from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise VqtoolError(f"not a vqtool export manifest (no '{FORMAT}' format field)", path)
+    if raw.get("format_version", 0) > FORMAT_VERSION:
+        raise VqtoolError(f"written by a newer vqtool (format {raw['format_version']}); upgrade vqtool", path)
+    try:
+        raw["graphs"] = {name: GraphEntry(**entry) for name, entry in raw["graphs"].items()}
+        return Manifest(**raw)
+    except (KeyError, TypeError) as exc:
+        raise VqtoolError(f"incomplete manifest ({exc})", path) from None
+
+
+def verify_graph(export_dir: Path, manifest: Manifest, name: str) -> Path:
+    """The graph's path, after checking that its bytes are the ones the manifest recorded."""
+    path = manifest.graph_path(export_dir, name)
+    if not path.is_file():
+        raise VqtoolError("graph file listed in manifest.json is missing", path)
+    if sha256_file(path) != manifest.graphs[name].sha256:
+        raise VqtoolError("graph file does not match the checksum in manifest.json (changed or corrupt); re-export", path)
+    return path
+
+
+def manifest_checksum(export_dir: Path) -> str:
+    return sha256_file(export_dir / MANIFEST_NAME)

@@ -1,0 +1,79 @@
+"""Running an exported graph: one small interface, and the ONNX Runtime implementation (torch-free)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from vqtool.errors import VqtoolError, missing_extra
+
+DEVICES = ("auto", "cpu", "cuda")
+CUDA_PROVIDERS = ("CUDAExecutionProvider",)
+
+
+class Runner(Protocol):
+    """Runs one graph on a batch; says which backend and execution provider really ran it."""
+
+    backend: str
+    provider: str
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def describe(self) -> str: ...
+
+
+def _onnxruntime():  # type: ignore[no-untyped-def]
+    try:
+        import onnxruntime
+    except ModuleNotFoundError:
+        raise missing_extra("running exported graphs", "onnxruntime", "gpu") from None
+    return onnxruntime
+
+
+def requested_providers(device: str, available: list[str]) -> list[str]:
+    """Execution providers to ask ONNX Runtime for, best first; the CPU is always the fallback."""
+    if device not in DEVICES:
+        raise VqtoolError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    wanted = [] if device == "cpu" else [p for p in CUDA_PROVIDERS if p in available]
+    if device == "cuda" and not wanted:
+        raise VqtoolError("--device cuda needs onnxruntime-gpu with CUDAExecutionProvider, which this install lacks")
+    return [*wanted, "CPUExecutionProvider"]
+
+
+class OnnxRuntimeRunner:
+    """An ONNX Runtime session over one graph, with the provider that actually started."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, path: Path, device: str = "auto", threads: int | None = None) -> None:
+        ort = _onnxruntime()
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # ONNX Runtime logs its own failed provider starts at length; we report the outcome in one line.
+        options.log_severity_level = 3
+        ort.set_default_logger_severity(4)
+        if threads:
+            options.intra_op_num_threads = threads
+        self.requested = requested_providers(device, ort.get_available_providers())
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=self.requested)
+        except Exception as exc:  # ORT raises its own untyped errors for unreadable graphs
+            raise VqtoolError(f"ONNX Runtime cannot load this graph ({str(exc).splitlines()[0]})", path) from None
+        self.provider = self.session.get_providers()[0]
+        if device == "cuda" and self.provider not in CUDA_PROVIDERS:
+            raise VqtoolError(
+                "--device cuda: ONNX Runtime's CUDAExecutionProvider is installed but could not start "
+                "(no GPU or CUDA libraries here); use --device cpu"
+            )
+        self.input_name = self.session.get_inputs()[0].name
+        self.version = ort.__version__
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: batch})[0]
+
+    def describe(self) -> str:
+        fell_back = [p for p in self.requested if p != "CPUExecutionProvider" and p != self.provider]
+        note = f" ({', '.join(fell_back)} listed but could not start)" if fell_back else ""
+        return f"ONNX Runtime {self.version} on {self.provider}{note}"
