@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from train.model import VQVAE, code_distances, images_to_input, output_to_images
+from train.model import VQVAE, images_to_input, output_to_images
 
 BATCH = 256
 
@@ -155,7 +155,9 @@ def _failures(report: dict[str, Any], tolerance: Tolerance) -> list[str]:
     if tolerance.min_identical is not None and identical < tolerance.min_identical:
         failures.append(f"{identical:.2%} identical codes, below {tolerance.min_identical:.1%}")
     if tolerance.max_abs_diff is not None and report["recon_max_abs"] > tolerance.max_abs_diff:
-        failures.append(f"reconstructions differ by up to {report['recon_max_abs']} grey levels (> {tolerance.max_abs_diff})")
+        failures.append(
+            f"reconstructions differ by up to {report['recon_max_abs']} grey levels (> {tolerance.max_abs_diff})"
+        )
     if tolerance.min_psnr is not None and report["recon_psnr"] < tolerance.min_psnr:
         failures.append(f"reconstruction PSNR against PyTorch {report['recon_psnr']:.1f} dB < {tolerance.min_psnr} dB")
     return failures

@@ -22,9 +22,7 @@ def output_to_images(output: torch.Tensor) -> torch.Tensor:
     return pixels.to(torch.uint8).permute(0, 2, 3, 1)
 
 
-def code_distances(
-    latents: torch.Tensor, codebook: torch.Tensor, code_sq: torch.Tensor | None = None
-) -> torch.Tensor:
+def code_distances(latents: torch.Tensor, codebook: torch.Tensor, code_sq: torch.Tensor | None = None) -> torch.Tensor:
     """Squared L2 distance from each latent (..., D) to each code (K, D) -> (..., K).
 
     Written as |z|^2 - 2 z.E^T + |e|^2: one matrix product, which is what both PyTorch and the

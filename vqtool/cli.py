@@ -14,6 +14,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from vqtool.errors import VqtoolError, missing_extra
 
@@ -30,7 +31,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _say(message: str) -> None:
-    err.print(message, highlight=False)
+    err.print(escape(message), highlight=False)
 
 
 def user_errors(command: F) -> F:
@@ -41,7 +42,7 @@ def user_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except VqtoolError as exc:
-            err.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -66,8 +67,13 @@ def next_run_dir(root: Path) -> Path:
 @app.command()
 @user_errors
 def train(
-    data: Annotated[Path | None, typer.Option(help="Folder of images (recursive), .npy/.npz uint8 N x H x W x 3, "
-                                              "or a cifar-10-batches-py folder. Default: embedded photographs.")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of images (recursive), .npy/.npz uint8 N x H x W x 3, "
+            "or a cifar-10-batches-py folder. Default: embedded photographs."
+        ),
+    ] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (default: a new runs/run-NNN).")] = None,
     codes: Annotated[int, typer.Option(help="Codebook size K.")] = 256,
     dim: Annotated[int, typer.Option(help="Code dimension D.")] = 256,
@@ -128,6 +134,7 @@ def train(
         f"figures:    {result.figures}/ (loss.png, recon_step*.png)\n"
         f"next:       vqtool export {result.checkpoint}",
         highlight=False,
+        markup=False,
     )
 
 
@@ -135,7 +142,9 @@ def train(
 @user_errors
 def export_command(
     checkpoint: Annotated[Path, typer.Argument(help="checkpoint.pt written by vqtool train.")],
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Export folder (default: CHECKPOINT's folder/export).")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Export folder (default: CHECKPOINT's folder/export).")
+    ] = None,
 ) -> None:
     """Export encoder.onnx and decoder.onnx, check them, and verify parity against PyTorch."""
     _require_torch("export")
@@ -150,7 +159,7 @@ def export_command(
         raise
     out.print(parity_table([r.to_dict() for r in result.reports]))
     files = ", ".join(entry.file for entry in result.manifest.graphs.values())
-    out.print(f"exported {files}, manifest.json and {PARITY_NAME} to {target}", highlight=False)
+    out.print(f"exported {files}, manifest.json and {PARITY_NAME} to {target}", highlight=False, markup=False)
 
 
 @app.command()
@@ -160,8 +169,9 @@ def encode(
     model: Annotated[Path, typer.Option(help="Export folder made by vqtool export.")],
     out_path: Annotated[Path, typer.Option("--out", help="Output .npy of codes N x h x w.")],
     batch_size: Annotated[int, typer.Option(help="Images per inference batch.")] = 64,
-    resize: Annotated[bool, typer.Option(help="Resize images to the model's size; --no-resize keeps sizes "
-                                              "that are multiples of 16.")] = True,
+    resize: Annotated[
+        bool, typer.Option(help="Resize images to the model's size; --no-resize keeps sizes that are multiples of 16.")
+    ] = True,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Encode images to integer codes with the exported encoder graph."""
@@ -171,13 +181,13 @@ def encode(
     from vqtool.runtime import OnnxRuntimeRunner
 
     manifest = read_manifest(model)
-    files = list_images(images)
     runner = OnnxRuntimeRunner(verify_graph(model, manifest, "encoder"), device)
+    files = list_images(images)
     _say(f"encoding {len(files)} images with {runner.describe()}")
     result = encode_files(files, manifest, model, runner, out_path, batch_size=batch_size, resize=resize, log=_say)
     out.print(f"wrote {result.codes_path} ({result.count} x {result.grid[0]} x {result.grid[1]} codes) and "
               f"{result.sidecar_path} in {result.seconds:.2f}s ({result.count / result.seconds:.0f} images/s)",
-              highlight=False)  # fmt: skip
+              highlight=False, markup=False)  # fmt: skip
 
 
 @app.command()
@@ -198,7 +208,9 @@ def decode(
     runner = OnnxRuntimeRunner(verify_graph(model, manifest, "decoder"), device)
     _say(f"decoding with {runner.describe()}")
     result = decode_file(codes, manifest, runner, out_dir, batch_size=batch_size, log=_say)
-    out.print(f"wrote {result.count} PNG files to {result.out_dir} in {result.seconds:.2f}s", highlight=False)
+    out.print(
+        f"wrote {result.count} PNG files to {result.out_dir} in {result.seconds:.2f}s", highlight=False, markup=False
+    )
 
 
 def main() -> None:

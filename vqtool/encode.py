@@ -120,6 +120,7 @@ def encode_files(
         # sidecar whose file count no longer matches, which decode reports, never a silent mismatch.
         write_json(sidecar_path(out), sidecar.to_dict())
     if resized:
-        log(f"resized {resized} of {len(files)} images to {size}x{size} (use --no-resize to keep sizes that are multiples of 16)")
+        keep = "use --no-resize to keep sizes that are multiples of 16"
+        log(f"resized {resized} of {len(files)} images to {size}x{size} ({keep})")
     return EncodeResult(out, sidecar_path(out), len(files), grid, encoder.describe(), resized,
                         time.perf_counter() - started)  # fmt: skip

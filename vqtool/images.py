@@ -83,4 +83,3 @@ def write_png(path: Path, pixels: np.ndarray) -> None:
     """Write uint8 H x W x 3 as PNG under a temporary name, then rename it into place."""
     with atomic_output(path) as temp:
         Image.fromarray(pixels).save(temp, format="PNG")
-

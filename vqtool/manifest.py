@@ -100,7 +100,9 @@ def verify_graph(export_dir: Path, manifest: Manifest, name: str) -> Path:
     if not path.is_file():
         raise VqtoolError("graph file listed in manifest.json is missing", path)
     if sha256_file(path) != manifest.graphs[name].sha256:
-        raise VqtoolError("graph file does not match the checksum in manifest.json (changed or corrupt); re-export", path)
+        raise VqtoolError(
+            "graph file does not match the checksum in manifest.json (changed or corrupt); re-export", path
+        )
     return path
 
 

@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -18,9 +19,10 @@ def parity_table(reports: Sequence[dict[str, Any]]) -> Table:
     for r in reports:
         psnr = r["recon_psnr"]
         table.add_row(
-            f"{r['runtime']} ({r['provider'].removesuffix('ExecutionProvider')})", r["precision"], f"{r['identical_fraction']:.4%} ({r['identical']}/{r['codes']})",
+            f"{r['runtime']} ({r['provider'].removesuffix('ExecutionProvider')})", r["precision"],
+            f"{r['identical_fraction']:.4%} ({r['identical']}/{r['codes']})",
             str(r["near_ties"]), str(r["unexplained"]), str(r["recon_max_abs"]), f"{r['recon_mean_abs']:.4f}",
             "identical" if psnr is None or math.isinf(psnr) else f"{psnr:.1f} dB",
-            "[green]pass[/]" if r["passed"] else "[red]FAIL: " + "; ".join(r["failures"]) + "[/]",
+            "[green]pass[/]" if r["passed"] else "[red]FAIL: " + escape("; ".join(r["failures"])) + "[/]",
         )  # fmt: skip
     return table

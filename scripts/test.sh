@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set up a virtual environment (CPU PyTorch pinned by constraints/ci.txt) and run the checks.
+# README's test command and .ci/run both run exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[train,dev]' -c constraints/ci.txt
+.venv/bin/python -m pytest "$@"

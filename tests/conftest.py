@@ -1,0 +1,79 @@
+"""Shared fixtures: real image files, and one model trained for a few hundred steps per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+# Trained, not freshly initialised: an untrained codebook hides near-ties.
+PARITY_TRAIN_STEPS = 300
+
+
+def photo(name: str) -> Image.Image:
+    with Image.open(files("skimage.data") / name) as image:
+        image.load()
+        return image
+
+
+def write_mixed_folder(root: Path) -> list[Path]:
+    """Real photographs in every supported format and the awkward modes (grey, RGBA, palette, 16-bit)."""
+    (root / "sub").mkdir(parents=True, exist_ok=True)
+    moon16 = np.asarray(photo("moon.png")).astype(np.uint16) * 257
+    made = {
+        "astronaut.png": photo("astronaut.png"),
+        "camera_grey.png": photo("camera.png"),
+        "horse_rgba.png": photo("horse.png"),
+        "coffee_palette.png": photo("coffee.png").convert("P", palette=Image.Palette.ADAPTIVE),
+        "moon16.png": Image.fromarray(moon16),
+        "moto.bmp": photo("motorcycle_left.png"),
+        "sub/chelsea.jpg": photo("chelsea.png"),
+        "sub/rocket.webp": photo("rocket.jpg"),
+    }
+    for name, image in made.items():
+        image.save(root / name)
+    return sorted((root / n for n in made), key=lambda p: p.as_posix())
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """`vqtool ARGS` in a real subprocess, as a user's shell would run it."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "vqtool", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def mixed_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    write_mixed_folder(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference model (K = D = 256) trained for a few hundred steps on the embedded data."""
+    from train.config import ModelConfig, TrainConfig
+    from train.data import default_training_set
+    from train.loop import fit
+
+    run_dir = tmp_path_factory.mktemp("run")
+    config = TrainConfig(steps=PARITY_TRAIN_STEPS, batch_size=64, seed=1, device="cpu")
+    result = fit(ModelConfig(), config, default_training_set(32), run_dir, data_source=None, show_progress=False)
+    return result.checkpoint
+
+
+@pytest.fixture(scope="session")
+def export_dir(trained_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from export.onnx_export import export_model
+
+    out = tmp_path_factory.mktemp("exports") / "model"
+    export_model(trained_checkpoint, out, log=lambda _: None)
+    return out

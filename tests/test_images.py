@@ -1,0 +1,75 @@
+"""Reading image files: formats and modes, stable order, and one-line errors that name the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vqtool.errors import VqtoolError
+from vqtool.images import fit_to_size, list_images, read_rgb
+
+
+def test_every_mode_becomes_uint8_rgb(mixed_folder: Path) -> None:
+    for path in list_images([mixed_folder]):
+        pixels = read_rgb(path)
+        assert pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == 3, path
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path: Path) -> None:
+    ramp = (np.arange(256, dtype=np.uint16) * 257).reshape(16, 16)
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    pixels = read_rgb(tmp_path / "ramp16.png")
+    assert np.array_equal(pixels[..., 0], np.arange(256, dtype=np.uint8).reshape(16, 16))
+    assert np.array_equal(pixels[..., 0], pixels[..., 2])
+
+
+def test_grey_and_palette_keep_their_values(tmp_path: Path) -> None:
+    grey = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    assert np.array_equal(read_rgb(tmp_path / "grey.png"), np.repeat(grey[..., None], 3, axis=2))
+    rgb = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=256).save(tmp_path / "p.png")
+    assert np.abs(read_rgb(tmp_path / "p.png").astype(int) - rgb).max() < 40
+
+
+def test_listing_is_recursive_sorted_and_skips_other_files(tmp_path: Path) -> None:
+    for name in ["b/z.png", "a.JPG", "b/a.webp", "c.bmp", "notes.txt"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    assert [p.relative_to(tmp_path).as_posix() for p in list_images([tmp_path])] == [
+        "a.JPG", "b/a.webp", "b/z.png", "c.bmp"]  # fmt: skip
+
+
+def test_folder_without_images_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "readme.txt").write_text("no pictures here")
+    with pytest.raises(VqtoolError, match="no images found") as info:
+        list_images([tmp_path])
+    assert str(tmp_path) in str(info.value)
+
+
+def test_truncated_image_names_the_file(tmp_path: Path) -> None:
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(tmp_path / "whole.jpg", quality=95)
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 3])
+    with pytest.raises(VqtoolError, match="truncated") as info:
+        read_rgb(tmp_path / "cut.jpg")
+    assert str(info.value).startswith(str(tmp_path / "cut.jpg"))
+    assert "\n" not in str(info.value)
+
+
+def test_non_image_file_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "fake.png").write_text("this is text, not a PNG")
+    with pytest.raises(VqtoolError, match="not an image file") as info:
+        read_rgb(tmp_path / "fake.png")
+    assert str(tmp_path / "fake.png") in str(info.value)
+
+
+def test_resize_and_no_resize() -> None:
+    pixels = np.zeros((48, 80, 3), np.uint8)
+    assert fit_to_size(pixels, 32, resize=True, multiple=16, path=Path("x")).shape == (32, 32, 3)
+    assert fit_to_size(pixels, 32, resize=False, multiple=16, path=Path("x")).shape == (48, 80, 3)
+    with pytest.raises(VqtoolError, match="not a multiple of 16"):
+        fit_to_size(np.zeros((50, 64, 3), np.uint8), 32, resize=False, multiple=16, path=Path("odd.png"))

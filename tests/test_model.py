@@ -1,0 +1,78 @@
+"""The reference VQ-VAE: shapes, the distance formula, the loss and its straight-through gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from train.config import ModelConfig
+from train.model import VQVAE, code_distances, images_to_input, output_to_images
+
+
+@pytest.mark.parametrize(("size", "grid"), [(32, 2), (64, 4)])
+def test_code_grid_is_one_sixteenth_of_the_image(size: int, grid: int) -> None:
+    model = VQVAE(ModelConfig(codes=64, dim=32))
+    x = torch.rand(3, 3, size, size) * 2 - 1
+    assert model.encode(x).shape == (3, grid, grid)
+    assert model(x).reconstruction.shape == x.shape
+
+
+def test_layers_match_the_reference_design() -> None:
+    model = VQVAE(ModelConfig())
+    convs = [m for m in model.encoder if isinstance(m, torch.nn.Conv2d)] + [model.before_quantize]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(3, 32), (32, 64), (64, 128), (128, 256)]
+    assert all(c.kernel_size == (4, 4) and c.stride == (2, 2) and c.padding == (1, 1) for c in convs)
+    deconvs = [model.after_quantize] + [m for m in model.decoder if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert [(c.in_channels, c.out_channels) for c in deconvs] == [(256, 128), (128, 64), (64, 32), (32, 3)]
+    assert [type(m).__name__ for m in model.decoder] == [
+        "ConvTranspose2d", "Tanh", "ConvTranspose2d", "Tanh", "ConvTranspose2d"]  # fmt: skip
+    assert model.quantizer.codebook.weight.shape == (256, 256)
+
+
+def test_expanded_distance_matches_brute_force_and_picks_the_nearest_code() -> None:
+    torch.manual_seed(0)
+    latents, codebook = torch.randn(5, 7, 16, dtype=torch.float64), torch.randn(40, 16, dtype=torch.float64)
+    brute = ((latents[..., None, :] - codebook) ** 2).sum(-1)
+    assert torch.allclose(code_distances(latents, codebook), brute)
+    precomputed = code_distances(latents, codebook, (codebook**2).sum(-1))
+    assert torch.equal(precomputed.argmin(-1), brute.argmin(-1))
+
+
+def test_loss_terms_and_straight_through_gradients() -> None:
+    torch.manual_seed(0)
+    model = VQVAE(ModelConfig(codes=16, dim=8))
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    result = model(x)
+    z_e = model.encode_latents(x)
+    e = model.quantizer.lookup(result.codes)
+    assert torch.allclose(result.codebook_loss, F.mse_loss(e, z_e))
+    assert torch.allclose(result.commit_loss, result.codebook_loss)  # same value, different gradients
+
+    # The reconstruction loss reaches the encoder (straight-through) but not the codebook.
+    result.recon_loss.backward()
+    assert model.encoder[0].weight.grad is not None and model.encoder[0].weight.grad.abs().sum() > 0
+    assert model.quantizer.codebook.weight.grad is None or model.quantizer.codebook.weight.grad.abs().sum() == 0
+    model.zero_grad(set_to_none=True)
+
+    # The codebook term moves only the codebook; the commitment term moves only the encoder.
+    model(x).codebook_loss.backward()
+    assert model.quantizer.codebook.weight.grad.abs().sum() > 0
+    assert model.encoder[0].weight.grad is None
+    model.zero_grad(set_to_none=True)
+    model(x).commit_loss.backward()
+    assert model.quantizer.codebook.weight.grad is None
+    assert model.encoder[0].weight.grad.abs().sum() > 0
+
+
+def test_decoder_sees_the_code_values() -> None:
+    torch.manual_seed(0)
+    model = VQVAE(ModelConfig(codes=16, dim=8)).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(model(x).reconstruction, model.decode(model.encode(x)), atol=1e-6)
+
+
+def test_pixel_scale_round_trip_is_exact() -> None:
+    images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    assert torch.equal(output_to_images(images_to_input(images)), images)
