@@ -1,4 +1,4 @@
-"""Export a checkpoint to the two ONNX graphs, check them, verify parity, and publish the folder."""
+"""Export a checkpoint to the two ONNX graphs (and TensorRT engines), verify parity, publish the folder."""
 
 from __future__ import annotations
 
@@ -19,14 +19,17 @@ import torch
 
 import vqtool
 from export.graphs import DecoderGraph, EncoderGraph
-from export.parity import ParityReport, check_parity, torch_reference
-from train.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from export.tensorrt_build import EngineProfile
+from export.verify import Verification, verify_export
+from train.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from train.config import ModelConfig
+from train.model import VQVAE
 from vqtool.atomic import usual_mode, write_json
+from vqtool.backends import PYTORCH_FILE
 from vqtool.errors import VqtoolError, missing_extra
 from vqtool.manifest import MANIFEST_NAME, GraphEntry, Manifest, code_dtype_for, sha256_file
-from vqtool.runtime import OnnxRuntimeRunner
 
-# TensorRT's ONNX parser supports opsets up to 20; 18 is well inside what every runtime we target reads.
+# TensorRT 10's ONNX parser reads opsets 9..20; 18 is well inside what every runtime we target reads.
 OPSET = 18
 PARITY_NAME = "parity.json"
 ENCODER_INPUT, ENCODER_OUTPUT = "images", "codes"
@@ -37,7 +40,15 @@ DECODER_INPUT, DECODER_OUTPUT = "codes", "images"
 class ExportResult:
     export_dir: Path
     manifest: Manifest
-    reports: tuple[ParityReport, ...]
+    verification: Verification
+
+
+class ParityFailed(VqtoolError):
+    """Export finished but a runtime disagrees with PyTorch beyond tolerance."""
+
+    def __init__(self, message: str, verification: Verification) -> None:
+        super().__init__(message)
+        self.verification = verification
 
 
 def graph_names(precision: str) -> tuple[str, str]:
@@ -67,7 +78,7 @@ def held_out_images(checkpoint: Checkpoint, log: Callable[[str], None]) -> np.nd
 
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[io.StringIO]:
-    """torch.onnx narrates each stage on stdout; keep it for error messages only."""
+    """torch.onnx narrates each stage on stdout and logs; keep the narration for error messages only."""
     captured = io.StringIO()
     exporter_log = logging.getLogger("torch.onnx")
     level = exporter_log.level
@@ -80,8 +91,14 @@ def _quiet_exporter() -> Iterator[io.StringIO]:
         exporter_log.setLevel(level)
 
 
-def _export_graph(module: torch.nn.Module, example: torch.Tensor, path: Path, names: tuple[str, str],
-                  spatial_scale: int, metadata: dict[str, str]) -> None:  # fmt: skip
+def _export_graph(
+    module: torch.nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    names: tuple[str, str],
+    spatial_scale: int,
+    metadata: dict[str, str],
+) -> None:
     """torch.onnx (dynamo) export with dynamic batch and spatial size, then the full ONNX checker."""
     try:
         import onnx
@@ -92,9 +109,16 @@ def _export_graph(module: torch.nn.Module, example: torch.Tensor, path: Path, na
     with _quiet_exporter() as narration:
         try:
             torch.onnx.export(
-                module.eval(), (example,), str(path), input_names=[names[0]], output_names=[names[1]],
-                opset_version=OPSET, dynamic_shapes={names[0]: dims}, external_data=False, dynamo=True,
-            )  # fmt: skip
+                module.eval(),
+                (example,),
+                str(path),
+                input_names=[names[0]],
+                output_names=[names[1]],
+                opset_version=OPSET,
+                dynamic_shapes={names[0]: dims},
+                external_data=False,
+                dynamo=True,
+            )
         except Exception as exc:
             raise VqtoolError(f"torch.onnx could not export {path.name}: {exc}\n{narration.getvalue()}") from None
     graph = onnx.load(str(path))
@@ -104,13 +128,17 @@ def _export_graph(module: torch.nn.Module, example: torch.Tensor, path: Path, na
     onnx.save(graph, str(path))
 
 
-def write_graphs(checkpoint: Checkpoint, checkpoint_sha: str, out_dir: Path, precision: str) -> dict[str, GraphEntry]:
+def write_graphs(model: VQVAE, checkpoint_sha: str, out_dir: Path, precision: str) -> dict[str, GraphEntry]:
     """Export the encoder and decoder at one precision into `out_dir`; returns their manifest entries."""
-    model, config = checkpoint.model.eval(), checkpoint.model_config
+    model, config = model.eval(), model.config
     size, grid = config.image_size, config.grid
     examples = torch.zeros(2, size, size, 3, dtype=torch.uint8), torch.zeros(2, grid, grid, dtype=torch.int32)
-    meta = {"vqtool.model_config": json.dumps(config.to_dict()), "vqtool.checkpoint_sha256": checkpoint_sha,
-            "vqtool.precision": precision, "vqtool.version": vqtool.__version__}  # fmt: skip
+    meta = {
+        "vqtool.model_config": json.dumps(config.to_dict()),
+        "vqtool.checkpoint_sha256": checkpoint_sha,
+        "vqtool.precision": precision,
+        "vqtool.version": vqtool.__version__,
+    }
     entries = {}
     encoder_name, decoder_name = graph_names(precision)
     for name, module, example, names, scale in (
@@ -123,14 +151,53 @@ def write_graphs(checkpoint: Checkpoint, checkpoint_sha: str, out_dir: Path, pre
     return entries
 
 
-def onnx_parity(checkpoint: Checkpoint, export_dir: Path, entries: dict[str, GraphEntry], precision: str,
-                images: np.ndarray, reference=None, device: str = "cpu") -> ParityReport:  # fmt: skip
-    encoder_name, decoder_name = graph_names(precision)
-    encoder = OnnxRuntimeRunner(export_dir / entries[encoder_name].file, device)
-    decoder = OnnxRuntimeRunner(export_dir / entries[decoder_name].file, device)
-    return check_parity(checkpoint.model, images, encoder, decoder, runtime=encoder.backend, provider=encoder.provider,
-                        precision=precision,
-                        reference=reference)  # fmt: skip
+def _check_trt_compatible(
+    out_dir: Path, entries: dict[str, GraphEntry], *, strict: bool, log: Callable[[str], None]
+) -> None:
+    import onnx
+
+    from export.trt_compat import trt_problems
+
+    for entry in entries.values():
+        problems = trt_problems(onnx.load(str(out_dir / entry.file)))
+        if problems and strict:
+            raise VqtoolError(f"outside what TensorRT's parser supports: {'; '.join(problems)}", out_dir / entry.file)
+        for problem in problems:
+            log(f"warning: {entry.file}: {problem} (TensorRT will not build it)")
+
+
+def default_timing_cache() -> Path:
+    """One timing cache per user, reused by every engine build on this machine."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "vqtool" / "tensorrt-timing.cache"
+
+
+def _build_engines(
+    out_dir: Path,
+    entries: dict[str, GraphEntry],
+    config: ModelConfig,
+    profile: EngineProfile,
+    timing_cache: Path,
+    log: Callable[[str], None],
+) -> None:
+    from export.tensorrt_build import build_engine
+    from vqtool.trt_runtime import current_gpu
+
+    gpu = current_gpu()
+    tails = {ENCODER_INPUT: (config.image_size, config.image_size, 3), DECODER_INPUT: (config.grid, config.grid)}
+    for name, entry in entries.items():
+        log(f"building TensorRT engine {name}.engine ({entry.precision}) on {gpu.name}")
+        build_engine(
+            gpu,
+            out_dir / entry.file,
+            out_dir / f"{name}.engine",
+            input_name=entry.input,
+            output_name=entry.output,
+            input_tail=tails[entry.input],
+            precision=entry.precision,
+            profile=profile,
+            timing_cache=timing_cache,
+        )
 
 
 def _publish(staging: Path, out_dir: Path) -> None:
@@ -148,11 +215,18 @@ def export_model(
     checkpoint_path: Path,
     out_dir: Path,
     *,
-    precisions: tuple[str, ...] = ("fp32",),
+    fp16: bool = False,
+    trt: bool = False,
+    profile: EngineProfile | None = None,
+    timing_cache: Path | None = None,
     parity_images: np.ndarray | None = None,
     log: Callable[[str], None] = print,
 ) -> ExportResult:
-    """Write graphs + manifest + parity.json to `out_dir`; a failed parity fails the export."""
+    """Write graphs (+ engines), manifest and parity.json to `out_dir`; a failed parity fails the export."""
+    if trt:
+        from vqtool.trt_runtime import require_tensorrt_gpu
+
+        require_tensorrt_gpu()  # before any work: a missing TensorRT or GPU is one sentence, not a half export
     if out_dir.exists() and not (out_dir / MANIFEST_NAME).is_file():
         if not out_dir.is_dir() or any(out_dir.iterdir()):
             raise VqtoolError("exists and is not a vqtool export folder; choose another --out", out_dir)
@@ -163,36 +237,49 @@ def export_model(
     usual_mode(staging)
     try:
         entries: dict[str, GraphEntry] = {}
-        for precision in precisions:
-            entries.update(write_graphs(checkpoint, checkpoint_sha, staging, precision))
+        for precision in ("fp32", "fp16") if fp16 else ("fp32",):
+            entries.update(write_graphs(checkpoint.model, checkpoint_sha, staging, precision))
+        _check_trt_compatible(staging, entries, strict=trt, log=log)
+        # A slim copy of the weights travels with the graphs: parity and --backend torch need no other file.
+        save_checkpoint(
+            staging / PYTORCH_FILE,
+            checkpoint.model,
+            checkpoint.train_config,
+            step=checkpoint.step,
+            epoch=checkpoint.epoch,
+            data=checkpoint.data,
+        )
         config = checkpoint.model_config
         manifest = Manifest(
-            model_config=config.to_dict(), image_size=config.image_size, grid=config.grid, codes=config.codes,
-            code_dtype=code_dtype_for(config.codes).name, opset=OPSET, checkpoint_sha256=checkpoint_sha,
-            graphs=entries, vqtool_version=vqtool.__version__, torch_version=str(torch.__version__),
-        )  # fmt: skip
+            model_config=config.to_dict(),
+            image_size=config.image_size,
+            grid=config.grid,
+            codes=config.codes,
+            code_dtype=code_dtype_for(config.codes).name,
+            opset=OPSET,
+            checkpoint_sha256=checkpoint_sha,
+            graphs=entries,
+            vqtool_version=vqtool.__version__,
+            torch_version=str(torch.__version__),
+            pytorch_file=PYTORCH_FILE,
+            pytorch_sha256=sha256_file(staging / PYTORCH_FILE),
+        )
         write_json(staging / MANIFEST_NAME, manifest.to_dict())
+        if trt:
+            cache = timing_cache or default_timing_cache()
+            _build_engines(staging, entries, config, profile or EngineProfile(), cache, log)
         images = held_out_images(checkpoint, log) if parity_images is None else parity_images
-        reference = torch_reference(checkpoint.model, images)
-        reports = tuple(onnx_parity(checkpoint, staging, entries, p, images, reference) for p in precisions)
-        write_json(staging / PARITY_NAME, {"reports": [r.to_dict() for r in reports]})
+        verification = verify_export(checkpoint.model, staging, manifest, images, log=log)
+        write_json(staging / PARITY_NAME, verification.to_dict())
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    failed = [r for r in reports if not r.passed]
-    if failed:
+    if not verification.passed:
         kept = out_dir.with_name(f"{out_dir.name}.failed-parity")
         shutil.rmtree(kept, ignore_errors=True)
         staging.rename(kept)
-        reasons = "; ".join(f"{r.precision}: {', '.join(r.failures)}" for r in failed)
-        raise ParityFailed(f"parity failed ({reasons}); graphs kept for inspection in {kept}", reports)
+        failed = [r for r in verification.reports if not r.passed]
+        reasons = "; ".join(f"{r.runtime} {r.precision}: {', '.join(r.failures)}" for r in failed)
+        raise ParityFailed(f"parity failed ({reasons}); graphs kept for inspection in {kept}", verification)
     _publish(staging, out_dir)
-    return ExportResult(out_dir, manifest, reports)
-
-
-class ParityFailed(VqtoolError):
-    """Export finished but the graphs disagree with PyTorch beyond tolerance."""
-
-    def __init__(self, message: str, reports: tuple[ParityReport, ...]) -> None:
-        super().__init__(message)
-        self.reports = reports
+    return ExportResult(out_dir, manifest, verification)

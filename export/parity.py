@@ -139,11 +139,19 @@ def check_parity(
     diff = np.abs(recons.astype(np.int16) - reference.reconstructions.astype(np.int16))
     mse = float((diff.astype(np.float64) ** 2).mean())
     report = dict(
-        runtime=runtime, provider=provider, precision=precision, images=len(images), codes=int(codes.size),
-        identical=int((codes == reference.codes).sum()), near_ties=ties, unexplained=unexplained,
-        max_gap_rtol=max_gap, recon_max_abs=int(diff.max()), recon_mean_abs=float(diff.mean()),
+        runtime=runtime,
+        provider=provider,
+        precision=precision,
+        images=len(images),
+        codes=int(codes.size),
+        identical=int((codes == reference.codes).sum()),
+        near_ties=ties,
+        unexplained=unexplained,
+        max_gap_rtol=max_gap,
+        recon_max_abs=int(diff.max()),
+        recon_mean_abs=float(diff.mean()),
         recon_psnr=math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse),
-    )  # fmt: skip
+    )
     return ParityReport(**report, failures=tuple(_failures(report, tolerance)))  # type: ignore[arg-type]
 
 

@@ -42,12 +42,14 @@ def write_mixed_folder(root: Path) -> list[Path]:
     return sorted((root / n for n in made), key=lambda p: p.as_posix())
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
-            timeout: float = 300) -> subprocess.CompletedProcess[str]:  # fmt: skip
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     """`vqtool ARGS` in a real subprocess, as a user's shell would run it."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "vqtool", *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "vqtool", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="session")
@@ -75,5 +77,33 @@ def export_dir(trained_checkpoint: Path, tmp_path_factory: pytest.TempPathFactor
     from export.onnx_export import export_model
 
     out = tmp_path_factory.mktemp("exports") / "model"
-    export_model(trained_checkpoint, out, log=lambda _: None)
+    export_model(trained_checkpoint, out, fp16=True, log=lambda _: None)
     return out
+
+
+def _gpu_missing() -> str | None:
+    try:
+        import torch
+    except ModuleNotFoundError:
+        return "PyTorch is not installed"
+    return None if torch.cuda.is_available() else "no CUDA GPU on this machine"
+
+
+def _tensorrt_missing() -> str | None:
+    from vqtool.errors import VqtoolError
+    from vqtool.trt_runtime import import_tensorrt
+
+    try:
+        import_tensorrt()
+    except VqtoolError as exc:
+        return str(exc)
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """GPU and TensorRT tests run only where those exist, and say why they were skipped elsewhere."""
+    reasons = {"gpu": _gpu_missing(), "tensorrt": _tensorrt_missing()}
+    for item in items:
+        for marker, reason in reasons.items():
+            if reason and marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=f"{marker}: {reason}"))

@@ -27,8 +27,20 @@ def _one_error_line(result, *fragments: str) -> None:  # noqa: ANN001
 def test_train_writes_checkpoint_metrics_and_figures(tmp_path: Path) -> None:
     images = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
     np.save(tmp_path / "data.npy", images)
-    result = run_cli("train", "--data", "data.npy", "--steps", "12", "--batch-size", "16", "--codes", "32",
-                     "--dim", "16", cwd=tmp_path)  # fmt: skip
+    result = run_cli(
+        "train",
+        "--data",
+        "data.npy",
+        "--steps",
+        "12",
+        "--batch-size",
+        "16",
+        "--codes",
+        "32",
+        "--dim",
+        "16",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     run = tmp_path / "runs" / "run-001"
     assert (run / "checkpoint.pt").is_file() and (run / "figures" / "loss.png").is_file()
@@ -37,8 +49,20 @@ def test_train_writes_checkpoint_metrics_and_figures(tmp_path: Path) -> None:
     assert records[-1]["step"] == 12 and REQUIRED_METRICS <= records[-1].keys()
     assert f"checkpoint: {Path('runs/run-001/checkpoint.pt')}" in result.stdout
     # A second run never lands on the first; an explicit --out that holds a run is refused.
-    again = run_cli("train", "--data", "data.npy", "--steps", "2", "--batch-size", "16", "--codes", "32", "--dim",
-                    "16", cwd=tmp_path)  # fmt: skip
+    again = run_cli(
+        "train",
+        "--data",
+        "data.npy",
+        "--steps",
+        "2",
+        "--batch-size",
+        "16",
+        "--codes",
+        "32",
+        "--dim",
+        "16",
+        cwd=tmp_path,
+    )
     assert again.returncode == 0 and (tmp_path / "runs" / "run-002" / "checkpoint.pt").is_file()
     before = (run / "checkpoint.pt").read_bytes()
     refused = run_cli("train", "--data", "data.npy", "--out", str(run), "--steps", "2", cwd=tmp_path)
@@ -52,16 +76,25 @@ def test_export_encode_decode_end_to_end(trained_checkpoint: Path, tmp_path: Pat
     assert "pass" in exported.stdout and "CPU" in exported.stdout
     images = tmp_path / "images"
     files = write_mixed_folder(images)
-    encoded = run_cli("encode", str(images), "--model", str(tmp_path / "model"), "--out", str(tmp_path / "codes.npy"),
-                      "--batch-size", "3")  # fmt: skip
+    encoded = run_cli(
+        "encode",
+        str(images),
+        "--model",
+        str(tmp_path / "model"),
+        "--out",
+        str(tmp_path / "codes.npy"),
+        "--batch-size",
+        "3",
+    )
     assert encoded.returncode == 0, encoded.stderr
     assert "CPUExecutionProvider" in encoded.stderr and "resized 8 of 8" in encoded.stderr
     codes = np.load(tmp_path / "codes.npy")
     assert codes.shape == (8, 2, 2) and codes.dtype == np.uint8
     sidecar = json.loads((tmp_path / "codes.json").read_text())
     assert sidecar["files"] == [str(f) for f in files]
-    decoded = run_cli("decode", str(tmp_path / "codes.npy"), "--model", str(tmp_path / "model"), "--out",
-                      str(tmp_path / "recon"))  # fmt: skip
+    decoded = run_cli(
+        "decode", str(tmp_path / "codes.npy"), "--model", str(tmp_path / "model"), "--out", str(tmp_path / "recon")
+    )
     assert decoded.returncode == 0, decoded.stderr
     pngs = sorted((tmp_path / "recon").glob("*.png"))
     assert [p.name for p in pngs][:2] == ["0000_astronaut.png", "0001_camera_grey.png"] and len(pngs) == 8
@@ -71,13 +104,15 @@ def test_export_encode_decode_end_to_end(trained_checkpoint: Path, tmp_path: Pat
 def test_no_resize_keeps_multiples_of_sixteen(export_dir: Path, tmp_path: Path) -> None:
     big = np.random.default_rng(1).integers(0, 256, (64, 96, 3), dtype=np.uint8)
     Image.fromarray(big).save(tmp_path / "big.png")
-    result = run_cli("encode", str(tmp_path / "big.png"), "--model", str(export_dir), "--out",
-                     str(tmp_path / "c.npy"), "--no-resize")  # fmt: skip
+    result = run_cli(
+        "encode", str(tmp_path / "big.png"), "--model", str(export_dir), "--out", str(tmp_path / "c.npy"), "--no-resize"
+    )
     assert result.returncode == 0, result.stderr
     assert np.load(tmp_path / "c.npy").shape == (1, 4, 6)
     Image.fromarray(big[:50]).save(tmp_path / "odd.png")
-    odd = run_cli("encode", str(tmp_path / "odd.png"), "--model", str(export_dir), "--out", str(tmp_path / "d.npy"),
-                  "--no-resize")  # fmt: skip
+    odd = run_cli(
+        "encode", str(tmp_path / "odd.png"), "--model", str(export_dir), "--out", str(tmp_path / "d.npy"), "--no-resize"
+    )
     _one_error_line(odd, "odd.png", "not a multiple of 16")
     assert not (tmp_path / "d.npy").exists()
 
@@ -129,8 +164,15 @@ def test_decode_refuses_codes_out_of_range_or_from_another_model(export_dir: Pat
     assert not (tmp_path / "o").exists()
 
     np.save(tmp_path / "codes.npy", np.zeros((1, 2, 2), np.uint8))
-    sidecar = {"files": ["a.png"], "grid": [2, 2], "codes": 256, "dtype": "uint8", "manifest_sha256": "0" * 64,
-               "checkpoint_sha256": "f" * 64, "format": "vqtool.codes"}  # fmt: skip
+    sidecar = {
+        "files": ["a.png"],
+        "grid": [2, 2],
+        "codes": 256,
+        "dtype": "uint8",
+        "manifest_sha256": "0" * 64,
+        "checkpoint_sha256": "f" * 64,
+        "format": "vqtool.codes",
+    }
     (tmp_path / "codes.json").write_text(json.dumps(sidecar))
     result = run_cli("decode", str(tmp_path / "codes.npy"), "--model", str(export_dir), "--out", str(tmp_path / "o"))
     _one_error_line(result, "codes.npy", "another model")

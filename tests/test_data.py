@@ -21,8 +21,12 @@ def test_default_set_is_offline_and_its_validation_split_is_fixed() -> None:
 
 def test_validation_crops_never_come_from_training_pixels() -> None:
     data = default_training_set(32)
-    train_patches = {bytes(im[r : r + 32, c : c + 32]) for im in data.train
-                     for r in range(0, im.shape[0] - 31, 8) for c in range(0, im.shape[1] - 31, 8)}  # fmt: skip
+    train_patches = {
+        bytes(im[r : r + 32, c : c + 32])
+        for im in data.train
+        for r in range(0, im.shape[0] - 31, 8)
+        for c in range(0, im.shape[1] - 31, 8)
+    }
     assert not any(bytes(v) in train_patches for v in data.val)
 
 

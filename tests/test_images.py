@@ -40,7 +40,11 @@ def test_listing_is_recursive_sorted_and_skips_other_files(tmp_path: Path) -> No
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
     assert [p.relative_to(tmp_path).as_posix() for p in list_images([tmp_path])] == [
-        "a.JPG", "b/a.webp", "b/z.png", "c.bmp"]  # fmt: skip
+        "a.JPG",
+        "b/a.webp",
+        "b/z.png",
+        "c.bmp",
+    ]
 
 
 def test_folder_without_images_is_an_error(tmp_path: Path) -> None:

@@ -26,7 +26,12 @@ def test_layers_match_the_reference_design() -> None:
     deconvs = [model.after_quantize] + [m for m in model.decoder if isinstance(m, torch.nn.ConvTranspose2d)]
     assert [(c.in_channels, c.out_channels) for c in deconvs] == [(256, 128), (128, 64), (64, 32), (32, 3)]
     assert [type(m).__name__ for m in model.decoder] == [
-        "ConvTranspose2d", "Tanh", "ConvTranspose2d", "Tanh", "ConvTranspose2d"]  # fmt: skip
+        "ConvTranspose2d",
+        "Tanh",
+        "ConvTranspose2d",
+        "Tanh",
+        "ConvTranspose2d",
+    ]
     assert model.quantizer.codebook.weight.shape == (256, 256)
 
 

@@ -93,8 +93,16 @@ def test_parity_catches_a_wrong_codebook(export_dir: Path, trained_checkpoint: P
     _with_swapped_codes(export_dir / "encoder.onnx", tmp_path / "bad.onnx", int(top[0]), int(top[1]))
     bad = OnnxRuntimeRunner(tmp_path / "bad.onnx", "cpu")
     decoder = OnnxRuntimeRunner(export_dir / "decoder.onnx", "cpu")
-    report = check_parity(checkpoint.model, images, bad, decoder, runtime="onnxruntime", provider=bad.provider,
-                          precision="fp32", reference=reference)  # fmt: skip
+    report = check_parity(
+        checkpoint.model,
+        images,
+        bad,
+        decoder,
+        runtime="onnxruntime",
+        provider=bad.provider,
+        precision="fp32",
+        reference=reference,
+    )
     assert not report.passed and report.unexplained > 0
     assert "without a near-tie" in report.failures[0]
 

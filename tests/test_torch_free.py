@@ -31,11 +31,25 @@ def test_importing_the_cli_does_not_import_torch(no_torch: dict[str, str]) -> No
 
 def test_encode_and_decode_run_without_torch(export_dir: Path, tmp_path: Path, no_torch: dict[str, str]) -> None:
     write_mixed_folder(tmp_path / "images")
-    encoded = run_cli("encode", str(tmp_path / "images"), "--model", str(export_dir), "--out",
-                      str(tmp_path / "codes.npy"), env=no_torch)  # fmt: skip
+    encoded = run_cli(
+        "encode",
+        str(tmp_path / "images"),
+        "--model",
+        str(export_dir),
+        "--out",
+        str(tmp_path / "codes.npy"),
+        env=no_torch,
+    )
     assert encoded.returncode == 0, encoded.stderr
-    decoded = run_cli("decode", str(tmp_path / "codes.npy"), "--model", str(export_dir), "--out",
-                      str(tmp_path / "recon"), env=no_torch)  # fmt: skip
+    decoded = run_cli(
+        "decode",
+        str(tmp_path / "codes.npy"),
+        "--model",
+        str(export_dir),
+        "--out",
+        str(tmp_path / "recon"),
+        env=no_torch,
+    )
     assert decoded.returncode == 0, decoded.stderr
     assert np.load(tmp_path / "codes.npy").shape == (8, 2, 2)
     assert len(list((tmp_path / "recon").glob("*.png"))) == 8

@@ -9,9 +9,14 @@ import numpy as np
 
 # Natural RGB photographs shipped inside the scikit-image wheel (never fetched).
 DEFAULT_PHOTOS = (
-    "astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg",
-    "motorcycle_left.png", "hubble_deep_field.jpg", "retina.jpg",
-)  # fmt: skip
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "hubble_deep_field.jpg",
+    "retina.jpg",
+)
 # Downscaled so a 32x32 crop holds a recognisable part of the scene, as in CIFAR-like data.
 DEFAULT_SHORT_SIDE = 256
 # The right-hand share of each photo that only validation crops come from.

@@ -112,9 +112,15 @@ class _Run:
 
     def save(self) -> None:
         save_checkpoint(
-            self.checkpoint_path, self.model, self.config, step=self.step, epoch=self.epoch,
-            data=self.source, optimizer=self.optimizer, extra={"records": self.records, "trace": self.trace},
-        )  # fmt: skip
+            self.checkpoint_path,
+            self.model,
+            self.config,
+            step=self.step,
+            epoch=self.epoch,
+            data=self.source,
+            optimizer=self.optimizer,
+            extra={"records": self.records, "trace": self.trace},
+        )
 
     @property
     def epoch(self) -> int:
@@ -131,8 +137,11 @@ class _Run:
             "commit": result.commit_loss.item(),
         }
         if not all(math.isfinite(v) for v in losses.values()):
-            kept = f"the last good checkpoint (step {self.step}) is kept" if self.checkpoint_path.exists() else (
-                "no checkpoint had been written yet")  # fmt: skip
+            kept = (
+                f"the last good checkpoint (step {self.step}) is kept"
+                if self.checkpoint_path.exists()
+                else ("no checkpoint had been written yet")
+            )
             raise TrainingStopped(
                 f"loss became {'/'.join(f'{k}={v}' for k, v in losses.items())} at step {self.step + 1}; "
                 f"{kept} in {self.run_dir}; try a lower --lr"
@@ -202,9 +211,12 @@ def fit(
     steps_per_epoch = data.steps_per_epoch(config.batch_size)
     total = config.steps if config.steps is not None else config.epochs * steps_per_epoch
     columns = (
-        TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[losses]}"),
+        TextColumn("[bold]train[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[losses]}"),
         TimeRemainingColumn(),
-    )  # fmt: skip
+    )
     interrupted = False
     smooth: dict[str, float] = {}
     with _deferred_interrupt() as stop, Progress(*columns, disable=not show_progress, transient=False) as bar:

@@ -11,15 +11,17 @@ from torch.nn import functional as F
 from train.config import ModelConfig
 
 
+# Both conversions cast before/after the transpose: TensorRT allows UINT8 only on the network's
+# inputs and outputs, so no layer inside an exported graph may see a uint8 tensor.
 def images_to_input(images: torch.Tensor) -> torch.Tensor:
     """uint8 N x H x W x 3 -> float N x 3 x H x W in [-1, 1], the model's input scale."""
-    return images.permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0
+    return images.to(torch.float32).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
 def output_to_images(output: torch.Tensor) -> torch.Tensor:
     """float N x 3 x H x W (model scale) -> uint8 N x H x W x 3, rounded to the nearest grey level."""
     pixels = ((output.to(torch.float32) + 1.0) * 127.5).clamp(0.0, 255.0).round()
-    return pixels.to(torch.uint8).permute(0, 2, 3, 1)
+    return pixels.permute(0, 2, 3, 1).to(torch.uint8)
 
 
 def code_distances(latents: torch.Tensor, codebook: torch.Tensor, code_sq: torch.Tensor | None = None) -> torch.Tensor:
@@ -73,18 +75,23 @@ class VQVAE(nn.Module):
         c1, c2, c3 = config.channels
         conv = {"kernel_size": 4, "stride": 2, "padding": 1}
         self.encoder = nn.Sequential(
-            nn.Conv2d(3, c1, **conv), nn.ReLU(),
-            nn.Conv2d(c1, c2, **conv), nn.ReLU(),
-            nn.Conv2d(c2, c3, **conv), nn.ReLU(),
-        )  # fmt: skip
+            nn.Conv2d(3, c1, **conv),
+            nn.ReLU(),
+            nn.Conv2d(c1, c2, **conv),
+            nn.ReLU(),
+            nn.Conv2d(c2, c3, **conv),
+            nn.ReLU(),
+        )
         self.before_quantize = nn.Conv2d(c3, config.dim, **conv)
         self.quantizer = Quantizer(config.codes, config.dim)
         self.after_quantize = nn.ConvTranspose2d(config.dim, c3, **conv)
         self.decoder = nn.Sequential(
-            nn.ConvTranspose2d(c3, c2, **conv), nn.Tanh(),
-            nn.ConvTranspose2d(c2, c1, **conv), nn.Tanh(),
+            nn.ConvTranspose2d(c3, c2, **conv),
+            nn.Tanh(),
+            nn.ConvTranspose2d(c2, c1, **conv),
+            nn.Tanh(),
             nn.ConvTranspose2d(c1, 3, **conv),
-        )  # fmt: skip
+        )
 
     def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
         """Model-scale images N x 3 x H x W -> channels-last latents N x h x w x D."""

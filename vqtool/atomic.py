@@ -44,8 +44,8 @@ def atomic_output(final: Path | str, *, keep_partial: bool = False) -> Iterator[
         temp = Path(name)
     try:
         yield temp
-        with open(temp, "rb+") as handle:
-            os.fsync(handle.fileno())
+        with open(temp, "rb+") as written:
+            os.fsync(written.fileno())
         usual_mode(temp)
         os.replace(temp, final)
     except BaseException:

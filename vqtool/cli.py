@@ -102,12 +102,14 @@ def train(
             source = Path(saved.data) if saved.data else None
         else:
             model_config = ModelConfig(codes=codes, dim=dim, image_size=image_size)
-            config = TrainConfig(epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, beta=beta, seed=seed,
-                                 device=device)  # fmt: skip
+            config = TrainConfig(
+                epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, beta=beta, seed=seed, device=device
+            )
             run_dir, source = out_dir or next_run_dir(Path("runs")), data
             if (run_dir / CHECKPOINT_NAME).exists():
-                raise VqtoolError(f"already holds a run; continue it with --resume {run_dir} or pick another --out",
-                                  run_dir)  # fmt: skip
+                raise VqtoolError(
+                    f"already holds a run; continue it with --resume {run_dir} or pick another --out", run_dir
+                )
     except (ValueError, CheckpointError) as exc:
         raise VqtoolError(str(exc)) from None
     if source is not None and not source.exists():
@@ -118,8 +120,15 @@ def train(
         raise VqtoolError(str(exc)) from None
     _say(f"data: {source or 'embedded default photographs'} — {len(training_set.val)} held-out validation images")
     try:
-        result = fit(model_config, config, training_set, run_dir, data_source=str(source) if source else None,
-                     resume=resume is not None, show_progress=err.is_terminal)  # fmt: skip
+        result = fit(
+            model_config,
+            config,
+            training_set,
+            run_dir,
+            data_source=str(source) if source else None,
+            resume=resume is not None,
+            show_progress=err.is_terminal,
+        )
     except (TrainingStopped, CheckpointError) as exc:
         raise VqtoolError(str(exc)) from None
     final = result.final
@@ -138,6 +147,18 @@ def train(
     )
 
 
+def _show_verification(verification: dict[str, Any]) -> None:
+    from vqtool.tables import parity_table
+
+    reports = verification["reports"]
+    naive = verification.get("naive_fp16_for_comparison")
+    out.print(parity_table(reports + ([naive] if naive else [])))
+    if naive:
+        _say("fp16-naive is shown for comparison only (all FP16, quantizer included); it is not exported")
+    for reason in verification["skipped"]:
+        _say(f"not checked: {reason}")
+
+
 @app.command("export")
 @user_errors
 def export_command(
@@ -145,21 +166,106 @@ def export_command(
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="Export folder (default: CHECKPOINT's folder/export).")
     ] = None,
+    fp16: Annotated[
+        bool, typer.Option("--fp16", help="Also write FP16 graphs: FP16 convolutions, FP32 quantizer.")
+    ] = False,
+    trt: Annotated[
+        bool, typer.Option("--trt", help="Also build TensorRT engines (needs TensorRT >= 10 and a GPU).")
+    ] = False,
+    batch_min: Annotated[int, typer.Option(help="TensorRT profile: smallest batch.")] = 1,
+    batch_opt: Annotated[int, typer.Option(help="TensorRT profile: batch to tune for.")] = 64,
+    batch_max: Annotated[int, typer.Option(help="TensorRT profile: largest batch.")] = 256,
+    workspace: Annotated[int, typer.Option(help="TensorRT builder workspace in MiB.")] = 1024,
+    timing_cache: Annotated[
+        Path | None,
+        typer.Option(
+            help="TensorRT timing cache file, reused across builds (default: ~/.cache/vqtool/tensorrt-timing.cache)."
+        ),
+    ] = None,
 ) -> None:
-    """Export encoder.onnx and decoder.onnx, check them, and verify parity against PyTorch."""
+    """Export encoder/decoder ONNX graphs (and TensorRT engines), and verify parity against PyTorch."""
+    if trt:  # before torch is even imported: a missing TensorRT or GPU costs the user nothing
+        from vqtool.trt_runtime import require_tensorrt_gpu
+
+        require_tensorrt_gpu()
     _require_torch("export")
     from export.onnx_export import PARITY_NAME, ParityFailed, export_model
-    from vqtool.tables import parity_table
+    from export.tensorrt_build import EngineProfile
 
     target = out_dir or checkpoint.parent / "export"
+    profile = EngineProfile(batch_min, batch_opt, batch_max, workspace)
     try:
-        result = export_model(checkpoint, target, log=_say)
+        result = export_model(
+            checkpoint, target, fp16=fp16, trt=trt, profile=profile, timing_cache=timing_cache, log=_say
+        )
     except ParityFailed as failed:
-        out.print(parity_table([r.to_dict() for r in failed.reports]))
+        _show_verification(failed.verification.to_dict())
         raise
-    out.print(parity_table([r.to_dict() for r in result.reports]))
-    files = ", ".join(entry.file for entry in result.manifest.graphs.values())
-    out.print(f"exported {files}, manifest.json and {PARITY_NAME} to {target}", highlight=False, markup=False)
+    _show_verification(result.verification.to_dict())
+    files = sorted(p.name for p in target.iterdir() if p.suffix in (".onnx", ".engine"))
+    out.print(
+        f"exported {', '.join(files)}, manifest.json and {PARITY_NAME} to {target}", highlight=False, markup=False
+    )
+
+
+@app.command()
+@user_errors
+def parity(
+    export_dir: Annotated[Path, typer.Argument(help="Export folder made by vqtool export.")],
+    images: Annotated[
+        Path | None,
+        typer.Option(
+            help="Images to compare on: a folder, .npy/.npz or CIFAR folder "
+            "(default: the validation split of the training data)."
+        ),
+    ] = None,
+    backend: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Limit to these backends (repeatable): onnxruntime, tensorrt. Default: every one that starts here."
+        ),
+    ] = None,
+    naive_fp16: Annotated[
+        bool,
+        typer.Option(help="Also measure an all-FP16 graph (quantizer in FP16 too), to show what the FP32 island buys."),
+    ] = False,
+) -> None:
+    """Compare the PyTorch model with every available backend and precision; writes parity.json."""
+    _require_torch("parity")
+    from export.onnx_export import PARITY_NAME, held_out_images
+    from export.verify import verify_export
+    from train.checkpoint import CheckpointError, load_checkpoint
+    from vqtool.atomic import write_json
+    from vqtool.backends import PYTORCH_FILE
+    from vqtool.imagesets import read_image_set
+    from vqtool.manifest import read_manifest
+
+    manifest = read_manifest(export_dir)
+    try:
+        checkpoint = load_checkpoint(export_dir / (manifest.pytorch_file or PYTORCH_FILE))
+    except CheckpointError as exc:
+        raise VqtoolError(str(exc)) from None
+    pixels = read_image_set(images, manifest.image_size)[0] if images else held_out_images(checkpoint, _say)
+    chosen = tuple(backend) if backend else None
+    verification = verify_export(
+        checkpoint.model, export_dir, manifest, pixels, backends=chosen, naive_fp16=naive_fp16, log=_say
+    )
+    write_json(export_dir / PARITY_NAME, verification.to_dict())
+    _show_verification(verification.to_dict())
+    if not verification.reports:
+        raise VqtoolError("no backend could run here, so nothing was compared")
+    if not verification.passed:
+        raise VqtoolError(f"parity failed; details in {export_dir / PARITY_NAME}")
+    out.print(
+        f"parity passed for {len(verification.reports)} runtime(s); wrote {export_dir / PARITY_NAME}",
+        highlight=False,
+        markup=False,
+    )
+
+
+BackendOption = Annotated[str, typer.Option(help="auto, onnxruntime, onnxruntime-trt, tensorrt or torch.")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+PrecisionOption = Annotated[str, typer.Option(help="fp32, or fp16 (needs an export made with --fp16).")]
 
 
 @app.command()
@@ -172,22 +278,29 @@ def encode(
     resize: Annotated[
         bool, typer.Option(help="Resize images to the model's size; --no-resize keeps sizes that are multiples of 16.")
     ] = True,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    backend: BackendOption = "auto",
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "fp32",
 ) -> None:
-    """Encode images to integer codes with the exported encoder graph."""
+    """Encode images to integer codes with the exported encoder."""
+    from vqtool.backends import open_runner
     from vqtool.encode import encode_files
     from vqtool.images import list_images
-    from vqtool.manifest import read_manifest, verify_graph
-    from vqtool.runtime import OnnxRuntimeRunner
+    from vqtool.manifest import read_manifest
 
     manifest = read_manifest(model)
-    runner = OnnxRuntimeRunner(verify_graph(model, manifest, "encoder"), device)
+    opened = open_runner(model, manifest, "encoder", backend=backend, device=device, precision=precision)
     files = list_images(images)
-    _say(f"encoding {len(files)} images with {runner.describe()}")
-    result = encode_files(files, manifest, model, runner, out_path, batch_size=batch_size, resize=resize, log=_say)
-    out.print(f"wrote {result.codes_path} ({result.count} x {result.grid[0]} x {result.grid[1]} codes) and "
-              f"{result.sidecar_path} in {result.seconds:.2f}s ({result.count / result.seconds:.0f} images/s)",
-              highlight=False, markup=False)  # fmt: skip
+    _say(f"encoding {len(files)} images with {opened.describe()}")
+    result = encode_files(
+        files, manifest, model, opened.runner, out_path, batch_size=batch_size, resize=resize, log=_say
+    )
+    out.print(
+        f"wrote {result.codes_path} ({result.count} x {result.grid[0]} x {result.grid[1]} codes) and "
+        f"{result.sidecar_path} in {result.seconds:.2f}s ({result.count / result.seconds:.0f} images/s)",
+        highlight=False,
+        markup=False,
+    )
 
 
 @app.command()
@@ -197,17 +310,19 @@ def decode(
     model: Annotated[Path, typer.Option(help="Export folder made by vqtool export.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the PNG reconstructions.")],
     batch_size: Annotated[int, typer.Option(help="Code grids per inference batch.")] = 64,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    backend: BackendOption = "auto",
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "fp32",
 ) -> None:
     """Decode integer codes back to images (one PNG per code grid)."""
+    from vqtool.backends import open_runner
     from vqtool.decode import decode_file
-    from vqtool.manifest import read_manifest, verify_graph
-    from vqtool.runtime import OnnxRuntimeRunner
+    from vqtool.manifest import read_manifest
 
     manifest = read_manifest(model)
-    runner = OnnxRuntimeRunner(verify_graph(model, manifest, "decoder"), device)
-    _say(f"decoding with {runner.describe()}")
-    result = decode_file(codes, manifest, runner, out_dir, batch_size=batch_size, log=_say)
+    opened = open_runner(model, manifest, "decoder", backend=backend, device=device, precision=precision)
+    _say(f"decoding with {opened.describe()}")
+    result = decode_file(codes, manifest, opened.runner, out_dir, batch_size=batch_size, log=_say)
     out.print(
         f"wrote {result.count} PNG files to {result.out_dir} in {result.seconds:.2f}s", highlight=False, markup=False
     )

@@ -43,8 +43,9 @@ def _load(path: Path, size: int, resize: bool) -> tuple[np.ndarray, bool]:
     return fitted, fitted.shape != pixels.shape
 
 
-def _batches(files: Sequence[Path], size: int, resize: bool, batch_size: int, workers: int) -> Iterator[
-        tuple[int, list[tuple[np.ndarray, bool]]]]:  # fmt: skip
+def _batches(
+    files: Sequence[Path], size: int, resize: bool, batch_size: int, workers: int
+) -> Iterator[tuple[int, list[tuple[np.ndarray, bool]]]]:
     """(start index, decoded images) per batch, keeping PREFETCH_BATCHES batches decoding ahead."""
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vqtool-read") as pool:
         pending: deque[tuple[int, list[Future[tuple[np.ndarray, bool]]]]] = deque()
@@ -106,21 +107,28 @@ def encode_files(
                 if p.shape[:2] != shape:
                     raise VqtoolError(
                         f"is {p.shape[1]}x{p.shape[0]} but earlier images are {shape[1]}x{shape[0]}; "
-                        "with --no-resize all images must share one size", files[start + offset])  # fmt: skip
+                        "with --no-resize all images must share one size",
+                        files[start + offset],
+                    )
             assert codes_out is not None
             codes_out[start : start + len(pixels)] = encoder(np.stack(pixels))
         assert codes_out is not None and shape is not None
         codes_out.flush()
         del codes_out
         sidecar = CodesSidecar(
-            files=[str(f) for f in files], grid=list(grid), codes=manifest.codes, dtype=dtype.name,
-            manifest_sha256=manifest_checksum(export_dir), checkpoint_sha256=manifest.checkpoint_sha256,
-        )  # fmt: skip
+            files=[str(f) for f in files],
+            grid=list(grid),
+            codes=manifest.codes,
+            dtype=dtype.name,
+            manifest_sha256=manifest_checksum(export_dir),
+            checkpoint_sha256=manifest.checkpoint_sha256,
+        )
         # The sidecar is renamed into place before the codes: a crash between leaves old codes with a
         # sidecar whose file count no longer matches, which decode reports, never a silent mismatch.
         write_json(sidecar_path(out), sidecar.to_dict())
     if resized:
         keep = "use --no-resize to keep sizes that are multiples of 16"
         log(f"resized {resized} of {len(files)} images to {size}x{size} ({keep})")
-    return EncodeResult(out, sidecar_path(out), len(files), grid, encoder.describe(), resized,
-                        time.perf_counter() - started)  # fmt: skip
+    return EncodeResult(
+        out, sidecar_path(out), len(files), grid, encoder.describe(), resized, time.perf_counter() - started
+    )

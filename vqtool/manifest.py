@@ -59,6 +59,8 @@ class Manifest:
     graphs: dict[str, GraphEntry]
     vqtool_version: str
     torch_version: str
+    pytorch_file: str = ""
+    pytorch_sha256: str = ""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     notes: dict[str, Any] = field(default_factory=dict)

@@ -11,6 +11,7 @@ from vqtool.errors import VqtoolError, missing_extra
 
 DEVICES = ("auto", "cpu", "cuda")
 CUDA_PROVIDERS = ("CUDAExecutionProvider",)
+TRT_PROVIDER = "TensorrtExecutionProvider"
 
 
 class Runner(Protocol):
@@ -34,6 +35,10 @@ def _onnxruntime():  # type: ignore[no-untyped-def]
 
 def requested_providers(device: str, available: list[str]) -> list[str]:
     """Execution providers to ask ONNX Runtime for, best first; the CPU is always the fallback."""
+    if device == "tensorrt":
+        if TRT_PROVIDER not in available:
+            raise VqtoolError("this onnxruntime build has no TensorrtExecutionProvider; pip install onnxruntime-gpu")
+        return [TRT_PROVIDER, *CUDA_PROVIDERS, "CPUExecutionProvider"]
     if device not in DEVICES:
         raise VqtoolError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     wanted = [] if device == "cpu" else [p for p in CUDA_PROVIDERS if p in available]
@@ -47,7 +52,9 @@ class OnnxRuntimeRunner:
 
     backend = "onnxruntime"
 
-    def __init__(self, path: Path, device: str = "auto", threads: int | None = None) -> None:
+    def __init__(
+        self, path: Path, device: str = "auto", threads: int | None = None, trt_cache: Path | None = None
+    ) -> None:
         ort = _onnxruntime()
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -57,8 +64,17 @@ class OnnxRuntimeRunner:
         if threads:
             options.intra_op_num_threads = threads
         self.requested = requested_providers(device, ort.get_available_providers())
+        providers: list[str | tuple[str, dict[str, str]]] = list(self.requested)
+        if device == "tensorrt" and trt_cache is not None:
+            # Engines built by the TensorRT EP take minutes; cache them beside the export.
+            cache = {
+                "trt_engine_cache_enable": "True",
+                "trt_engine_cache_path": str(trt_cache),
+                "trt_timing_cache_enable": "True",
+            }
+            providers[0] = (TRT_PROVIDER, cache)
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=self.requested)
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as exc:  # ORT raises its own untyped errors for unreadable graphs
             raise VqtoolError(f"ONNX Runtime cannot load this graph ({str(exc).splitlines()[0]})", path) from None
         self.provider = self.session.get_providers()[0]
@@ -66,6 +82,11 @@ class OnnxRuntimeRunner:
             raise VqtoolError(
                 "--device cuda: ONNX Runtime's CUDAExecutionProvider is installed but could not start "
                 "(no GPU or CUDA libraries here); use --device cpu"
+            )
+        if device == "tensorrt" and self.provider != TRT_PROVIDER:
+            raise VqtoolError(
+                "ONNX Runtime's TensorrtExecutionProvider is listed but could not start "
+                "(it needs a CUDA GPU and the TensorRT libraries); use another --backend"
             )
         self.input_name = self.session.get_inputs()[0].name
         self.version = ort.__version__

@@ -1,0 +1,107 @@
+"""Parity of every runtime an export can run on, against the PyTorch model it came from."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from export.parity import ParityReport, Reference, check_parity, torch_reference
+from train.model import VQVAE
+from vqtool.backends import PRECISIONS, graph_key, open_runner
+from vqtool.errors import VqtoolError
+from vqtool.manifest import Manifest
+from vqtool.runtime import OnnxRuntimeRunner
+
+# Where each backend runs; the TensorRT ones are tried only where an engine or GPU exists.
+RUNTIMES = (("onnxruntime", "cpu"), ("onnxruntime", "cuda"), ("tensorrt", "cuda"))
+
+
+@dataclass(frozen=True)
+class Verification:
+    """Reports for what ran, reasons for what could not, and the naive FP16 comparison if asked."""
+
+    reports: tuple[ParityReport, ...]
+    skipped: tuple[str, ...]
+    naive: ParityReport | None
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.reports) and all(r.passed for r in self.reports)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "passed": self.passed,
+            "reports": [r.to_dict() for r in self.reports],
+            "skipped": list(self.skipped),
+            "naive_fp16_for_comparison": self.naive.to_dict() if self.naive else None,
+        }
+
+
+def naive_fp16_report(model: VQVAE, images: np.ndarray, reference: Reference) -> ParityReport:
+    """Export an all-FP16 pair of graphs aside and measure them, to show what the FP32 island buys."""
+    from export.onnx_export import write_graphs
+
+    with tempfile.TemporaryDirectory(prefix="vqtool-naive-fp16-") as folder:
+        entries = write_graphs(model, "", Path(folder), "fp16-naive")
+        encoder = OnnxRuntimeRunner(Path(folder) / entries["encoder.fp16-naive"].file, "cpu")
+        decoder = OnnxRuntimeRunner(Path(folder) / entries["decoder.fp16-naive"].file, "cpu")
+        return check_parity(
+            model,
+            images,
+            encoder,
+            decoder,
+            runtime="onnxruntime",
+            provider=encoder.provider,
+            precision="fp16-naive",
+            reference=reference,
+        )
+
+
+def verify_export(
+    model: VQVAE,
+    export_dir: Path,
+    manifest: Manifest,
+    images: np.ndarray,
+    *,
+    backends: tuple[str, ...] | None = None,
+    naive_fp16: bool = False,
+    log: Callable[[str], None] = print,
+) -> Verification:
+    """Parity for each (backend, device, precision) that starts here; `backends` limits which are tried."""
+    reference = torch_reference(model, images)
+    reports, skipped = [], []
+    for backend, device in RUNTIMES:
+        if backends is not None and backend not in backends:
+            continue
+        for precision in PRECISIONS:
+            if graph_key("encoder", precision) not in manifest.graphs:
+                continue
+            try:
+                encoder = open_runner(
+                    export_dir, manifest, "encoder", backend=backend, device=device, precision=precision
+                ).runner
+                decoder = open_runner(
+                    export_dir, manifest, "decoder", backend=backend, device=device, precision=precision
+                ).runner
+            except VqtoolError as exc:
+                skipped.append(f"{backend} on {device} ({precision}): {str(exc).split('; ')[0]}")
+                continue
+            log(f"parity: {backend} on {encoder.provider} ({precision})")
+            reports.append(
+                check_parity(
+                    model,
+                    images,
+                    encoder,
+                    decoder,
+                    runtime=backend,
+                    provider=encoder.provider,
+                    precision=precision,
+                    reference=reference,
+                )
+            )
+    naive = naive_fp16_report(model, images, reference) if naive_fp16 else None
+    return Verification(tuple(reports), tuple(skipped), naive)
