@@ -81,3 +81,13 @@ def test_decoder_sees_the_code_values() -> None:
 def test_pixel_scale_round_trip_is_exact() -> None:
     images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
     assert torch.equal(output_to_images(images_to_input(images)), images)
+
+
+def test_four_phase_form_equals_the_transposed_convolution() -> None:
+    from export.graphs import FourPhaseConvTranspose
+
+    torch.manual_seed(0)
+    deconv = torch.nn.ConvTranspose2d(24, 10, 4, 2, 1)
+    x = torch.randn(3, 24, 5, 7)
+    with torch.no_grad():
+        assert torch.allclose(FourPhaseConvTranspose(deconv)(x), deconv(x), atol=1e-5)

@@ -328,6 +328,59 @@ def decode(
     )
 
 
+@app.command()
+@user_errors
+def bench(
+    export_dir: Annotated[Path, typer.Argument(help="Export folder made by vqtool export.")],
+    images: Annotated[
+        Path | None, typer.Option(help="Folder of image files for the end-to-end encode benchmark.")
+    ] = None,
+    batch: Annotated[list[int] | None, typer.Option(help="Batch sizes (repeatable; default 1, 32, 256).")] = None,
+    backend: Annotated[
+        list[str] | None,
+        typer.Option(help="Limit to these backends (repeatable); PyTorch eager always runs as the baseline."),
+    ] = None,
+    seconds: Annotated[float, typer.Option(help="Minimum timed seconds per measurement.")] = 1.0,
+    out_path: Annotated[
+        Path | None, typer.Option("--out", help="Where to write bench.json (default: EXPORT_DIR/bench.json).")
+    ] = None,
+) -> None:
+    """Benchmark encode/decode per backend against PyTorch eager; with --images, a folder end to end."""
+    _require_torch("bench")
+    import os
+
+    from vqtool import bench as benchmarks
+    from vqtool.atomic import write_json
+    from vqtool.backends import open_runner
+    from vqtool.images import list_images
+    from vqtool.manifest import read_manifest
+    from vqtool.tables import bench_table, folder_table
+
+    manifest = read_manifest(export_dir)
+    sizes = tuple(batch) if batch else benchmarks.BATCH_SIZES
+    rows, skipped = benchmarks.model_only(
+        export_dir, manifest, batch_sizes=sizes, backends=tuple(backend) if backend else None, seconds=seconds, log=_say
+    )
+    report: dict[str, Any] = {"cpu_count": os.cpu_count(), "model_only": [vars(r) for r in rows], "skipped": skipped}
+    out.print(bench_table(report["model_only"]))
+    for reason in skipped:
+        _say(f"not measured: {reason}")
+    if images is not None:
+        import tempfile
+
+        files = list_images([images])
+        runner = open_runner(export_dir, manifest, "encoder").runner
+        with tempfile.TemporaryDirectory(prefix="vqtool-bench-") as scratch:
+            folder = benchmarks.folder_encode(
+                files, export_dir, manifest, runner, Path(scratch) / "codes.npy", log=_say
+            )
+        report["folder_encode"] = folder.to_dict()
+        out.print(folder_table(report["folder_encode"]))
+    target = out_path or export_dir / "bench.json"
+    write_json(target, report)
+    out.print(f"wrote {target}", highlight=False, markup=False)
+
+
 def main() -> None:
     app()
 

@@ -43,7 +43,7 @@ def _load(path: Path, size: int, resize: bool) -> tuple[np.ndarray, bool]:
     return fitted, fitted.shape != pixels.shape
 
 
-def _batches(
+def read_batches(
     files: Sequence[Path], size: int, resize: bool, batch_size: int, workers: int
 ) -> Iterator[tuple[int, list[tuple[np.ndarray, bool]]]]:
     """(start index, decoded images) per batch, keeping PREFETCH_BATCHES batches decoding ahead."""
@@ -96,7 +96,7 @@ def encode_files(
     resized = 0
     with atomic_output(out) as temp:
         codes_out: np.memmap | None = None
-        for start, loaded in _batches(files, size, resize, batch_size, workers):
+        for start, loaded in read_batches(files, size, resize, batch_size, workers):
             pixels = [p for p, _ in loaded]
             resized += sum(r for _, r in loaded)
             if shape is None:

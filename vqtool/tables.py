@@ -39,3 +39,41 @@ def parity_table(reports: Sequence[dict[str, Any]]) -> Table:
             "[green]pass[/]" if r["passed"] else "[red]FAIL: " + escape("; ".join(r["failures"])) + "[/]",
         )
     return table
+
+
+def bench_table(rows: Sequence[dict[str, Any]]) -> Table:
+    """Model-only throughput per backend, precision and batch, with the ratio to PyTorch eager."""
+    table = Table(title="model-only throughput (images/s) and latency")
+    for header in ("stage", "backend", "precision", "batch", "images/s", "p50 ms", "p99 ms", "× eager"):
+        table.add_column(
+            header, justify="right" if header in ("batch", "images/s", "p50 ms", "p99 ms", "× eager") else "left"
+        )
+    for r in rows:
+        ratio = r["vs_baseline"]
+        table.add_row(
+            r["stage"],
+            f"{r['backend']} ({r['provider'].removesuffix('ExecutionProvider')})",
+            r["precision"],
+            str(r["batch"]),
+            f"{r['images_per_s']:,.0f}",
+            f"{r['p50_ms']:.2f}",
+            f"{r['p99_ms']:.2f}",
+            "—" if ratio is None else f"{ratio:.2f}×",
+        )
+    return table
+
+
+def folder_table(result: dict[str, float]) -> Table:
+    """End-to-end folder encode against the naive script and against each stage alone."""
+    table = Table(title=f"end-to-end encode of {int(result['images'])} image files (images/s)")
+    for header in ("vqtool encode", "naive script", "× naive", "read only", "model only", "÷ slower stage"):
+        table.add_column(header, justify="right")
+    table.add_row(
+        f"{result['pipeline_images_per_s']:,.0f}",
+        f"{result['naive_images_per_s']:,.0f}",
+        f"{result['vs_naive']:.2f}×",
+        f"{result['read_only_images_per_s']:,.0f}",
+        f"{result['model_only_images_per_s']:,.0f}",
+        f"{result['vs_slower_stage']:.0%}",
+    )
+    return table

@@ -1,0 +1,199 @@
+"""Benchmarks that print figures: model-only throughput/latency per backend, and folder encode end to end.
+
+Every ratio is against a baseline measured in the same run on the same machine: PyTorch eager for
+the model, and for a folder the script a user would otherwise write (a Pillow loop + batched eager).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vqtool.backends import PRECISIONS, graph_key, open_runner
+from vqtool.errors import VqtoolError
+from vqtool.manifest import Manifest
+from vqtool.runtime import Runner
+
+BATCH_SIZES = (1, 32, 256)
+CANDIDATES = (("torch", "cpu"), ("onnxruntime", "cpu"), ("onnxruntime", "cuda"), ("tensorrt", "cuda"))
+BASELINE = "torch"
+
+
+@dataclass(frozen=True)
+class Timing:
+    images_per_s: float
+    p50_ms: float
+    p99_ms: float
+    iterations: int
+
+
+def time_calls(
+    call: Callable[[], object], images: int, *, warmup: int = 3, min_seconds: float = 1.0, min_iterations: int = 10
+) -> Timing:
+    """Latency percentiles per call and throughput over all calls, after a warm-up."""
+    for _ in range(warmup):
+        call()
+    latencies: list[float] = []
+    started = time.perf_counter()
+    while len(latencies) < min_iterations or time.perf_counter() - started < min_seconds:
+        begin = time.perf_counter()
+        call()
+        latencies.append(time.perf_counter() - begin)
+    seconds = np.asarray(latencies)
+    return Timing(
+        images * len(seconds) / seconds.sum(),
+        float(np.percentile(seconds, 50) * 1e3),
+        float(np.percentile(seconds, 99) * 1e3),
+        len(seconds),
+    )
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    stage: str
+    backend: str
+    provider: str
+    precision: str
+    batch: int
+    images_per_s: float
+    p50_ms: float
+    p99_ms: float
+    vs_baseline: float | None
+
+
+def model_only(
+    export_dir: Path,
+    manifest: Manifest,
+    *,
+    batch_sizes: Sequence[int] = BATCH_SIZES,
+    backends: Sequence[str] | None = None,
+    seconds: float = 1.0,
+    log: Callable[[str], None] = print,
+) -> tuple[list[ModelRow], list[str]]:
+    """Encode and decode throughput for every backend/precision that starts here, and the eager baseline."""
+    rng = np.random.default_rng(0)
+    size, grid = manifest.image_size, manifest.grid
+    rows: list[ModelRow] = []
+    skipped: list[str] = []
+    for stage, role in (("encode", "encoder"), ("decode", "decoder")):
+        runners: list[tuple[str, Runner]] = []
+        for backend, device in CANDIDATES:
+            if backends is not None and backend not in backends and backend != BASELINE:
+                continue
+            for precision in PRECISIONS:
+                if backend == "torch" and precision != "fp32":
+                    continue
+                if backend != "torch" and graph_key(role, precision) not in manifest.graphs:
+                    continue
+                try:
+                    opened = open_runner(
+                        export_dir, manifest, role, backend=backend, device=device, precision=precision
+                    )
+                except VqtoolError as exc:
+                    skipped.append(f"{stage} {backend} on {device} ({precision}): {str(exc).split('; ')[0]}")
+                    continue
+                runners.append((precision, opened.runner))
+        for batch in batch_sizes:
+            if stage == "encode":
+                data = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+            else:
+                data = rng.integers(0, manifest.codes, (batch, grid, grid), dtype=np.int32)
+            baseline: float | None = None
+            for precision, runner in runners:
+                timing = time_calls(lambda r=runner: r(data), batch, min_seconds=seconds)
+                if runner.backend == BASELINE:
+                    baseline = timing.images_per_s
+                log(f"{stage} batch {batch:>3} {runner.backend} {precision}: {timing.images_per_s:,.0f} images/s")
+                ratio = None if baseline is None else timing.images_per_s / baseline
+                rows.append(
+                    ModelRow(
+                        stage,
+                        runner.backend,
+                        runner.provider,
+                        precision,
+                        batch,
+                        timing.images_per_s,
+                        timing.p50_ms,
+                        timing.p99_ms,
+                        ratio,
+                    )
+                )
+    return rows, skipped
+
+
+@dataclass(frozen=True)
+class FolderResult:
+    """End-to-end encode of a folder, with each stage alone and the naive script, on the same files."""
+
+    images: int
+    pipeline_images_per_s: float
+    naive_images_per_s: float
+    read_only_images_per_s: float
+    model_only_images_per_s: float
+
+    @property
+    def vs_naive(self) -> float:
+        return self.pipeline_images_per_s / self.naive_images_per_s
+
+    @property
+    def vs_slower_stage(self) -> float:
+        return self.pipeline_images_per_s / min(self.read_only_images_per_s, self.model_only_images_per_s)
+
+    def to_dict(self) -> dict[str, float]:
+        return {**asdict(self), "vs_naive": self.vs_naive, "vs_slower_stage": self.vs_slower_stage}
+
+
+def naive_script(files: Sequence[Path], checkpoint: Path, size: int, batch_size: int) -> np.ndarray:
+    """What a user writes without vqtool: a Pillow loop, then batched PyTorch eager."""
+    import torch
+    from PIL import Image
+
+    from train.checkpoint import load_checkpoint
+
+    model = load_checkpoint(checkpoint).model.eval()
+    images = [np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)) for f in files]
+    codes = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = torch.from_numpy(np.stack(images[start : start + batch_size]))
+            x = batch.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            codes.append(model.encode(x).numpy())
+    return np.concatenate(codes)
+
+
+def folder_encode(
+    files: Sequence[Path],
+    export_dir: Path,
+    manifest: Manifest,
+    runner: Runner,
+    out: Path,
+    *,
+    batch_size: int = 256,
+    log: Callable[[str], None] = print,
+) -> FolderResult:
+    """Time vqtool's streaming encode, each of its stages alone, and the naive script, on `files`."""
+    from vqtool.encode import encode_files, read_batches
+
+    count = len(files)
+    started = time.perf_counter()
+    for _ in read_batches(files, manifest.image_size, True, batch_size, workers=4):
+        pass
+    read_only = count / (time.perf_counter() - started)
+    data = np.random.default_rng(0).integers(
+        0, 256, (batch_size, manifest.image_size, manifest.image_size, 3), dtype=np.uint8
+    )
+    model = time_calls(lambda: runner(data), batch_size, min_seconds=2.0).images_per_s
+    result = encode_files(files, manifest, export_dir, runner, out, batch_size=batch_size, log=lambda _: None)
+    pipeline = count / result.seconds
+    started = time.perf_counter()
+    naive_codes = naive_script(
+        files, export_dir / (manifest.pytorch_file or "model.pt"), manifest.image_size, batch_size
+    )
+    naive = count / (time.perf_counter() - started)
+    agreement = float((np.load(out) == naive_codes).mean())
+    log(f"folder encode: vqtool and the naive script agree on {agreement:.4%} of codes")
+    return FolderResult(count, pipeline, naive, read_only, model)
