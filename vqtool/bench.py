@@ -104,7 +104,7 @@ def model_only(
                 data = rng.integers(0, manifest.codes, (batch, grid, grid), dtype=np.int32)
             baseline: float | None = None
             for precision, runner in runners:
-                timing = time_calls(lambda r=runner: r(data), batch, min_seconds=seconds)
+                timing = time_calls(lambda r=runner, d=data: r(d), batch, min_seconds=seconds)
                 if runner.backend == BASELINE:
                     baseline = timing.images_per_s
                 log(f"{stage} batch {batch:>3} {runner.backend} {precision}: {timing.images_per_s:,.0f} images/s")
