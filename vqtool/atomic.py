@@ -23,25 +23,21 @@ def usual_mode(path: Path) -> None:
 
 
 def partial_path(final: Path) -> Path:
-    """The temporary name an output is written under before it is renamed into place."""
+    """The fixed temporary name of a resumable output (encode), so a later run can find it."""
     return final.with_name(f".{final.name}.partial")
 
 
 @contextmanager
-def atomic_output(final: Path | str, *, keep_partial: bool = False) -> Iterator[Path]:
+def atomic_output(final: Path | str) -> Iterator[Path]:
     """Yield a temporary path beside `final`; rename it to `final` only if the block succeeds.
 
-    With keep_partial, a failed block leaves the temporary file for a later resume; otherwise
-    it is removed. Either way the previous `final`, if any, is untouched.
+    A failed block removes the temporary file and leaves the previous `final`, if any, untouched.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    if keep_partial:
-        temp = partial_path(final)
-    else:
-        handle, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-        os.close(handle)
-        temp = Path(name)
+    handle, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(handle)
+    temp = Path(name)
     try:
         yield temp
         with open(temp, "rb+") as written:
@@ -49,8 +45,7 @@ def atomic_output(final: Path | str, *, keep_partial: bool = False) -> Iterator[
         usual_mode(temp)
         os.replace(temp, final)
     except BaseException:
-        if not keep_partial:
-            temp.unlink(missing_ok=True)
+        temp.unlink(missing_ok=True)
         raise
 
 

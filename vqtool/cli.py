@@ -25,8 +25,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 # Piped output gets a width that fits the parity table rather than rich's default of 80 columns.
-out = Console(width=None if sys.stdout.isatty() else 132)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 132)
+# Messages are never wrapped, so scripts can grep them; tables still fit the width.
+out = Console(width=None if sys.stdout.isatty() else 132, soft_wrap=True)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 132, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -281,25 +282,64 @@ def encode(
     backend: BackendOption = "auto",
     device: DeviceOption = "auto",
     precision: PrecisionOption = "fp32",
+    shard: Annotated[
+        str | None,
+        typer.Option(help="Encode only slice I of N (I/N, I from 0) of the sorted file list; join with vqtool merge."),
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of the same command.")] = False,
 ) -> None:
     """Encode images to integer codes with the exported encoder."""
+    import signal
+
     from vqtool.backends import open_runner
     from vqtool.encode import encode_files
     from vqtool.images import list_images
     from vqtool.manifest import read_manifest
+    from vqtool.shards import Shard
 
+    chosen_shard = Shard.parse(shard) if shard is not None else None
     manifest = read_manifest(model)
     opened = open_runner(model, manifest, "encoder", backend=backend, device=device, precision=precision)
     files = list_images(images)
-    _say(f"encoding {len(files)} images with {opened.describe()}")
+    part = f" (shard {chosen_shard.index}/{chosen_shard.count})" if chosen_shard else ""
+    _say(f"encoding {len(files)} images{part} with {opened.describe()}")
+
+    def stop(signum: int, frame: Any) -> None:  # schedulers preempt with SIGTERM: keep what is done
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     result = encode_files(
-        files, manifest, model, opened.runner, out_path, batch_size=batch_size, resize=resize, log=_say
+        files,
+        manifest,
+        model,
+        opened.runner,
+        out_path,
+        batch_size=batch_size,
+        resize=resize,
+        shard=chosen_shard,
+        resume=resume,
+        log=_say,
     )
     out.print(
         f"wrote {result.codes_path} ({result.count} x {result.grid[0]} x {result.grid[1]} codes) and "
         f"{result.sidecar_path} in {result.seconds:.2f}s ({result.count / result.seconds:.0f} images/s)",
         highlight=False,
         markup=False,
+    )
+
+
+@app.command()
+@user_errors
+def merge(
+    shards: Annotated[list[Path], typer.Argument(help="Shard outputs of vqtool encode --shard I/N (any order).")],
+    out_path: Annotated[Path, typer.Option("--out", help="Merged codes .npy (its sidecar is written beside it).")],
+) -> None:
+    """Join shard outputs into one codes.npy + sidecar, identical to a single pass."""
+    from vqtool.shards import merge_shards
+
+    merged = merge_shards(shards, out_path)
+    out.print(
+        f"merged {len(shards)} shards into {out_path} ({len(merged.files)} images)", highlight=False, markup=False
     )
 
 

@@ -29,6 +29,8 @@ class CodesSidecar:
     dtype: str
     manifest_sha256: str
     checkpoint_sha256: str
+    # For a shard: index, count, start, stop, total and list_sha256 of the full sorted list; None for a full pass.
+    shard: dict[str, int | str] | None = None
     format: str = SIDECAR_FORMAT
 
     def to_dict(self) -> dict[str, object]:

@@ -1,11 +1,14 @@
 """Images -> codes.npy, streaming: files are decoded by a thread pool while the graph runs.
 
 Memory stays flat in the number of images: codes go straight into a memory-mapped .npy under a
-temporary name, and only a few batches of pixels are ever in flight.
+temporary name, and only a few batches of pixels are ever in flight. Progress is recorded after
+every batch, so an interrupted run continues with --resume; the final name only ever holds a
+complete result.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import deque
@@ -16,12 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from vqtool.atomic import atomic_output, write_json
+from vqtool.atomic import partial_path, usual_mode, write_json
 from vqtool.codes import CodesSidecar, sidecar_path
 from vqtool.errors import VqtoolError
 from vqtool.images import fit_to_size, read_rgb
 from vqtool.manifest import DOWNSAMPLE, Manifest, code_dtype_for, manifest_checksum
 from vqtool.runtime import Runner
+from vqtool.shards import Shard, list_checksum
 
 PREFETCH_BATCHES = 2
 
@@ -35,6 +39,15 @@ class EncodeResult:
     runtime: str
     resized: int
     seconds: float
+    resumed_from: int
+
+
+class EncodeInterrupted(VqtoolError):
+    """Stopped part way; the finished rows are kept for --resume."""
+
+
+def progress_path(out: Path) -> Path:
+    return out.with_name(f".{out.name}.progress.json")
 
 
 def _load(path: Path, size: int, resize: bool) -> tuple[np.ndarray, bool]:
@@ -44,31 +57,54 @@ def _load(path: Path, size: int, resize: bool) -> tuple[np.ndarray, bool]:
 
 
 def read_batches(
-    files: Sequence[Path], size: int, resize: bool, batch_size: int, workers: int
+    files: Sequence[Path], size: int, resize: bool, batch_size: int, workers: int, start: int = 0
 ) -> Iterator[tuple[int, list[tuple[np.ndarray, bool]]]]:
     """(start index, decoded images) per batch, keeping PREFETCH_BATCHES batches decoding ahead."""
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vqtool-read") as pool:
         pending: deque[tuple[int, list[Future[tuple[np.ndarray, bool]]]]] = deque()
-        starts = iter(range(0, len(files), batch_size))
+        starts = iter(range(start, len(files), batch_size))
 
         def submit_next() -> None:
-            start = next(starts, None)
-            if start is not None:
-                chunk = files[start : start + batch_size]
-                pending.append((start, [pool.submit(_load, f, size, resize) for f in chunk]))
+            first = next(starts, None)
+            if first is not None:
+                chunk = files[first : first + batch_size]
+                pending.append((first, [pool.submit(_load, f, size, resize) for f in chunk]))
 
         for _ in range(PREFETCH_BATCHES + 1):
             submit_next()
-        while pending:
-            start, futures = pending.popleft()
-            try:
-                yield start, [f.result() for f in futures]
-            except BaseException:
-                for _, later in pending:
-                    for future in later:
-                        future.cancel()
-                raise
-            submit_next()
+        try:
+            while pending:
+                first, futures = pending.popleft()
+                yield first, [f.result() for f in futures]
+                submit_next()
+        finally:
+            for _, later in pending:
+                for future in later:
+                    future.cancel()
+
+
+def _first_shape(path: Path, size: int, resize: bool) -> tuple[int, int]:
+    height, width = _load(path, size, resize)[0].shape[:2]
+    return height, width
+
+
+def _resume_point(out: Path, signature: dict[str, object], resume: bool, log: Callable[[str], None]) -> int:
+    """Rows already encoded by an interrupted run with the same files and model, or 0 to start afresh."""
+    partial, progress = partial_path(out), progress_path(out)
+    if not (partial.exists() and progress.exists()):
+        if resume:
+            log(f"nothing to resume for {out}; starting from the first image")
+        return 0
+    if not resume:
+        log(f"{out}: an interrupted earlier run left partial results; starting over (use --resume to continue it)")
+        return 0
+    try:
+        saved = json.loads(progress.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise VqtoolError("progress record is corrupt; rerun without --resume", progress) from None
+    if {k: saved.get(k) for k in signature} != signature:
+        raise VqtoolError("the interrupted run encoded other files or used another model; rerun without --resume", out)
+    return int(saved["done"])
 
 
 def encode_files(
@@ -80,10 +116,12 @@ def encode_files(
     *,
     batch_size: int = 64,
     resize: bool = True,
+    shard: Shard | None = None,
+    resume: bool = False,
     workers: int | None = None,
     log: Callable[[str], None] = print,
 ) -> EncodeResult:
-    """Encode `files` in order into `out` (N x h x w, smallest unsigned dtype) plus its sidecar."""
+    """Encode the sorted `files` (or one shard of them) into `out` plus its sidecar."""
     if not files:
         raise VqtoolError("no images to encode")
     if batch_size < 1:
@@ -92,43 +130,85 @@ def encode_files(
     workers = workers or min(8, (os.cpu_count() or 2) + 2)
     dtype = code_dtype_for(manifest.codes)
     size = manifest.image_size
-    shape: tuple[int, int] | None = None
+    shard_info: dict[str, int | str] | None = None
+    if shard is not None:
+        begin, stop = shard.bounds(len(files))
+        shard_info = {
+            "index": shard.index,
+            "count": shard.count,
+            "start": begin,
+            "stop": stop,
+            "total": len(files),
+            "list_sha256": list_checksum(files),
+        }
+        files = files[begin:stop]
+        if not files:
+            raise VqtoolError(f"shard {shard.index}/{shard.count} of {shard_info['total']} files is empty")
+    shape = _first_shape(files[0], size, resize)
+    grid = (shape[0] // DOWNSAMPLE, shape[1] // DOWNSAMPLE)
+    signature = {
+        "list_sha256": list_checksum(files),
+        "manifest_sha256": manifest_checksum(export_dir),
+        "rows": len(files),
+        "grid": list(grid),
+        "dtype": dtype.name,
+    }
+    done = _resume_point(out, signature, resume, log)
+    partial = partial_path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if done:
+        codes_out = np.lib.format.open_memmap(partial, mode="r+")
+        log(f"resuming {out} after {done} of {len(files)} images")
+    else:
+        progress_path(out).unlink(missing_ok=True)
+        codes_out = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=(len(files), *grid))
     resized = 0
-    with atomic_output(out) as temp:
-        codes_out: np.memmap | None = None
-        for start, loaded in read_batches(files, size, resize, batch_size, workers):
+    try:
+        for first, loaded in read_batches(files, size, resize, batch_size, workers, start=done):
             pixels = [p for p, _ in loaded]
             resized += sum(r for _, r in loaded)
-            if shape is None:
-                shape = pixels[0].shape[:2]
-                grid = (shape[0] // DOWNSAMPLE, shape[1] // DOWNSAMPLE)
-                codes_out = np.lib.format.open_memmap(temp, mode="w+", dtype=dtype, shape=(len(files), *grid))
             for offset, p in enumerate(pixels):
                 if p.shape[:2] != shape:
                     raise VqtoolError(
                         f"is {p.shape[1]}x{p.shape[0]} but earlier images are {shape[1]}x{shape[0]}; "
                         "with --no-resize all images must share one size",
-                        files[start + offset],
+                        files[first + offset],
                     )
-            assert codes_out is not None
-            codes_out[start : start + len(pixels)] = encoder(np.stack(pixels))
-        assert codes_out is not None and shape is not None
-        codes_out.flush()
+            codes_out[first : first + len(pixels)] = encoder(np.stack(pixels))
+            codes_out.flush()  # rows on disk before the progress record says so
+            write_json(progress_path(out), {**signature, "done": first + len(pixels)})
+    except VqtoolError:
+        # Bad input changes the file list, so these rows could never be resumed: drop them.
         del codes_out
-        sidecar = CodesSidecar(
-            files=[str(f) for f in files],
-            grid=list(grid),
-            codes=manifest.codes,
-            dtype=dtype.name,
-            manifest_sha256=manifest_checksum(export_dir),
-            checkpoint_sha256=manifest.checkpoint_sha256,
-        )
-        # The sidecar is renamed into place before the codes: a crash between leaves old codes with a
-        # sidecar whose file count no longer matches, which decode reports, never a silent mismatch.
-        write_json(sidecar_path(out), sidecar.to_dict())
+        partial.unlink(missing_ok=True)
+        progress_path(out).unlink(missing_ok=True)
+        raise
+    except KeyboardInterrupt:
+        saved = json.loads(progress_path(out).read_text())["done"] if progress_path(out).exists() else 0
+        raise EncodeInterrupted(
+            f"interrupted after {saved} of {len(files)} images; the finished rows are kept: "
+            "run the same command with --resume to continue",
+            out,
+        ) from None
+    del codes_out
+    sidecar = CodesSidecar(
+        files=[str(f) for f in files],
+        grid=list(grid),
+        codes=manifest.codes,
+        dtype=dtype.name,
+        manifest_sha256=manifest_checksum(export_dir),
+        checkpoint_sha256=manifest.checkpoint_sha256,
+        shard=shard_info,
+    )
+    # The sidecar is renamed into place before the codes: a crash between leaves old codes with a
+    # sidecar whose file count no longer matches, which decode reports, never a silent mismatch.
+    write_json(sidecar_path(out), sidecar.to_dict())
+    usual_mode(partial)
+    os.replace(partial, out)
+    progress_path(out).unlink(missing_ok=True)
     if resized:
         keep = "use --no-resize to keep sizes that are multiples of 16"
         log(f"resized {resized} of {len(files)} images to {size}x{size} ({keep})")
     return EncodeResult(
-        out, sidecar_path(out), len(files), grid, encoder.describe(), resized, time.perf_counter() - started
+        out, sidecar_path(out), len(files), grid, encoder.describe(), resized, time.perf_counter() - started, done
     )

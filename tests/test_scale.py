@@ -1,0 +1,160 @@
+"""Encoding at scale: shards that merge into a single pass, interrupted runs that resume, and the benchmark."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import REPO, run_cli
+from train.data import default_training_set
+
+
+def _png_folder(root: Path, count: int) -> Path:
+    """`count` real 32x32 crops of the embedded photographs, as PNG files in two subfolders."""
+    crops = default_training_set(32).batch(0, count, seed=5)
+    for index, crop in enumerate(crops):
+        path = root / f"part{index % 2}" / f"img{index:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(crop).save(path)
+    return root
+
+
+@pytest.fixture(scope="module")
+def png_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _png_folder(tmp_path_factory.mktemp("pngs"), 61)
+
+
+def _encode(folder: Path, export_dir: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    result = run_cli("encode", str(folder), "--model", str(export_dir), "--out", str(out), "--batch-size", "8", *extra)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_shards_merge_into_exactly_the_single_pass(png_folder: Path, export_dir: Path, tmp_path: Path) -> None:
+    _encode(png_folder, export_dir, tmp_path / "single.npy")
+    for index in range(3):
+        _encode(png_folder, export_dir, tmp_path / f"shard{index}.npy", "--shard", f"{index}/3")
+    sizes = [len(np.load(tmp_path / f"shard{i}.npy")) for i in range(3)]
+    assert sum(sizes) == 61 and max(sizes) - min(sizes) <= 1
+    merged = run_cli("merge", *(str(tmp_path / f"shard{i}.npy") for i in (2, 0, 1)), "--out", str(tmp_path / "m.npy"))
+    assert merged.returncode == 0, merged.stderr
+    assert np.array_equal(np.load(tmp_path / "m.npy"), np.load(tmp_path / "single.npy"))
+    assert (tmp_path / "m.json").read_text() == (tmp_path / "single.json").read_text()
+
+
+def test_merge_refuses_incomplete_duplicated_or_foreign_shards(
+    png_folder: Path, export_dir: Path, tmp_path: Path
+) -> None:
+    for index in range(2):
+        _encode(png_folder, export_dir, tmp_path / f"s{index}.npy", "--shard", f"{index}/2")
+    missing = run_cli("merge", str(tmp_path / "s0.npy"), "--out", str(tmp_path / "m.npy"))
+    assert missing.returncode == 1 and "shards 1/2 are missing" in missing.stderr
+    twice = run_cli("merge", str(tmp_path / "s0.npy"), str(tmp_path / "s0.npy"), "--out", str(tmp_path / "m.npy"))
+    assert twice.returncode == 1 and "given twice" in twice.stderr
+    other = _png_folder(tmp_path / "other", 20)
+    _encode(other, export_dir, tmp_path / "o1.npy", "--shard", "1/2")
+    foreign = run_cli("merge", str(tmp_path / "s0.npy"), str(tmp_path / "o1.npy"), "--out", str(tmp_path / "m.npy"))
+    assert foreign.returncode == 1 and "different sharding" in foreign.stderr
+    _encode(png_folder, export_dir, tmp_path / "full.npy")
+    whole = run_cli("merge", str(tmp_path / "full.npy"), "--out", str(tmp_path / "m.npy"))
+    assert whole.returncode == 1 and "not a shard" in whole.stderr
+    assert not (tmp_path / "m.npy").exists()
+    bad = run_cli(
+        "encode", str(png_folder), "--model", str(export_dir), "--out", str(tmp_path / "x.npy"), "--shard", "2/2"
+    )
+    assert bad.returncode == 1 and "I/N" in bad.stderr
+
+
+def test_an_interrupted_encode_resumes_to_the_single_pass_result(export_dir: Path, tmp_path: Path) -> None:
+    folder = _png_folder(tmp_path / "many", 600)
+    out = tmp_path / "codes.npy"
+    progress = tmp_path / ".codes.npy.progress.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [
+        sys.executable,
+        "-m",
+        "vqtool",
+        "encode",
+        str(folder),
+        "--model",
+        str(export_dir),
+        "--out",
+        str(out),
+        "--batch-size",
+        "1",
+    ]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (progress.exists() and json.loads(progress.read_text() or "{}").get("done", 0) >= 20):
+        assert process.poll() is None and time.monotonic() < deadline, "encode ended before it could be interrupted"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1 and "--resume" in stderr, stderr
+    assert not out.exists() and progress.exists()
+    done = json.loads(progress.read_text())["done"]
+    assert 20 <= done < 600
+
+    resumed = run_cli("encode", str(folder), "--model", str(export_dir), "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"after {done} of 600" in resumed.stderr
+    assert not progress.exists() and not (tmp_path / ".codes.npy.partial").exists()
+    _encode(folder, export_dir, tmp_path / "single.npy")
+    assert np.array_equal(np.load(out), np.load(tmp_path / "single.npy"))
+
+
+def test_resume_refuses_a_different_file_list(png_folder: Path, export_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "codes.npy"
+    signature = {
+        "list_sha256": "0" * 64,
+        "manifest_sha256": "1" * 64,
+        "rows": 61,
+        "grid": [2, 2],
+        "dtype": "uint8",
+        "done": 8,
+    }
+    np.lib.format.open_memmap(tmp_path / ".codes.npy.partial", mode="w+", dtype=np.uint8, shape=(61, 2, 2)).flush()
+    (tmp_path / ".codes.npy.progress.json").write_text(json.dumps(signature))
+    result = run_cli("encode", str(png_folder), "--model", str(export_dir), "--out", str(out), "--resume")
+    assert result.returncode == 1 and "other files or used another model" in result.stderr
+    fresh = run_cli("encode", str(png_folder), "--model", str(export_dir), "--out", str(out))
+    assert fresh.returncode == 0 and "starting over" in fresh.stderr and out.exists()
+
+
+def test_bench_reports_every_backend_against_the_eager_baseline(
+    export_dir: Path, png_folder: Path, tmp_path: Path
+) -> None:
+    result = run_cli(
+        "bench",
+        str(export_dir),
+        "--batch",
+        "1",
+        "--batch",
+        "32",
+        "--seconds",
+        "0.05",
+        "--images",
+        str(png_folder),
+        "--out",
+        str(tmp_path / "bench.json"),
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "bench.json").read_text())
+    rows = {(r["stage"], r["backend"], r["precision"], r["batch"]): r for r in report["model_only"]}
+    for stage in ("encode", "decode"):
+        for batch in (1, 32):
+            assert rows[(stage, "torch", "fp32", batch)]["vs_baseline"] == 1.0
+            onnx_row = rows[(stage, "onnxruntime", "fp32", batch)]
+            assert onnx_row["vs_baseline"] > 0 and onnx_row["p99_ms"] >= onnx_row["p50_ms"] > 0
+    folder = report["folder_encode"]
+    assert folder["images"] == 61 and folder["vs_naive"] > 0 and folder["vs_slower_stage"] > 0
+    assert "× eager" in result.stdout and "naive script" in result.stdout
