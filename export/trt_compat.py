@@ -40,6 +40,8 @@ TRT_OPS: dict[str, set[str]] = {
     "Shape": _F | _I | {"BOOL"},
     "Slice": _F | _I | {"BOOL"},
     "Constant": _F | _I | {"BOOL"},
+    "Pad": _F | _I,
+    "DepthToSpace": _F | _I,
 }
 
 
