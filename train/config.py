@@ -55,6 +55,12 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     steps_per_epoch: int | None = None
+    # Codebook health, all off by default so the default run is the article's model.
+    ema: bool = False
+    ema_decay: float = 0.99
+    ema_epsilon: float = 1e-5
+    kmeans_init: bool = False
+    restart_dead: int | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -67,6 +73,12 @@ class TrainConfig:
             raise ValueError(f"learning rate must be positive, got {self.lr}")
         if self.beta < 0:
             raise ValueError(f"beta must be non-negative, got {self.beta}")
+        if not 0 < self.ema_decay < 1:
+            raise ValueError(f"EMA decay must be between 0 and 1, got {self.ema_decay}")
+        if self.restart_dead is not None and self.restart_dead < 1:
+            raise ValueError(f"--restart-dead takes a number of steps >= 1, got {self.restart_dead}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ValueError(f"steps per epoch must be at least 1, got {self.steps_per_epoch}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
 

@@ -1,9 +1,15 @@
-"""The training loop: seeded batches, epoch-end validation, atomic checkpoints, clean interrupts."""
+"""The training loop: seeded batches, epoch-end validation, atomic checkpoints, clean interrupts.
+
+Under torchrun (WORLD_SIZE > 1) it trains data-parallel: each process takes a contiguous slice of
+the same global batch, gradients and codebook statistics are summed across processes, and only
+rank 0 validates and writes files. With equal slices this matches one process on the global batch.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -13,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from train.atomic import atomic_path
 from train.checkpoint import load_checkpoint, save_checkpoint
+from train.codebook import CodebookHealth
 from train.config import ModelConfig, TrainConfig
 from train.data import TrainingSet
 from train.figures import save_loss_curves, save_reconstruction_grid
@@ -29,6 +37,7 @@ FIGURES_DIR = "figures"
 SNAPSHOT_STEPS = (1, 10, 50, 100)
 GRID_IMAGES = 16
 TRACE_EVERY = 10
+KMEANS_BATCHES = 8
 
 
 class TrainingStopped(RuntimeError):
@@ -37,7 +46,7 @@ class TrainingStopped(RuntimeError):
 
 @dataclass(frozen=True)
 class RunResult:
-    """Where a finished run left its files, and its last validation figures."""
+    """Where a finished run left its files, and its last validation figures (rank 0 only)."""
 
     run_dir: Path
     checkpoint: Path
@@ -47,6 +56,21 @@ class RunResult:
     steps: int
     seconds: float
     interrupted: bool
+    is_main: bool = True
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
 
 
 def resolve_device(name: str) -> torch.device:
@@ -55,6 +79,20 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise TrainingStopped("--device cuda was asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
     return torch.device(name)
+
+
+def _start_distributed(device_name: str) -> tuple[Distributed, torch.device]:
+    """One process (the usual case), or the process group torchrun describes in the environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if world <= 1:
+        return Distributed(), device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return Distributed(dist.get_rank(), dist.get_world_size()), device
 
 
 @contextmanager
@@ -84,22 +122,43 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 class _Run:
-    """State of one run between steps; owns the files in the run directory."""
+    """State of one run between steps; rank 0 owns the files in the run directory."""
 
-    def __init__(self, model: VQVAE, config: TrainConfig, data: TrainingSet, run_dir: Path, source: str | None):
+    def __init__(
+        self,
+        model: VQVAE,
+        config: TrainConfig,
+        data: TrainingSet,
+        run_dir: Path,
+        source: str | None,
+        world: Distributed,
+    ) -> None:
         self.model, self.config, self.data, self.run_dir, self.source = model, config, data, run_dir, source
+        self.world = world
         self.device = next(model.parameters()).device
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+        self.health = CodebookHealth(model.quantizer, config)
+        self.optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr)
         self.step = 0
         self.records: list[dict[str, Any]] = []
         self.trace: list[dict[str, float]] = []
         self.val = torch.from_numpy(data.val).to(self.device)
         self.sums = {"recon": 0.0, "codebook": 0.0, "commit": 0.0, "count": 0}
         self.started = time.perf_counter()
+        self.trainer: torch.nn.Module = model
+        if config.batch_size % world.world:
+            raise TrainingStopped(f"--batch-size {config.batch_size} must divide evenly over {world.world} processes")
 
     @property
     def checkpoint_path(self) -> Path:
         return self.run_dir / CHECKPOINT_NAME
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.config.steps_per_epoch or self.data.steps_per_epoch(self.config.batch_size)
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.steps_per_epoch
 
     def restore(self) -> None:
         saved = load_checkpoint(self.checkpoint_path, map_location=self.device)
@@ -109,8 +168,11 @@ class _Run:
         self.step = saved.step
         self.records = list(saved.extra.get("records", []))
         self.trace = list(saved.extra.get("trace", []))
+        if "codebook" in saved.extra:
+            self.health.load_state_dict(saved.extra["codebook"])
 
     def save(self) -> None:
+        extra = {"records": self.records, "trace": self.trace, "codebook": self.health.state_dict()}
         save_checkpoint(
             self.checkpoint_path,
             self.model,
@@ -119,54 +181,71 @@ class _Run:
             epoch=self.epoch,
             data=self.source,
             optimizer=self.optimizer,
-            extra={"records": self.records, "trace": self.trace},
+            extra=extra,
         )
 
-    @property
-    def epoch(self) -> int:
-        return self.step // self.data.steps_per_epoch(self.config.batch_size)
+    def local_slice(self, batch: torch.Tensor) -> torch.Tensor:
+        share = len(batch) // self.world.world
+        return batch[self.world.rank * share : (self.world.rank + 1) * share]
 
-    def train_step(self) -> dict[str, float]:
+    @torch.no_grad()
+    def kmeans_init(self) -> None:
+        """Codebook from k-means on the encoder's outputs for the first batches (identical on every rank)."""
+        latents = []
+        for step in range(KMEANS_BATCHES):
+            batch = self.data.batch(step, self.config.batch_size, self.config.seed)
+            z = self.model.encode_latents(images_to_input(torch.from_numpy(batch).to(self.device)))
+            latents.append(z.reshape(-1, z.shape[-1]))
+        self.health.initialise(torch.cat(latents))
+
+    def train_step(self, stop_requested: bool) -> tuple[dict[str, float], bool]:
+        """One optimisation step; returns its losses and whether any process asked to stop."""
         batch = self.data.batch(self.step, self.config.batch_size, self.config.seed)
-        x = images_to_input(torch.from_numpy(batch).to(self.device))
-        result = self.model(x)
-        loss = result.recon_loss + result.codebook_loss + self.config.beta * result.commit_loss
+        x = images_to_input(self.local_slice(torch.from_numpy(batch)).to(self.device))
+        result = self.trainer(x)
+        codebook_term = 0.0 if self.config.ema else result.codebook_loss
+        loss = result.recon_loss + codebook_term + self.config.beta * result.commit_loss
         losses = {
             "recon": result.recon_loss.item(),
             "codebook": result.codebook_loss.item(),
             "commit": result.commit_loss.item(),
         }
-        if not all(math.isfinite(v) for v in losses.values()):
+        flags = torch.tensor([float(stop_requested), float(not all(map(math.isfinite, losses.values())))])
+        if self.world.active:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[1] > 0:
             kept = (
                 f"the last good checkpoint (step {self.step}) is kept"
                 if self.checkpoint_path.exists()
-                else ("no checkpoint had been written yet")
+                else "no checkpoint had been written yet"
             )
+            details = "/".join(f"{k}={v}" for k, v in losses.items())
             raise TrainingStopped(
-                f"loss became {'/'.join(f'{k}={v}' for k, v in losses.items())} at step {self.step + 1}; "
-                f"{kept} in {self.run_dir}; try a lower --lr"
+                f"loss became {details} at step {self.step + 1}; {kept} in {self.run_dir}; try a lower --lr"
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        self.health.after_step(result.latents, result.codes, self.step)
         self.step += 1
         for key, value in losses.items():
             self.sums[key] += value
         self.sums["count"] += 1
         if self.step % TRACE_EVERY == 0:
             self.trace.append({"step": float(self.step), **losses})
-        return losses
+        return losses, bool(flags[0] > 0)
 
     def end_epoch(self) -> dict[str, Any]:
-        """Validate, log, checkpoint and draw; called at each epoch's end and at the run's end."""
+        """Validate, log, checkpoint and draw; called at each epoch's end and at the run's end (rank 0)."""
         count = max(1, int(self.sums["count"]))
         record: dict[str, Any] = {
             "step": self.step,
-            "epoch": self.step / self.data.steps_per_epoch(self.config.batch_size),
+            "epoch": self.step / self.steps_per_epoch,
             "train_mse": self.sums["recon"] / count,
             "codebook_loss": self.sums["codebook"] / count,
             "commit_loss": self.sums["commit"] / count,
             **evaluate(self.model, self.val),
+            "restarts": self.health.restarts,
             "elapsed_s": round(time.perf_counter() - self.started, 2),
         }
         self.sums = {"recon": 0.0, "codebook": 0.0, "commit": 0.0, "count": 0}
@@ -197,19 +276,27 @@ def fit(
     data_source: str | None,
     resume: bool = False,
     show_progress: bool = True,
+    log_epochs: bool = True,
 ) -> RunResult:
     """Train (or continue training) a VQ-VAE in `run_dir`; returns where its outputs are."""
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    device = resolve_device(config.device)
+    world, device = _start_distributed(config.device)
     torch.manual_seed(config.seed)
     model = VQVAE(model_config).to(device).train()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    run = _Run(model, config, data, run_dir, data_source)
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    run = _Run(model, config, data, run_dir, data_source, world)
     if resume:
         run.restore()
-    steps_per_epoch = data.steps_per_epoch(config.batch_size)
-    total = config.steps if config.steps is not None else config.epochs * steps_per_epoch
+    if not run.health.initialised:
+        run.kmeans_init()
+    if world.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        run.trainer = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    total = config.steps if config.steps is not None else config.epochs * run.steps_per_epoch
     columns = (
         TextColumn("[bold]train[/]"),
         BarColumn(),
@@ -219,24 +306,35 @@ def fit(
     )
     interrupted = False
     smooth: dict[str, float] = {}
-    with _deferred_interrupt() as stop, Progress(*columns, disable=not show_progress, transient=False) as bar:
-        task = bar.add_task("train", total=total, completed=run.step, losses="")
-        while run.step < total:
-            losses = run.train_step()
-            smooth = {k: v if k not in smooth else 0.9 * smooth[k] + 0.1 * v for k, v in losses.items()}
-            bar.update(task, advance=1, losses="  ".join(f"{k} {v:.4f}" for k, v in smooth.items()))
-            if run.step in SNAPSHOT_STEPS:
-                run.snapshot()
-            if run.step % steps_per_epoch == 0 and run.step < total:
-                record = run.end_epoch()
-                bar.console.log(
-                    f"epoch {run.epoch}: val_mse {record['val_mse']:.4f}  val_psnr {record['val_psnr']:.2f} dB"
-                    f"  usage {record['usage']:.1%}  perplexity {record['perplexity']:.1f}"
-                )
-            if stop["stop"]:
-                interrupted = True
-                break
-    final = run.end_epoch() if (run.records == [] or run.records[-1]["step"] != run.step) else run.records[-1]
+    bar = Progress(*columns, console=Console(stderr=True), disable=not (show_progress and world.main), transient=False)
+    try:
+        with _deferred_interrupt() as stop, bar:
+            task = bar.add_task("train", total=total, completed=run.step, losses="")
+            while run.step < total:
+                losses, stopping = run.train_step(stop["stop"])
+                smooth = {k: v if k not in smooth else 0.9 * smooth[k] + 0.1 * v for k, v in losses.items()}
+                bar.update(task, advance=1, losses="  ".join(f"{k} {v:.4f}" for k, v in smooth.items()))
+                if world.main and run.step in SNAPSHOT_STEPS:
+                    run.snapshot()
+                if world.main and run.step % run.steps_per_epoch == 0 and run.step < total:
+                    record = run.end_epoch()
+                    if log_epochs:
+                        bar.console.log(
+                            f"epoch {run.epoch}: val_mse {record['val_mse']:.4f}  val_psnr {record['val_psnr']:.2f} dB"
+                            f"  usage {record['usage']:.1%}  perplexity {record['perplexity']:.1f}"
+                        )
+                if stopping:
+                    interrupted = True
+                    break
+        final: dict[str, Any] = {}
+        if world.main:
+            done = run.records and run.records[-1]["step"] == run.step
+            final = run.records[-1] if done else run.end_epoch()
+        if world.active:
+            dist.barrier()  # rank 0 may still be writing; leaving the group early aborts the others
+    finally:
+        if world.active and dist.is_initialized():
+            dist.destroy_process_group()
     return RunResult(
         run_dir=run_dir,
         checkpoint=run.checkpoint_path,
@@ -246,4 +344,5 @@ def fit(
         steps=run.step,
         seconds=time.perf_counter() - run.started,
         interrupted=interrupted,
+        is_main=world.main,
     )

@@ -61,6 +61,7 @@ class ForwardResult:
 
     reconstruction: torch.Tensor
     codes: torch.Tensor
+    latents: torch.Tensor  # the encoder's output z_e, channels-last, detached
     recon_loss: torch.Tensor
     codebook_loss: torch.Tensor
     commit_loss: torch.Tensor
@@ -121,4 +122,4 @@ class VQVAE(nn.Module):
         z_q = z_e + (e - z_e).detach()
         reconstruction = self.decode_latents(z_q)
         recon_loss = F.mse_loss(reconstruction, x)
-        return ForwardResult(reconstruction, codes, recon_loss, codebook_loss, commit_loss)
+        return ForwardResult(reconstruction, codes, z_e.detach(), recon_loss, codebook_loss, commit_loss)

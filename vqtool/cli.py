@@ -65,46 +65,91 @@ def next_run_dir(root: Path) -> Path:
     return root / f"run-{number:03d}"
 
 
+DataOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="Folder of images (recursive), .npy/.npz uint8 N x H x W x 3, or a cifar-10-batches-py "
+        "folder. Default: the embedded photographs."
+    ),
+]
+EpochsOption = Annotated[int | None, typer.Option(help="Epochs to train (default 10; ignored with --steps).")]
+StepsOption = Annotated[int | None, typer.Option(help="Total optimisation steps (overrides --epochs).")]
+StepsPerEpochOption = Annotated[
+    int | None, typer.Option(help="Steps per epoch (default: one pass over the data; 128 on the default data).")
+]
+BatchOption = Annotated[int, typer.Option(help="Images per step (the global batch under torchrun).")]
+EmaOption = Annotated[bool, typer.Option("--ema", help="Update the codebook by exponential moving averages.")]
+KmeansOption = Annotated[
+    bool,
+    typer.Option("--kmeans-init", help="Initialise the codebook by k-means on the first batches' encoder outputs."),
+]
+RestartOption = Annotated[
+    int | None, typer.Option(help="Re-seed codes unused for this many steps from recent encoder outputs.")
+]
+
+
+def _load_training_set(source: Path | None, image_size: int) -> Any:
+    from vqtool.imagesets import load_training_set
+
+    if source is not None and not source.exists():
+        raise VqtoolError("no such file or folder", source)
+    try:
+        return load_training_set(source, image_size)
+    except RuntimeError as exc:  # the default data's missing scikit-image
+        raise VqtoolError(str(exc)) from None
+
+
 @app.command()
 @user_errors
 def train(
-    data: Annotated[
-        Path | None,
-        typer.Option(
-            help="Folder of images (recursive), .npy/.npz uint8 N x H x W x 3, "
-            "or a cifar-10-batches-py folder. Default: embedded photographs."
-        ),
-    ] = None,
+    data: DataOption = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (default: a new runs/run-NNN).")] = None,
     codes: Annotated[int, typer.Option(help="Codebook size K.")] = 256,
     dim: Annotated[int, typer.Option(help="Code dimension D.")] = 256,
     image_size: Annotated[int, typer.Option(help="Training image side, a multiple of 16.")] = 32,
-    epochs: Annotated[int, typer.Option(help="Epochs to train (ignored when --steps is given).")] = 10,
-    steps: Annotated[int | None, typer.Option(help="Total optimisation steps (overrides --epochs).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 128,
+    epochs: EpochsOption = None,
+    steps: StepsOption = None,
+    batch_size: BatchOption = 128,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
     beta: Annotated[float, typer.Option(help="Commitment loss weight β.")] = 0.25,
     seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory from its checkpoint.")] = None,
+    ema: EmaOption = False,
+    kmeans_init: KmeansOption = False,
+    restart_dead: RestartOption = None,
+    steps_per_epoch: StepsPerEpochOption = None,
 ) -> None:
     """Train the VQ-VAE; writes checkpoint.pt, metrics.jsonl and figures/ to the run directory."""
     _require_torch("train")
     from train.checkpoint import CheckpointError, load_checkpoint
     from train.config import ModelConfig, TrainConfig
     from train.loop import CHECKPOINT_NAME, TrainingStopped, fit
-    from vqtool.imagesets import load_training_set
 
     try:
         if resume is not None:
             saved = load_checkpoint(resume / CHECKPOINT_NAME)
             model_config, run_dir = saved.model_config, resume
-            config = TrainConfig.from_dict({**saved.train_config.to_dict(), "epochs": epochs, "steps": steps})
+            # The run's own plan stands unless --epochs/--steps say otherwise.
+            changes = {k: v for k, v in (("epochs", epochs), ("steps", steps)) if v is not None}
+            if "epochs" in changes and "steps" not in changes:
+                changes["steps"] = None
+            config = TrainConfig.from_dict({**saved.train_config.to_dict(), **changes})
             source = Path(saved.data) if saved.data else None
         else:
             model_config = ModelConfig(codes=codes, dim=dim, image_size=image_size)
             config = TrainConfig(
-                epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, beta=beta, seed=seed, device=device
+                epochs=epochs or TrainConfig.epochs,
+                steps=steps,
+                batch_size=batch_size,
+                lr=lr,
+                beta=beta,
+                seed=seed,
+                device=device,
+                ema=ema,
+                kmeans_init=kmeans_init,
+                restart_dead=restart_dead,
+                steps_per_epoch=steps_per_epoch,
             )
             run_dir, source = out_dir or next_run_dir(Path("runs")), data
             if (run_dir / CHECKPOINT_NAME).exists():
@@ -113,12 +158,7 @@ def train(
                 )
     except (ValueError, CheckpointError) as exc:
         raise VqtoolError(str(exc)) from None
-    if source is not None and not source.exists():
-        raise VqtoolError("no such file or folder", source)
-    try:
-        training_set = load_training_set(source, model_config.image_size)
-    except RuntimeError as exc:  # the default data's missing scikit-image
-        raise VqtoolError(str(exc)) from None
+    training_set = _load_training_set(source, model_config.image_size)
     _say(f"data: {source or 'embedded default photographs'} — {len(training_set.val)} held-out validation images")
     try:
         result = fit(
@@ -132,6 +172,8 @@ def train(
         )
     except (TrainingStopped, CheckpointError) as exc:
         raise VqtoolError(str(exc)) from None
+    if not result.is_main:  # other torchrun processes: rank 0 reports
+        return
     final = result.final
     minutes, seconds = divmod(int(result.seconds), 60)
     if result.interrupted:
@@ -146,6 +188,8 @@ def train(
         highlight=False,
         markup=False,
     )
+    if result.interrupted:
+        raise typer.Exit(130)  # the shell's code for Ctrl-C, after a clean save
 
 
 def _show_verification(verification: dict[str, Any]) -> None:
@@ -158,6 +202,82 @@ def _show_verification(verification: dict[str, Any]) -> None:
         _say("fp16-naive is shown for comparison only (all FP16, quantizer included); it is not exported")
     for reason in verification["skipped"]:
         _say(f"not checked: {reason}")
+
+
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise VqtoolError(f"{option} takes comma-separated integers, got {text!r}") from None
+    if not values:
+        raise VqtoolError(f"{option} needs at least one value")
+    return values
+
+
+@app.command()
+@user_errors
+def sweep(
+    codes: Annotated[str, typer.Option(help="Codebook sizes K, comma-separated.")] = "64,128,256,512",
+    dim: Annotated[str, typer.Option(help="Latent sizes D, comma-separated.")] = "64,128,256,512",
+    seeds: Annotated[int, typer.Option(help="Repeated runs (seeds 0..N-1) per pair.")] = 3,
+    data: DataOption = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Sweep folder: one run directory per (K, D, seed).")] = Path(
+        "runs/sweep"
+    ),
+    epochs: EpochsOption = None,
+    steps: StepsOption = None,
+    steps_per_epoch: StepsPerEpochOption = None,
+    batch_size: BatchOption = 128,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    ema: EmaOption = False,
+    kmeans_init: KmeansOption = False,
+    restart_dead: RestartOption = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write the summary as this markdown file, with its figures in a figures/ folder beside it."
+        ),
+    ] = None,
+) -> None:
+    """Train every (K, D) pair over several seeds; summary table, curves with 95% CIs, heatmap."""
+    _require_torch("sweep")
+    import shlex
+    import time
+
+    from train.config import ModelConfig, TrainConfig
+    from train.sweep import draw_figures, publish_report, report_markdown, run_sweep, summarise
+    from vqtool.atomic import write_bytes, write_json
+
+    code_sizes, dims = _int_list(codes, "--codes"), _int_list(dim, "--dim")
+    try:
+        base = TrainConfig(
+            epochs=epochs or TrainConfig.epochs,
+            steps=steps,
+            steps_per_epoch=steps_per_epoch,
+            batch_size=batch_size,
+            lr=lr,
+            device=device,
+            ema=ema,
+            kmeans_init=kmeans_init,
+            restart_dead=restart_dead,
+        )
+        model = ModelConfig(codes=code_sizes[0], dim=dims[0])
+    except ValueError as exc:
+        raise VqtoolError(str(exc)) from None
+    training_set = _load_training_set(data, model.image_size)
+    started = time.perf_counter()
+    runs = run_sweep(code_sizes, dims, seeds, base, model, training_set, str(data) if data else None, out_dir, log=_say)
+    rows = summarise(runs, base.beta)
+    figures = draw_figures(rows, out_dir / "figures")
+    command = "vqtool " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    text = report_markdown(rows, figures, out_dir, command, time.perf_counter() - started)
+    write_json(out_dir / "summary.json", {"command": command, "rows": rows})
+    write_bytes(out_dir / "summary.md", text.encode())
+    if report is not None:
+        publish_report(text, figures, report)
+    out.print(text.split("\n\nFindings")[0].split("\n", 2)[2], highlight=False, markup=False)
+    out.print(f"summary: {out_dir / 'summary.md'} (figures in {out_dir / 'figures'})", highlight=False, markup=False)
 
 
 @app.command("export")

@@ -1,0 +1,269 @@
+"""Training: codebook health, exact resume, interrupts, divergence, data-parallel runs, CIFAR, sweeps."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import REPO, run_cli
+from train.config import ModelConfig, TrainConfig
+from train.data import default_training_set
+from train.loop import fit
+
+SMALL = ModelConfig(codes=512, dim=64)
+# Short runs at K = 512; the printed model uses only a few percent of its codes here.
+HEALTH_STEPS = 120
+
+
+@pytest.fixture(scope="module")
+def photos():  # noqa: ANN201
+    return default_training_set(32)
+
+
+def _usage(photos, tmp_path: Path, name: str, **options: object) -> float:  # noqa: ANN001
+    config = TrainConfig(steps=HEALTH_STEPS, batch_size=64, device="cpu", steps_per_epoch=HEALTH_STEPS, **options)
+    result = fit(SMALL, config, photos, tmp_path / name, data_source=None, show_progress=False, log_epochs=False)
+    return float(result.final["usage"])
+
+
+@pytest.mark.slow
+def test_each_codebook_option_raises_usage_at_512_codes(photos, tmp_path: Path) -> None:  # noqa: ANN001
+    baseline = _usage(photos, tmp_path, "printed")
+    improved = {
+        "ema": _usage(photos, tmp_path, "ema", ema=True),
+        "kmeans_init": _usage(photos, tmp_path, "kmeans", kmeans_init=True),
+        "restart_dead": _usage(photos, tmp_path, "restart", restart_dead=20),
+    }
+    for option, usage in improved.items():
+        assert usage > 1.5 * baseline, (option, usage, baseline)
+
+
+def test_restarts_are_counted_in_the_metrics(photos, tmp_path: Path) -> None:  # noqa: ANN001
+    config = TrainConfig(steps=12, batch_size=32, device="cpu", steps_per_epoch=6, restart_dead=3)
+    result = fit(
+        ModelConfig(codes=64, dim=16),
+        config,
+        photos,
+        tmp_path / "r",
+        data_source=None,
+        show_progress=False,
+        log_epochs=False,
+    )
+    records = [json.loads(line) for line in result.metrics.read_text().splitlines()]
+    assert records[-1]["restarts"] > 0 and records[-1]["restarts"] >= records[0]["restarts"]
+
+
+@pytest.mark.parametrize("options", [{}, {"ema": True, "kmeans_init": True, "restart_dead": 2}])
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(photos, tmp_path: Path, options) -> None:  # noqa: ANN001
+    model = ModelConfig(codes=32, dim=16)
+    config = TrainConfig(steps=10, batch_size=16, device="cpu", steps_per_epoch=3, seed=4, **options)
+    whole = fit(model, config, photos, tmp_path / "whole", data_source=None, show_progress=False, log_epochs=False)
+    fit(
+        model,
+        replace(config, steps=5),
+        photos,
+        tmp_path / "part",
+        data_source=None,
+        show_progress=False,
+        log_epochs=False,
+    )
+    resumed = fit(
+        model, config, photos, tmp_path / "part", data_source=None, resume=True, show_progress=False, log_epochs=False
+    )
+    assert resumed.steps == whole.steps == 10
+    a = torch.load(whole.checkpoint, weights_only=True)
+    b = torch.load(resumed.checkpoint, weights_only=True)
+    for key in a["model"]:
+        assert torch.allclose(a["model"][key], b["model"][key], atol=1e-6), key
+
+
+def _tiny_array(tmp_path: Path) -> Path:
+    np.save(tmp_path / "data.npy", np.random.default_rng(0).integers(0, 256, (200, 32, 32, 3), dtype=np.uint8))
+    return tmp_path / "data.npy"
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(tmp_path: Path) -> None:
+    data = _tiny_array(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [
+        sys.executable,
+        "-m",
+        "vqtool",
+        "train",
+        "--data",
+        str(data),
+        "--steps",
+        "100000",
+        "--batch-size",
+        "8",
+        "--codes",
+        "16",
+        "--dim",
+        "8",
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first_grid = tmp_path / "run" / "figures" / "recon_step0000010.png"
+    deadline = time.monotonic() + 120
+    while not first_grid.exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read() if process.stderr else ""
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "--resume" in stderr
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert 10 <= saved["step"] < 100000
+    resumed = run_cli("train", "--resume", str(tmp_path / "run"), "--steps", str(saved["step"] + 5))
+    assert resumed.returncode == 0, resumed.stderr
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == saved["step"] + 5
+
+
+def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    data = _tiny_array(tmp_path)
+    result = run_cli(
+        "train",
+        "--data",
+        str(data),
+        "--steps",
+        "50",
+        "--batch-size",
+        "8",
+        "--codes",
+        "16",
+        "--dim",
+        "8",
+        "--lr",
+        "1e30",
+        "--steps-per-epoch",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+    )
+    assert result.returncode == 1
+    assert "loss became" in result.stderr and "last good checkpoint" in result.stderr
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert saved["step"] >= 1
+
+
+def test_two_processes_match_one_on_the_same_global_batch(tmp_path: Path) -> None:
+    """torchrun with gloo on CPU; codebook statistics (EMA, restarts) are all-reduced across processes."""
+    data = _tiny_array(tmp_path)
+    common = [
+        "--data",
+        str(data),
+        "--steps",
+        "6",
+        "--batch-size",
+        "16",
+        "--codes",
+        "32",
+        "--dim",
+        "16",
+        "--ema",
+        "--restart-dead",
+        "2",
+        "--device",
+        "cpu",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29571"]
+    two = subprocess.run(
+        [*torchrun, "-m", "vqtool", "train", *common, "--out", str(tmp_path / "two")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = run_cli("train", *common, "--out", str(tmp_path / "one"), env={"OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr
+    a = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
+    for key in a["model"]:
+        assert torch.allclose(a["model"][key], b["model"][key], atol=1e-5), key
+    assert a["extra"]["codebook"]["restarts"] == b["extra"]["codebook"]["restarts"] > 0
+
+
+def test_cifar_batches_folder_trains_with_its_test_batch_as_validation(tmp_path: Path) -> None:
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, count in [*((f"data_batch_{i}", 20) for i in range(1, 6)), ("test_batch", 12)]:
+        batch = {b"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8), b"labels": [0] * count}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    from vqtool.imagesets import load_training_set
+
+    data = load_training_set(folder, 32)
+    assert len(data.train) == 100 and data.val.shape == (12, 32, 32, 3)
+    result = run_cli(
+        "train",
+        "--data",
+        str(folder),
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--codes",
+        "16",
+        "--dim",
+        "8",
+        "--out",
+        str(tmp_path / "run"),
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_cifar_pickle_that_runs_code_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": os.system}))
+    result = run_cli("train", "--data", str(folder), "--steps", "1")
+    assert result.returncode == 1 and "data_batch_1" in result.stderr and "refusing" in result.stderr
+
+
+def test_sweep_summarises_with_confidence_intervals_and_skips_finished_runs(tmp_path: Path) -> None:
+    args = [
+        "sweep",
+        "--codes",
+        "16,32",
+        "--dim",
+        "8",
+        "--seeds",
+        "2",
+        "--steps",
+        "6",
+        "--steps-per-epoch",
+        "2",
+        "--batch-size",
+        "8",
+        "--data",
+        str(_tiny_array(tmp_path)),
+        "--out",
+        str(tmp_path / "sweep"),
+        "--report",
+        str(tmp_path / "docs" / "results.md"),
+    ]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    rows = json.loads((tmp_path / "sweep" / "summary.json").read_text())["rows"]
+    assert {(r["codes"], r["dim"]) for r in rows} == {(16, 8), (32, 8)}
+    assert all(r["seeds"] == 2 and r["val_mse_ci95"] >= 0 and len(r["recon_curve"]) == 3 for r in rows)
+    for figure in ("curves_K16.png", "curves_K32.png", "curves_grid.png", "heatmap_val_mse.png"):
+        assert (tmp_path / "sweep" / "figures" / figure).stat().st_size > 0
+        assert (tmp_path / "docs" / "figures" / figure).exists()
+    assert "Lowest validation MSE" in (tmp_path / "docs" / "results.md").read_text()
+    again = run_cli(*args)
+    assert again.returncode == 0 and again.stderr.count("finished earlier, skipped") == 4
