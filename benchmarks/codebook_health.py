@@ -35,8 +35,19 @@ def main() -> None:
         run = args.work / f"variant{index}"
         if not (run / "metrics.jsonl").exists():
             started = time.perf_counter()
-            command = [sys.executable, "-m", "vqtool", "train", "--codes", "512", "--steps", str(args.steps), "--out",
-                       str(run), *flags]
+            command = [
+                sys.executable,
+                "-m",
+                "vqtool",
+                "train",
+                "--codes",
+                "512",
+                "--steps",
+                str(args.steps),
+                "--out",
+                str(run),
+                *flags,
+            ]
             subprocess.run(command, cwd=REPO, check=True, capture_output=True)
             print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
         final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
@@ -45,8 +56,10 @@ def main() -> None:
     print("| variant | codes used | usage | perplexity | val PSNR (dB) | val MSE | restarts |")
     print("|---|---|---|---|---|---|---|")
     for name, final in rows:
-        print(f"| {name} | {int(final['codes_used'])} | {final['usage']:.1%} | {final['perplexity']:.1f} | "
-              f"{final['val_psnr']:.2f} | {final['val_mse']:.4f} | {final['restarts']} |")
+        print(
+            f"| {name} | {int(final['codes_used'])} | {final['usage']:.1%} | {final['perplexity']:.1f} | "
+            f"{final['val_psnr']:.2f} | {final['val_mse']:.4f} | {final['restarts']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def test_an_interrupted_encode_resumes_to_the_single_pass_result(export_dir: Pat
     assert process.poll() is None, "encode ended before it could be interrupted"
     process.send_signal(signal.SIGTERM)  # what a scheduler sends when it preempts a job
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 1 and "--resume" in stderr, stderr
+    assert process.returncode == 130 and "--resume" in stderr, stderr
     assert not out.exists() and partial.exists()
     done = json.loads(progress.read_text())["done"]
     assert 0 < done < total and f"interrupted after {done} of {total}" in stderr

@@ -44,7 +44,7 @@ def user_errors(command: F) -> F:
             return command(*args, **kwargs)
         except VqtoolError as exc:
             err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            raise typer.Exit(exc.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -79,6 +79,7 @@ StepsPerEpochOption = Annotated[
 ]
 BatchOption = Annotated[int, typer.Option(help="Images per step (the global batch under torchrun).")]
 EmaOption = Annotated[bool, typer.Option("--ema", help="Update the codebook by exponential moving averages.")]
+EmaDecayOption = Annotated[float, typer.Option(help="Decay of the --ema averages.")]
 KmeansOption = Annotated[
     bool,
     typer.Option("--kmeans-init", help="Initialise the codebook by k-means on the first batches' encoder outputs."),
@@ -116,6 +117,7 @@ def train(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory from its checkpoint.")] = None,
     ema: EmaOption = False,
+    ema_decay: EmaDecayOption = 0.99,
     kmeans_init: KmeansOption = False,
     restart_dead: RestartOption = None,
     steps_per_epoch: StepsPerEpochOption = None,
@@ -147,6 +149,7 @@ def train(
                 seed=seed,
                 device=device,
                 ema=ema,
+                ema_decay=ema_decay,
                 kmeans_init=kmeans_init,
                 restart_dead=restart_dead,
                 steps_per_epoch=steps_per_epoch,
@@ -243,7 +246,6 @@ def sweep(
     """Train every (K, D) pair over several seeds; summary table, curves with 95% CIs, heatmap."""
     _require_torch("sweep")
     import shlex
-    import time
 
     from train.config import ModelConfig, TrainConfig
     from train.sweep import draw_figures, publish_report, report_markdown, run_sweep, summarise
@@ -266,17 +268,19 @@ def sweep(
     except ValueError as exc:
         raise VqtoolError(str(exc)) from None
     training_set = _load_training_set(data, model.image_size)
-    started = time.perf_counter()
     runs = run_sweep(code_sizes, dims, seeds, base, model, training_set, str(data) if data else None, out_dir, log=_say)
     rows = summarise(runs, base.beta)
     figures = draw_figures(rows, out_dir / "figures")
     command = "vqtool " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    text = report_markdown(rows, figures, out_dir, command, time.perf_counter() - started)
+    # The runs' own training time, so a re-run that only re-summarises still reports what training cost.
+    training_seconds = sum(float(run.final.get("elapsed_s", 0.0)) for run in runs)
+    text = report_markdown(rows, figures, out_dir, command, training_seconds)
     write_json(out_dir / "summary.json", {"command": command, "rows": rows})
     write_bytes(out_dir / "summary.md", text.encode())
     if report is not None:
         publish_report(text, figures, report)
-    out.print(text.split("\n\nFindings")[0].split("\n", 2)[2], highlight=False, markup=False)
+    table = text.split("\n\nFindings")[0].split("| K |", 1)[1]
+    out.print("| K |" + table, highlight=False, markup=False)
     out.print(f"summary: {out_dir / 'summary.md'} (figures in {out_dir / 'figures'})", highlight=False, markup=False)
 
 

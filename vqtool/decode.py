@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from vqtool.errors import VqtoolError
 from vqtool.images import write_png
 from vqtool.manifest import Manifest
 from vqtool.runtime import Runner
+
+WRITE_AHEAD = 2
 
 
 @dataclass(frozen=True)
@@ -56,10 +59,15 @@ def decode_file(
     names = output_names(len(codes), sidecar.files if sidecar else None)
     out_dir.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 2) + 2)) as pool:
-        pending = []
+        # At most WRITE_AHEAD batches of PNGs in flight: memory stays flat however many grids there are.
+        pending: deque[list[Future[None]]] = deque()
         for start in range(0, len(codes), batch_size):
             images = decoder(np.ascontiguousarray(codes[start : start + batch_size], dtype=np.int32))
-            pending += [pool.submit(write_png, out_dir / names[start + i], image) for i, image in enumerate(images)]
-        for future in pending:
-            future.result()
+            pending.append([pool.submit(write_png, out_dir / names[start + i], im) for i, im in enumerate(images)])
+            while len(pending) > WRITE_AHEAD:
+                for future in pending.popleft():
+                    future.result()
+        for batch in pending:
+            for future in batch:
+                future.result()
     return DecodeResult(out_dir, len(codes), decoder.describe(), time.perf_counter() - started)

@@ -49,6 +49,8 @@ class EncodeResult:
 class EncodeInterrupted(VqtoolError):
     """Stopped part way; the finished rows are kept for --resume."""
 
+    exit_code = 130  # the shell's code for an interrupt, as train uses
+
 
 def progress_path(out: Path) -> Path:
     return out.with_name(f".{out.name}.progress.json")

@@ -8,6 +8,8 @@ from pathlib import Path
 class VqtoolError(Exception):
     """A problem with the user's input or environment, stated in one line."""
 
+    exit_code = 1
+
     def __init__(self, message: str, path: Path | str | None = None) -> None:
         self.path = None if path is None else Path(path)
         super().__init__(f"{path}: {message}" if path is not None else message)

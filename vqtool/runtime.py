@@ -73,7 +73,11 @@ class OnnxRuntimeRunner:
         # with spinning off), so pipelines turn it off and only model-only benchmarks keep it.
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         self.requested = requested_providers(device, ort.get_available_providers())
-        providers: list[str | tuple[str, dict[str, str]]] = list(self.requested)
+        # TF32 rounds FP32 convolution inputs to 10 mantissa bits on Ampere and later: FP32 codes would
+        # stop matching PyTorch's, so FP32 graphs run with it off (as TensorRT builds do).
+        providers: list[str | tuple[str, dict[str, str]]] = [
+            (p, {"use_tf32": "0"}) if p in CUDA_PROVIDERS else p for p in self.requested
+        ]
         if device == "tensorrt" and trt_cache is not None:
             # Engines built by the TensorRT EP take minutes; cache them beside the export.
             cache = {
