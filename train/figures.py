@@ -50,6 +50,8 @@ def save_loss_curves(path: Path, trace: Sequence[dict[str, float]], epochs: Sequ
     vq_axis.plot(steps, [t["commit"] for t in trace], label="commitment loss", lw=1)
     vq_axis.set_yscale("log")
     vq_axis.set_xlabel("step")
+    # Both terms are |z_e - e|^2; they differ only in which side receives the gradient.
+    vq_axis.set_title("codebook = commitment loss in value", fontsize=9)
     vq_axis.legend()
     figure.tight_layout()
     _save_png_atomically(path, lambda temp: figure.savefig(temp, dpi=110, format="png"))

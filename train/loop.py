@@ -306,7 +306,12 @@ def fit(
     )
     interrupted = False
     smooth: dict[str, float] = {}
-    bar = Progress(*columns, console=Console(stderr=True), disable=not (show_progress and world.main), transient=False)
+    bar = Progress(
+        *columns,
+        console=Console(stderr=True, soft_wrap=True, log_path=False),
+        disable=not (show_progress and world.main),
+        transient=False,
+    )
     try:
         with _deferred_interrupt() as stop, bar:
             task = bar.add_task("train", total=total, completed=run.step, losses="")
