@@ -35,6 +35,11 @@ def _say(message: str) -> None:
     err.print(escape(message), highlight=False)
 
 
+def _result(message: str) -> None:
+    """A command's result on stdout, printed as is (paths may contain [brackets])."""
+    out.print(message, highlight=False, markup=False)
+
+
 def user_errors(command: F) -> F:
     """Print a VqtoolError as one line on stderr and exit 1, instead of a traceback."""
 
@@ -181,15 +186,13 @@ def train(
     minutes, seconds = divmod(int(result.seconds), 60)
     if result.interrupted:
         _say(f"interrupted: checkpoint saved at step {result.steps}; continue with: vqtool train --resume {run_dir}")
-    out.print(
+    _result(
         f"trained {result.steps} steps in {minutes}m{seconds:02d}s: val PSNR {final['val_psnr']:.2f} dB, "
         f"val MSE {final['val_mse']:.4f}, codebook usage {final['usage']:.1%} "
         f"({int(final['codes_used'])}/{model_config.codes} codes), perplexity {final['perplexity']:.1f}\n"
         f"checkpoint: {result.checkpoint}\nmetrics:    {result.metrics}\n"
         f"figures:    {result.figures}/ (loss.png, recon_step*.png)\n"
-        f"next:       vqtool export {result.checkpoint}",
-        highlight=False,
-        markup=False,
+        f"next:       vqtool export {result.checkpoint}"
     )
     if result.interrupted:
         raise typer.Exit(130)  # the shell's code for Ctrl-C, after a clean save
@@ -280,8 +283,8 @@ def sweep(
     if report is not None:
         publish_report(text, figures, report)
     table = text.split("\n\nFindings")[0].split("| K |", 1)[1]
-    out.print("| K |" + table, highlight=False, markup=False)
-    out.print(f"summary: {out_dir / 'summary.md'} (figures in {out_dir / 'figures'})", highlight=False, markup=False)
+    _result("| K |" + table)
+    _result(f"summary: {out_dir / 'summary.md'} (figures in {out_dir / 'figures'})")
 
 
 @app.command("export")
@@ -328,9 +331,7 @@ def export_command(
         raise
     _show_verification(result.verification.to_dict())
     files = sorted(p.name for p in target.iterdir() if p.suffix in (".onnx", ".engine"))
-    out.print(
-        f"exported {', '.join(files)}, manifest.json and {PARITY_NAME} to {target}", highlight=False, markup=False
-    )
+    _result(f"exported {', '.join(files)}, manifest.json and {PARITY_NAME} to {target}")
 
 
 @app.command()
@@ -381,11 +382,7 @@ def parity(
         raise VqtoolError("no backend could run here, so nothing was compared")
     if not verification.passed:
         raise VqtoolError(f"parity failed; details in {export_dir / PARITY_NAME}")
-    out.print(
-        f"parity passed for {len(verification.reports)} runtime(s); wrote {export_dir / PARITY_NAME}",
-        highlight=False,
-        markup=False,
-    )
+    _result(f"parity passed for {len(verification.reports)} runtime(s); wrote {export_dir / PARITY_NAME}")
 
 
 BackendOption = Annotated[str, typer.Option(help="auto, onnxruntime, onnxruntime-trt, tensorrt or torch.")]
@@ -444,11 +441,9 @@ def encode(
         resume=resume,
         log=_say,
     )
-    out.print(
+    _result(
         f"wrote {result.codes_path} ({result.count} x {result.grid[0]} x {result.grid[1]} codes) and "
-        f"{result.sidecar_path} in {result.seconds:.2f}s ({result.count / result.seconds:.0f} images/s)",
-        highlight=False,
-        markup=False,
+        f"{result.sidecar_path} in {result.seconds:.2f}s ({result.count / result.seconds:.0f} images/s)"
     )
 
 
@@ -462,9 +457,7 @@ def merge(
     from vqtool.shards import merge_shards
 
     merged = merge_shards(shards, out_path)
-    out.print(
-        f"merged {len(shards)} shards into {out_path} ({len(merged.files)} images)", highlight=False, markup=False
-    )
+    _result(f"merged {len(shards)} shards into {out_path} ({len(merged.files)} images)")
 
 
 @app.command()
@@ -487,9 +480,7 @@ def decode(
     opened = open_runner(model, manifest, "decoder", backend=backend, device=device, precision=precision)
     _say(f"decoding with {opened.describe()}")
     result = decode_file(codes, manifest, opened.runner, out_dir, batch_size=batch_size, log=_say)
-    out.print(
-        f"wrote {result.count} PNG files to {result.out_dir} in {result.seconds:.2f}s", highlight=False, markup=False
-    )
+    _result(f"wrote {result.count} PNG files to {result.out_dir} in {result.seconds:.2f}s")
 
 
 @app.command()
@@ -542,7 +533,7 @@ def bench(
         out.print(folder_table(report["folder_encode"]))
     target = out_path or export_dir / "bench.json"
     write_json(target, report)
-    out.print(f"wrote {target}", highlight=False, markup=False)
+    _result(f"wrote {target}")
 
 
 def main() -> None:
