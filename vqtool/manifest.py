@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,6 @@ class Manifest:
     pytorch_sha256: str = ""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
-    notes: dict[str, Any] = field(default_factory=dict)
 
     def graph_path(self, export_dir: Path, name: str) -> Path:
         if name not in self.graphs:
