@@ -25,7 +25,7 @@ from train.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_
 from train.config import ModelConfig
 from train.model import VQVAE
 from vqtool.atomic import usual_mode, write_json
-from vqtool.backends import PYTORCH_FILE
+from vqtool.backends import PYTORCH_FILE, graph_key
 from vqtool.errors import VqtoolError, missing_extra
 from vqtool.manifest import MANIFEST_NAME, GraphEntry, Manifest, code_dtype_for, sha256_file
 
@@ -49,12 +49,6 @@ class ParityFailed(VqtoolError):
     def __init__(self, message: str, verification: Verification) -> None:
         super().__init__(message)
         self.verification = verification
-
-
-def graph_names(precision: str) -> tuple[str, str]:
-    """Manifest keys (and file stems) of the encoder and decoder for a precision."""
-    suffix = "" if precision == "fp32" else f".{precision}"
-    return f"encoder{suffix}", f"decoder{suffix}"
 
 
 def load_for_export(path: Path) -> Checkpoint:
@@ -140,7 +134,7 @@ def write_graphs(model: VQVAE, checkpoint_sha: str, out_dir: Path, precision: st
         "vqtool.version": vqtool.__version__,
     }
     entries = {}
-    encoder_name, decoder_name = graph_names(precision)
+    encoder_name, decoder_name = graph_key("encoder", precision), graph_key("decoder", precision)
     for name, module, example, names, scale in (
         (encoder_name, EncoderGraph(model, precision), examples[0], (ENCODER_INPUT, ENCODER_OUTPUT), 16),
         (decoder_name, DecoderGraph(model, precision), examples[1], (DECODER_INPUT, DECODER_OUTPUT), 1),

@@ -11,7 +11,7 @@ import numpy as np
 
 from export.parity import ParityReport, Reference, check_parity, torch_reference
 from train.model import VQVAE
-from vqtool.backends import PRECISIONS, graph_key, open_runner
+from vqtool.backends import NAIVE_FP16, PRECISIONS, graph_key, open_runner
 from vqtool.errors import VqtoolError
 from vqtool.manifest import Manifest
 from vqtool.runtime import OnnxRuntimeRunner
@@ -46,9 +46,9 @@ def naive_fp16_report(model: VQVAE, images: np.ndarray, reference: Reference) ->
     from export.onnx_export import write_graphs
 
     with tempfile.TemporaryDirectory(prefix="vqtool-naive-fp16-") as folder:
-        entries = write_graphs(model, "", Path(folder), "fp16-naive")
-        encoder = OnnxRuntimeRunner(Path(folder) / entries["encoder.fp16-naive"].file, "cpu")
-        decoder = OnnxRuntimeRunner(Path(folder) / entries["decoder.fp16-naive"].file, "cpu")
+        entries = write_graphs(model, "", Path(folder), NAIVE_FP16)
+        encoder = OnnxRuntimeRunner(Path(folder) / entries[graph_key("encoder", NAIVE_FP16)].file, "cpu")
+        decoder = OnnxRuntimeRunner(Path(folder) / entries[graph_key("decoder", NAIVE_FP16)].file, "cpu")
         return check_parity(
             model,
             images,
@@ -56,7 +56,7 @@ def naive_fp16_report(model: VQVAE, images: np.ndarray, reference: Reference) ->
             decoder,
             runtime="onnxruntime",
             provider=encoder.provider,
-            precision="fp16-naive",
+            precision=NAIVE_FP16,
             reference=reference,
         )
 

@@ -17,13 +17,15 @@ from vqtool.runtime import OnnxRuntimeRunner, Runner
 
 BACKENDS = ("auto", "onnxruntime", "onnxruntime-trt", "tensorrt", "torch")
 PRECISIONS = ("fp32", "fp16")
+# Graph names also exist for the all-FP16 graph that parity builds for comparison; it never runs here.
+NAIVE_FP16 = "fp16-naive"
 ROLES = ("encoder", "decoder")
 PYTORCH_FILE = "model.pt"
 
 
 def graph_key(role: str, precision: str) -> str:
-    """Manifest key and file stem: encoder, decoder, encoder.fp16, decoder.fp16."""
-    if role not in ROLES or precision not in PRECISIONS:
+    """Manifest key and file stem: encoder, decoder, encoder.fp16, decoder.fp16 (and *.fp16-naive)."""
+    if role not in ROLES or precision not in (*PRECISIONS, NAIVE_FP16):
         raise VqtoolError(f"unknown graph {role}/{precision}")
     return role if precision == "fp32" else f"{role}.{precision}"
 
