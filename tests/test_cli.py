@@ -186,3 +186,9 @@ def test_graph_changed_after_export_is_refused(export_dir: Path, mixed_folder: P
         handle.write(b"\0")
     result = run_cli("encode", str(mixed_folder), "--model", str(copy), "--out", str(tmp_path / "c.npy"))
     _one_error_line(result, "encoder.onnx", "checksum")
+
+
+def test_invalid_training_options_are_refused_not_replaced(tmp_path: Path) -> None:
+    result = run_cli("train", "--epochs", "0", "--out", str(tmp_path / "run"))
+    _one_error_line(result, "epochs must be at least 1")
+    assert not (tmp_path / "run").exists()

@@ -146,7 +146,7 @@ def train(
         else:
             model_config = ModelConfig(codes=codes, dim=dim, image_size=image_size)
             config = TrainConfig(
-                epochs=epochs or TrainConfig.epochs,
+                epochs=TrainConfig.epochs if epochs is None else epochs,
                 steps=steps,
                 batch_size=batch_size,
                 lr=lr,
@@ -257,7 +257,7 @@ def sweep(
     code_sizes, dims = _int_list(codes, "--codes"), _int_list(dim, "--dim")
     try:
         base = TrainConfig(
-            epochs=epochs or TrainConfig.epochs,
+            epochs=TrainConfig.epochs if epochs is None else epochs,
             steps=steps,
             steps_per_epoch=steps_per_epoch,
             batch_size=batch_size,
