@@ -244,7 +244,7 @@ def encode_files(
         grid=list(grid),
         codes=manifest.codes,
         dtype=dtype.name,
-        manifest_sha256=manifest_checksum(export_dir),
+        manifest_sha256=str(signature["manifest_sha256"]),
         checkpoint_sha256=manifest.checkpoint_sha256,
         shard=shard_info,
     )
