@@ -308,7 +308,7 @@ def fit(
     smooth: dict[str, float] = {}
     bar = Progress(
         *columns,
-        console=Console(stderr=True, soft_wrap=True, log_path=False),
+        console=Console(stderr=True, soft_wrap=True),
         disable=not (show_progress and world.main),
         transient=False,
     )
@@ -324,9 +324,12 @@ def fit(
                 if world.main and run.step % run.steps_per_epoch == 0 and run.step < total:
                     record = run.end_epoch()
                     if log_epochs:
-                        bar.console.log(
-                            f"epoch {run.epoch}: val_mse {record['val_mse']:.4f}  val_psnr {record['val_psnr']:.2f} dB"
-                            f"  usage {record['usage']:.1%}  perplexity {record['perplexity']:.1f}"
+                        # print, not log: log lays out a fixed-width time column and wraps on pipes.
+                        bar.console.print(
+                            f"epoch {run.epoch} (step {run.step}, {record['elapsed_s']:.0f} s): "
+                            f"val_mse {record['val_mse']:.4f}  val_psnr {record['val_psnr']:.2f} dB"
+                            f"  usage {record['usage']:.1%}  perplexity {record['perplexity']:.1f}",
+                            highlight=False,
                         )
                 if stopping:
                     interrupted = True
