@@ -19,13 +19,14 @@ import torch
 
 import vqtool
 from export.graphs import DecoderGraph, EncoderGraph
+from export.quantize import CALIBRATION_IMAGES, calibration_images, write_int8_encoder
 from export.tensorrt_build import EngineProfile
 from export.verify import Verification, verify_export
 from train.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from train.config import ModelConfig
 from train.model import VQVAE
 from vqtool.atomic import usual_mode, write_json
-from vqtool.backends import PYTORCH_FILE, graph_key
+from vqtool.backends import INT8, PYTORCH_FILE, graph_key
 from vqtool.errors import VqtoolError, missing_extra
 from vqtool.manifest import MANIFEST_NAME, GraphEntry, Manifest, code_dtype_for, sha256_file
 
@@ -58,16 +59,20 @@ def load_for_export(path: Path) -> Checkpoint:
         raise VqtoolError(str(exc)) from None
 
 
+def _training_data(checkpoint: Checkpoint, log: Callable[[str], None]) -> Path | None:
+    """The data the checkpoint was trained on, or None for the embedded default data (also when it is gone)."""
+    source = Path(checkpoint.data) if checkpoint.data else None
+    if source is not None and not source.exists():
+        log(f"training data {source} is gone; using the embedded default images instead")
+        source = None
+    return source
+
+
 def held_out_images(checkpoint: Checkpoint, log: Callable[[str], None]) -> np.ndarray:
     """The validation split of the data the checkpoint was trained on (the default data if that is gone)."""
     from vqtool.imagesets import load_training_set
 
-    size = checkpoint.model_config.image_size
-    source = Path(checkpoint.data) if checkpoint.data else None
-    if source is not None and not source.exists():
-        log(f"training data {source} is gone; checking parity on the embedded default images instead")
-        source = None
-    return load_training_set(source, size).val
+    return load_training_set(_training_data(checkpoint, log), checkpoint.model_config.image_size).val
 
 
 @contextlib.contextmanager
@@ -210,6 +215,9 @@ def export_model(
     out_dir: Path,
     *,
     fp16: bool = False,
+    int8: bool = False,
+    calibration: Path | None = None,
+    calibration_count: int = CALIBRATION_IMAGES,
     trt: bool = False,
     profile: EngineProfile | None = None,
     timing_cache: Path | None = None,
@@ -234,6 +242,11 @@ def export_model(
         for precision in ("fp32", "fp16") if fp16 else ("fp32",):
             entries.update(write_graphs(checkpoint.model, checkpoint_sha, staging, precision))
         _check_trt_compatible(staging, entries, strict=trt, log=log)
+        if int8:
+            # After the TensorRT check: the INT8 graph is for ONNX Runtime's CPU provider, not TensorRT.
+            source = calibration or _training_data(checkpoint, log)
+            images = calibration_images(source, checkpoint.model_config.image_size, calibration_count, log)
+            int8_entry = write_int8_encoder(staging, entries[graph_key("encoder", "fp32")], images)
         # A slim copy of the weights travels with the graphs: parity and --backend torch need no other file.
         save_checkpoint(
             staging / PYTORCH_FILE,
@@ -252,7 +265,7 @@ def export_model(
             code_dtype=code_dtype_for(config.codes).name,
             opset=OPSET,
             checkpoint_sha256=checkpoint_sha,
-            graphs=entries,
+            graphs={**entries, graph_key("encoder", INT8): int8_entry} if int8 else entries,
             vqtool_version=vqtool.__version__,
             torch_version=str(torch.__version__),
             pytorch_file=PYTORCH_FILE,

@@ -27,10 +27,14 @@ class Tolerance:
     """What a precision must meet; None means not checked."""
 
     tie_rtol: float
-    max_unexplained: int = 0
+    max_unexplained: int | None = 0
     min_identical: float | None = None
     max_abs_diff: int | None = None
     min_psnr: float | None = None
+    max_quality_drop_db: float | None = None
+    # Decode the runtime's own codes rather than PyTorch's: for an encoder that is allowed to differ,
+    # what matters is how far its tokens move the reconstruction.
+    end_to_end: bool = False
 
 
 TOLERANCES = {
@@ -38,6 +42,14 @@ TOLERANCES = {
     "fp32": Tolerance(tie_rtol=1e-5, max_abs_diff=1),
     "fp16": Tolerance(tie_rtol=1e-2, min_identical=0.995, min_psnr=40.0),
     "fp16-naive": Tolerance(tie_rtol=1e-2, min_identical=0.995, min_psnr=40.0),
+    # INT8 rounds each activation to 1/255 of its calibrated range, enough to flip codes that lie within a
+    # few percent of each other. It is judged by how often it agrees and by what its codes decode to:
+    # how much closer to the input images PyTorch's reconstructions are than those from INT8 codes.
+    # Measured on a K = 512 model using 254 codes: 95.0% identical, no measurable drop
+    # (< 0.01 dB), although its reconstructions are 38 dB from PyTorch's.
+    "int8": Tolerance(
+        tie_rtol=1e-2, max_unexplained=None, min_identical=0.90, max_quality_drop_db=0.5, end_to_end=True
+    ),
 }
 
 
@@ -57,6 +69,8 @@ class ParityReport:
     recon_max_abs: int
     recon_mean_abs: float
     recon_psnr: float
+    quality_drop_db: float  # PSNR against the input images: PyTorch's reconstructions minus these
+    decoded: str  # whose codes the reconstructions come from: "pytorch" or "own"
     failures: tuple[str, ...]
 
     @property
@@ -130,14 +144,15 @@ def check_parity(
     tolerance = TOLERANCES[precision]
     reference = reference or torch_reference(model, images)
     codes = np.concatenate([encode(images[s : s + BATCH]) for s in range(0, len(images), BATCH)])
-    ref_codes32 = reference.codes.astype(np.int32)
-    recons = np.concatenate([decode(ref_codes32[s : s + BATCH]) for s in range(0, len(images), BATCH)])
     if codes.shape != reference.codes.shape:
         raise ValueError(f"{runtime}: codes shaped {codes.shape}, PyTorch gives {reference.codes.shape}")
+    decoded = (codes if tolerance.end_to_end else reference.codes).astype(np.int32)
+    recons = np.concatenate([decode(decoded[s : s + BATCH]) for s in range(0, len(images), BATCH)])
     codebook = model.quantizer.codebook.weight.detach().cpu()
     ties, unexplained, max_gap = classify_mismatches(reference, codebook, codes, tolerance.tie_rtol)
     diff = np.abs(recons.astype(np.int16) - reference.reconstructions.astype(np.int16))
     mse = float((diff.astype(np.float64) ** 2).mean())
+    quality_drop = _psnr(reference.reconstructions, images) - _psnr(recons, images)
     report = dict(
         runtime=runtime,
         provider=provider,
@@ -151,13 +166,20 @@ def check_parity(
         recon_max_abs=int(diff.max()),
         recon_mean_abs=float(diff.mean()),
         recon_psnr=math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse),
+        quality_drop_db=quality_drop,
+        decoded="own" if tolerance.end_to_end else "pytorch",
     )
     return ParityReport(**report, failures=tuple(_failures(report, tolerance)))  # type: ignore[arg-type]
 
 
+def _psnr(images: np.ndarray, target: np.ndarray) -> float:
+    mse = float(((images.astype(np.float64) - target.astype(np.float64)) ** 2).mean())
+    return 10 * math.log10(255.0**2 / max(mse, 1e-12))
+
+
 def _failures(report: dict[str, Any], tolerance: Tolerance) -> list[str]:
     failures = []
-    if report["unexplained"] > tolerance.max_unexplained:
+    if tolerance.max_unexplained is not None and report["unexplained"] > tolerance.max_unexplained:
         failures.append(f"{report['unexplained']} codes differ from PyTorch without a near-tie to explain them")
     identical = report["identical"] / report["codes"]
     if tolerance.min_identical is not None and identical < tolerance.min_identical:
@@ -168,4 +190,7 @@ def _failures(report: dict[str, Any], tolerance: Tolerance) -> list[str]:
         )
     if tolerance.min_psnr is not None and report["recon_psnr"] < tolerance.min_psnr:
         failures.append(f"reconstruction PSNR against PyTorch {report['recon_psnr']:.1f} dB < {tolerance.min_psnr} dB")
+    drop = tolerance.max_quality_drop_db
+    if drop is not None and report["quality_drop_db"] > drop:
+        failures.append(f"reconstructions {report['quality_drop_db']:.2f} dB further from the images (> {drop} dB)")
     return failures

@@ -11,7 +11,7 @@ import numpy as np
 
 from export.parity import ParityReport, Reference, check_parity, torch_reference
 from train.model import VQVAE
-from vqtool.backends import NAIVE_FP16, PRECISIONS, graph_key, open_runner
+from vqtool.backends import INT8, NAIVE_FP16, PRECISIONS, graph_key, open_runner
 from vqtool.errors import VqtoolError
 from vqtool.manifest import Manifest
 from vqtool.runtime import OnnxRuntimeRunner
@@ -80,12 +80,20 @@ def verify_export(
         for precision in PRECISIONS:
             if graph_key("encoder", precision) not in manifest.graphs:
                 continue
+            if precision == INT8 and (backend, device) != ("onnxruntime", "cpu"):
+                continue  # INT8 is built for ONNX Runtime's CPU provider only
             try:
                 encoder = open_runner(
                     export_dir, manifest, "encoder", backend=backend, device=device, precision=precision
                 ).runner
+                # INT8 is an encoder only: its codes are decoded by the FP32 decoder on the same provider.
                 decoder = open_runner(
-                    export_dir, manifest, "decoder", backend=backend, device=device, precision=precision
+                    export_dir,
+                    manifest,
+                    "decoder",
+                    backend=backend,
+                    device=device,
+                    precision="fp32" if precision == INT8 else precision,
                 ).runner
             except VqtoolError as exc:
                 skipped.append(f"{backend} on {device} ({precision}): {str(exc).split('; ')[0]}")

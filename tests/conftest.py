@@ -77,7 +77,7 @@ def export_dir(trained_checkpoint: Path, tmp_path_factory: pytest.TempPathFactor
     from export.onnx_export import export_model
 
     out = tmp_path_factory.mktemp("exports") / "model"
-    export_model(trained_checkpoint, out, fp16=True, log=lambda _: None)
+    export_model(trained_checkpoint, out, fp16=True, int8=True, calibration_count=512, log=lambda _: None)
     return out
 
 

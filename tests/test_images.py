@@ -88,3 +88,35 @@ def test_written_png_reads_back_exactly(tmp_path: Path) -> None:
         assert image.format == "PNG" and image.mode == "RGB" and image.size == (80, 48)
         assert np.array_equal(np.asarray(image), pixels)
     assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
+
+
+def test_fast_png_path_reads_exactly_what_pillow_reads(mixed_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("pyspng", reason="the fast-png extra is not installed")
+    from vqtool import images
+
+    pngs = [p for p in list_images([mixed_folder]) if p.suffix == ".png"]
+    fast = {p.name: images._read_rgb8_png(p) for p in pngs}
+    # Only 8-bit RGB takes the libspng path; grey, RGBA, palette and 16-bit go to Pillow.
+    assert {name for name, pixels in fast.items() if pixels is not None} == {"astronaut.png"}
+    through_fast = {p.name: read_rgb(p) for p in pngs}
+    monkeypatch.setattr(images, "_read_rgb8_png", lambda path: None)
+    for path in pngs:
+        assert np.array_equal(through_fast[path.name], read_rgb(path)), path
+
+
+def test_fast_png_path_leaves_exif_and_broken_files_to_pillow(tmp_path: Path) -> None:
+    pytest.importorskip("pyspng", reason="the fast-png extra is not installed")
+    from vqtool.images import _read_rgb8_png
+
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 16, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees to display
+    Image.fromarray(pixels).save(tmp_path / "rotated.png", exif=exif)
+    assert _read_rgb8_png(tmp_path / "rotated.png") is None
+    assert read_rgb(tmp_path / "rotated.png").shape == (16, 8, 3)
+    Image.fromarray(pixels).save(tmp_path / "whole.png")
+    data = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    assert _read_rgb8_png(tmp_path / "cut.png") is None
+    with pytest.raises(VqtoolError, match="cut.png"):
+        read_rgb(tmp_path / "cut.png")

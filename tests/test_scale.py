@@ -158,6 +158,11 @@ def test_bench_reports_every_backend_against_the_eager_baseline(
             assert rows[(stage, "torch", "fp32", batch)]["vs_baseline"] == 1.0
             onnx_row = rows[(stage, "onnxruntime", "fp32", batch)]
             assert onnx_row["vs_baseline"] > 0 and onnx_row["p99_ms"] >= onnx_row["p50_ms"] > 0
-    folder = report["folder_encode"]
-    assert folder["images"] == 61 and folder["vs_naive"] > 0 and folder["vs_slower_stage"] > 0
+    assert rows[("encode", "onnxruntime", "int8", 32)]["vs_baseline"] > 0
+    assert ("decode", "onnxruntime", "int8", 32) not in rows  # INT8 is an encoder only
+    folders = {r["precision"]: r for r in report["folder_encode"]}
+    assert set(folders) == {"fp32", "int8"}
+    for folder in folders.values():
+        assert folder["images"] == 61 and folder["vs_naive"] > 0 and folder["vs_slower_stage"] > 0
+    assert folders["fp32"]["agreement_with_naive"] == 1.0
     assert "× eager" in result.stdout and "naive script" in result.stdout

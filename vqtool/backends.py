@@ -16,7 +16,8 @@ from vqtool.manifest import Manifest, sha256_file, verify_graph
 from vqtool.runtime import OnnxRuntimeRunner, Runner
 
 BACKENDS = ("auto", "onnxruntime", "onnxruntime-trt", "tensorrt", "torch")
-PRECISIONS = ("fp32", "fp16")
+INT8 = "int8"
+PRECISIONS = ("fp32", "fp16", INT8)
 # Graph names also exist for the all-FP16 graph that parity builds for comparison; it never runs here.
 NAIVE_FP16 = "fp16-naive"
 ROLES = ("encoder", "decoder")
@@ -24,10 +25,18 @@ PYTORCH_FILE = "model.pt"
 
 
 def graph_key(role: str, precision: str) -> str:
-    """Manifest key and file stem: encoder, decoder, encoder.fp16, decoder.fp16 (and *.fp16-naive)."""
+    """Manifest key and file stem: encoder, decoder, encoder.fp16, decoder.fp16, encoder.int8 (and *.fp16-naive)."""
     if role not in ROLES or precision not in (*PRECISIONS, NAIVE_FP16):
         raise VqtoolError(f"unknown graph {role}/{precision}")
     return role if precision == "fp32" else f"{role}.{precision}"
+
+
+def check_int8(role: str, backend: str, device: str) -> None:
+    """INT8 is an encoder for ONNX Runtime's CPU provider (8-bit dot products); say so before trying anything."""
+    if role != "encoder":
+        raise VqtoolError("--precision int8 is for encoding only; decode with fp32 or fp16")
+    if backend not in ("auto", "onnxruntime") or device == "cuda":
+        raise VqtoolError("--precision int8 runs on ONNX Runtime's CPU provider only; use --backend onnxruntime")
 
 
 def engine_path(export_dir: Path, role: str, precision: str) -> Path:
@@ -91,7 +100,14 @@ class Opened:
 
 
 def _open(
-    export_dir: Path, manifest: Manifest, role: str, backend: str, device: str, precision: str, spin: bool
+    export_dir: Path,
+    manifest: Manifest,
+    role: str,
+    backend: str,
+    device: str,
+    precision: str,
+    spin: bool,
+    threads: int | None,
 ) -> Runner:
     if backend == "torch":
         if precision != "fp32":
@@ -109,12 +125,14 @@ def _open(
                 f"no {precision} TensorRT engine here; build one with vqtool export CHECKPOINT --trt", path
             )
         return TensorRTRunner(path)
+    if graph_key(role, precision) not in manifest.graphs and precision != "fp32":
+        raise VqtoolError(f"export has no {precision} {role} graph (export again with --{precision})", export_dir)
     graph = verify_graph(export_dir, manifest, graph_key(role, precision))
     if backend == "onnxruntime-trt":
         if device == "cpu":
             raise VqtoolError("--backend onnxruntime-trt needs a CUDA GPU; use --device cuda or auto")
         return OnnxRuntimeRunner(graph, "tensorrt", trt_cache=export_dir / "ort_trt_cache", spin=spin)
-    return OnnxRuntimeRunner(graph, device, spin=spin)
+    return OnnxRuntimeRunner(graph, device, threads=threads, spin=spin)
 
 
 def open_runner(
@@ -126,24 +144,29 @@ def open_runner(
     device: str = "auto",
     precision: str = "fp32",
     spin: bool = False,
+    threads: int | None = None,
 ) -> Opened:
     """Start the requested backend, or with auto the fastest one that starts here.
 
     `spin` keeps ONNX Runtime's idle threads spinning: faster alone, slower beside readers/writers.
+    `threads` caps ONNX Runtime's intra-op threads on the CPU (default: one per core).
     """
     if backend not in BACKENDS:
         raise VqtoolError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
         raise VqtoolError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == INT8:
+        check_int8(role, backend, device)
+        device = "cpu"
     if backend != "auto":
-        return Opened(_open(export_dir, manifest, role, backend, device, precision, spin), ())
+        return Opened(_open(export_dir, manifest, role, backend, device, precision, spin, threads), ())
     skipped = []
     candidates = [("tensorrt", "cuda"), ("onnxruntime", "cuda"), ("onnxruntime", "cpu")]
     for name, where in candidates:
         if device != "auto" and where != device:
             continue
         try:
-            return Opened(_open(export_dir, manifest, role, name, where, precision, spin), tuple(skipped))
+            return Opened(_open(export_dir, manifest, role, name, where, precision, spin, threads), tuple(skipped))
         except VqtoolError as exc:
             skipped.append(f"{name} on {where}: {str(exc).split('; ')[0]}")
     raise VqtoolError(f"no backend could start: {'; '.join(skipped)}")

@@ -7,6 +7,7 @@ and train/export reach the `train` and `export` packages inside the commands tha
 from __future__ import annotations
 
 import functools
+import importlib.util
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -206,6 +207,13 @@ def _show_verification(verification: dict[str, Any]) -> None:
     out.print(parity_table(reports + ([naive] if naive else [])))
     if naive:
         _say("fp16-naive is shown for comparison only (all FP16, quantizer included); it is not exported")
+    for r in reports:
+        if r.get("decoded") == "own":
+            _say(
+                f"{r['precision']}: codes may differ from PyTorch's (a differing code is at most "
+                f"{r['max_gap_rtol']:.0%} farther from the latent); decoded, they change the reconstructions' "
+                f"PSNR against the input images by {-r['quality_drop_db']:+.2f} dB"
+            )
     for reason in verification["skipped"]:
         _say(f"not checked: {reason}")
 
@@ -297,6 +305,22 @@ def export_command(
     fp16: Annotated[
         bool, typer.Option("--fp16", help="Also write FP16 graphs: FP16 convolutions, FP32 quantizer.")
     ] = False,
+    int8: Annotated[
+        bool,
+        typer.Option(
+            "--int8",
+            help="Also write an INT8 encoder for CPUs (ONNX Runtime; ~2x FP32 with 8-bit dot-product instructions). "
+            "Its codes may differ from PyTorch's: parity reports how often.",
+        ),
+    ] = False,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            help="Images to calibrate INT8 ranges on: a folder, .npy/.npz or CIFAR folder "
+            "(default: the data the checkpoint was trained on)."
+        ),
+    ] = None,
+    calibration_images: Annotated[int, typer.Option(help="How many images (crops) to calibrate on.")] = 2048,
     trt: Annotated[
         bool, typer.Option("--trt", help="Also build TensorRT engines (needs TensorRT >= 10 and a GPU).")
     ] = False,
@@ -324,7 +348,16 @@ def export_command(
     profile = EngineProfile(batch_min, batch_opt, batch_max, workspace)
     try:
         result = export_model(
-            checkpoint, target, fp16=fp16, trt=trt, profile=profile, timing_cache=timing_cache, log=_say
+            checkpoint,
+            target,
+            fp16=fp16,
+            int8=int8,
+            calibration=calibration,
+            calibration_count=calibration_images,
+            trt=trt,
+            profile=profile,
+            timing_cache=timing_cache,
+            log=_say,
         )
     except ParityFailed as failed:
         _show_verification(failed.verification.to_dict())
@@ -387,7 +420,19 @@ def parity(
 
 BackendOption = Annotated[str, typer.Option(help="auto, onnxruntime, onnxruntime-trt, tensorrt or torch.")]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
-PrecisionOption = Annotated[str, typer.Option(help="fp32, or fp16 (needs an export made with --fp16).")]
+PrecisionOption = Annotated[
+    str,
+    typer.Option(
+        help="fp32; fp16 (needs export --fp16); int8, encode on CPU only (needs export --int8; "
+        "codes may differ from PyTorch's, parity.json says how often)."
+    ),
+]
+
+
+ReadersOption = Annotated[int | None, typer.Option(help="Processes that read image files (default: half the cores).")]
+ThreadsOption = Annotated[
+    int | None, typer.Option(help="ONNX Runtime threads on the CPU (default: the cores the file workers leave).")
+]
 
 
 @app.command()
@@ -408,20 +453,28 @@ def encode(
         typer.Option(help="Encode only slice I of N (I/N, I from 0) of the sorted file list; join with vqtool merge."),
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of the same command.")] = False,
+    readers: ReadersOption = None,
+    threads: ThreadsOption = None,
 ) -> None:
     """Encode images to integer codes with the exported encoder."""
     import signal
 
     from vqtool.backends import open_runner
+    from vqtool.cores import split_cores
     from vqtool.encode import encode_files
-    from vqtool.images import list_images
+    from vqtool.images import list_image_names
     from vqtool.manifest import read_manifest
     from vqtool.shards import Shard
 
     chosen_shard = Shard.parse(shard) if shard is not None else None
     manifest = read_manifest(model)
-    opened = open_runner(model, manifest, "encoder", backend=backend, device=device, precision=precision)
-    files = list_images(images)
+    split = split_cores(readers, threads)
+    opened = open_runner(
+        model, manifest, "encoder", backend=backend, device=device, precision=precision, threads=split.threads
+    )
+    files = list_image_names(images)
+    if importlib.util.find_spec("pyspng") is None and any(name.lower().endswith(".png") for name in files[:1000]):
+        _say("reading PNG files with Pillow; pip install 'vqtool[fast-png]' reads them about twice as fast")
     part = f" (shard {chosen_shard.index}/{chosen_shard.count})" if chosen_shard else ""
     _say(f"encoding {len(files)} images{part} with {opened.describe()}")
 
@@ -439,6 +492,7 @@ def encode(
         resize=resize,
         shard=chosen_shard,
         resume=resume,
+        workers=split.workers,
         log=_say,
     )
     _result(
@@ -470,16 +524,26 @@ def decode(
     backend: BackendOption = "auto",
     device: DeviceOption = "auto",
     precision: PrecisionOption = "fp32",
+    writers: Annotated[
+        int | None, typer.Option(help="Processes that write PNG files (default: half the cores).")
+    ] = None,
+    threads: ThreadsOption = None,
 ) -> None:
     """Decode integer codes back to images (one PNG per code grid)."""
     from vqtool.backends import open_runner
+    from vqtool.cores import split_cores
     from vqtool.decode import decode_file
     from vqtool.manifest import read_manifest
 
     manifest = read_manifest(model)
-    opened = open_runner(model, manifest, "decoder", backend=backend, device=device, precision=precision)
+    split = split_cores(writers, threads)
+    opened = open_runner(
+        model, manifest, "decoder", backend=backend, device=device, precision=precision, threads=split.threads
+    )
     _say(f"decoding with {opened.describe()}")
-    result = decode_file(codes, manifest, opened.runner, out_dir, batch_size=batch_size, log=_say)
+    result = decode_file(
+        codes, manifest, opened.runner, out_dir, batch_size=batch_size, workers=split.workers, log=_say
+    )
     _result(f"wrote {result.count} PNG files to {result.out_dir} in {result.seconds:.2f}s")
 
 
@@ -506,7 +570,6 @@ def bench(
 
     from vqtool import bench as benchmarks
     from vqtool.atomic import write_json
-    from vqtool.backends import open_runner
     from vqtool.images import list_images
     from vqtool.manifest import read_manifest
     from vqtool.tables import bench_table, folder_table
@@ -524,12 +587,9 @@ def bench(
         import tempfile
 
         files = list_images([images])
-        runner = open_runner(export_dir, manifest, "encoder").runner
         with tempfile.TemporaryDirectory(prefix="vqtool-bench-") as scratch:
-            folder = benchmarks.folder_encode(
-                files, export_dir, manifest, runner, Path(scratch) / "codes.npy", log=_say
-            )
-        report["folder_encode"] = folder.to_dict()
+            folder = benchmarks.folder_encode(files, export_dir, manifest, Path(scratch), log=_say)
+        report["folder_encode"] = [result.to_dict() for result in folder]
         out.print(folder_table(report["folder_encode"]))
     target = out_path or export_dir / "bench.json"
     write_json(target, report)

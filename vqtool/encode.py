@@ -1,4 +1,4 @@
-"""Images -> codes.npy, streaming: files are decoded by a thread pool while the graph runs.
+"""Images -> codes.npy, streaming: files are decoded by reader processes while the graph runs.
 
 Memory stays flat in the number of images: codes go straight into a memory-mapped .npy under a
 temporary name, and only a few batches of pixels are ever in flight. Progress is recorded after
@@ -23,6 +23,7 @@ import numpy as np
 
 from vqtool.atomic import partial_path, usual_mode, write_json
 from vqtool.codes import CodesSidecar, sidecar_path
+from vqtool.cores import split_cores
 from vqtool.errors import VqtoolError
 from vqtool.images import fit_to_size, read_rgb
 from vqtool.manifest import DOWNSAMPLE, Manifest, code_dtype_for, manifest_checksum
@@ -83,13 +84,8 @@ def _reader_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and keeps the finished rows
 
 
-def default_readers() -> int:
-    """Reader processes: half the cores (inference takes the rest), at least 2, at most 8."""
-    return max(2, min(8, (os.cpu_count() or 2) // 2))
-
-
 def read_batches(
-    files: Sequence[Path],
+    files: Sequence[str | Path],
     size: int,
     resize: bool,
     batch_size: int,
@@ -154,7 +150,7 @@ def _resume_point(out: Path, signature: dict[str, object], resume: bool, log: Ca
 
 
 def encode_files(
-    files: Sequence[Path],
+    files: Sequence[str | Path],
     manifest: Manifest,
     export_dir: Path,
     encoder: Runner,
@@ -173,7 +169,7 @@ def encode_files(
     if batch_size < 1:
         raise VqtoolError(f"--batch-size must be at least 1, got {batch_size}")
     started = time.perf_counter()
-    workers = workers or default_readers()
+    workers = workers or split_cores().workers
     dtype = code_dtype_for(manifest.codes)
     size = manifest.image_size
     shard_info: dict[str, int | str] | None = None
@@ -190,7 +186,7 @@ def encode_files(
         files = files[begin:stop]
         if not files:
             raise VqtoolError(f"shard {shard.index}/{shard.count} of {shard_info['total']} files is empty")
-    shape = _first_shape(files[0], size, resize)
+    shape = _first_shape(Path(files[0]), size, resize)
     grid = (shape[0] // DOWNSAMPLE, shape[1] // DOWNSAMPLE)
     signature = {
         "list_sha256": list_checksum(files),

@@ -63,17 +63,21 @@ def bench_table(rows: Sequence[dict[str, Any]]) -> Table:
     return table
 
 
-def folder_table(result: dict[str, float]) -> Table:
-    """End-to-end folder encode against the naive script and against each stage alone."""
-    table = Table(title=f"end-to-end encode of {int(result['images'])} image files (images/s)")
-    for header in ("vqtool encode", "naive script", "× naive", "read only", "model only", "÷ slower stage"):
-        table.add_column(header, justify="right")
-    table.add_row(
-        f"{result['pipeline_images_per_s']:,.0f}",
-        f"{result['naive_images_per_s']:,.0f}",
-        f"{result['vs_naive']:.2f}×",
-        f"{result['read_only_images_per_s']:,.0f}",
-        f"{result['model_only_images_per_s']:,.0f}",
-        f"{result['vs_slower_stage']:.0%}",
-    )
+def folder_table(results: Sequence[dict[str, Any]]) -> Table:
+    """End-to-end folder encode per precision, against the naive script and against each stage alone."""
+    count = int(results[0]["images"]) if results else 0
+    table = Table(title=f"end-to-end encode of {count} image files on the CPU (images/s)")
+    headers = ("precision", "vqtool encode", "naive script", "× naive", "read only", "model only", "÷ slower stage")
+    for header in headers:
+        table.add_column(header, justify="left" if header == "precision" else "right")
+    for r in results:
+        table.add_row(
+            r["precision"],
+            f"{r['pipeline_images_per_s']:,.0f}",
+            f"{r['naive_images_per_s']:,.0f}",
+            f"{r['vs_naive']:.2f}×",
+            f"{r['read_only_images_per_s']:,.0f} ({r['readers']} proc)",
+            f"{r['model_only_images_per_s']:,.0f} ({r['threads']} thr)",
+            f"{r['vs_slower_stage']:.0%}",
+        )
     return table
