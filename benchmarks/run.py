@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,12 +68,12 @@ def peak_rss_mib(*args: str) -> tuple[float, float]:
     return kib / 1024, time.perf_counter() - started
 
 
-def _decoder_images_per_s(export: Path, manifest: Manifest, grids: np.ndarray, threads: int | None) -> float:
+def _decoder_images_per_s(export: Path, manifest: Manifest, grids: np.ndarray) -> float:
     """The decoder alone, without spinning threads as in the pipeline; its session is closed on return."""
     from vqtool.backends import open_runner
     from vqtool.bench import time_calls
 
-    decoder = open_runner(export, manifest, "decoder", threads=threads).runner
+    decoder = open_runner(export, manifest, "decoder").runner
     return time_calls(lambda: decoder(grids), len(grids), min_seconds=2.0).images_per_s
 
 
@@ -107,35 +108,37 @@ def main() -> None:
     codes = args.work / "codes.npy"
     vqtool("encode", str(folder), "--model", str(export), "--out", str(codes), "--batch-size", "256")
     from vqtool.backends import open_runner
-    from vqtool.cores import split_cores
+    from vqtool.cores import writer_count
     from vqtool.decode import decode_file
     from vqtool.manifest import read_manifest
 
     manifest = read_manifest(export)
-    split = split_cores()
+    writers = writer_count()
     grids = np.load(codes)[:256].astype(np.int32)
-    all_cores = _decoder_images_per_s(export, manifest, grids, threads=None)
-    model_only = _decoder_images_per_s(export, manifest, grids, threads=split.threads)
-    decoder = open_runner(export, manifest, "decoder", threads=split.threads).runner
-    shutil.rmtree(args.work / "decoded", ignore_errors=True)
-    result = decode_file(
-        codes, manifest, decoder, args.work / "decoded", batch_size=256, workers=split.workers, log=lambda _: None
-    )
-    to_png = result.count / result.seconds
-    figures["decode"] = {
-        "writers": split.workers,
-        "threads": split.threads,
-        "model_only_images_per_s": model_only,
-        "model_all_cores_images_per_s": all_cores,
-        "to_png_images_per_s": to_png,
-        "ratio": to_png / model_only,
-        "ratio_to_all_cores": to_png / all_cores,
-    }
-    print(
-        f"decode to PNG: {to_png:,.0f} images/s with {split.workers} writer process(es) and {split.threads} "
-        f"decoder thread(s); the decoder alone on those threads {model_only:,.0f} images/s "
-        f"({to_png / model_only:.0%}), on all {os.cpu_count()} cores {all_cores:,.0f} ({to_png / all_cores:.0%})\n"
-    )
+    model_only = _decoder_images_per_s(export, manifest, grids)
+    decoder = open_runner(export, manifest, "decoder").runner
+    decode_figures: dict[str, float] = {"writers": writers, "model_only_images_per_s": model_only}
+    print(f"decoder alone: {model_only:,.0f} images/s")
+    # Into a new folder, and the disk synced first: deleting thousands of files just before makes the
+    # next thousands slow to create on this machine's ext4 (discard), whoever creates them.
+    targets = {"disk": args.work}
+    if Path("/dev/shm").is_dir():
+        targets["RAM (/dev/shm)"] = Path("/dev/shm")
+    for where, root in targets.items():
+        os.sync()
+        out = Path(tempfile.mkdtemp(prefix="vqtool-decoded-", dir=root))
+        try:
+            result = decode_file(codes, manifest, decoder, out, batch_size=256, workers=writers, log=lambda _: None)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        to_png = result.count / result.seconds
+        decode_figures[f"to_png_{where.split()[0].lower()}_images_per_s"] = to_png
+        print(
+            f"decode to PNG files on {where}: {to_png:,.0f} images/s with {writers} writer process(es), "
+            f"{to_png / model_only:.0%} of the decoder alone"
+        )
+    figures["decode"] = decode_figures
+    print()
 
     print("== peak memory of vqtool encode ==", flush=True)
     figures["memory"] = []

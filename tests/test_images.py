@@ -90,6 +90,23 @@ def test_written_png_reads_back_exactly(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["x.png"]
 
 
+@pytest.mark.parametrize("side", [8, 32, 64])  # rows stored uncompressed below 4 KiB, deflated above
+def test_batches_of_pngs_read_back_exactly(tmp_path: Path, side: int) -> None:
+    from vqtool.images import STORE_BELOW_BYTES, write_pngs
+
+    images = np.random.default_rng(side).integers(0, 256, (5, side, side, 3), dtype=np.uint8)
+    images[:, : side // 2] = 40  # half flat, so deflate has something to remove
+    names = [f"{i}.png" for i in range(5)]
+    write_pngs(tmp_path, names, images)
+    assert sorted(p.name for p in tmp_path.iterdir()) == names  # no temporary files left behind
+    for name, pixels in zip(names, images, strict=True):
+        with Image.open(tmp_path / name) as image:
+            assert image.format == "PNG" and np.array_equal(np.asarray(image), pixels)
+    raw = side * (1 + 3 * side)
+    size = (tmp_path / names[0]).stat().st_size
+    assert (size > raw) if raw < STORE_BELOW_BYTES else (size < raw)
+
+
 def test_fast_png_path_reads_exactly_what_pillow_reads(mixed_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("pyspng", reason="the fast-png extra is not installed")
     from vqtool import images

@@ -166,3 +166,43 @@ def test_bench_reports_every_backend_against_the_eager_baseline(
         assert folder["images"] == 61 and folder["vs_naive"] > 0 and folder["vs_slower_stage"] > 0
     assert folders["fp32"]["agreement_with_naive"] == 1.0
     assert "× eager" in result.stdout and "naive script" in result.stdout
+    roofline = report["fp32_roofline"]
+    assert roofline["fp32_matmul_flop_per_s"] > 0 and set(roofline["reached"]) == {"torch", "onnxruntime"}
+    assert "FP32 ceiling" in result.stderr
+
+
+def test_encoder_flop_count_matches_pytorchs_flop_counter(trained_checkpoint: Path, export_dir: Path) -> None:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from train.checkpoint import load_checkpoint
+    from vqtool.bench import encoder_flops_per_image
+    from vqtool.manifest import read_manifest
+
+    model = load_checkpoint(trained_checkpoint).model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.encode(torch.zeros(1, 3, 32, 32))
+    assert encoder_flops_per_image(read_manifest(export_dir)) == counter.get_total_flops()
+
+
+def test_worker_and_thread_counts_change_speed_not_results(png_folder: Path, export_dir: Path, tmp_path: Path) -> None:
+    _encode(png_folder, export_dir, tmp_path / "default.npy")
+    _encode(png_folder, export_dir, tmp_path / "one.npy", "--readers", "1", "--threads", "1")
+    _encode(png_folder, export_dir, tmp_path / "three.npy", "--readers", "3", "--threads", "2")
+    default = np.load(tmp_path / "default.npy")
+    assert np.array_equal(default, np.load(tmp_path / "one.npy"))
+    assert np.array_equal(default, np.load(tmp_path / "three.npy"))
+    args = ["--model", str(export_dir), "--out", str(tmp_path / "decoded")]
+    for writers in ("1", "3"):
+        result = run_cli("decode", str(tmp_path / "default.npy"), *args, "--writers", writers, "--threads", "1")
+        assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "decoded").glob("*.png"))) == 61
+    refused = run_cli(
+        "encode", str(png_folder), "--model", str(export_dir), "--out", str(tmp_path / "x.npy"), "--readers", "0"
+    )
+    assert (
+        refused.returncode == 1
+        and refused.stderr.strip().splitlines()[-1] == "error: --readers must be at least 1, got 0"
+    )
+    assert not (tmp_path / "x.npy").exists()

@@ -54,6 +54,63 @@ def time_calls(
     )
 
 
+def encoder_flops_per_image(manifest: Manifest) -> float:
+    """Multiply-adds x 2 of the encoder graph for one image: four 4x4 stride-2 convolutions, then the distances."""
+    config = manifest.model_config
+    widths = [3, *config["channels"], config["dim"]]
+    side, macs = manifest.image_size, 0
+    for fan_in, fan_out in zip(widths, widths[1:], strict=False):
+        side //= 2
+        macs += side * side * fan_out * fan_in * 16
+    macs += side * side * config["codes"] * config["dim"]
+    return 2.0 * macs
+
+
+def fp32_matmul_flops(seconds: float = 1.0, size: int = 1024) -> float:
+    """FP32 floating-point operations per second of one large matrix product with PyTorch's BLAS, all cores.
+
+    A practical ceiling for FP32 convolutions on this CPU: they are matrix products with worse shapes.
+    """
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    timing = time_calls(lambda: torch.mm(a, b), 1, min_seconds=seconds)
+    return 2.0 * size**3 * timing.images_per_s
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """The FP32 encoder's work per image against this CPU's FP32 matrix-multiply rate."""
+
+    encoder_flop_per_image: float
+    fp32_matmul_flop_per_s: float
+    reached: dict[str, float]  # backend -> fastest FP32 CPU encode, as a fraction of the ceiling
+
+    @property
+    def ceiling_images_per_s(self) -> float:
+        return self.fp32_matmul_flop_per_s / self.encoder_flop_per_image
+
+    def describe(self) -> str:
+        shares = ", ".join(f"{backend} {share:.0%}" for backend, share in self.reached.items())
+        return (
+            f"FP32 ceiling: a 1024x1024 FP32 matrix product runs at {self.fp32_matmul_flop_per_s / 1e9:.0f} GFLOP/s "
+            f"here and the encoder needs {self.encoder_flop_per_image / 1e6:.1f} MFLOP per image, so FP32 encoding "
+            f"tops out near {self.ceiling_images_per_s:,.0f} images/s" + (f" (reached: {shares})" if shares else "")
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        return {**asdict(self), "ceiling_images_per_s": self.ceiling_images_per_s}
+
+
+def fp32_roofline(manifest: Manifest, rows: Sequence[ModelRow], seconds: float = 1.0) -> Roofline:
+    flops, peak = encoder_flops_per_image(manifest), fp32_matmul_flops(seconds)
+    reached: dict[str, float] = {}
+    for row in rows:
+        if row.stage == "encode" and row.precision == "fp32" and "cpu" in row.provider.lower():
+            reached[row.backend] = max(reached.get(row.backend, 0.0), row.images_per_s * flops / peak)
+    return Roofline(flops, peak, reached)
+
+
 @dataclass(frozen=True)
 class ModelRow:
     stage: str
@@ -133,14 +190,15 @@ def model_only(
 class FolderResult:
     """End-to-end encode of a folder at one precision, with each stage alone and the naive script, on the same files.
 
-    Each stage alone runs on the cores the pipeline gives it (`readers` processes, `threads` inference
-    threads), so the ratio to the slower stage says how well the two overlap.
+    Each stage alone runs as configured in the pipeline (`readers` processes; `threads` inference
+    threads, None for one per core), i.e. on the whole machine. Where both stages are CPU-bound on the
+    same cores, the pipeline cannot beat `sharing_bound`: each image costs the CPU time of both.
     """
 
     precision: str
     images: int
     readers: int
-    threads: int
+    threads: int | None
     pipeline_images_per_s: float
     naive_images_per_s: float
     read_only_images_per_s: float
@@ -155,8 +213,19 @@ class FolderResult:
     def vs_slower_stage(self) -> float:
         return self.pipeline_images_per_s / min(self.read_only_images_per_s, self.model_only_images_per_s)
 
-    def to_dict(self) -> dict[str, float | int | str]:
-        return {**asdict(self), "vs_naive": self.vs_naive, "vs_slower_stage": self.vs_slower_stage}
+    @property
+    def sharing_bound(self) -> float:
+        """Throughput if the two stages split the same cores perfectly: 1 / (1/read + 1/model)."""
+        return 1.0 / (1.0 / self.read_only_images_per_s + 1.0 / self.model_only_images_per_s)
+
+    def to_dict(self) -> dict[str, float | int | str | None]:
+        return {
+            **asdict(self),
+            "vs_naive": self.vs_naive,
+            "vs_slower_stage": self.vs_slower_stage,
+            "sharing_bound_images_per_s": self.sharing_bound,
+            "vs_sharing_bound": self.pipeline_images_per_s / self.sharing_bound,
+        }
 
 
 def naive_script(files: Sequence[Path], checkpoint: Path, size: int, batch_size: int) -> np.ndarray:
@@ -187,18 +256,18 @@ def folder_encode(
     log: Callable[[str], None] = print,
 ) -> list[FolderResult]:
     """Time vqtool's streaming encode on the CPU at each precision exported, each stage alone, and the naive script."""
-    from vqtool.cores import split_cores
+    from vqtool.cores import inference_threads, reader_count
     from vqtool.encode import encode_files, read_batches
 
     count, size = len(files), manifest.image_size
-    split = split_cores()
+    readers, threads = reader_count(), inference_threads()
     for path in files:  # every contender then reads from the page cache, whichever runs first
         path.read_bytes()
     started = time.perf_counter()
     naive_codes = naive_script(files, export_dir / (manifest.pytorch_file or "model.pt"), size, batch_size)
     naive = count / (time.perf_counter() - started)
     started = time.perf_counter()
-    for _ in read_batches(files, size, True, batch_size, split.workers, (size, size)):
+    for _ in read_batches(files, size, True, batch_size, readers, (size, size)):
         pass
     read_only = count / (time.perf_counter() - started)
     data = np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
@@ -213,17 +282,15 @@ def folder_encode(
             backend="onnxruntime",
             device="cpu",
             precision=precision,
-            threads=split.threads,
+            threads=threads,
         ).runner
         model = time_calls(lambda r=runner: r(data), batch_size, min_seconds=2.0).images_per_s
         out = scratch / f"codes.{precision}.npy"
         result = encode_files(
-            files, manifest, export_dir, runner, out, batch_size=batch_size, workers=split.workers, log=lambda _: None
+            files, manifest, export_dir, runner, out, batch_size=batch_size, workers=readers, log=lambda _: None
         )
         agreement = float((np.load(out) == naive_codes).mean())
         pipeline = count / result.seconds
         log(f"folder encode {precision}: {pipeline:,.0f} images/s; {agreement:.4%} of codes equal the naive script's")
-        results.append(
-            FolderResult(precision, count, split.workers, split.threads, pipeline, naive, read_only, model, agreement)
-        )
+        results.append(FolderResult(precision, count, readers, threads, pipeline, naive, read_only, model, agreement))
     return results

@@ -429,10 +429,10 @@ PrecisionOption = Annotated[
 ]
 
 
-ReadersOption = Annotated[int | None, typer.Option(help="Processes that read image files (default: half the cores).")]
-ThreadsOption = Annotated[
-    int | None, typer.Option(help="ONNX Runtime threads on the CPU (default: the cores the file workers leave).")
+ReadersOption = Annotated[
+    int | None, typer.Option(help="Processes that read image files, at low priority (default: one per core).")
 ]
+ThreadsOption = Annotated[int | None, typer.Option(help="ONNX Runtime threads on the CPU (default: one per core).")]
 
 
 @app.command()
@@ -460,7 +460,7 @@ def encode(
     import signal
 
     from vqtool.backends import open_runner
-    from vqtool.cores import split_cores
+    from vqtool.cores import inference_threads, reader_count
     from vqtool.encode import encode_files
     from vqtool.images import list_image_names
     from vqtool.manifest import read_manifest
@@ -468,9 +468,14 @@ def encode(
 
     chosen_shard = Shard.parse(shard) if shard is not None else None
     manifest = read_manifest(model)
-    split = split_cores(readers, threads)
     opened = open_runner(
-        model, manifest, "encoder", backend=backend, device=device, precision=precision, threads=split.threads
+        model,
+        manifest,
+        "encoder",
+        backend=backend,
+        device=device,
+        precision=precision,
+        threads=inference_threads(threads),
     )
     files = list_image_names(images)
     if importlib.util.find_spec("pyspng") is None and any(name.lower().endswith(".png") for name in files[:1000]):
@@ -492,7 +497,7 @@ def encode(
         resize=resize,
         shard=chosen_shard,
         resume=resume,
-        workers=split.workers,
+        workers=reader_count(readers),
         log=_say,
     )
     _result(
@@ -525,24 +530,29 @@ def decode(
     device: DeviceOption = "auto",
     precision: PrecisionOption = "fp32",
     writers: Annotated[
-        int | None, typer.Option(help="Processes that write PNG files (default: half the cores).")
+        int | None, typer.Option(help="Processes that write PNG files, at low priority (default: one per 2 cores).")
     ] = None,
     threads: ThreadsOption = None,
 ) -> None:
     """Decode integer codes back to images (one PNG per code grid)."""
     from vqtool.backends import open_runner
-    from vqtool.cores import split_cores
+    from vqtool.cores import inference_threads, writer_count
     from vqtool.decode import decode_file
     from vqtool.manifest import read_manifest
 
     manifest = read_manifest(model)
-    split = split_cores(writers, threads)
     opened = open_runner(
-        model, manifest, "decoder", backend=backend, device=device, precision=precision, threads=split.threads
+        model,
+        manifest,
+        "decoder",
+        backend=backend,
+        device=device,
+        precision=precision,
+        threads=inference_threads(threads),
     )
     _say(f"decoding with {opened.describe()}")
     result = decode_file(
-        codes, manifest, opened.runner, out_dir, batch_size=batch_size, workers=split.workers, log=_say
+        codes, manifest, opened.runner, out_dir, batch_size=batch_size, workers=writer_count(writers), log=_say
     )
     _result(f"wrote {result.count} PNG files to {result.out_dir} in {result.seconds:.2f}s")
 
@@ -583,6 +593,9 @@ def bench(
     out.print(bench_table(report["model_only"]))
     for reason in skipped:
         _say(f"not measured: {reason}")
+    roofline = benchmarks.fp32_roofline(manifest, rows, seconds)
+    _say(roofline.describe())
+    report["fp32_roofline"] = roofline.to_dict()
     if images is not None:
         import tempfile
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from vqtool.codes import read_codes
-from vqtool.cores import split_cores
+from vqtool.cores import lower_priority, writer_count
 from vqtool.errors import VqtoolError
-from vqtool.images import write_png
+from vqtool.images import write_pngs
 from vqtool.manifest import Manifest
 from vqtool.runtime import Runner
 
@@ -59,23 +59,19 @@ def decode_file(
         raise VqtoolError("exists and is not a folder", out_dir)
     names = output_names(len(codes), sidecar.files if sidecar else None)
     out_dir.mkdir(parents=True, exist_ok=True)
-    workers = workers or split_cores().workers
+    workers = writer_count(workers)
     # Processes, not threads: PNG encoding of small images is mostly Python work under the GIL, which
     # threads would take turns on (2 cores: 3.2k images/s with threads).
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
+    context = multiprocessing.get_context(method)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=lower_priority) as pool:
         # At most WRITE_AHEAD batches per writer in flight: memory stays flat however many grids there are.
         pending: deque[Future[None]] = deque()
         for start in range(0, len(codes), batch_size):
             images = decoder(np.ascontiguousarray(codes[start : start + batch_size], dtype=np.int32))
-            pending.append(pool.submit(_write_batch, out_dir, names[start : start + len(images)], images))
+            pending.append(pool.submit(write_pngs, out_dir, names[start : start + len(images)], images))
             while len(pending) > WRITE_AHEAD * workers:
                 pending.popleft().result()
         for future in pending:
             future.result()
     return DecodeResult(out_dir, len(codes), decoder.describe(), time.perf_counter() - started)
-
-
-def _write_batch(out_dir: Path, names: list[str], images: np.ndarray) -> None:
-    for name, pixels in zip(names, images, strict=True):
-        write_png(out_dir / name, pixels)

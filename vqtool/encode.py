@@ -23,7 +23,7 @@ import numpy as np
 
 from vqtool.atomic import partial_path, usual_mode, write_json
 from vqtool.codes import CodesSidecar, sidecar_path
-from vqtool.cores import split_cores
+from vqtool.cores import lower_priority, reader_count
 from vqtool.errors import VqtoolError
 from vqtool.images import fit_to_size, read_rgb
 from vqtool.manifest import DOWNSAMPLE, Manifest, code_dtype_for, manifest_checksum
@@ -82,6 +82,7 @@ def _load_batch(paths: list[str], size: int, resize: bool, shape: tuple[int, int
 
 def _reader_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and keeps the finished rows
+    lower_priority()
 
 
 def read_batches(
@@ -169,7 +170,7 @@ def encode_files(
     if batch_size < 1:
         raise VqtoolError(f"--batch-size must be at least 1, got {batch_size}")
     started = time.perf_counter()
-    workers = workers or split_cores().workers
+    workers = reader_count(workers)
     dtype = code_dtype_for(manifest.codes)
     size = manifest.image_size
     shard_info: dict[str, int | str] | None = None

@@ -67,7 +67,16 @@ def folder_table(results: Sequence[dict[str, Any]]) -> Table:
     """End-to-end folder encode per precision, against the naive script and against each stage alone."""
     count = int(results[0]["images"]) if results else 0
     table = Table(title=f"end-to-end encode of {count} image files on the CPU (images/s)")
-    headers = ("precision", "vqtool encode", "naive script", "× naive", "read only", "model only", "÷ slower stage")
+    headers = (
+        "precision",
+        "vqtool encode",
+        "naive script",
+        "× naive",
+        "read only",
+        "model only",
+        "÷ slower stage",
+        "÷ sharing bound",
+    )
     for header in headers:
         table.add_column(header, justify="left" if header == "precision" else "right")
     for r in results:
@@ -77,7 +86,8 @@ def folder_table(results: Sequence[dict[str, Any]]) -> Table:
             f"{r['naive_images_per_s']:,.0f}",
             f"{r['vs_naive']:.2f}×",
             f"{r['read_only_images_per_s']:,.0f} ({r['readers']} proc)",
-            f"{r['model_only_images_per_s']:,.0f} ({r['threads']} thr)",
+            f"{r['model_only_images_per_s']:,.0f} ({r['threads'] or 'all cores'} thr)",
             f"{r['vs_slower_stage']:.0%}",
+            f"{r['vs_sharing_bound']:.0%}",
         )
     return table
