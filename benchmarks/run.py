@@ -102,6 +102,8 @@ def main() -> None:
     print(f"\n== vqtool bench on {args.images} PNG files ==", flush=True)
     bench = vqtool("bench", str(export), "--images", str(folder), "--out", str(args.work / "bench.json"))
     print(bench.stdout)
+    roofline = [line for line in bench.stderr.splitlines() if line.startswith("FP32 ceiling")]
+    print("\n".join(roofline) + "\n")
     figures["bench"] = json.loads((args.work / "bench.json").read_text())
 
     print("== decode to PNG files vs the decoder alone ==", flush=True)

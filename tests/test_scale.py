@@ -64,6 +64,9 @@ def test_merge_refuses_incomplete_duplicated_or_foreign_shards(
     _encode(other, export_dir, tmp_path / "o1.npy", "--shard", "1/2")
     foreign = run_cli("merge", str(tmp_path / "s0.npy"), str(tmp_path / "o1.npy"), "--out", str(tmp_path / "m.npy"))
     assert foreign.returncode == 1 and "different sharding" in foreign.stderr
+    _encode(png_folder, export_dir, tmp_path / "i1.npy", "--shard", "1/2", "--precision", "int8")
+    mixed = run_cli("merge", str(tmp_path / "s0.npy"), str(tmp_path / "i1.npy"), "--out", str(tmp_path / "m.npy"))
+    assert mixed.returncode == 1 and "different precision" in mixed.stderr
     _encode(png_folder, export_dir, tmp_path / "full.npy")
     whole = run_cli("merge", str(tmp_path / "full.npy"), "--out", str(tmp_path / "m.npy"))
     assert whole.returncode == 1 and "not a shard" in whole.stderr

@@ -21,6 +21,7 @@ from vqtool.runtime import Runner
 BATCH_SIZES = (1, 32, 256)
 CANDIDATES = (("torch", "cpu"), ("onnxruntime", "cpu"), ("onnxruntime", "cuda"), ("tensorrt", "cuda"))
 BASELINE = "torch"
+ROUNDS = 3
 # ONNX Runtime's CPU provider emulates FP16 with casts (slower than FP32), so folders are timed at these.
 FOLDER_PRECISIONS = ("fp32", INT8)
 
@@ -33,10 +34,10 @@ class Timing:
     iterations: int
 
 
-def time_calls(
-    call: Callable[[], object], images: int, *, warmup: int = 3, min_seconds: float = 1.0, min_iterations: int = 10
-) -> Timing:
-    """Latency percentiles per call and throughput over all calls, after a warm-up."""
+def call_latencies(
+    call: Callable[[], object], *, warmup: int = 3, min_seconds: float = 1.0, min_iterations: int = 10
+) -> np.ndarray:
+    """Seconds per call, after a warm-up, for at least `min_seconds` and `min_iterations` calls."""
     for _ in range(warmup):
         call()
     latencies: list[float] = []
@@ -45,13 +46,44 @@ def time_calls(
         begin = time.perf_counter()
         call()
         latencies.append(time.perf_counter() - begin)
-    seconds = np.asarray(latencies)
+    return np.asarray(latencies)
+
+
+def _timing(latencies: np.ndarray, images: int, images_per_s: float | None = None) -> Timing:
     return Timing(
-        images * len(seconds) / seconds.sum(),
-        float(np.percentile(seconds, 50) * 1e3),
-        float(np.percentile(seconds, 99) * 1e3),
-        len(seconds),
+        images * len(latencies) / latencies.sum() if images_per_s is None else images_per_s,
+        float(np.percentile(latencies, 50) * 1e3),
+        float(np.percentile(latencies, 99) * 1e3),
+        len(latencies),
     )
+
+
+def time_calls(
+    call: Callable[[], object], images: int, *, warmup: int = 3, min_seconds: float = 1.0, min_iterations: int = 10
+) -> Timing:
+    """Latency percentiles per call and throughput over all calls, after a warm-up."""
+    latencies = call_latencies(call, warmup=warmup, min_seconds=min_seconds, min_iterations=min_iterations)
+    return _timing(latencies, images)
+
+
+def time_interleaved(
+    calls: Sequence[Callable[[], object]], images: int, *, seconds: float = 1.0, rounds: int = ROUNDS
+) -> list[tuple[Timing, list[float]]]:
+    """Time several contenders in alternating rounds: (timing, throughput per round) for each.
+
+    A shared machine drifts in speed over seconds; in rounds every contender sees the same drift,
+    so per-round ratios between them hold even when absolute figures move. Throughput is the median
+    over rounds; latency percentiles pool all calls.
+    """
+    latencies: list[list[np.ndarray]] = [[] for _ in calls]
+    for _ in range(rounds):
+        for index, call in enumerate(calls):
+            latencies[index].append(call_latencies(call, min_seconds=seconds / rounds, min_iterations=3))
+    results = []
+    for per_round in latencies:
+        speeds = [images * len(lat) / lat.sum() for lat in per_round]
+        results.append((_timing(np.concatenate(per_round), images, float(np.median(speeds))), speeds))
+    return results
 
 
 def encoder_flops_per_image(manifest: Manifest) -> float:
@@ -66,16 +98,17 @@ def encoder_flops_per_image(manifest: Manifest) -> float:
     return 2.0 * macs
 
 
-def fp32_matmul_flops(seconds: float = 1.0, size: int = 1024) -> float:
+def fp32_matmul_flops(seconds: float = 1.0, size: int = 1024, rounds: int = 5) -> float:
     """FP32 floating-point operations per second of one large matrix product with PyTorch's BLAS, all cores.
 
     A practical ceiling for FP32 convolutions on this CPU: they are matrix products with worse shapes.
+    The best of several short rounds, since a shared machine only ever makes it look slower.
     """
     import torch
 
     a, b = torch.randn(size, size), torch.randn(size, size)
-    timing = time_calls(lambda: torch.mm(a, b), 1, min_seconds=seconds)
-    return 2.0 * size**3 * timing.images_per_s
+    per_round = [call_latencies(lambda: torch.mm(a, b), min_seconds=seconds / rounds) for _ in range(rounds)]
+    return 2.0 * size**3 / min(float(np.median(latencies)) for latencies in per_round)
 
 
 @dataclass(frozen=True)
@@ -163,13 +196,13 @@ def model_only(
                 data = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
             else:
                 data = rng.integers(0, manifest.codes, (batch, grid, grid), dtype=np.int32)
-            baseline: float | None = None
-            for precision, runner in runners:
-                timing = time_calls(lambda r=runner, d=data: r(d), batch, min_seconds=seconds)
-                if runner.backend == BASELINE:
-                    baseline = timing.images_per_s
+            calls = [lambda r=runner, d=data: r(d) for _, runner in runners]
+            timings = time_interleaved(calls, batch, seconds=seconds)
+            base = [s for (_, r), (_, s) in zip(runners, timings, strict=True) if r.backend == BASELINE]
+            for (precision, runner), (timing, speeds) in zip(runners, timings, strict=True):
+                # The median of per-round ratios: both sides of each ratio were timed seconds apart.
+                ratio = float(np.median(np.divide(speeds, base[0]))) if base else None
                 log(f"{stage} batch {batch:>3} {runner.backend} {precision}: {timing.images_per_s:,.0f} images/s")
-                ratio = None if baseline is None else timing.images_per_s / baseline
                 rows.append(
                     ModelRow(
                         stage,
@@ -287,7 +320,15 @@ def folder_encode(
         model = time_calls(lambda r=runner: r(data), batch_size, min_seconds=2.0).images_per_s
         out = scratch / f"codes.{precision}.npy"
         result = encode_files(
-            files, manifest, export_dir, runner, out, batch_size=batch_size, workers=readers, log=lambda _: None
+            files,
+            manifest,
+            export_dir,
+            runner,
+            out,
+            batch_size=batch_size,
+            workers=readers,
+            precision=precision,
+            log=lambda _: None,
         )
         agreement = float((np.load(out) == naive_codes).mean())
         pipeline = count / result.seconds

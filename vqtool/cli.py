@@ -498,6 +498,7 @@ def encode(
         shard=chosen_shard,
         resume=resume,
         workers=reader_count(readers),
+        precision=precision,
         log=_say,
     )
     _result(

@@ -31,6 +31,8 @@ class CodesSidecar:
     checkpoint_sha256: str
     # For a shard: index, count, start, stop, total and list_sha256 of the full sorted list; None for a full pass.
     shard: dict[str, int | str] | None = None
+    # The encoder graph's precision: INT8 codes may differ from FP32 ones, so they are never mixed.
+    precision: str = "fp32"
     format: str = SIDECAR_FORMAT
 
     def to_dict(self) -> dict[str, object]:

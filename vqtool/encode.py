@@ -162,6 +162,7 @@ def encode_files(
     shard: Shard | None = None,
     resume: bool = False,
     workers: int | None = None,
+    precision: str = "fp32",
     log: Callable[[str], None] = print,
 ) -> EncodeResult:
     """Encode the sorted `files` (or one shard of them) into `out` plus its sidecar."""
@@ -195,6 +196,7 @@ def encode_files(
         "rows": len(files),
         "grid": list(grid),
         "dtype": dtype.name,
+        "precision": precision,
     }
     done = _resume_point(out, signature, resume, log)
     partial = partial_path(out)
@@ -244,6 +246,7 @@ def encode_files(
         manifest_sha256=str(signature["manifest_sha256"]),
         checkpoint_sha256=manifest.checkpoint_sha256,
         shard=shard_info,
+        precision=precision,
     )
     # The sidecar is renamed into place before the codes: a crash between leaves old codes with a
     # sidecar whose file count no longer matches, which decode reports, never a silent mismatch.

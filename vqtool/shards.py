@@ -53,7 +53,7 @@ def merge_shards(paths: Sequence[Path], out: Path) -> CodesSidecar:
     first_path, first = loaded[0]
     count = first.shard["count"] if first.shard else 0
     for path, sidecar in loaded[1:]:
-        for field in ("checkpoint_sha256", "manifest_sha256", "grid", "dtype", "codes"):
+        for field in ("checkpoint_sha256", "manifest_sha256", "grid", "dtype", "codes", "precision"):
             if getattr(sidecar, field) != getattr(first, field):
                 raise VqtoolError(f"was made with a different {field} than {first_path}", path)
         assert sidecar.shard is not None and first.shard is not None
@@ -87,6 +87,7 @@ def merge_shards(paths: Sequence[Path], out: Path) -> CodesSidecar:
         dtype=first.dtype,
         manifest_sha256=first.manifest_sha256,
         checkpoint_sha256=first.checkpoint_sha256,
+        precision=first.precision,
     )
     with atomic_output(out) as temp:
         target = np.lib.format.open_memmap(
