@@ -229,6 +229,8 @@ def export_model(
         from vqtool.trt_runtime import require_tensorrt_gpu
 
         require_tensorrt_gpu()  # before any work: a missing TensorRT or GPU is one sentence, not a half export
+    if int8 and calibration_count < 1:
+        raise VqtoolError(f"--calibration-images must be at least 1, got {calibration_count}")
     if out_dir.exists() and not (out_dir / MANIFEST_NAME).is_file():
         if not out_dir.is_dir() or any(out_dir.iterdir()):
             raise VqtoolError("exists and is not a vqtool export folder; choose another --out", out_dir)

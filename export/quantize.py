@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 
 from vqtool.backends import INT8, graph_key
-from vqtool.errors import VqtoolError
 from vqtool.manifest import GraphEntry, sha256_file
 
 CALIBRATION_IMAGES = 2048
@@ -44,8 +43,6 @@ def calibration_images(data: Path | None, size: int, count: int, log: Callable[[
     """`count` training crops of the data at `data` (the embedded default images when None)."""
     from vqtool.imagesets import load_training_set
 
-    if count < 1:
-        raise VqtoolError(f"--calibration-images must be at least 1, got {count}")
     images = load_training_set(data, size).batch(0, count, seed=CALIBRATION_SEED)
     log(f"calibrating INT8 ranges on {len(images)} images from {data or 'the embedded default data'}")
     return images

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 
 from vqtool.errors import VqtoolError
 
@@ -46,7 +47,8 @@ def inference_threads(requested: int | None = None) -> int | None:
     return _checked("--threads", requested)
 
 
-def lower_priority() -> None:
-    """Run in each file worker: inference threads get the cores first."""
+def worker_init() -> None:
+    """Run in each file worker: Ctrl-C is the parent's to handle, and inference threads get the cores first."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # else every worker prints its own KeyboardInterrupt
     with contextlib.suppress(OSError):  # a platform without nice, or a policy that forbids it
         os.nice(WORKER_NICENESS)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from vqtool.codes import read_codes
-from vqtool.cores import lower_priority, writer_count
+from vqtool.cores import worker_init, writer_count
 from vqtool.errors import VqtoolError
 from vqtool.images import write_pngs
 from vqtool.manifest import Manifest
@@ -64,7 +64,7 @@ def decode_file(
     # threads would take turns on (2 cores: 3.2k images/s with threads).
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     context = multiprocessing.get_context(method)
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=lower_priority) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=worker_init) as pool:
         # At most WRITE_AHEAD batches per writer in flight: memory stays flat however many grids there are.
         pending: deque[Future[None]] = deque()
         for start in range(0, len(codes), batch_size):

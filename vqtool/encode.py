@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -23,7 +22,7 @@ import numpy as np
 
 from vqtool.atomic import partial_path, usual_mode, write_json
 from vqtool.codes import CodesSidecar, sidecar_path
-from vqtool.cores import lower_priority, reader_count
+from vqtool.cores import reader_count, worker_init
 from vqtool.errors import VqtoolError
 from vqtool.images import fit_to_size, read_rgb
 from vqtool.manifest import DOWNSAMPLE, Manifest, code_dtype_for, manifest_checksum
@@ -80,11 +79,6 @@ def _load_batch(paths: list[str], size: int, resize: bool, shape: tuple[int, int
     return pixels, resized
 
 
-def _reader_init() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and keeps the finished rows
-    lower_priority()
-
-
 def read_batches(
     files: Sequence[str | Path],
     size: int,
@@ -103,7 +97,7 @@ def read_batches(
     # would re-import the caller's main module (breaking scripts without a __main__ guard).
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     context = multiprocessing.get_context(method)
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_reader_init) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=worker_init) as pool:
         pending: deque[tuple[int, Future[tuple[np.ndarray, int]]]] = deque()
         starts = iter(range(start, len(files), batch_size))
 
