@@ -52,6 +52,8 @@ def test_int8_codes_mostly_equal_fp32_codes_on_real_files(export_dir: Path, mixe
         args = ["encode", str(mixed_folder), "--model", str(export_dir), "--out", str(out), "--precision", precision]
         result = run_cli(*args)
         assert result.returncode == 0, result.stderr
+        assert f"in {precision} with onnxruntime" in result.stderr  # says what really ran
+        assert json.loads(out.with_suffix(".json").read_text())["precision"] == precision
         codes[precision] = np.load(out)
     assert codes["int8"].shape == codes["fp32"].shape
     assert (codes["int8"] == codes["fp32"]).mean() >= 0.75  # 8 images, 32 codes: a loose floor

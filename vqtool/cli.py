@@ -481,7 +481,7 @@ def encode(
     if importlib.util.find_spec("pyspng") is None and any(name.lower().endswith(".png") for name in files[:1000]):
         _say("reading PNG files with Pillow; pip install 'vqtool[fast-png]' reads them about twice as fast")
     part = f" (shard {chosen_shard.index}/{chosen_shard.count})" if chosen_shard else ""
-    _say(f"encoding {len(files)} images{part} with {opened.describe()}")
+    _say(f"encoding {len(files)} images{part} in {precision} with {opened.describe()}")
 
     def stop(signum: int, frame: Any) -> None:  # schedulers preempt with SIGTERM: keep what is done
         raise KeyboardInterrupt
@@ -551,7 +551,7 @@ def decode(
         precision=precision,
         threads=inference_threads(threads),
     )
-    _say(f"decoding with {opened.describe()}")
+    _say(f"decoding in {precision} with {opened.describe()}")
     result = decode_file(
         codes, manifest, opened.runner, out_dir, batch_size=batch_size, workers=writer_count(writers), log=_say
     )
