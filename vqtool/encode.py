@@ -56,7 +56,7 @@ def progress_path(out: Path) -> Path:
     return out.with_name(f".{out.name}.progress.json")
 
 
-def _load(path: Path, size: int, resize: bool) -> tuple[np.ndarray, bool]:
+def _load(path: str | Path, size: int, resize: bool) -> tuple[np.ndarray, bool]:
     pixels = read_rgb(path)
     fitted = fit_to_size(pixels, size, resize=resize, multiple=DOWNSAMPLE, path=path)
     return fitted, fitted.shape != pixels.shape
@@ -67,7 +67,7 @@ def _load_batch(paths: list[str], size: int, resize: bool, shape: tuple[int, int
     pixels = np.empty((len(paths), *shape, 3), dtype=np.uint8)
     resized = 0
     for index, name in enumerate(paths):
-        image, was_resized = _load(Path(name), size, resize)
+        image, was_resized = _load(name, size, resize)
         if image.shape[:2] != shape:
             raise VqtoolError(
                 f"is {image.shape[1]}x{image.shape[0]} but earlier images are {shape[1]}x{shape[0]}; "

@@ -77,7 +77,7 @@ EXIF_FORMATS = frozenset({"JPEG", "MPO", "WEBP", "TIFF"})
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _read_rgb8_png(path: Path) -> np.ndarray | None:
+def _read_rgb8_png(path: str | Path) -> np.ndarray | None:
     """8-bit RGB PNGs through libspng (the fast-png extra), or None for Pillow to read.
 
     For small images Pillow's per-file Python work dominates (~80 µs for 32x32, against ~45 µs here),
@@ -89,7 +89,8 @@ def _read_rgb8_png(path: Path) -> np.ndarray | None:
     except ModuleNotFoundError:
         return None
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as handle:
+            data = handle.read()
     except OSError:
         return None
     # Signature, then IHDR: length, "IHDR", width, height, bit depth (byte 24), colour type (byte 25; 2 = RGB).
@@ -104,9 +105,9 @@ def _read_rgb8_png(path: Path) -> np.ndarray | None:
     return pixels if pixels.dtype == np.uint8 and pixels.shape[2:] == (3,) else None
 
 
-def read_rgb(path: Path) -> np.ndarray:
+def read_rgb(path: str | Path) -> np.ndarray:
     """Decode one image file to uint8 H x W x 3, or raise a one-line error naming the file."""
-    if path.suffix.lower() == ".png":
+    if str(path)[-4:].lower() == ".png":
         fast = _read_rgb8_png(path)
         if fast is not None:
             return fast
@@ -125,7 +126,7 @@ def read_rgb(path: Path) -> np.ndarray:
         raise VqtoolError(f"unreadable or truncated image ({exc})", path) from None
 
 
-def fit_to_size(pixels: np.ndarray, size: int, *, resize: bool, multiple: int, path: Path) -> np.ndarray:
+def fit_to_size(pixels: np.ndarray, size: int, *, resize: bool, multiple: int, path: str | Path) -> np.ndarray:
     """Resize to size x size, or with resize=False keep the image if its sides are multiples of `multiple`."""
     height, width = pixels.shape[:2]
     if not resize:
