@@ -223,15 +223,14 @@ def model_only(
 class FolderResult:
     """End-to-end encode of a folder at one precision, with each stage alone and the naive script, on the same files.
 
-    Each stage alone runs as configured in the pipeline (`readers` processes; `threads` inference
-    threads, None for one per core), i.e. on the whole machine. Where both stages are CPU-bound on the
+    Each stage alone runs as configured in the pipeline (`readers` processes; inference on every
+    core), i.e. on the whole machine. Where both stages are CPU-bound on the
     same cores, the pipeline cannot beat `sharing_bound`: each image costs the CPU time of both.
     """
 
     precision: str
     images: int
     readers: int
-    threads: int | None
     pipeline_images_per_s: float
     naive_images_per_s: float
     read_only_images_per_s: float
@@ -289,11 +288,11 @@ def folder_encode(
     log: Callable[[str], None] = print,
 ) -> list[FolderResult]:
     """Time vqtool's streaming encode on the CPU at each precision exported, each stage alone, and the naive script."""
-    from vqtool.cores import inference_threads, reader_count
+    from vqtool.cores import reader_count
     from vqtool.encode import encode_files, read_batches
 
     count, size = len(files), manifest.image_size
-    readers, threads = reader_count(), inference_threads()
+    readers = reader_count()
     for path in files:  # every contender then reads from the page cache, whichever runs first
         path.read_bytes()
     started = time.perf_counter()
@@ -315,7 +314,6 @@ def folder_encode(
             backend="onnxruntime",
             device="cpu",
             precision=precision,
-            threads=threads,
         ).runner
         model = time_calls(lambda r=runner: r(data), batch_size, min_seconds=2.0).images_per_s
         out = scratch / f"codes.{precision}.npy"
@@ -333,5 +331,5 @@ def folder_encode(
         agreement = float((np.load(out) == naive_codes).mean())
         pipeline = count / result.seconds
         log(f"folder encode {precision}: {pipeline:,.0f} images/s; {agreement:.4%} of codes equal the naive script's")
-        results.append(FolderResult(precision, count, readers, threads, pipeline, naive, read_only, model, agreement))
+        results.append(FolderResult(precision, count, readers, pipeline, naive, read_only, model, agreement))
     return results

@@ -460,7 +460,7 @@ def encode(
     import signal
 
     from vqtool.backends import open_runner
-    from vqtool.cores import inference_threads, reader_count
+    from vqtool.cores import inference_threads
     from vqtool.encode import encode_files
     from vqtool.images import list_image_names
     from vqtool.manifest import read_manifest
@@ -497,7 +497,7 @@ def encode(
         resize=resize,
         shard=chosen_shard,
         resume=resume,
-        workers=reader_count(readers),
+        workers=readers,
         precision=precision,
         log=_say,
     )
@@ -537,7 +537,7 @@ def decode(
 ) -> None:
     """Decode integer codes back to images (one PNG per code grid)."""
     from vqtool.backends import open_runner
-    from vqtool.cores import inference_threads, writer_count
+    from vqtool.cores import inference_threads
     from vqtool.decode import decode_file
     from vqtool.manifest import read_manifest
 
@@ -552,9 +552,7 @@ def decode(
         threads=inference_threads(threads),
     )
     _say(f"decoding in {precision} with {opened.describe()}")
-    result = decode_file(
-        codes, manifest, opened.runner, out_dir, batch_size=batch_size, workers=writer_count(writers), log=_say
-    )
+    result = decode_file(codes, manifest, opened.runner, out_dir, batch_size=batch_size, workers=writers, log=_say)
     _result(f"wrote {result.count} PNG files to {result.out_dir} in {result.seconds:.2f}s")
 
 

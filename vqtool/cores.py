@@ -13,8 +13,10 @@ Reading costs about three times what writing does per image, hence more readers 
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import signal
+from concurrent.futures import ProcessPoolExecutor
 
 from vqtool.errors import VqtoolError
 
@@ -45,6 +47,16 @@ def writer_count(requested: int | None = None) -> int:
 def inference_threads(requested: int | None = None) -> int | None:
     """ONNX Runtime's intra-op threads on the CPU; None keeps its default (one per core)."""
     return _checked("--threads", requested)
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """Processes for image-file work, started with worker_init.
+
+    Fork where available: workers touch only Pillow and NumPy, never the runtime's threads, and spawn
+    would re-import the caller's main module (breaking scripts without a __main__ guard).
+    """
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=worker_init)
 
 
 def worker_init() -> None:

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from vqtool.codes import read_codes
-from vqtool.cores import worker_init, writer_count
+from vqtool.cores import worker_pool, writer_count
 from vqtool.errors import VqtoolError
 from vqtool.images import write_pngs
 from vqtool.manifest import Manifest
@@ -62,9 +61,7 @@ def decode_file(
     workers = writer_count(workers)
     # Processes, not threads: PNG encoding of small images is mostly Python work under the GIL, which
     # threads would take turns on (2 cores: 3.2k images/s with threads).
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    context = multiprocessing.get_context(method)
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=worker_init) as pool:
+    with worker_pool(workers) as pool:
         # At most WRITE_AHEAD batches per writer in flight: memory stays flat however many grids there are.
         pending: deque[Future[None]] = deque()
         for start in range(0, len(codes), batch_size):

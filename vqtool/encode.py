@@ -9,12 +9,11 @@ complete result.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import numpy as np
 
 from vqtool.atomic import partial_path, usual_mode, write_json
 from vqtool.codes import CodesSidecar, sidecar_path
-from vqtool.cores import reader_count, worker_init
+from vqtool.cores import reader_count, worker_pool
 from vqtool.errors import VqtoolError
 from vqtool.images import fit_to_size, read_rgb
 from vqtool.manifest import DOWNSAMPLE, Manifest, code_dtype_for, manifest_checksum
@@ -93,11 +92,7 @@ def read_batches(
     Processes, not threads: for small images per-file Python work dominates and holds the GIL, so
     threads measured slower than one thread; processes scale for small and large images alike.
     """
-    # Fork where available: readers touch only Pillow and NumPy, never the runtime's threads, and spawn
-    # would re-import the caller's main module (breaking scripts without a __main__ guard).
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    context = multiprocessing.get_context(method)
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=worker_init) as pool:
+    with worker_pool(workers) as pool:
         pending: deque[tuple[int, Future[tuple[np.ndarray, int]]]] = deque()
         starts = iter(range(start, len(files), batch_size))
 
