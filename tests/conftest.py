@@ -42,14 +42,28 @@ def write_mixed_folder(root: Path) -> list[Path]:
     return sorted((root / n for n in made), key=lambda p: p.as_posix())
 
 
+def _cli_env(env: dict[str, str] | None) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+
+
 def run_cli(
     *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
     """`vqtool ARGS` in a real subprocess, as a user's shell would run it."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "vqtool", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "vqtool", *args],
+        cwd=cwd,
+        env=_cli_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
+
+
+def start_cli(*args: str) -> subprocess.Popen[str]:
+    """`vqtool ARGS` started in a real subprocess without waiting for it, to interrupt it."""
+    command = [sys.executable, "-m", "vqtool", *args]
+    return subprocess.Popen(command, env=_cli_env(None), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.fixture(scope="session")

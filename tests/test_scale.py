@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import run_cli, start_cli
 from train.data import default_training_set
 
 
@@ -82,21 +80,7 @@ def test_an_interrupted_encode_resumes_to_the_single_pass_result(export_dir: Pat
     folder = _png_folder(tmp_path / "many", total)
     out = tmp_path / "codes.npy"
     partial, progress = tmp_path / ".codes.npy.partial", tmp_path / ".codes.npy.progress.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = [
-        sys.executable,
-        "-m",
-        "vqtool",
-        "encode",
-        str(folder),
-        "--model",
-        str(export_dir),
-        "--out",
-        str(out),
-        "--batch-size",
-        "1",
-    ]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = start_cli("encode", str(folder), "--model", str(export_dir), "--out", str(out), "--batch-size", "1")
     deadline = time.monotonic() + 120
     while not partial.exists():
         assert process.poll() is None and time.monotonic() < deadline, "encode ended before it could be interrupted"

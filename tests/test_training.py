@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, start_cli
 from train.config import ModelConfig, TrainConfig
 from train.data import default_training_set
 from train.loop import fit
@@ -118,11 +118,7 @@ def _tiny_array(tmp_path: Path) -> Path:
 
 def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(tmp_path: Path) -> None:
     data = _tiny_array(tmp_path)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = [
-        sys.executable,
-        "-m",
-        "vqtool",
+    process = start_cli(
         "train",
         "--data",
         str(data),
@@ -136,8 +132,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_run_resumes(tmp_path: Path) -> None:
         "8",
         "--out",
         str(tmp_path / "run"),
-    ]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    )
     first_grid = tmp_path / "run" / "figures" / "recon_step0000010.png"
     deadline = time.monotonic() + 120
     while not first_grid.exists():
