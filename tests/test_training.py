@@ -283,5 +283,7 @@ def test_sweep_summarises_with_confidence_intervals_and_skips_finished_runs(tmp_
         assert (tmp_path / "sweep" / "figures" / figure).stat().st_size > 0
         assert (tmp_path / "docs" / "figures" / figure).exists()
     assert "Lowest validation MSE" in (tmp_path / "docs" / "results.md").read_text()
+    assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == ["figures", "results.md"]  # no temporary left
+    assert first.stdout.startswith("| K | D | seeds |") and "| 16 | 8 | 2 |" in first.stdout
     again = run_cli(*args)
     assert again.returncode == 0 and again.stderr.count("finished earlier, skipped") == 4

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from train.atomic import atomic_path
 from train.checkpoint import load_checkpoint
 from train.config import ModelConfig, TrainConfig
 from train.data import TrainingSet
@@ -177,6 +178,21 @@ def draw_figures(rows: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
     return made
 
 
+def summary_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The summary as markdown table lines: mean ± 95% CI per (K, D)."""
+    lines = [
+        "| K | D | seeds | val MSE | val PSNR (dB) | codebook usage | perplexity |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['codes']} | {r['dim']} | {r['seeds']} | {r['val_mse']:.4f} ± {r['val_mse_ci95']:.4f} | "
+            f"{r['val_psnr']:.2f} ± {r['val_psnr_ci95']:.2f} | {r['usage']:.1%} ± {r['usage_ci95']:.1%} | "
+            f"{r['perplexity']:.1f} ± {r['perplexity_ci95']:.1f} |"
+        )
+    return lines
+
+
 def report_markdown(
     rows: Sequence[dict[str, Any]], figures: Sequence[Path], relative_to: Path, command: str, seconds: float
 ) -> str:
@@ -194,16 +210,7 @@ def report_markdown(
         "Final validation figures are "
         "mean ± 95% CI over seeds (Student's t); curves are per epoch with 95% bands.",
         "",
-        "| K | D | seeds | val MSE | val PSNR (dB) | codebook usage | perplexity |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['codes']} | {r['dim']} | {r['seeds']} | {r['val_mse']:.4f} ± {r['val_mse_ci95']:.4f} | "
-            f"{r['val_psnr']:.2f} ± {r['val_psnr_ci95']:.2f} | {r['usage']:.1%} ± {r['usage_ci95']:.1%} | "
-            f"{r['perplexity']:.1f} ± {r['perplexity_ci95']:.1f} |"
-        )
-    lines += [
+        *summary_table(rows),
         "",
         "Findings (computed from the table):",
         "",
@@ -229,4 +236,5 @@ def publish_report(text: str, figures: Sequence[Path], report: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
     for figure in figures:
         shutil.copy2(figure, target / figure.name)
-    report.write_text(text)
+    with atomic_path(report) as temp:
+        temp.write_text(text)

@@ -259,7 +259,7 @@ def sweep(
     import shlex
 
     from train.config import ModelConfig, TrainConfig
-    from train.sweep import draw_figures, publish_report, report_markdown, run_sweep, summarise
+    from train.sweep import draw_figures, publish_report, report_markdown, run_sweep, summarise, summary_table
     from vqtool.atomic import write_bytes, write_json
 
     code_sizes, dims = _int_list(codes, "--codes"), _int_list(dim, "--dim")
@@ -290,8 +290,7 @@ def sweep(
     write_bytes(out_dir / "summary.md", text.encode())
     if report is not None:
         publish_report(text, figures, report)
-    table = text.split("\n\nFindings")[0].split("| K |", 1)[1]
-    _result("| K |" + table)
+    _result("\n".join(summary_table(rows)))
     _result(f"summary: {out_dir / 'summary.md'} (figures in {out_dir / 'figures'})")
 
 
