@@ -7,7 +7,6 @@ and train/export reach the `train` and `export` packages inside the commands tha
 from __future__ import annotations
 
 import functools
-import importlib.util
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -461,7 +460,7 @@ def encode(
     from vqtool.backends import open_runner
     from vqtool.cores import inference_threads
     from vqtool.encode import encode_files
-    from vqtool.images import list_image_names
+    from vqtool.images import fast_png_available, list_image_names
     from vqtool.manifest import read_manifest
     from vqtool.shards import Shard
 
@@ -477,7 +476,7 @@ def encode(
         threads=inference_threads(threads),
     )
     files = list_image_names(images)
-    if importlib.util.find_spec("pyspng") is None and any(name.lower().endswith(".png") for name in files[:1000]):
+    if not fast_png_available() and any(name.lower().endswith(".png") for name in files[:1000]):
         _say("reading PNG files with Pillow; pip install 'vqtool[fast-png]' reads them about twice as fast")
     part = f" (shard {chosen_shard.index}/{chosen_shard.count})" if chosen_shard else ""
     _say(f"encoding {len(files)} images{part} in {precision} with {opened.describe()}")
