@@ -41,7 +41,7 @@ def vqtool(*args: str) -> subprocess.CompletedProcess[str]:
 
 def png_folder(root: Path, count: int) -> Path:
     """`count` PNG files of 32x32 crops, 1,000 per subfolder; reused if already there."""
-    from train.data import default_training_set
+    from vqtool.train.data import default_training_set
 
     folder = root / f"png{count}"
     if len(list(folder.rglob("*.png"))) == count:

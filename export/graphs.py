@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from train.model import VQVAE, code_distances, images_to_input, output_to_images
+from vqtool.train.model import VQVAE, code_distances, images_to_input, output_to_images
 
 PRECISIONS = ("fp32", "fp16", "fp16-naive")
 

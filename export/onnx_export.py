@@ -18,17 +18,17 @@ import numpy as np
 import torch
 
 import vqtool
-from export.graphs import DecoderGraph, EncoderGraph
-from export.quantize import CALIBRATION_IMAGES, calibration_images, write_int8_encoder
-from export.tensorrt_build import EngineProfile
-from export.verify import Verification, verify_export
-from train.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from train.config import ModelConfig
-from train.model import VQVAE
 from vqtool.atomic import usual_mode, write_json
 from vqtool.backends import INT8, PYTORCH_FILE, graph_key
 from vqtool.errors import VqtoolError, missing_extra
+from vqtool.export.graphs import DecoderGraph, EncoderGraph
+from vqtool.export.quantize import CALIBRATION_IMAGES, calibration_images, write_int8_encoder
+from vqtool.export.tensorrt_build import EngineProfile
+from vqtool.export.verify import Verification, verify_export
 from vqtool.manifest import MANIFEST_NAME, GraphEntry, Manifest, code_dtype_for, sha256_file
+from vqtool.train.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from vqtool.train.config import ModelConfig
+from vqtool.train.model import VQVAE
 
 # TensorRT 10's ONNX parser reads opsets 9..20; 18 is well inside what every runtime we target reads.
 OPSET = 18
@@ -155,7 +155,7 @@ def _check_trt_compatible(
 ) -> None:
     import onnx
 
-    from export.trt_compat import trt_problems
+    from vqtool.export.trt_compat import trt_problems
 
     for entry in entries.values():
         problems = trt_problems(onnx.load(str(out_dir / entry.file)))
@@ -179,7 +179,7 @@ def _build_engines(
     timing_cache: Path,
     log: Callable[[str], None],
 ) -> None:
-    from export.tensorrt_build import build_engine
+    from vqtool.export.tensorrt_build import build_engine
     from vqtool.trt_runtime import current_gpu
 
     gpu = current_gpu()

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from train.model import VQVAE, images_to_input, output_to_images
+from vqtool.train.model import VQVAE, images_to_input, output_to_images
 
 BATCH = 256
 

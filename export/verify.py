@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-from export.parity import ParityReport, Reference, check_parity, torch_reference
-from train.model import VQVAE
 from vqtool.backends import INT8, NAIVE_FP16, PRECISIONS, graph_key, open_runner
 from vqtool.errors import VqtoolError
+from vqtool.export.parity import ParityReport, Reference, check_parity, torch_reference
 from vqtool.manifest import Manifest
 from vqtool.runtime import OnnxRuntimeRunner
+from vqtool.train.model import VQVAE
 
 # Where each backend runs; the TensorRT ones are tried only where an engine or GPU exists.
 RUNTIMES = (("onnxruntime", "cpu"), ("onnxruntime", "cuda"), ("tensorrt", "cuda"))
@@ -43,7 +43,7 @@ class Verification:
 
 def naive_fp16_report(model: VQVAE, images: np.ndarray, reference: Reference) -> ParityReport:
     """Export an all-FP16 pair of graphs aside and measure them, to show what the FP32 island buys."""
-    from export.onnx_export import write_graphs
+    from vqtool.export.onnx_export import write_graphs
 
     with tempfile.TemporaryDirectory(prefix="vqtool-naive-fp16-") as folder:
         entries = write_graphs(model, "", Path(folder), NAIVE_FP16)

@@ -76,9 +76,9 @@ def mixed_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The reference model (K = D = 256) trained for a few hundred steps on the embedded data."""
-    from train.config import ModelConfig, TrainConfig
-    from train.data import default_training_set
-    from train.loop import fit
+    from vqtool.train.config import ModelConfig, TrainConfig
+    from vqtool.train.data import default_training_set
+    from vqtool.train.loop import fit
 
     run_dir = tmp_path_factory.mktemp("run")
     config = TrainConfig(steps=PARITY_TRAIN_STEPS, batch_size=64, seed=1, device="cpu")
@@ -88,7 +88,7 @@ def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def export_dir(trained_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from export.onnx_export import export_model
+    from vqtool.export.onnx_export import export_model
 
     out = tmp_path_factory.mktemp("exports") / "model"
     export_model(trained_checkpoint, out, fp16=True, int8=True, calibration_count=512, log=lambda _: None)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from train.config import ModelConfig, TrainConfig
-from train.model import VQVAE
+from vqtool.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from vqtool.train.config import ModelConfig, TrainConfig
+from vqtool.train.model import VQVAE
 
 
 def test_model_is_rebuilt_from_the_file_alone(tmp_path: Path) -> None:

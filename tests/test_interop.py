@@ -11,10 +11,10 @@ import onnx
 import pytest
 import torch
 
-from export.onnx_export import held_out_images
-from export.trt_compat import trt_problems
-from train.checkpoint import load_checkpoint
-from train.model import images_to_input
+from vqtool.export.onnx_export import held_out_images
+from vqtool.export.trt_compat import trt_problems
+from vqtool.train.checkpoint import load_checkpoint
+from vqtool.train.model import images_to_input
 
 
 @pytest.mark.parametrize("graph", ["encoder.onnx", "decoder.onnx", "encoder.fp16.onnx", "decoder.fp16.onnx"])

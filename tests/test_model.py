@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from train.config import ModelConfig
-from train.model import VQVAE, code_distances, images_to_input, output_to_images
+from vqtool.train.config import ModelConfig
+from vqtool.train.model import VQVAE, code_distances, images_to_input, output_to_images
 
 
 @pytest.mark.parametrize(("size", "grid"), [(32, 2), (64, 4)])
@@ -84,7 +84,7 @@ def test_pixel_scale_round_trip_is_exact() -> None:
 
 
 def test_four_phase_form_equals_the_transposed_convolution() -> None:
-    from export.graphs import FourPhaseConvTranspose
+    from vqtool.export.graphs import FourPhaseConvTranspose
 
     torch.manual_seed(0)
     deconv = torch.nn.ConvTranspose2d(24, 10, 4, 2, 1)

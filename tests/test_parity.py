@@ -11,12 +11,12 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from export import parity
-from export.onnx_export import ParityFailed, export_model, held_out_images
-from export.parity import Reference, check_parity, classify_mismatches, torch_reference
-from train.checkpoint import load_checkpoint
+from vqtool.export import parity
+from vqtool.export.onnx_export import ParityFailed, export_model, held_out_images
+from vqtool.export.parity import Reference, check_parity, classify_mismatches, torch_reference
 from vqtool.manifest import read_manifest, sha256_file
 from vqtool.runtime import OnnxRuntimeRunner
+from vqtool.train.checkpoint import load_checkpoint
 
 
 def test_fp32_parity_report_passes(export_dir: Path) -> None:
@@ -35,7 +35,7 @@ def test_onnx_runtime_codes_equal_pytorch_codes(export_dir: Path, trained_checkp
     decoder = OnnxRuntimeRunner(export_dir / "decoder.onnx", "cpu")
     ours = encoder(images)
     with torch.no_grad():
-        from train.model import images_to_input, output_to_images
+        from vqtool.train.model import images_to_input, output_to_images
 
         theirs = checkpoint.model.encode(images_to_input(torch.from_numpy(images))).numpy()
         recon = output_to_images(checkpoint.model.decode(torch.from_numpy(theirs))).numpy()

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import run_cli, start_cli
-from train.data import default_training_set
+from vqtool.train.data import default_training_set
 
 
 def _png_folder(root: Path, count: int) -> Path:
@@ -162,9 +162,9 @@ def test_encoder_flop_count_matches_pytorchs_flop_counter(trained_checkpoint: Pa
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from train.checkpoint import load_checkpoint
     from vqtool.bench import encoder_flops_per_image
     from vqtool.manifest import read_manifest
+    from vqtool.train.checkpoint import load_checkpoint
 
     model = load_checkpoint(trained_checkpoint).model.eval()
     counter = FlopCounterMode(display=False)

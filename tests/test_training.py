@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from tests.conftest import REPO, run_cli, start_cli
-from train.config import ModelConfig, TrainConfig
-from train.data import default_training_set
-from train.loop import fit
+from vqtool.train.config import ModelConfig, TrainConfig
+from vqtool.train.data import default_training_set
+from vqtool.train.loop import fit
 
 SMALL = ModelConfig(codes=512, dim=64)
 

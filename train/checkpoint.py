@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from train.atomic import atomic_path
-from train.config import ModelConfig, TrainConfig
-from train.model import VQVAE
+from vqtool.atomic import atomic_output
+from vqtool.train.config import ModelConfig, TrainConfig
+from vqtool.train.model import VQVAE
 
 FORMAT = "vqtool.checkpoint"
 FORMAT_VERSION = 1
@@ -61,7 +61,7 @@ def save_checkpoint(
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "extra": extra or {},
     }
-    with atomic_path(path) as temp:
+    with atomic_output(path) as temp:
         torch.save(payload, temp)
 
 

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from train.config import TrainConfig
-from train.model import Quantizer, code_distances
+from vqtool.train.config import TrainConfig
+from vqtool.train.model import Quantizer, code_distances
 
 KMEANS_ITERATIONS = 20
 

@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from train.atomic import atomic_path
+from vqtool.atomic import atomic_output
 
 
 def _save_png_atomically(path: Path, save: Any) -> None:
-    with atomic_path(path) as temp:
+    with atomic_output(path) as temp:
         save(temp)
 
 

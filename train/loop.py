@@ -21,14 +21,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from train.atomic import atomic_path
-from train.checkpoint import load_checkpoint, save_checkpoint
-from train.codebook import CodebookHealth
-from train.config import ModelConfig, TrainConfig
-from train.data import TrainingSet
-from train.figures import save_loss_curves, save_reconstruction_grid
-from train.metrics import evaluate
-from train.model import VQVAE, images_to_input, output_to_images
+from vqtool.atomic import atomic_output
+from vqtool.train.checkpoint import load_checkpoint, save_checkpoint
+from vqtool.train.codebook import CodebookHealth
+from vqtool.train.config import ModelConfig, TrainConfig
+from vqtool.train.data import TrainingSet
+from vqtool.train.figures import save_loss_curves, save_reconstruction_grid
+from vqtool.train.metrics import evaluate
+from vqtool.train.model import VQVAE, images_to_input, output_to_images
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -117,7 +117,7 @@ def _deferred_interrupt() -> Iterator[dict[str, bool]]:
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    with atomic_path(path) as temp:
+    with atomic_output(path) as temp:
         temp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
 

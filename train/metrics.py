@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from train.model import VQVAE, images_to_input, output_to_images
+from vqtool.train.model import VQVAE, images_to_input, output_to_images
 
 
 def code_usage(codes: torch.Tensor, num_codes: int) -> dict[str, float]:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from train.config import ModelConfig
+from vqtool.train.config import ModelConfig
 
 
 # Both conversions cast before/after the transpose: TensorRT allows UINT8 only on the network's

@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from train.atomic import atomic_path
-from train.checkpoint import load_checkpoint
-from train.config import ModelConfig, TrainConfig
-from train.data import TrainingSet
-from train.loop import CHECKPOINT_NAME, fit
+from vqtool.atomic import atomic_output
+from vqtool.train.checkpoint import load_checkpoint
+from vqtool.train.config import ModelConfig, TrainConfig
+from vqtool.train.data import TrainingSet
+from vqtool.train.loop import CHECKPOINT_NAME, fit
 
 # Two-sided 97.5% quantiles of Student's t for n - 1 degrees of freedom (n seeds); normal beyond.
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -236,5 +236,5 @@ def publish_report(text: str, figures: Sequence[Path], report: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
     for figure in figures:
         shutil.copy2(figure, target / figure.name)
-    with atomic_path(report) as temp:
+    with atomic_output(report) as temp:
         temp.write_text(text)

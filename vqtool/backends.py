@@ -53,7 +53,7 @@ class TorchRunner:
             import torch
         except ModuleNotFoundError:
             raise missing_extra("--backend torch", "PyTorch", "train") from None
-        from train.checkpoint import CheckpointError, load_checkpoint
+        from vqtool.train.checkpoint import CheckpointError, load_checkpoint
 
         path = export_dir / PYTORCH_FILE
         if manifest.pytorch_sha256 and path.is_file() and sha256_file(path) != manifest.pytorch_sha256:
@@ -72,7 +72,7 @@ class TorchRunner:
         self.torch = torch
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        from train.model import images_to_input, output_to_images
+        from vqtool.train.model import images_to_input, output_to_images
 
         torch = self.torch
         with torch.inference_mode():

@@ -265,7 +265,7 @@ def naive_script(files: Sequence[Path], checkpoint: Path, size: int, batch_size:
     import torch
     from PIL import Image
 
-    from train.checkpoint import load_checkpoint
+    from vqtool.train.checkpoint import load_checkpoint
 
     model = load_checkpoint(checkpoint).model.eval()
     images = [np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)) for f in files]

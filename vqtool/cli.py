@@ -129,9 +129,9 @@ def train(
 ) -> None:
     """Train the VQ-VAE; writes checkpoint.pt, metrics.jsonl and figures/ to the run directory."""
     _require_torch("train")
-    from train.checkpoint import CheckpointError, load_checkpoint
-    from train.config import ModelConfig, TrainConfig
-    from train.loop import CHECKPOINT_NAME, TrainingStopped, fit
+    from vqtool.train.checkpoint import CheckpointError, load_checkpoint
+    from vqtool.train.config import ModelConfig, TrainConfig
+    from vqtool.train.loop import CHECKPOINT_NAME, TrainingStopped, fit
 
     try:
         if resume is not None:
@@ -257,9 +257,9 @@ def sweep(
     _require_torch("sweep")
     import shlex
 
-    from train.config import ModelConfig, TrainConfig
-    from train.sweep import draw_figures, publish_report, report_markdown, run_sweep, summarise, summary_table
     from vqtool.atomic import write_bytes, write_json
+    from vqtool.train.config import ModelConfig, TrainConfig
+    from vqtool.train.sweep import draw_figures, publish_report, report_markdown, run_sweep, summarise, summary_table
 
     code_sizes, dims = _int_list(codes, "--codes"), _int_list(dim, "--dim")
     try:
@@ -339,8 +339,8 @@ def export_command(
 
         require_tensorrt_gpu()
     _require_torch("export")
-    from export.onnx_export import PARITY_NAME, ParityFailed, export_model
-    from export.tensorrt_build import EngineProfile
+    from vqtool.export.onnx_export import PARITY_NAME, ParityFailed, export_model
+    from vqtool.export.tensorrt_build import EngineProfile
 
     target = out_dir or checkpoint.parent / "export"
     profile = EngineProfile(batch_min, batch_opt, batch_max, workspace)
@@ -389,13 +389,13 @@ def parity(
 ) -> None:
     """Compare the PyTorch model with every available backend and precision; writes parity.json."""
     _require_torch("parity")
-    from export.onnx_export import PARITY_NAME, held_out_images
-    from export.verify import verify_export
-    from train.checkpoint import CheckpointError, load_checkpoint
     from vqtool.atomic import write_json
     from vqtool.backends import PYTORCH_FILE
+    from vqtool.export.onnx_export import PARITY_NAME, held_out_images
+    from vqtool.export.verify import verify_export
     from vqtool.imagesets import read_image_set
     from vqtool.manifest import read_manifest
+    from vqtool.train.checkpoint import CheckpointError, load_checkpoint
 
     manifest = read_manifest(export_dir)
     try:

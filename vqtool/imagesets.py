@@ -12,7 +12,7 @@ from vqtool.errors import VqtoolError
 from vqtool.images import fit_to_size, list_images, read_rgb
 
 if TYPE_CHECKING:
-    from train.data import TrainingSet
+    from vqtool.train.data import TrainingSet
 
 CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_TEST_BATCH = "test_batch"
@@ -90,7 +90,7 @@ def read_image_set(path: Path, size: int) -> tuple[np.ndarray, np.ndarray | None
 
 def load_training_set(data: Path | None, size: int) -> TrainingSet:
     """The training set a run uses: the embedded default photographs, or the collection at `data`."""
-    from train.data import default_training_set, split_training_set
+    from vqtool.train.data import default_training_set, split_training_set
 
     if data is None:
         return default_training_set(size)

@@ -1,0 +1,44 @@
+"""One import name: vqtool's training and export code never collides with a user's own train.py or export/."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import run_cli
+
+
+def _user_project(root: Path) -> Path:
+    """An ML project as most are laid out: its own train.py and export/ package, both of which would break us."""
+    root.mkdir()
+    (root / "train.py").write_text("raise SystemExit('the user train.py was imported')\n")
+    (root / "export").mkdir()
+    (root / "export" / "__init__.py").write_text("raise SystemExit('the user export package was imported')\n")
+    return root
+
+
+def test_cli_runs_from_a_folder_with_its_own_train_py_and_export(trained_checkpoint: Path, tmp_path: Path) -> None:
+    project = _user_project(tmp_path / "project")
+    # The fault must bite: from this folder, a top-level `train` is the user's script.
+    shadowed = subprocess.run(
+        [sys.executable, "-c", "import train"], cwd=project, capture_output=True, text=True, timeout=60
+    )
+    assert "the user train.py was imported" in shadowed.stderr
+    trained = run_cli(
+        "train", "--steps", "2", "--batch-size", "8", "--out", str(tmp_path / "run"), "--device", "cpu", cwd=project
+    )
+    assert trained.returncode == 0, trained.stderr
+    exported = run_cli("export", str(trained_checkpoint), "--out", str(tmp_path / "model"), cwd=project)
+    assert exported.returncode == 0, exported.stderr
+    assert (tmp_path / "model" / "encoder.onnx").is_file()
+
+
+def test_the_install_puts_only_vqtool_at_the_top_level(tmp_path: Path) -> None:
+    probe = (
+        "import importlib.util as u, vqtool.train.model, vqtool.export.graphs; "
+        "print(u.find_spec('train'), u.find_spec('export'))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["None", "None"]

@@ -1,0 +1,1 @@
+"""vqtool.train: the PyTorch model, its data and the training loop (installed as vqtool.train)."""
