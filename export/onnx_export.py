@@ -25,9 +25,12 @@ from vqtool.export.graphs import DecoderGraph, EncoderGraph
 from vqtool.export.quantize import CALIBRATION_IMAGES, calibration_images, write_int8_encoder
 from vqtool.export.tensorrt_build import EngineProfile
 from vqtool.export.verify import Verification, verify_export
+from vqtool.images import SkippedFile, describe_skipped
+from vqtool.limits import DEFAULT_MAX_PIXELS
 from vqtool.manifest import MANIFEST_NAME, GraphEntry, Manifest, code_dtype_for, sha256_file
 from vqtool.train.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from vqtool.train.config import ModelConfig
+from vqtool.train.data import TrainingSet
 from vqtool.train.model import VQVAE
 
 # TensorRT 10's ONNX parser reads opsets 9..20; 18 is well inside what every runtime we target reads.
@@ -68,11 +71,26 @@ def _training_data(checkpoint: Checkpoint, log: Callable[[str], None]) -> Path |
     return source
 
 
-def held_out_images(checkpoint: Checkpoint, log: Callable[[str], None]) -> np.ndarray:
-    """The validation split of the data the checkpoint was trained on (the default data if that is gone)."""
+def training_set_of(checkpoint: Checkpoint, log: Callable[[str], None]) -> TrainingSet:
+    """The data the checkpoint was trained on, read as its run read it (its --max-pixels and --skip-bad)."""
     from vqtool.imagesets import load_training_set
 
-    return load_training_set(_training_data(checkpoint, log), checkpoint.model_config.image_size).val
+    config = checkpoint.train_config
+    skipped: list[SkippedFile] | None = [] if config.skip_bad else None
+    data = load_training_set(
+        _training_data(checkpoint, log),
+        checkpoint.model_config.image_size,
+        max_pixels=config.max_pixels,
+        skipped=skipped,
+    )
+    if skipped:
+        log(f"training data: {describe_skipped(skipped, len(skipped) + len(data.train) + len(data.val))}")
+    return data
+
+
+def held_out_images(checkpoint: Checkpoint, log: Callable[[str], None]) -> np.ndarray:
+    """The validation split of the data the checkpoint was trained on (the default data if that is gone)."""
+    return training_set_of(checkpoint, log).val
 
 
 @contextlib.contextmanager
@@ -218,6 +236,7 @@ def export_model(
     int8: bool = False,
     calibration: Path | None = None,
     calibration_count: int = CALIBRATION_IMAGES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     trt: bool = False,
     profile: EngineProfile | None = None,
     timing_cache: Path | None = None,
@@ -246,8 +265,14 @@ def export_model(
         _check_trt_compatible(staging, entries, strict=trt, log=log)
         if int8:
             # After the TensorRT check: the INT8 graph is for ONNX Runtime's CPU provider, not TensorRT.
-            source = calibration or _training_data(checkpoint, log)
-            images = calibration_images(source, checkpoint.model_config.image_size, calibration_count, log)
+            if calibration is not None:
+                from vqtool.imagesets import load_training_set
+
+                size = checkpoint.model_config.image_size
+                data, source = load_training_set(calibration, size, max_pixels=max_pixels), str(calibration)
+            else:
+                data, source = training_set_of(checkpoint, log), checkpoint.data or "the embedded default data"
+            images = calibration_images(data, calibration_count, source, log)
             int8_entry = write_int8_encoder(staging, entries[graph_key("encoder", "fp32")], images)
         # A slim copy of the weights travels with the graphs: parity and --backend torch need no other file.
         save_checkpoint(

@@ -19,6 +19,7 @@ import numpy as np
 
 from vqtool.backends import INT8, graph_key
 from vqtool.manifest import GraphEntry, sha256_file
+from vqtool.train.data import TrainingSet
 
 CALIBRATION_IMAGES = 2048
 CALIBRATION_BATCH = 256
@@ -39,12 +40,10 @@ def _quiet_logging() -> Iterator[None]:
         root.setLevel(level)
 
 
-def calibration_images(data: Path | None, size: int, count: int, log: Callable[[str], None]) -> np.ndarray:
-    """`count` training crops of the data at `data` (the embedded default images when None)."""
-    from vqtool.imagesets import load_training_set
-
-    images = load_training_set(data, size).batch(0, count, seed=CALIBRATION_SEED)
-    log(f"calibrating INT8 ranges on {len(images)} images from {data or 'the embedded default data'}")
+def calibration_images(data: TrainingSet, count: int, source: str, log: Callable[[str], None]) -> np.ndarray:
+    """`count` training crops of `data`, which was read from `source`."""
+    images = data.batch(0, count, seed=CALIBRATION_SEED)
+    log(f"calibrating INT8 ranges on {len(images)} images from {source}")
     return images
 
 

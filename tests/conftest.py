@@ -60,6 +60,18 @@ def run_cli(
     )
 
 
+def one_error_line(result: subprocess.CompletedProcess[str], *fragments: str) -> str:
+    """The run failed with exit 1 and ended on exactly one `error:` line, holding every fragment; no traceback."""
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+    return errors[0]
+
+
 def start_cli(*args: str) -> subprocess.Popen[str]:
     """`vqtool ARGS` started in a real subprocess without waiting for it, to interrupt it."""
     command = [sys.executable, "-m", "vqtool", *args]

@@ -10,18 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import one_error_line as _one_error_line
 from tests.conftest import run_cli, write_mixed_folder
 
 REQUIRED_METRICS = {"step", "train_mse", "val_mse", "val_psnr", "codebook_loss", "commit_loss", "usage", "perplexity"}
-
-
-def _one_error_line(result, *fragments: str) -> None:  # noqa: ANN001
-    assert result.returncode == 1, result.stdout + result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], (fragment, errors[0])
 
 
 def test_train_writes_checkpoint_metrics_and_figures(tmp_path: Path) -> None:

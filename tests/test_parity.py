@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -9,10 +10,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import numpy_helper
 
 from vqtool.export import parity
-from vqtool.export.onnx_export import ParityFailed, export_model, held_out_images
+from vqtool.export.onnx_export import ParityFailed, export_model, held_out_images, write_graphs
 from vqtool.export.parity import Reference, check_parity, classify_mismatches, torch_reference
 from vqtool.manifest import read_manifest, sha256_file
 from vqtool.runtime import OnnxRuntimeRunner
@@ -72,26 +72,25 @@ def test_dynamic_batch_and_larger_images(export_dir: Path) -> None:
     assert np.array_equal(encoder(images[:1]), codes[:1])
 
 
-def _with_swapped_codes(source: Path, target: Path, a: int, b: int) -> None:
-    graph = onnx.load(str(source))
-    for init in graph.graph.initializer:
-        values = numpy_helper.to_array(init)
-        if values.shape == (256, 256) and init.data_type == onnx.TensorProto.FLOAT:
-            values = values.copy()
-            values[[a, b]] = values[[b, a]]
-            init.CopyFrom(numpy_helper.from_array(values, init.name))
-    onnx.save(graph, str(target))
-
-
 def test_parity_catches_a_wrong_codebook(export_dir: Path, trained_checkpoint: Path, tmp_path: Path) -> None:
-    """A graph whose codebook rows are swapped must fail parity: the check can fail."""
+    """An encoder graph whose codes a and b are swapped must fail parity: the check can fail.
+
+    The swap is made in the model, before export, so it swaps two codes whatever layout the graph
+    stores the codebook in (a transposed D x K initializer, say).
+    """
     checkpoint = load_checkpoint(trained_checkpoint)
     images = held_out_images(checkpoint, log=lambda _: None)
     reference = torch_reference(checkpoint.model, images)
     used, counts = np.unique(reference.codes, return_counts=True)
-    top = used[np.argsort(counts)[-2:]]
-    _with_swapped_codes(export_dir / "encoder.onnx", tmp_path / "bad.onnx", int(top[0]), int(top[1]))
-    bad = OnnxRuntimeRunner(tmp_path / "bad.onnx", "cpu")
+    a, b = (int(code) for code in used[np.argsort(counts)[-2:]])
+    damaged = copy.deepcopy(checkpoint.model)
+    with torch.no_grad():
+        weights = damaged.quantizer.codebook.weight
+        weights[[a, b]] = weights[[b, a]].clone()
+    entries = write_graphs(damaged, "damaged", tmp_path, "fp32")
+    bad = OnnxRuntimeRunner(tmp_path / entries["encoder"].file, "cpu")
+    # The fault bites: the damaged graph gives other codes for these images (every a becomes b).
+    assert (bad(images) != reference.codes).any()
     decoder = OnnxRuntimeRunner(export_dir / "decoder.onnx", "cpu")
     report = check_parity(
         checkpoint.model,

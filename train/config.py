@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from vqtool.limits import DEFAULT_MAX_PIXELS
+
 # Four stride-2 layers between image and code grid (three encoder convs + before_quantize).
 DOWNSAMPLE = 16
 
@@ -61,8 +63,13 @@ class TrainConfig:
     ema_epsilon: float = 1e-5
     kmeans_init: bool = False
     restart_dead: int | None = None
+    # How --data is read; kept so that --resume, export and parity read the collection the same way.
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    skip_bad: bool = False
 
     def __post_init__(self) -> None:
+        if self.max_pixels < 1:
+            raise ValueError(f"--max-pixels must be at least 1, got {self.max_pixels}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
         if self.steps is not None and self.steps < 1:

@@ -13,7 +13,7 @@ import numpy as np
 
 from vqtool.errors import VqtoolError, missing_extra
 from vqtool.manifest import Manifest, sha256_file, verify_graph
-from vqtool.runtime import OnnxRuntimeRunner, Runner
+from vqtool.runtime import DEVICES, OnnxRuntimeRunner, Runner
 
 BACKENDS = ("auto", "onnxruntime", "onnxruntime-trt", "tensorrt", "torch")
 INT8 = "int8"
@@ -155,6 +155,8 @@ def open_runner(
         raise VqtoolError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if precision not in PRECISIONS:
         raise VqtoolError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if device not in DEVICES:
+        raise VqtoolError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     if precision == INT8:
         check_int8(role, backend, device)
         device = "cpu"

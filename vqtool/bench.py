@@ -289,7 +289,7 @@ def folder_encode(
 ) -> list[FolderResult]:
     """Time vqtool's streaming encode on the CPU at each precision exported, each stage alone, and the naive script."""
     from vqtool.cores import reader_count
-    from vqtool.encode import encode_files, read_batches
+    from vqtool.encode import ReadOptions, encode_files, read_batches
 
     count, size = len(files), manifest.image_size
     readers = reader_count()
@@ -299,7 +299,7 @@ def folder_encode(
     naive_codes = naive_script(files, export_dir / (manifest.pytorch_file or "model.pt"), size, batch_size)
     naive = count / (time.perf_counter() - started)
     started = time.perf_counter()
-    for _ in read_batches(files, size, True, batch_size, readers, (size, size)):
+    for _ in read_batches(files, ReadOptions(size), batch_size, readers, (size, size)):
         pass
     read_only = count / (time.perf_counter() - started)
     data = np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)

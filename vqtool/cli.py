@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from vqtool.errors import VqtoolError, missing_extra
+from vqtool.limits import DEFAULT_MAX_PIXELS
 
 app = typer.Typer(
     help="Train a VQ-VAE image tokenizer, export it to ONNX (and TensorRT), and run it with verified parity.",
@@ -94,15 +95,44 @@ RestartOption = Annotated[
 ]
 
 
-def _load_training_set(source: Path | None, image_size: int) -> Any:
+MaxPixelsOption = Annotated[
+    int,
+    typer.Option(
+        help="Refuse image files whose header declares more pixels than this, before decoding them "
+        "(decompression bombs). Default: Pillow's warning threshold."
+    ),
+]
+SkipBadOption = Annotated[
+    bool,
+    typer.Option(
+        "--skip-bad",
+        help="Skip files that cannot be read (or exceed --max-pixels), report them, and go on; "
+        "without it the first such file stops the run.",
+    ),
+]
+
+
+def _pixel_limit(max_pixels: int) -> int:
+    from vqtool.images import allow_pixels
+
+    allow_pixels(max_pixels)
+    return max_pixels
+
+
+def _load_training_set(source: Path | None, image_size: int, max_pixels: int, skip_bad: bool) -> Any:
+    from vqtool.images import SkippedFile, describe_skipped
     from vqtool.imagesets import load_training_set
 
     if source is not None and not source.exists():
         raise VqtoolError("no such file or folder", source)
+    skipped: list[SkippedFile] | None = [] if skip_bad else None
     try:
-        return load_training_set(source, image_size)
+        data = load_training_set(source, image_size, max_pixels=_pixel_limit(max_pixels), skipped=skipped)
     except RuntimeError as exc:  # the default data's missing scikit-image
         raise VqtoolError(str(exc)) from None
+    if skipped:
+        _say(f"{source}: {describe_skipped(skipped, len(skipped) + len(data.train) + len(data.val))}")
+    return data
 
 
 @app.command()
@@ -126,6 +156,8 @@ def train(
     kmeans_init: KmeansOption = False,
     restart_dead: RestartOption = None,
     steps_per_epoch: StepsPerEpochOption = None,
+    max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
+    skip_bad: SkipBadOption = False,
 ) -> None:
     """Train the VQ-VAE; writes checkpoint.pt, metrics.jsonl and figures/ to the run directory."""
     _require_torch("train")
@@ -158,6 +190,8 @@ def train(
                 kmeans_init=kmeans_init,
                 restart_dead=restart_dead,
                 steps_per_epoch=steps_per_epoch,
+                max_pixels=max_pixels,
+                skip_bad=skip_bad,
             )
             run_dir, source = out_dir or next_run_dir(Path("runs")), data
             if (run_dir / CHECKPOINT_NAME).exists():
@@ -166,7 +200,7 @@ def train(
                 )
     except (ValueError, CheckpointError) as exc:
         raise VqtoolError(str(exc)) from None
-    training_set = _load_training_set(source, model_config.image_size)
+    training_set = _load_training_set(source, model_config.image_size, config.max_pixels, config.skip_bad)
     _say(f"data: {source or 'embedded default photographs'} — {len(training_set.val)} held-out validation images")
     try:
         result = fit(
@@ -277,7 +311,7 @@ def sweep(
         model = ModelConfig(codes=code_sizes[0], dim=dims[0])
     except ValueError as exc:
         raise VqtoolError(str(exc)) from None
-    training_set = _load_training_set(data, model.image_size)
+    training_set = _load_training_set(data, model.image_size, base.max_pixels, base.skip_bad)
     runs = run_sweep(code_sizes, dims, seeds, base, model, training_set, str(data) if data else None, out_dir, log=_say)
     rows = summarise(runs, base.beta)
     figures = draw_figures(rows, out_dir / "figures")
@@ -319,6 +353,7 @@ def export_command(
         ),
     ] = None,
     calibration_images: Annotated[int, typer.Option(help="How many images (crops) to calibrate on.")] = 2048,
+    max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
     trt: Annotated[
         bool, typer.Option("--trt", help="Also build TensorRT engines (needs TensorRT >= 10 and a GPU).")
     ] = False,
@@ -352,6 +387,7 @@ def export_command(
             int8=int8,
             calibration=calibration,
             calibration_count=calibration_images,
+            max_pixels=_pixel_limit(max_pixels),
             trt=trt,
             profile=profile,
             timing_cache=timing_cache,
@@ -386,6 +422,7 @@ def parity(
         bool,
         typer.Option(help="Also measure an all-FP16 graph (quantizer in FP16 too), to show what the FP32 island buys."),
     ] = False,
+    max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Compare the PyTorch model with every available backend and precision; writes parity.json."""
     _require_torch("parity")
@@ -402,7 +439,10 @@ def parity(
         checkpoint = load_checkpoint(export_dir / (manifest.pytorch_file or PYTORCH_FILE))
     except CheckpointError as exc:
         raise VqtoolError(str(exc)) from None
-    pixels = read_image_set(images, manifest.image_size)[0] if images else held_out_images(checkpoint, _say)
+    if images is not None:
+        pixels = read_image_set(images, manifest.image_size, max_pixels=_pixel_limit(max_pixels))[0]
+    else:
+        pixels = held_out_images(checkpoint, _say)
     chosen = tuple(backend) if backend else None
     verification = verify_export(
         checkpoint.model, export_dir, manifest, pixels, backends=chosen, naive_fp16=naive_fp16, log=_say
@@ -453,6 +493,8 @@ def encode(
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of the same command.")] = False,
     readers: ReadersOption = None,
     threads: ThreadsOption = None,
+    max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
+    skip_bad: SkipBadOption = False,
 ) -> None:
     """Encode images to integer codes with the exported encoder."""
     import signal
@@ -497,6 +539,8 @@ def encode(
         resume=resume,
         workers=readers,
         precision=precision,
+        max_pixels=_pixel_limit(max_pixels),
+        skip_bad=skip_bad,
         log=_say,
     )
     _result(
@@ -570,6 +614,7 @@ def bench(
     out_path: Annotated[
         Path | None, typer.Option("--out", help="Where to write bench.json (default: EXPORT_DIR/bench.json).")
     ] = None,
+    max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Benchmark encode/decode per backend against PyTorch eager; with --images, a folder end to end."""
     _require_torch("bench")
@@ -577,12 +622,19 @@ def bench(
 
     from vqtool import bench as benchmarks
     from vqtool.atomic import write_json
-    from vqtool.images import list_images
+    from vqtool.images import list_images, read_rgb
     from vqtool.manifest import read_manifest
     from vqtool.tables import bench_table, folder_table
 
     manifest = read_manifest(export_dir)
     sizes = tuple(batch) if batch else benchmarks.BATCH_SIZES
+    if min(sizes) < 1:
+        raise VqtoolError(f"--batch must be at least 1, got {min(sizes)}")
+    if not seconds > 0:
+        raise VqtoolError(f"--seconds must be positive, got {seconds}")
+    files = list_images([images]) if images is not None else []
+    for path in files:  # the naive script reads with plain Pillow: check every file before timing anything
+        read_rgb(path, _pixel_limit(max_pixels))
     rows, skipped = benchmarks.model_only(
         export_dir, manifest, batch_sizes=sizes, backends=tuple(backend) if backend else None, seconds=seconds, log=_say
     )
@@ -596,7 +648,6 @@ def bench(
     if images is not None:
         import tempfile
 
-        files = list_images([images])
         with tempfile.TemporaryDirectory(prefix="vqtool-bench-") as scratch:
             folder = benchmarks.folder_encode(files, export_dir, manifest, Path(scratch), log=_say)
         report["folder_encode"] = [result.to_dict() for result in folder]

@@ -8,6 +8,7 @@ complete result.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
@@ -23,7 +24,8 @@ from vqtool.atomic import partial_path, usual_mode, write_json
 from vqtool.codes import CodesSidecar, sidecar_path
 from vqtool.cores import reader_count, worker_pool
 from vqtool.errors import VqtoolError
-from vqtool.images import fit_to_size, read_rgb
+from vqtool.images import SkippedFile, describe_skipped, fit_to_size, read_rgb
+from vqtool.limits import DEFAULT_MAX_PIXELS
 from vqtool.manifest import DOWNSAMPLE, Manifest, code_dtype_for, manifest_checksum
 from vqtool.runtime import Runner
 from vqtool.shards import Shard, list_checksum
@@ -43,6 +45,8 @@ class EncodeResult:
     resized: int
     seconds: float
     resumed_from: int
+    # Files left out under --skip-bad (None without it); `count` is the rows written, files read.
+    skipped: tuple[SkippedFile, ...] | None = None
 
 
 class EncodeInterrupted(VqtoolError):
@@ -55,88 +59,166 @@ def progress_path(out: Path) -> Path:
     return out.with_name(f".{out.name}.progress.json")
 
 
-def _load(path: str | Path, size: int, resize: bool) -> tuple[np.ndarray, bool]:
-    pixels = read_rgb(path)
-    fitted = fit_to_size(pixels, size, resize=resize, multiple=DOWNSAMPLE, path=path)
+@dataclass(frozen=True)
+class ReadOptions:
+    """How image files become model inputs, the same in every reader process."""
+
+    size: int
+    resize: bool = True
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    # Leave unreadable files out (reported) instead of stopping at the first one.
+    skip_bad: bool = False
+
+
+def _load(path: str | Path, options: ReadOptions) -> tuple[np.ndarray, bool]:
+    pixels = read_rgb(path, options.max_pixels)
+    fitted = fit_to_size(pixels, options.size, resize=options.resize, multiple=DOWNSAMPLE, path=path)
     return fitted, fitted.shape != pixels.shape
 
 
-def _load_batch(paths: list[str], size: int, resize: bool, shape: tuple[int, int]) -> tuple[np.ndarray, int]:
-    """One batch decoded in a reader process: stacked pixels and how many were resized."""
+@dataclass(frozen=True)
+class Batch:
+    """One batch as read: `pixels` holds the files that were read, in order; `skipped` the others."""
+
+    first: int  # index of the batch's first file in the list
+    files: int  # files this batch covers, read or skipped
+    pixels: np.ndarray
+    resized: int
+    skipped: tuple[SkippedFile, ...]
+
+
+def _load_batch(first: int, paths: list[str], options: ReadOptions, shape: tuple[int, int]) -> Batch:
+    """One batch decoded in a reader process."""
     pixels = np.empty((len(paths), *shape, 3), dtype=np.uint8)
-    resized = 0
-    for index, name in enumerate(paths):
-        image, was_resized = _load(name, size, resize)
-        if image.shape[:2] != shape:
-            raise VqtoolError(
-                f"is {image.shape[1]}x{image.shape[0]} but earlier images are {shape[1]}x{shape[0]}; "
-                "with --no-resize all images must share one size",
-                name,
-            )
-        pixels[index] = image
+    resized, kept, skipped = 0, 0, []
+    for name in paths:
+        try:
+            image, was_resized = _load(name, options)
+            if image.shape[:2] != shape:
+                raise VqtoolError(
+                    f"is {image.shape[1]}x{image.shape[0]} but earlier images are {shape[1]}x{shape[0]}; "
+                    "with --no-resize all images must share one size",
+                    name,
+                )
+        except VqtoolError as error:
+            if not options.skip_bad:
+                raise
+            skipped.append(SkippedFile.of(error, name))
+            continue
+        pixels[kept] = image
+        kept += 1
         resized += was_resized
-    return pixels, resized
+    return Batch(first, len(paths), pixels[:kept], resized, tuple(skipped))
 
 
 def read_batches(
     files: Sequence[str | Path],
-    size: int,
-    resize: bool,
+    options: ReadOptions,
     batch_size: int,
     workers: int,
     shape: tuple[int, int],
     start: int = 0,
-) -> Iterator[tuple[int, np.ndarray, int]]:
-    """(start index, pixels N x H x W x 3, resized count) per batch, decoded ahead by reader processes.
+) -> Iterator[Batch]:
+    """Batches of decoded files, in order, read ahead by reader processes.
 
     Processes, not threads: for small images per-file Python work dominates and holds the GIL, so
     threads measured slower than one thread; processes scale for small and large images alike.
     """
     with worker_pool(workers) as pool:
-        pending: deque[tuple[int, Future[tuple[np.ndarray, int]]]] = deque()
+        pending: deque[Future[Batch]] = deque()
         starts = iter(range(start, len(files), batch_size))
 
         def submit_next() -> None:
             first = next(starts, None)
             if first is not None:
                 names = [str(f) for f in files[first : first + batch_size]]
-                pending.append((first, pool.submit(_load_batch, names, size, resize, shape)))
+                pending.append(pool.submit(_load_batch, first, names, options, shape))
 
         for _ in range(workers + PREFETCH_BATCHES):
             submit_next()
         try:
             while pending:
-                first, future = pending.popleft()
-                pixels, resized = future.result()
-                yield first, pixels, resized
+                batch = pending.popleft().result()
+                yield batch
                 submit_next()
         finally:
-            for _, later in pending:
+            for later in pending:
                 later.cancel()
 
 
-def _first_shape(path: Path, size: int, resize: bool) -> tuple[int, int]:
-    height, width = _load(path, size, resize)[0].shape[:2]
-    return height, width
+def _first_shape(files: Sequence[str | Path], options: ReadOptions) -> tuple[int, int]:
+    """The size every image is brought to: the model's, or with --no-resize the first readable file's."""
+    if options.resize:
+        return options.size, options.size
+    for name in files:
+        try:
+            height, width = _load(name, options)[0].shape[:2]
+            return height, width
+        except VqtoolError:
+            if not options.skip_bad:
+                raise
+    raise VqtoolError(f"none of the {len(files)} files could be read")
 
 
-def _resume_point(out: Path, signature: dict[str, object], resume: bool, log: Callable[[str], None]) -> int:
-    """Rows already encoded by an interrupted run with the same files and model, or 0 to start afresh."""
+@dataclass(frozen=True)
+class Progress:
+    """How far an interrupted run got: files consumed, rows written, files skipped on the way."""
+
+    done: int = 0
+    written: int = 0
+    skipped: tuple[SkippedFile, ...] = ()
+
+
+def _resume_point(out: Path, signature: dict[str, object], resume: bool, log: Callable[[str], None]) -> Progress:
+    """Where an interrupted run with the same files, model and options stopped, or the start."""
     partial, progress = partial_path(out), progress_path(out)
     if not (partial.exists() and progress.exists()):
         if resume:
             log(f"nothing to resume for {out}; starting from the first image")
-        return 0
+        return Progress()
     if not resume:
         log(f"{out}: an interrupted earlier run left partial results; starting over (use --resume to continue it)")
-        return 0
+        return Progress()
     try:
         saved = json.loads(progress.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        if {k: saved.get(k) for k in signature} != signature:
+            raise VqtoolError(
+                "the interrupted run encoded other files or used another model; rerun without --resume", out
+            )
+        done = int(saved["done"])
+        return Progress(
+            done,
+            int(saved.get("written", done)),
+            tuple(SkippedFile(str(s["file"]), str(s["reason"])) for s in saved.get("skipped", [])),
+        )
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, ValueError):
         raise VqtoolError("progress record is corrupt; rerun without --resume", progress) from None
-    if {k: saved.get(k) for k in signature} != signature:
-        raise VqtoolError("the interrupted run encoded other files or used another model; rerun without --resume", out)
-    return int(saved["done"])
+
+
+def shrink_rows(path: Path, rows: int) -> None:
+    """Cut a C-order .npy to its first `rows` rows in place: rewrite the shape in the header, truncate the data.
+
+    Used when --skip-bad left rows unused at the end; copying the codes instead would cost a pass over them.
+    NumPy pads headers so that the row count can change in place, and writing the header through NumPy
+    gives the bytes a fresh np.save would: shards merged later match a single pass byte for byte.
+    """
+    with open(path, "r+b") as handle:
+        version = np.lib.format.read_magic(handle)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"{path}: .npy format {version} is not one open_memmap writes")
+        one = version == (1, 0)
+        shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if one else np.lib.format.read_array_header_2_0)(
+            handle
+        )
+        offset = handle.tell()
+        header = io.BytesIO()
+        fields = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (rows, *shape[1:])}
+        (np.lib.format.write_array_header_1_0 if one else np.lib.format.write_array_header_2_0)(header, fields)
+        if fortran or len(header.getvalue()) != offset:
+            raise ValueError(f"{path}: cannot rewrite this header in place")
+        handle.seek(0)
+        handle.write(header.getvalue())
+        handle.truncate(offset + rows * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
 
 
 def encode_files(
@@ -152,9 +234,15 @@ def encode_files(
     resume: bool = False,
     workers: int | None = None,
     precision: str = "fp32",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    skip_bad: bool = False,
     log: Callable[[str], None] = print,
 ) -> EncodeResult:
-    """Encode the sorted `files` (or one shard of them) into `out` plus its sidecar."""
+    """Encode the sorted `files` (or one shard of them) into `out` plus its sidecar.
+
+    With `skip_bad`, files that cannot be read (or are larger than `max_pixels`) are left out: the
+    codes hold a row per file read, and the sidecar lists those files and, under "skipped", the others.
+    """
     if not files:
         raise VqtoolError("no images to encode")
     if batch_size < 1:
@@ -162,7 +250,7 @@ def encode_files(
     started = time.perf_counter()
     workers = reader_count(workers)
     dtype = code_dtype_for(manifest.codes)
-    size = manifest.image_size
+    options = ReadOptions(manifest.image_size, resize, max_pixels, skip_bad)
     shard_info: dict[str, int | str] | None = None
     if shard is not None:
         begin, stop = shard.bounds(len(files))
@@ -177,7 +265,7 @@ def encode_files(
         files = files[begin:stop]
         if not files:
             raise VqtoolError(f"shard {shard.index}/{shard.count} of {shard_info['total']} files is empty")
-    shape = _first_shape(Path(files[0]), size, resize)
+    shape = _first_shape(files, options)
     grid = (shape[0] // DOWNSAMPLE, shape[1] // DOWNSAMPLE)
     signature = {
         "list_sha256": list_checksum(files),
@@ -186,29 +274,36 @@ def encode_files(
         "grid": list(grid),
         "dtype": dtype.name,
         "precision": precision,
+        "skip_bad": skip_bad,
+        "max_pixels": max_pixels,
     }
-    done = _resume_point(out, signature, resume, log)
+    progress = _resume_point(out, signature, resume, log)
     partial = partial_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if done:
+    if progress.done:
         codes_out = np.lib.format.open_memmap(partial, mode="r+")
-        log(f"resuming {out} after {done} of {len(files)} images")
+        log(f"resuming {out} after {progress.done} of {len(files)} images")
     else:
         progress_path(out).unlink(missing_ok=True)
         codes_out = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=(len(files), *grid))
     resized = 0
-    finished, synced_at = done, time.monotonic()
+    finished, written, skipped = progress.done, progress.written, list(progress.skipped)
+    synced_at = time.monotonic()
 
     def record_progress(rows: np.memmap) -> None:
         """Rows on disk first, then the record that says so; at most every SYNC_SECONDS, and on interrupt."""
         rows.flush()
-        write_json(progress_path(out), {**signature, "done": finished})
+        record = {**signature, "done": finished, "written": written, "skipped": [s.to_dict() for s in skipped]}
+        write_json(progress_path(out), record)
 
     try:
-        for first, pixels, count in read_batches(files, size, resize, batch_size, workers, shape, start=done):
-            resized += count
-            codes_out[first : first + len(pixels)] = encoder(pixels)
-            finished = first + len(pixels)
+        for batch in read_batches(files, options, batch_size, workers, shape, start=progress.done):
+            resized += batch.resized
+            if len(batch.pixels):
+                codes_out[written : written + len(batch.pixels)] = encoder(batch.pixels)
+            written += len(batch.pixels)
+            skipped.extend(batch.skipped)
+            finished = batch.first + batch.files
             if time.monotonic() - synced_at > SYNC_SECONDS:
                 record_progress(codes_out)
                 synced_at = time.monotonic()
@@ -227,8 +322,15 @@ def encode_files(
         ) from None
     codes_out.flush()
     del codes_out
+    if not written:
+        partial.unlink(missing_ok=True)
+        progress_path(out).unlink(missing_ok=True)
+        raise VqtoolError(f"none of the {len(files)} files could be read, so nothing was written: {skipped[0].reason}")
+    if written < len(files):
+        shrink_rows(partial, written)
+    left_out = {s.file for s in skipped}
     sidecar = CodesSidecar(
-        files=[str(f) for f in files],
+        files=[str(f) for f in files if str(f) not in left_out] if left_out else [str(f) for f in files],
         grid=list(grid),
         codes=manifest.codes,
         dtype=dtype.name,
@@ -236,6 +338,7 @@ def encode_files(
         checkpoint_sha256=manifest.checkpoint_sha256,
         shard=shard_info,
         precision=precision,
+        skipped=[s.to_dict() for s in skipped] if skip_bad else None,
     )
     # The sidecar is renamed into place before the codes: a crash between leaves old codes with a
     # sidecar whose file count no longer matches, which decode reports, never a silent mismatch.
@@ -243,9 +346,20 @@ def encode_files(
     usual_mode(partial)
     os.replace(partial, out)
     progress_path(out).unlink(missing_ok=True)
+    if skipped:
+        log(describe_skipped(skipped, len(files)))
     if resized:
         keep = "use --no-resize to keep sizes that are multiples of 16"
-        log(f"resized {resized} of {len(files)} images to {size}x{size} ({keep})")
+        log(f"resized {resized} of {written} images to {options.size}x{options.size} ({keep})")
+    seconds = time.perf_counter() - started
     return EncodeResult(
-        out, sidecar_path(out), len(files), grid, encoder.describe(), resized, time.perf_counter() - started, done
+        out,
+        sidecar_path(out),
+        written,
+        grid,
+        encoder.describe(),
+        resized,
+        seconds,
+        progress.done,
+        tuple(skipped) if skip_bad else None,
     )

@@ -12,6 +12,7 @@ class VqtoolError(Exception):
 
     def __init__(self, message: str, path: Path | str | None = None) -> None:
         self.path = None if path is None else Path(path)
+        self.reason = message  # without the path: what a skip report lists beside the file
         super().__init__(f"{path}: {message}" if path is not None else message)
 
 

@@ -6,8 +6,10 @@ import contextlib
 import functools
 import os
 import struct
+import warnings
 import zlib
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vqtool.errors import VqtoolError
+from vqtool.limits import DEFAULT_MAX_PIXELS
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 
@@ -47,7 +50,12 @@ def list_image_names(inputs: Iterable[Path | str]) -> list[str]:
             found.add(str(item))
         else:
             raise VqtoolError("no such file or folder", item)
-    return sorted(found, key=lambda name: name.replace(os.sep, "/"))
+    return sorted_names(found)
+
+
+def sorted_names(names: Iterable[str]) -> list[str]:
+    """The one order of file lists everywhere (encode rows, shards, merge): by path with '/' separators."""
+    return sorted(names, key=lambda name: name.replace(os.sep, "/"))
 
 
 def list_images(inputs: Iterable[Path | str]) -> list[Path]:
@@ -93,12 +101,56 @@ def fast_png_available() -> bool:
     return _libspng() is not None
 
 
-def _read_rgb8_png(path: str | Path) -> np.ndarray | None:
+def allow_pixels(max_pixels: int) -> None:
+    """Let Pillow open images up to `max_pixels` (its own bomb check would refuse past twice its default).
+
+    For the process that owns the command line (and its forked readers): read_rgb checks the declared
+    size against `max_pixels` itself, before decoding, so Pillow's check only has to stay out of the way.
+    """
+    if max_pixels < 1:
+        raise VqtoolError(f"--max-pixels must be at least 1, got {max_pixels}")
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A file left out under --skip-bad, and the one-line reason it could not be used."""
+
+    file: str
+    reason: str
+
+    @classmethod
+    def of(cls, error: VqtoolError, file: str | Path) -> SkippedFile:
+        return cls(str(file), error.reason)
+
+    def to_dict(self) -> dict[str, str]:
+        return {"file": self.file, "reason": self.reason}
+
+
+def describe_skipped(skipped: Sequence[SkippedFile], total: int, shown: int = 3) -> str:
+    """'skipped 2 of 100 files that could not be read: a.png (reason); ...' for the console."""
+    first = "; ".join(f"{s.file} ({s.reason})" for s in skipped[:shown])
+    more = f"; and {len(skipped) - shown} more" if len(skipped) > shown else ""
+    return f"skipped {len(skipped)} of {total} files that could not be used: {first}{more}"
+
+
+def _check_pixels(width: int, height: int, max_pixels: int, path: str | Path) -> None:
+    if width * height > max_pixels:
+        raise VqtoolError(
+            f"declares {width}x{height} = {width * height:,} pixels, more than --max-pixels {max_pixels:,} "
+            "(refused before decoding; raise --max-pixels if the image is genuine)",
+            path,
+        )
+
+
+def _read_rgb8_png(path: str | Path, max_pixels: int) -> np.ndarray | None:
     """8-bit RGB PNGs through libspng (the fast-png extra), or None for Pillow to read.
 
     For small images Pillow's per-file Python work dominates (~80 µs for 32x32, against ~45 µs here),
     and reading files costs about as much CPU as INT8 inference. Only 8-bit RGB without an EXIF block
-    takes this path, so the pixels are exactly Pillow's; anything else, or any error, goes to Pillow.
+    takes this path, so the pixels are exactly Pillow's; anything else, or any error, goes to Pillow,
+    which then gives the one-line error.
     """
     pyspng = _libspng()
     if pyspng is None:
@@ -113,32 +165,53 @@ def _read_rgb8_png(path: str | Path) -> np.ndarray | None:
         return None
     if b"eXIf" in data:
         return None
+    width, height = struct.unpack(">II", data[16:24])
+    _check_pixels(width, height, max_pixels, path)
     try:
         pixels = pyspng.load(data)
-    except RuntimeError:
+    except Exception:  # libspng's errors (RuntimeError, ValueError, ...) mean: let Pillow read or refuse it
         return None
     return pixels if pixels.dtype == np.uint8 and pixels.shape[2:] == (3,) else None
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """Decode one image file to uint8 H x W x 3, or raise a one-line error naming the file."""
+def read_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode one image file to uint8 H x W x 3, or raise a one-line error naming the file.
+
+    Images whose header declares more than `max_pixels` are refused before any pixel is decoded.
+    """
     if str(path)[-4:].lower() == ".png":
-        fast = _read_rgb8_png(path)
+        fast = _read_rgb8_png(path, max_pixels)
         if fast is not None:
             return fast
     try:
-        with Image.open(path) as image:
-            if "exif" in image.info or image.format in EXIF_FORMATS:
-                image = ImageOps.exif_transpose(image)
-            image.load()
-            return np.asarray(image) if image.mode == "RGB" else _to_rgb(image)
+        with warnings.catch_warnings():
+            # Pillow warns between its threshold and twice it; our own check below decides instead.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                _check_pixels(image.width, image.height, max_pixels, path)
+                if "exif" in image.info or image.format in EXIF_FORMATS:
+                    image = ImageOps.exif_transpose(image)
+                image.load()
+                return np.asarray(image) if image.mode == "RGB" else _to_rgb(image)
+    except VqtoolError:
+        raise
     except UnidentifiedImageError:
         raise VqtoolError("not an image file (or a format Pillow cannot read)", path) from None
     except FileNotFoundError:
         raise VqtoolError("no such file", path) from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        # Pillow reports truncated and corrupt data as OSError/SyntaxError with its own wording.
-        raise VqtoolError(f"unreadable or truncated image ({exc})", path) from None
+    except IsADirectoryError:
+        raise VqtoolError("is a folder, not an image file", path) from None
+    except Image.DecompressionBombError as exc:
+        reason = f"declares more than --max-pixels {max_pixels:,} pixels; refused before decoding ({exc})"
+        raise VqtoolError(reason, path) from None
+    except MemoryError:
+        raise VqtoolError("too large to decode in the memory available", path) from None
+    except Exception as exc:
+        # Pillow reports truncated and corrupt data as OSError, SyntaxError, ValueError, struct.error,
+        # EOFError, IndexError... in its own words, depending on the format's plugin: all of them mean
+        # this file cannot be read.
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise VqtoolError(f"unreadable or truncated image ({reason})", path) from None
 
 
 def fit_to_size(pixels: np.ndarray, size: int, *, resize: bool, multiple: int, path: str | Path) -> np.ndarray:

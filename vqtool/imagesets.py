@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vqtool.errors import VqtoolError
-from vqtool.images import fit_to_size, list_images, read_rgb
+from vqtool.images import SkippedFile, fit_to_size, list_images, read_rgb
+from vqtool.limits import DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:
     from vqtool.train.data import TrainingSet
@@ -32,15 +33,18 @@ def _check_array(images: Any, path: Path) -> np.ndarray:
 def _read_array(path: Path) -> np.ndarray:
     try:
         loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise VqtoolError(f"cannot read as a NumPy array ({exc})", path) from None
-    if isinstance(loaded, np.lib.npyio.NpzFile):
-        with loaded:
-            keys = list(loaded.keys())
-            key = "images" if "images" in keys else keys[0] if len(keys) == 1 else None
-            if key is None:
-                raise VqtoolError(f"holds several arrays ({', '.join(keys)}); name the images array 'images'", path)
-            loaded = loaded[key]
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                keys = list(loaded.keys())
+                key = "images" if "images" in keys else keys[0] if len(keys) == 1 else None
+                if key is None:
+                    raise VqtoolError(f"holds several arrays ({', '.join(keys)}); name the images array 'images'", path)
+                loaded = loaded[key]
+    except VqtoolError:
+        raise
+    except Exception as exc:  # as codes.load_codes_array: a damaged header can raise whatever NumPy's parser raises
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise VqtoolError(f"cannot read as a NumPy array ({reason})", path) from None
     return _check_array(loaded, path)
 
 
@@ -75,8 +79,33 @@ def _resize_all(images: np.ndarray, size: int, path: Path) -> np.ndarray:
     return np.stack([fit_to_size(im, size, resize=True, multiple=1, path=path) for im in images])
 
 
-def read_image_set(path: Path, size: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Images N x size x size x 3 from `path`, and the collection's own validation images if it has them."""
+def _read_folder(path: Path, size: int, max_pixels: int, skipped: list[SkippedFile] | None) -> np.ndarray:
+    """Every image under `path`, resized; a bad file stops the read, unless `skipped` collects it instead."""
+    images = []
+    for name in list_images([path]):
+        try:
+            images.append(fit_to_size(read_rgb(name, max_pixels), size, resize=True, multiple=1, path=name))
+        except VqtoolError as error:
+            if skipped is None:
+                raise
+            skipped.append(SkippedFile.of(error, name))
+    if not images:
+        raise VqtoolError("none of the images here could be read", path)
+    return np.stack(images)
+
+
+def read_image_set(
+    path: Path,
+    size: int,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    skipped: list[SkippedFile] | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Images N x size x size x 3 from `path`, and the collection's own validation images if it has them.
+
+    Image files larger than `max_pixels` are refused from their header. A file that cannot be read
+    raises the one-line error, or, when a `skipped` list is given, is left out and added to it.
+    """
     if is_cifar_folder(path):
         train = np.concatenate([_read_cifar_batch(path / name) for name in CIFAR_TRAIN_BATCHES])
         test = path / CIFAR_TEST_BATCH
@@ -84,17 +113,22 @@ def read_image_set(path: Path, size: int) -> tuple[np.ndarray, np.ndarray | None
         return _resize_all(train, size, path), None if val is None else _resize_all(val, size, path)
     if path.is_file() and path.suffix.lower() in (".npy", ".npz"):
         return _resize_all(_read_array(path), size, path), None
-    files = list_images([path])
-    return np.stack([fit_to_size(read_rgb(f), size, resize=True, multiple=1, path=f) for f in files]), None
+    return _read_folder(path, size, max_pixels, skipped), None
 
 
-def load_training_set(data: Path | None, size: int) -> TrainingSet:
+def load_training_set(
+    data: Path | None,
+    size: int,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    skipped: list[SkippedFile] | None = None,
+) -> TrainingSet:
     """The training set a run uses: the embedded default photographs, or the collection at `data`."""
     from vqtool.train.data import default_training_set, split_training_set
 
     if data is None:
         return default_training_set(size)
-    images, val = read_image_set(data, size)
+    images, val = read_image_set(data, size, max_pixels=max_pixels, skipped=skipped)
     if val is None and len(images) < 2:
         raise VqtoolError("need at least 2 images (one is held out for validation)", data)
     return split_training_set(images, size, val)

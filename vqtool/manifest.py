@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -82,17 +83,48 @@ def read_manifest(export_dir: Path) -> Manifest:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
         raise VqtoolError("no manifest.json here; is this an export folder made by vqtool export?", path) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise VqtoolError(f"corrupt manifest ({exc})", path) from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise VqtoolError(f"not a vqtool export manifest (no '{FORMAT}' format field)", path)
+    if type(raw.get("format_version", 0)) is not int:
+        raise VqtoolError("incomplete or damaged manifest ('format_version' must be an integer); re-export", path)
     if raw.get("format_version", 0) > FORMAT_VERSION:
         raise VqtoolError(f"written by a newer vqtool (format {raw['format_version']}); upgrade vqtool", path)
+    problem = _manifest_problem(raw)
+    if problem:
+        raise VqtoolError(f"incomplete or damaged manifest ({problem}); re-export", path)
     try:
         raw["graphs"] = {name: GraphEntry(**entry) for name, entry in raw["graphs"].items()}
         return Manifest(**raw)
     except (KeyError, TypeError) as exc:
         raise VqtoolError(f"incomplete manifest ({exc})", path) from None
+
+
+def _manifest_problem(raw: dict[str, Any]) -> str | None:
+    """What is wrong with a parsed manifest's fields, or None; each later use relies on these types."""
+    for name in ("image_size", "grid", "codes", "opset"):
+        if type(raw.get(name)) is not int or raw[name] < 1:
+            return f"'{name}' must be a positive integer"
+    if raw["codes"] < 2:
+        return "'codes' must be at least 2"
+    if raw.get("code_dtype") not in ("uint8", "uint16", "uint32"):
+        return "'code_dtype' must be uint8, uint16 or uint32"
+    if not isinstance(raw.get("model_config"), dict):
+        return "'model_config' must be an object"
+    for name in ("checkpoint_sha256", "vqtool_version", "torch_version", "pytorch_file", "pytorch_sha256"):
+        if not isinstance(raw.get(name, ""), str):
+            return f"'{name}' must be a string"
+    graphs = raw.get("graphs")
+    if not isinstance(graphs, dict) or "encoder" not in graphs or "decoder" not in graphs:
+        return "'graphs' must list at least the encoder and the decoder"
+    entry_fields = ("file", "sha256", "precision", "input", "output")
+    for name, entry in graphs.items():
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in entry_fields):
+            return f"graph '{name}' must give {', '.join(entry_fields)} as strings"
+        if os.path.basename(entry["file"]) != entry["file"]:
+            return f"graph '{name}' must name a file inside the export folder"
+    return None
 
 
 def verify_graph(export_dir: Path, manifest: Manifest, name: str) -> Path:

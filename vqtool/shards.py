@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from vqtool.atomic import atomic_output, write_json
-from vqtool.codes import CodesSidecar, read_sidecar, sidecar_path
+from vqtool.codes import CodesSidecar, load_codes_array, read_sidecar, sidecar_path
 from vqtool.errors import VqtoolError
+from vqtool.images import sorted_names
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,10 @@ class Shard:
 def list_checksum(files: Sequence[Path | str]) -> str:
     """Identifies the full sorted file list, so shards of different lists are never merged."""
     return hashlib.sha256("\n".join(str(f) for f in files).encode()).hexdigest()
+
+
+def skipped_files(sidecar: CodesSidecar) -> list[str]:
+    return [entry["file"] for entry in sidecar.skipped or []]
 
 
 def merge_shards(paths: Sequence[Path], out: Path) -> CodesSidecar:
@@ -72,11 +77,16 @@ def merge_shards(paths: Sequence[Path], out: Path) -> CodesSidecar:
         raise VqtoolError(f"shards {', '.join(f'{i}/{count}' for i in missing)} are missing; merge needs all {count}")
     ordered = [by_index[i] for i in range(count)]
     files = [f for _, sidecar in ordered for f in sidecar.files]
-    if list_checksum(files) != first.shard["list_sha256"]:
+    # Under --skip-bad a shard's rows leave its unreadable files out; its slice of the list is both, in order.
+    sliced = [f for _, sidecar in ordered for f in sorted_names([*sidecar.files, *skipped_files(sidecar)])]
+    if list_checksum(sliced) != first.shard["list_sha256"]:
         raise VqtoolError("the shards' file lists do not add up to the list they were cut from")
+    skipped = [entry for _, sidecar in ordered for entry in sidecar.skipped or []]
     arrays = []
     for path, sidecar in ordered:
-        codes = np.load(path, mmap_mode="r", allow_pickle=False)
+        codes = load_codes_array(path)
+        if codes.shape[1:] != tuple(sidecar.grid) or codes.dtype != np.dtype(sidecar.dtype):
+            raise VqtoolError(f"holds {codes.dtype} grids of {codes.shape[1:]}, not what its sidecar says", path)
         if len(codes) != len(sidecar.files):
             raise VqtoolError(f"holds {len(codes)} grids but its sidecar lists {len(sidecar.files)} files", path)
         arrays.append(codes)
@@ -88,6 +98,7 @@ def merge_shards(paths: Sequence[Path], out: Path) -> CodesSidecar:
         manifest_sha256=first.manifest_sha256,
         checkpoint_sha256=first.checkpoint_sha256,
         precision=first.precision,
+        skipped=skipped if any(sidecar.skipped is not None for _, sidecar in ordered) else None,
     )
     with atomic_output(out) as temp:
         target = np.lib.format.open_memmap(
