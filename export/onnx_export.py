@@ -183,24 +183,19 @@ def _check_trt_compatible(
             log(f"warning: {entry.file}: {problem} (TensorRT will not build it)")
 
 
-def default_timing_cache() -> Path:
-    """One timing cache per user, reused by every engine build on this machine."""
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return root / "vqtool" / "tensorrt-timing.cache"
-
-
 def _build_engines(
     out_dir: Path,
     entries: dict[str, GraphEntry],
     config: ModelConfig,
     profile: EngineProfile,
-    timing_cache: Path,
+    timing_cache: Path | None,
     log: Callable[[str], None],
 ) -> None:
-    from vqtool.export.tensorrt_build import build_engine
-    from vqtool.trt_runtime import current_gpu
+    from vqtool.export.tensorrt_build import build_engine, default_timing_cache
+    from vqtool.trt_runtime import current_gpu, import_tensorrt
 
     gpu = current_gpu()
+    cache = timing_cache or default_timing_cache(str(import_tensorrt().__version__), gpu)
     tails = {ENCODER_INPUT: (config.image_size, config.image_size, 3), DECODER_INPUT: (config.grid, config.grid)}
     for name, entry in entries.items():
         log(f"building TensorRT engine {name}.engine ({entry.precision}) on {gpu.name}")
@@ -213,7 +208,8 @@ def _build_engines(
             input_tail=tails[entry.input],
             precision=entry.precision,
             profile=profile,
-            timing_cache=timing_cache,
+            timing_cache=cache,
+            log=log,
         )
 
 
@@ -300,8 +296,7 @@ def export_model(
         )
         write_json(staging / MANIFEST_NAME, manifest.to_dict())
         if trt:
-            cache = timing_cache or default_timing_cache()
-            _build_engines(staging, entries, config, profile or EngineProfile(), cache, log)
+            _build_engines(staging, entries, config, profile or EngineProfile(), timing_cache, log)
         images = held_out_images(checkpoint, log) if parity_images is None else parity_images
         verification = verify_export(checkpoint.model, staging, manifest, images, log=log)
         write_json(staging / PARITY_NAME, verification.to_dict())

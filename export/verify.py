@@ -17,7 +17,7 @@ from vqtool.runtime import OnnxRuntimeRunner
 from vqtool.train.model import VQVAE
 
 # Where each backend runs; the TensorRT ones are tried only where an engine or GPU exists.
-RUNTIMES = (("onnxruntime", "cpu"), ("onnxruntime", "cuda"), ("tensorrt", "cuda"))
+RUNTIMES = (("onnxruntime", "cpu"), ("onnxruntime", "cuda"), ("onnxruntime-trt", "cuda"), ("tensorrt", "cuda"))
 
 
 @dataclass(frozen=True)

@@ -42,3 +42,19 @@ def test_the_install_puts_only_vqtool_at_the_top_level(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["None", "None"]
+
+
+def test_gpu_extras_install_one_consistent_cuda_stack() -> None:
+    """Each TensorRT extra names one CUDA major for TensorRT, cuda-python and onnxruntime-gpu (whose TensorRT
+    provider links TensorRT 10), instead of the unsuffixed `tensorrt`, which now resolves to CUDA 13 and TensorRT 11."""
+    import tomllib
+
+    from tests.conftest import REPO
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    stacks = {"trt": ("cu13", "<14", ">=1.27"), "trt-cu12": ("cu12", "<13", "<1.27")}
+    for extra, (cuda, cuda_python, ort) in stacks.items():
+        wanted = {name.split(">")[0].split("<")[0]: name for name in extras[extra]}
+        assert set(wanted) == {f"tensorrt-{cuda}", "cuda-python", "onnxruntime-gpu"}, extra
+        assert wanted[f"tensorrt-{cuda}"].endswith(",<11") and cuda_python in wanted["cuda-python"], extra
+        assert ort in wanted["onnxruntime-gpu"], extra

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import one_error_line, run_cli
 from vqtool.backends import open_runner
 from vqtool.errors import VqtoolError
 from vqtool.manifest import read_manifest
@@ -117,3 +118,49 @@ def test_parity_command_on_user_images(export_dir: Path, mixed_folder: Path, tmp
     # measure too coarsely to hold on every CPU, so only its consistency with the exit status is checked.
     assert reports["fp32"]["passed"] and reports["fp16"]["passed"], result.stderr
     assert result.returncode == (0 if all(r["passed"] for r in reports.values()) else 1), result.stderr
+
+
+def _trt_provider_starts() -> bool:
+    import onnxruntime as ort
+
+    return "TensorrtExecutionProvider" in ort.get_available_providers() and _gpu_present()
+
+
+def _gpu_present() -> bool:
+    from tests.conftest import _gpu_missing
+
+    return _gpu_missing() is None
+
+
+def test_onnxruntime_trt_gets_the_export_profile_and_says_why_it_cannot_start(
+    export_dir: Path, mixed_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vqtool.backends import trt_profile
+
+    manifest = read_manifest(export_dir)
+    assert trt_profile(export_dir, manifest, "encoder", "fp32").options() == {
+        "trt_profile_min_shapes": "images:1x32x32x3",
+        "trt_profile_opt_shapes": "images:64x32x32x3",
+        "trt_profile_max_shapes": "images:256x32x32x3",
+    }
+    assert trt_profile(export_dir, manifest, "decoder", "fp16").options()["trt_profile_max_shapes"] == "codes:256x2x2"
+    if _trt_provider_starts():
+        pytest.skip("ONNX Runtime's TensorRT provider starts here")
+    # ONNX Runtime prints the failed start on stdout, where results go; vqtool makes it the reason instead.
+    result = run_cli(
+        "encode",
+        str(mixed_folder),
+        "--model",
+        str(export_dir),
+        "--out",
+        str(tmp_path / "c.npy"),
+        "--backend",
+        "onnxruntime-trt",
+    )
+    assert result.stdout == ""
+    one_error_line(result, "TensorrtExecutionProvider is listed but could not start (")
+    # TF32 is turned off for the whole process before the first GPU session, unless the user chose otherwise.
+    monkeypatch.delenv("NVIDIA_TF32_OVERRIDE", raising=False)
+    with pytest.raises(VqtoolError):
+        open_runner(export_dir, manifest, "encoder", backend="onnxruntime-trt", device="cuda")
+    assert os.environ["NVIDIA_TF32_OVERRIDE"] == "0"

@@ -167,7 +167,8 @@ def test_engine_with_a_changed_build_record_is_refused(
     trained_checkpoint: Path, tmp_path: Path, mixed_folder: Path
 ) -> None:
     out = tmp_path / "model"
-    assert run_cli("export", str(trained_checkpoint), "--out", str(out), "--trt", timeout=1800).returncode == 0
+    cache = ("--timing-cache", str(tmp_path / "timing.cache"))  # never the user's own cache
+    assert run_cli("export", str(trained_checkpoint), "--out", str(out), "--trt", *cache, timeout=1800).returncode == 0
     record = out / "encoder.engine.json"
     record.write_text(json.dumps({**json.loads(record.read_text()), "tensorrt_version": "9.0.0"}))
     result = run_cli(
@@ -176,3 +177,33 @@ def test_engine_with_a_changed_build_record_is_refused(
     assert result.returncode == 1 and "rebuild" in result.stderr
     codes = run_cli("encode", str(mixed_folder), "--model", str(out), "--out", str(tmp_path / "d.npy"))
     assert codes.returncode == 0 and np.load(tmp_path / "d.npy").shape == (8, 2, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_engines_build_against_an_existing_a_foreign_and_a_corrupt_timing_cache(
+    trained_checkpoint: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "timing.cache"
+
+    def export(name: str) -> str:
+        args = ("export", str(trained_checkpoint), "--out", str(tmp_path / name), "--trt", "--timing-cache", str(cache))
+        result = run_cli(*args, timeout=1800)
+        assert result.returncode == 0, result.stderr
+        assert json.loads((tmp_path / name / "parity.json").read_text())["passed"]
+        return result.stderr
+
+    export("fresh")
+    built = cache.read_bytes()
+    assert built, "the first build wrote no timing cache"
+    assert "cannot use this timing cache" not in export("existing")  # reused as it is
+    # Another GPU or TensorRT version: same magic, other device and version fields, which TensorRT checks.
+    foreign = bytearray(built)
+    for at in range(8, min(64, len(foreign))):
+        foreign[at] ^= 0x5A
+    cache.write_bytes(bytes(foreign))
+    assert "cannot use this timing cache" in export("foreign")
+    assert cache.read_bytes() != bytes(foreign) and len(cache.read_bytes()) > 0  # replaced by a usable cache
+    cache.write_bytes(b"not a timing cache")
+    assert "cannot use this timing cache" in export("corrupt")
+    assert cache.read_bytes() != b"not a timing cache"

@@ -13,7 +13,7 @@ import numpy as np
 
 from vqtool.errors import VqtoolError, missing_extra
 from vqtool.manifest import Manifest, sha256_file, verify_graph
-from vqtool.runtime import DEVICES, OnnxRuntimeRunner, Runner
+from vqtool.runtime import DEVICES, OnnxRuntimeRunner, Runner, TrtProfile
 
 BACKENDS = ("auto", "onnxruntime", "onnxruntime-trt", "tensorrt", "torch")
 INT8 = "int8"
@@ -99,6 +99,20 @@ class Opened:
         return f"{self.runner.backend}: {self.runner.describe()}{note}"
 
 
+def trt_profile(export_dir: Path, manifest: Manifest, role: str, precision: str) -> TrtProfile:
+    """The batch range of the export's own TensorRT engine if it has one, else the default one, at the model's size."""
+    from vqtool.trt_runtime import DEFAULT_BATCH_PROFILE, read_engine_metadata
+
+    entry = manifest.graphs[graph_key(role, precision)]
+    tail = (manifest.image_size, manifest.image_size, 3) if role == "encoder" else (manifest.grid, manifest.grid)
+    batches = DEFAULT_BATCH_PROFILE
+    engine = engine_path(export_dir, role, precision)
+    if engine.is_file():
+        meta = read_engine_metadata(engine)
+        batches = (meta.profile_min[0], meta.profile_opt[0], meta.profile_max[0])
+    return TrtProfile(entry.input, tail, batches)
+
+
 def _open(
     export_dir: Path,
     manifest: Manifest,
@@ -131,7 +145,10 @@ def _open(
     if backend == "onnxruntime-trt":
         if device == "cpu":
             raise VqtoolError("--backend onnxruntime-trt needs a CUDA GPU; use --device cuda or auto")
-        return OnnxRuntimeRunner(graph, "tensorrt", trt_cache=export_dir / "ort_trt_cache", spin=spin)
+        profile = trt_profile(export_dir, manifest, role, precision)
+        return OnnxRuntimeRunner(
+            graph, "tensorrt", trt_cache=export_dir / "ort_trt_cache", trt_profile=profile, spin=spin
+        )
     return OnnxRuntimeRunner(graph, device, threads=threads, spin=spin)
 
 

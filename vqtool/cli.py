@@ -364,7 +364,8 @@ def export_command(
     timing_cache: Annotated[
         Path | None,
         typer.Option(
-            help="TensorRT timing cache file, reused across builds (default: ~/.cache/vqtool/tensorrt-timing.cache)."
+            help="TensorRT timing cache file, reused across builds (default: one per TensorRT version and GPU "
+            "under ~/.cache/vqtool/)."
         ),
     ] = None,
 ) -> None:
@@ -415,7 +416,8 @@ def parity(
     backend: Annotated[
         list[str] | None,
         typer.Option(
-            help="Limit to these backends (repeatable): onnxruntime, tensorrt. Default: every one that starts here."
+            help="Limit to these backends (repeatable): onnxruntime, onnxruntime-trt, tensorrt. "
+            "Default: every one that starts here."
         ),
     ] = None,
     naive_fp16: Annotated[

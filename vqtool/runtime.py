@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -47,6 +52,33 @@ def requested_providers(device: str, available: list[str]) -> list[str]:
     return [*wanted, "CPUExecutionProvider"]
 
 
+# CUDA reads this when it starts in the process: "0" keeps TF32 off for every kernel, the only way to do so for
+# ONNX Runtime's TensorRT provider, which has no TF32 option (CUDA's provider has use_tf32, set below).
+TF32_OVERRIDE = "NVIDIA_TF32_OVERRIDE"
+
+
+@dataclass(frozen=True)
+class TrtProfile:
+    """The input shapes ONNX Runtime's TensorRT provider builds its engine for: the export's batch range."""
+
+    input: str
+    tail: tuple[int, ...]
+    batches: tuple[int, int, int]
+
+    def options(self) -> dict[str, str]:
+        """trt_profile_min_shapes=images:1x32x32x3 and its opt and max twins."""
+        return {
+            f"trt_profile_{key}_shapes": f"{self.input}:" + "x".join(str(d) for d in (batch, *self.tail))
+            for key, batch in zip(("min", "opt", "max"), self.batches, strict=True)
+        }
+
+
+def provider_failure(narration: str) -> str | None:
+    """The reason in ONNX Runtime's 'EP Error <where> <why> when using [...]' printout, without its source location."""
+    match = re.search(r"^EP Error (?:\S+:\d+ [^(]*\([^)]*\) )?(.*?)\s+when using", narration, re.DOTALL | re.MULTILINE)
+    return " ".join(match[1].split()) if match else None
+
+
 class OnnxRuntimeRunner:
     """An ONNX Runtime session over one graph, with the provider that actually started."""
 
@@ -58,6 +90,7 @@ class OnnxRuntimeRunner:
         device: str = "auto",
         threads: int | None = None,
         trt_cache: Path | None = None,
+        trt_profile: TrtProfile | None = None,
         spin: bool = False,
     ) -> None:
         ort = _onnxruntime()
@@ -78,28 +111,39 @@ class OnnxRuntimeRunner:
         providers: list[str | tuple[str, dict[str, str]]] = [
             (p, {"use_tf32": "0"}) if p in CUDA_PROVIDERS else p for p in self.requested
         ]
-        if device == "tensorrt" and trt_cache is not None:
-            # Engines built by the TensorRT EP take minutes; cache them beside the export.
-            cache = {
-                "trt_engine_cache_enable": "True",
-                "trt_engine_cache_path": str(trt_cache),
-                "trt_timing_cache_enable": "True",
-            }
-            providers[0] = (TRT_PROVIDER, cache)
+        if self.requested[0] != "CPUExecutionProvider":
+            # Before the first GPU session of the process; a value the user set is kept (and reported).
+            os.environ.setdefault(TF32_OVERRIDE, "0")
+        if device == "tensorrt":
+            trt_options = trt_profile.options() if trt_profile is not None else {}
+            if trt_cache is not None:
+                # Engines built by the TensorRT EP take minutes; cache them (and their timings) beside the export.
+                trt_options |= {
+                    "trt_engine_cache_enable": "True",
+                    "trt_engine_cache_path": str(trt_cache),
+                    "trt_timing_cache_enable": "True",
+                    "trt_timing_cache_path": str(trt_cache),
+                }
+            providers[0] = (TRT_PROVIDER, trt_options)
+        # ONNX Runtime prints a provider that fails to start (and its fallback) on stdout, where command results
+        # go: keep that text as the reason instead.
+        narration = io.StringIO()
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            with contextlib.redirect_stdout(narration):
+                self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as exc:  # ORT raises its own untyped errors for unreadable graphs
             raise VqtoolError(f"ONNX Runtime cannot load this graph ({str(exc).splitlines()[0]})", path) from None
         self.provider = self.session.get_providers()[0]
+        why = provider_failure(narration.getvalue())
         if device == "cuda" and self.provider not in CUDA_PROVIDERS:
             raise VqtoolError(
                 "--device cuda: ONNX Runtime's CUDAExecutionProvider is installed but could not start "
-                "(no GPU or CUDA libraries here); use --device cpu"
+                f"({why or 'no GPU or CUDA libraries here'}); use --device cpu"
             )
         if device == "tensorrt" and self.provider != TRT_PROVIDER:
             raise VqtoolError(
                 "ONNX Runtime's TensorrtExecutionProvider is listed but could not start "
-                "(it needs a CUDA GPU and the TensorRT libraries); use another --backend"
+                f"({why or 'it needs a CUDA GPU and the TensorRT libraries'}); use another --backend"
             )
         self.input_name = self.session.get_inputs()[0].name
         self.version = ort.__version__
@@ -110,4 +154,6 @@ class OnnxRuntimeRunner:
     def describe(self) -> str:
         fell_back = [p for p in self.requested if p != "CPUExecutionProvider" and p != self.provider]
         note = f" ({', '.join(fell_back)} listed but could not start)" if fell_back else ""
+        if self.provider == TRT_PROVIDER and os.environ.get(TF32_OVERRIDE) != "0":
+            note += f" (TF32 may be on: {TF32_OVERRIDE} is {os.environ.get(TF32_OVERRIDE)!r}, not '0')"
         return f"ONNX Runtime {self.version} on {self.provider}{note}"

@@ -1,25 +1,33 @@
 """Native TensorRT engines: availability checks, engine metadata, and a runner (torch-free).
 
 Device memory and copies go through cuda-python, so running an engine needs neither PyTorch nor
-ONNX Runtime. Written against the TensorRT 10 Python API and type-checked with tensorrt-stubs.
+ONNX Runtime. Written against the TensorRT 10 and 11 Python APIs (only calls both keep) and
+type-checked with tensorrt-stubs.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from vqtool.errors import VqtoolError
 
+if TYPE_CHECKING:
+    import tensorrt as trt
+
 INSTALL_HINT = (
-    "on a machine with an NVIDIA GPU and driver, pip install 'vqtool[trt]' "
-    "(TensorRT's wheels are served from pypi.nvidia.com)"
+    "on a machine with an NVIDIA GPU and driver, pip install 'vqtool[trt]' (CUDA 13, driver r580 or later) "
+    "or 'vqtool[trt-cu12]' (CUDA 12)"
 )
+# Engines accept a dynamic batch in this range unless export --batch-min/--batch-opt/--batch-max say otherwise;
+# ONNX Runtime's TensorRT provider is given the same profile, so neither rebuilds for a new batch size.
+DEFAULT_BATCH_PROFILE = (1, 64, 256)
 
 
 def import_tensorrt() -> ModuleType:  # the real module; callers then `import tensorrt` for typed access
@@ -39,8 +47,16 @@ def import_tensorrt() -> ModuleType:  # the real module; callers then `import te
     return trt
 
 
+@functools.cache
+def trt_logger() -> trt.ILogger:
+    """One logger for the process: TensorRT expects a single logger shared by every builder and runtime."""
+    import tensorrt as trt
+
+    return trt.Logger(trt.Logger.WARNING)
+
+
 def import_cudart() -> Any:
-    """cuda-python's runtime bindings (module path changed in cuda-python 12.8)."""
+    """cuda-python's runtime bindings: cuda.bindings.runtime since 12.6.1; the old cuda.cudart is gone in 13."""
     try:
         from cuda.bindings import runtime as cudart
     except ImportError:
@@ -53,11 +69,22 @@ def import_cudart() -> Any:
     return cudart
 
 
+def cuda_error_text(error: Any) -> str:
+    """'cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime version'."""
+    cudart = import_cudart()
+    try:
+        name = cudart.cudaGetErrorName(error)[1]
+        text = cudart.cudaGetErrorString(error)[1]
+    except Exception:  # noqa: BLE001 - the error's own name is still worth reporting
+        return str(error)
+    return f"{name.decode() if isinstance(name, bytes) else name}: {text.decode() if isinstance(text, bytes) else text}"
+
+
 def _cuda_call(result: Any, what: str) -> Any:
     """cuda-python returns (error, *values); raise on an error, return the values."""
     error, *values = result if isinstance(result, tuple) else (result,)
     if int(error) != 0:
-        raise VqtoolError(f"CUDA call {what} failed with {error}")
+        raise VqtoolError(f"CUDA call {what} failed: {cuda_error_text(error)}")
     return values[0] if len(values) == 1 else tuple(values)
 
 
@@ -70,12 +97,12 @@ class GpuIdentity:
 def current_gpu() -> GpuIdentity:
     """The GPU an engine would build or run on, or one sentence saying there is none."""
     cudart = import_cudart()
-    try:
-        count = _cuda_call(cudart.cudaGetDeviceCount(), "cudaGetDeviceCount")
-    except VqtoolError:
-        count = 0
+    error, count = cudart.cudaGetDeviceCount()
+    if int(error) != 0:
+        # The runtime's own words (an old driver for this CUDA, no driver, no device) say what to fix.
+        raise VqtoolError(f"TensorRT needs a CUDA GPU, but CUDA cannot start here ({cuda_error_text(error)})")
     if not count:
-        raise VqtoolError("TensorRT needs a CUDA GPU, but none is visible here (no NVIDIA driver or device)")
+        raise VqtoolError("TensorRT needs a CUDA GPU, but none is visible here")
     props = _cuda_call(cudart.cudaGetDeviceProperties(0), "cudaGetDeviceProperties")
     name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
     return GpuIdentity(name.strip("\0 "), f"{props.major}.{props.minor}")
@@ -159,17 +186,21 @@ class TensorRTRunner:
         if sha256_file(engine_path) != meta.engine_sha256:
             raise VqtoolError("engine does not match its build record's checksum; rebuild it", engine_path)
         self.meta = meta
-        self.logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(self.logger)
+        self.buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
+        self.stream: Any = None
+        self.runtime = trt.Runtime(trt_logger())
         self.engine = self.runtime.deserialize_cuda_engine(engine_path.read_bytes())
         if self.engine is None:
             raise VqtoolError("TensorRT could not deserialize this engine; rebuild it", engine_path)
-        self.context = self.engine.create_execution_context()
+        context = self.engine.create_execution_context()
+        if context is None:  # TensorRT returns None (its log says why), e.g. out of device memory
+            raise VqtoolError("TensorRT could not create an execution context for this engine", engine_path)
+        self.context = context
+        self.input_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(meta.input)))  # type: ignore[no-untyped-call]
         self.output_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(meta.output)))  # type: ignore[no-untyped-call]
         self.stream = _cuda_call(self.cudart.cudaStreamCreate(), "cudaStreamCreate")
-        self.buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
         self.provider = f"TensorRT {trt.__version__} on {gpu.name}"
-        self.max_batch = meta.profile_max[0]
+        self.min_batch, self.max_batch = meta.profile_min[0], meta.profile_max[0]
 
     def _device_buffer(self, name: str, nbytes: int) -> int:
         pointer, size = self.buffers.get(name, (0, 0))
@@ -181,6 +212,10 @@ class TensorRTRunner:
         return int(pointer)
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
+        count = len(batch)
+        if count < self.min_batch:
+            # A tail smaller than the profile's smallest batch: pad it with copies of its last row, drop them after.
+            batch = np.concatenate([batch, np.repeat(batch[-1:], self.min_batch - count, axis=0)])
         batch = np.ascontiguousarray(batch)
         if not self.context.set_input_shape(self.meta.input, batch.shape):
             raise VqtoolError(
@@ -200,9 +235,15 @@ class TensorRTRunner:
             raise VqtoolError("TensorRT execution failed")
         _cuda_call(self.cudart.cudaMemcpyAsync(result.ctypes.data, target, result.nbytes, d2h, self.stream), "D2H")
         _cuda_call(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
-        return result
+        return result[:count]
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if batch.dtype != self.input_dtype:
+            raise VqtoolError(
+                f"the engine's input {self.meta.input} is {self.input_dtype}, but {batch.dtype} was given"
+            )
+        if len(batch) == 0:
+            raise VqtoolError("an empty batch was given")
         if len(batch) <= self.max_batch:
             return self._run(batch)
         return np.concatenate([self._run(batch[s : s + self.max_batch]) for s in range(0, len(batch), self.max_batch)])
@@ -210,6 +251,15 @@ class TensorRTRunner:
     def describe(self) -> str:
         return f"{self.provider} ({self.meta.precision} engine)"
 
-    def __del__(self) -> None:
-        for pointer, _ in getattr(self, "buffers", {}).values():
+    def close(self) -> None:
+        """Free the device buffers and the stream; the runner cannot run afterwards."""
+        for pointer, _ in self.buffers.values():
             self.cudart.cudaFree(pointer)
+        self.buffers = {}
+        if self.stream is not None:
+            self.cudart.cudaStreamDestroy(self.stream)
+            self.stream = None
+
+    def __del__(self) -> None:
+        if hasattr(self, "buffers"):  # __init__ may have stopped before there was anything to free
+            self.close()
