@@ -63,6 +63,10 @@ class TorchRunner:
         self.device = torch.device(
             "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
         )
+        if self.device.type == "cuda":
+            # TF32 would round FP32 convolutions and matmuls to 10 mantissa bits: codes would stop being FP32's.
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
         try:
             self.model = load_checkpoint(path).model.to(self.device).eval()
         except CheckpointError as exc:

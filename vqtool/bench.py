@@ -19,7 +19,15 @@ from vqtool.manifest import Manifest
 from vqtool.runtime import Runner
 
 BATCH_SIZES = (1, 32, 256)
-CANDIDATES = (("torch", "cpu"), ("onnxruntime", "cpu"), ("onnxruntime", "cuda"), ("tensorrt", "cuda"))
+# Eager PyTorch on the CPU first: it is the baseline every ratio is taken against.
+CANDIDATES = (
+    ("torch", "cpu"),
+    ("onnxruntime", "cpu"),
+    ("torch", "cuda"),
+    ("onnxruntime", "cuda"),
+    ("onnxruntime-trt", "cuda"),
+    ("tensorrt", "cuda"),
+)
 BASELINE = "torch"
 ROUNDS = 3
 # ONNX Runtime's CPU provider emulates FP16 with casts (slower than FP32), so folders are timed at these.
