@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -75,18 +76,26 @@ def test_merge_refuses_incomplete_duplicated_or_foreign_shards(
     assert bad.returncode == 1 and "I/N" in bad.stderr
 
 
-def test_an_interrupted_encode_resumes_to_the_single_pass_result(export_dir: Path, tmp_path: Path) -> None:
-    total = 3000
-    folder = _png_folder(tmp_path / "many", total)
+def test_an_interrupted_encode_resumes_to_the_single_pass_result(
+    png_folder: Path, export_dir: Path, tmp_path: Path
+) -> None:
+    # Hard links to a few real PNGs make a list long enough that no machine finishes it before the signal,
+    # however many cores it has: one reader, one inference thread, one image per batch.
+    total = 30_000
+    folder = tmp_path / "many"
+    folder.mkdir()
+    sources = sorted(png_folder.rglob("*.png"))
+    for index in range(total):
+        os.link(sources[index % len(sources)], folder / f"img{index:05d}.png")
     out = tmp_path / "codes.npy"
     partial, progress = tmp_path / ".codes.npy.partial", tmp_path / ".codes.npy.progress.json"
-    process = start_cli("encode", str(folder), "--model", str(export_dir), "--out", str(out), "--batch-size", "1")
+    slow = ("--batch-size", "1", "--readers", "1", "--threads", "1")
+    process = start_cli("encode", str(folder), "--model", str(export_dir), "--out", str(out), *slow)
     deadline = time.monotonic() + 120
-    while not partial.exists():
+    # The first progress record (written every 2 s, after a finished batch) says rows are done: interrupt then.
+    while not progress.exists():
         assert process.poll() is None and time.monotonic() < deadline, "encode ended before it could be interrupted"
         time.sleep(0.01)
-    time.sleep(0.3)
-    assert process.poll() is None, "encode ended before it could be interrupted"
     process.send_signal(signal.SIGTERM)  # what a scheduler sends when it preempts a job
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130 and "--resume" in stderr, stderr

@@ -37,19 +37,27 @@ def _usage(photos, tmp_path: Path, name: str, steps: int, model: ModelConfig = S
 
 @pytest.fixture(scope="module")
 def printed_usage(photos, tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:  # noqa: ANN001
-    """Codebook usage of the model as printed (K = 512), after 2 steps and after 200."""
+    """Codebook usage of the model as printed (K = 512) after 200 steps."""
     folder = tmp_path_factory.mktemp("printed")
-    return {steps: _usage(photos, folder, f"s{steps}", steps) for steps in (2, 200)}
+    return {200: _usage(photos, folder, "s200", 200)}
 
 
-def test_kmeans_init_starts_with_the_codebook_spread_over_the_latents(
-    photos,
-    tmp_path: Path,  # noqa: ANN001
-    printed_usage: dict[int, float],
-) -> None:
-    # As printed, the codebook starts as uniform(-1/K, 1/K), far from the encoder's outputs: after two
-    # steps the held-out images use ~13 of 512 codes; k-means on the first batches' latents gives ~40.
-    assert _usage(photos, tmp_path, "kmeans", 2, kmeans_init=True) > 2 * printed_usage[2]
+def test_kmeans_init_starts_with_the_codebook_spread_over_the_latents(photos) -> None:  # noqa: ANN001
+    """As printed, the codebook starts as uniform(-1/K, 1/K), far from the encoder's outputs, so a few codes take
+    every latent; k-means on the latents puts codes where the latents are. Measured right at initialisation:
+    a property of the method, not of how two short training runs happen to round on this CPU."""
+    from vqtool.train.codebook import CodebookHealth
+    from vqtool.train.model import VQVAE, images_to_input
+
+    torch.manual_seed(0)
+    model = VQVAE(SMALL).eval()
+    images = photos.batch(0, 256, seed=0)
+    with torch.no_grad():
+        latents = model.encode_latents(images_to_input(torch.from_numpy(images))).reshape(-1, SMALL.dim)
+    printed = len(model.quantizer.nearest(latents).unique())
+    assert printed < SMALL.codes / 8  # the fault the option exists for: a collapsed start
+    CodebookHealth(model.quantizer, TrainConfig(kmeans_init=True)).initialise(latents)
+    assert len(model.quantizer.nearest(latents).unique()) >= 0.9 * SMALL.codes
 
 
 @pytest.mark.slow
@@ -61,15 +69,23 @@ def test_restarting_dead_codes_raises_usage_at_512_codes(
     assert _usage(photos, tmp_path, "restart", 200, restart_dead=20) > 2 * printed_usage[200]
 
 
-@pytest.mark.slow
-def test_ema_updates_raise_usage_at_512_codes(
-    photos,
-    tmp_path: Path,  # noqa: ANN001
-    printed_usage: dict[int, float],
-) -> None:
-    """Decay 0.9 so the effect shows in 200 steps; with the default 0.99 it shows by ~1,500 steps
-    (benchmarks/codebook_health.py: 97 vs 69 codes), too long for CI."""
-    assert _usage(photos, tmp_path, "ema", 200, ema=True, ema_decay=0.9) > 1.5 * printed_usage[200]
+def test_ema_moves_each_used_code_to_the_mean_of_its_latents_and_the_optimizer_never_does() -> None:
+    """The EMA update itself, on latents whose assignment is known: each used code converges to the mean of
+    the latents assigned to it (how much that raises usage at 512 codes is measured by
+    benchmarks/codebook_health.py over 1,500 steps: 97 against 69 codes)."""
+    from vqtool.train.codebook import CodebookHealth
+    from vqtool.train.model import Quantizer
+
+    quantizer = Quantizer(4, 2)
+    health = CodebookHealth(quantizer, TrainConfig(ema=True, ema_decay=0.5, ema_epsilon=1e-9))
+    assert not quantizer.codebook.weight.requires_grad
+    latents = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, 4.0], [0.0, 6.0]])
+    codes = torch.tensor([0, 0, 2, 2, 2])
+    for step in range(40):
+        health.after_step(latents, codes, step)
+    book = quantizer.codebook.weight
+    assert torch.allclose(book[0], torch.tensor([2.0, 0.0]), atol=1e-4)
+    assert torch.allclose(book[2], torch.tensor([0.0, 4.0]), atol=1e-4)
 
 
 def test_restarts_are_counted_in_the_metrics(photos, tmp_path: Path) -> None:  # noqa: ANN001
@@ -197,7 +213,8 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path: Path) -> Non
         "cpu",
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29571"]
+    # --standalone picks a free port: a fixed one fails whenever another job on the machine holds it.
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     two = subprocess.run(
         [*torchrun, "-m", "vqtool", "train", *common, "--out", str(tmp_path / "two")],
         env=env,

@@ -144,7 +144,7 @@ def _check_pixels(width: int, height: int, max_pixels: int, path: str | Path) ->
         )
 
 
-def _read_rgb8_png(path: str | Path, max_pixels: int) -> np.ndarray | None:
+def _read_rgb8_png(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray | None:
     """8-bit RGB PNGs through libspng (the fast-png extra), or None for Pillow to read.
 
     For small images Pillow's per-file Python work dominates (~80 µs for 32x32, against ~45 µs here),
