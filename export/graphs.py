@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vqtool.train.model import VQVAE, code_distances, images_to_input, output_to_images
+from vqtool.train.model import VQVAE, code_distances, images_to_input, l2_normalize, output_to_images
 
 PRECISIONS = ("fp32", "fp16", "fp16-naive")
 
@@ -32,14 +32,17 @@ def _dtypes(precision: str) -> tuple[torch.dtype, torch.dtype]:
 
 
 class EncoderGraph(nn.Module):
-    """uint8 N x H x W x 3 -> int32 codes N x H/16 x W/16."""
+    """uint8 N x H x W x 3 -> int32 codes N x H/F x W/F (F: the model's downsampling factor)."""
 
     def __init__(self, model: VQVAE, precision: str = "fp32") -> None:
         super().__init__()
         self.conv_dtype, self.code_dtype = _dtypes(precision)
         self.encoder = copy.deepcopy(model.encoder).to(self.conv_dtype)
         self.before_quantize = copy.deepcopy(model.before_quantize).to(self.conv_dtype)
-        codebook = model.quantizer.codebook.weight.detach()
+        # The projection and normalisation belong to the quantizer: they run at its precision (the FP32 island).
+        quantizer = copy.deepcopy(model.quantizer).to(self.code_dtype)
+        self.project_in, self.l2 = quantizer.project_in, quantizer.l2
+        codebook = model.quantizer.search_codebook().detach()
         self.register_buffer("codebook", codebook.to(self.code_dtype).clone())
         # |e|^2 is computed in FP32 from the FP32 codebook, exactly as the PyTorch model does.
         self.register_buffer("code_sq", (codebook * codebook).sum(dim=-1).to(self.code_dtype))
@@ -47,6 +50,10 @@ class EncoderGraph(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images_to_input(images).to(self.conv_dtype)
         latents = self.before_quantize(self.encoder(x)).permute(0, 2, 3, 1).to(self.code_dtype)
+        if self.project_in is not None:
+            latents = self.project_in(latents)
+        if self.l2:
+            latents = l2_normalize(latents)
         distances = code_distances(latents, self.codebook, self.code_sq)
         # int32: what TensorRT's ArgMin/TopK produces natively, and enough for any codebook.
         return torch.argmin(distances, dim=-1).to(torch.int32)
@@ -94,14 +101,21 @@ FOUR_PHASE_LAYERS = 3
 
 
 class DecoderGraph(nn.Module):
-    """int32 codes N x h x w -> uint8 images N x 16h x 16w x 3."""
+    """int32 codes N x h x w -> uint8 images N x Fh x Fw x 3 (F: the model's downsampling factor)."""
 
     def __init__(self, model: VQVAE, precision: str = "fp32") -> None:
         super().__init__()
         self.conv_dtype, self.code_dtype = _dtypes(precision)
-        self.register_buffer("codebook", model.quantizer.codebook.weight.detach().to(self.code_dtype).clone())
-        self.after_quantize = FourPhaseConvTranspose(model.after_quantize).to(self.conv_dtype)
-        layers, converted = [], 1
+        # The lookup and back-projection run at the quantizer's precision, the decoder at the convolutions'.
+        self.register_buffer("codebook", model.quantizer.search_codebook().detach().to(self.code_dtype).clone())
+        self.project_out = copy.deepcopy(model.quantizer.project_out)
+        if self.project_out is not None:
+            self.project_out = self.project_out.to(self.code_dtype)
+        after, converted = model.after_quantize, 0
+        if isinstance(after, nn.ConvTranspose2d):
+            after, converted = FourPhaseConvTranspose(after), 1
+        self.after_quantize = copy.deepcopy(after).to(self.conv_dtype)
+        layers = []
         for layer in model.decoder:
             if isinstance(layer, nn.ConvTranspose2d) and converted < FOUR_PHASE_LAYERS:
                 layers.append(FourPhaseConvTranspose(layer))
@@ -111,6 +125,8 @@ class DecoderGraph(nn.Module):
         self.decoder = nn.Sequential(*layers).to(self.conv_dtype)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        latents = F.embedding(codes, self.codebook).to(self.conv_dtype)
-        output = self.decoder(self.after_quantize(latents.permute(0, 3, 1, 2)))
+        latents = F.embedding(codes, self.codebook)
+        if self.project_out is not None:
+            latents = self.project_out(latents)
+        output = self.decoder(self.after_quantize(latents.to(self.conv_dtype).permute(0, 3, 1, 2)))
         return output_to_images(output)

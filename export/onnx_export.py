@@ -159,7 +159,7 @@ def write_graphs(model: VQVAE, checkpoint_sha: str, out_dir: Path, precision: st
     entries = {}
     encoder_name, decoder_name = graph_key("encoder", precision), graph_key("decoder", precision)
     for name, module, example, names, scale in (
-        (encoder_name, EncoderGraph(model, precision), examples[0], (ENCODER_INPUT, ENCODER_OUTPUT), 16),
+        (encoder_name, EncoderGraph(model, precision), examples[0], (ENCODER_INPUT, ENCODER_OUTPUT), config.downsample),
         (decoder_name, DecoderGraph(model, precision), examples[1], (DECODER_INPUT, DECODER_OUTPUT), 1),
     ):
         path = out_dir / f"{name}.onnx"

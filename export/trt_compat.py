@@ -26,6 +26,8 @@ TRT_OPS: dict[str, set[str]] = {
     "Tanh": _F,
     "Clip": _F,
     "Round": _F,
+    "Sqrt": _F,
+    "Max": _F | _I,
     "ReduceSum": _F | _I,
     "ArgMin": _F | _I,
     "ArgMax": _F | _I,

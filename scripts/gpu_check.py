@@ -106,7 +106,7 @@ def cuda_vs_onnxruntime_cpu(export_dir: Path, device: str = "cuda") -> tuple[boo
     onnx_cpu = open_runner(export_dir, manifest, "encoder", backend="onnxruntime", device="cpu").runner
     cuda_codes, cpu_codes = cuda(images), onnx_cpu(images)
     reference = torch_reference(checkpoint.model, images)  # PyTorch on the CPU: distances to judge ties by
-    codebook = checkpoint.model.quantizer.codebook.weight.detach()
+    codebook = checkpoint.model.quantizer.search_codebook().detach()
     rtol = TOLERANCES["fp32"].tie_rtol
     lines, ok = [], True
     for name, codes in ((f"PyTorch {device}", cuda_codes), ("ONNX Runtime CPU", cpu_codes)):

@@ -36,7 +36,7 @@ def test_cuda_codes_are_the_cpu_codes_up_to_near_ties(export_dir: Path) -> None:
     checkpoint = load_checkpoint(export_dir / "model.pt")
     images = held_out_images(checkpoint, log=lambda _: None)
     reference = torch_reference(checkpoint.model, images)
-    codebook = checkpoint.model.quantizer.codebook.weight.detach()
+    codebook = checkpoint.model.quantizer.search_codebook().detach()
     runners = [TorchRunner(export_dir, manifest, "encoder", "cuda")]
     try:  # ONNX Runtime's CUDA provider, where onnxruntime-gpu and its CUDA libraries are present
         runners.append(open_runner(export_dir, manifest, "encoder", backend="onnxruntime", device="cuda").runner)

@@ -41,7 +41,7 @@ def test_onnx_runtime_codes_equal_pytorch_codes(export_dir: Path, trained_checkp
         recon = output_to_images(checkpoint.model.decode(torch.from_numpy(theirs))).numpy()
     # Any differing code must be a near-tie of PyTorch's own distances (none is usual; a tie may fall either way).
     reference = torch_reference(checkpoint.model, images)
-    codebook = checkpoint.model.quantizer.codebook.weight.detach()
+    codebook = checkpoint.model.quantizer.search_codebook().detach()
     assert classify_mismatches(reference, codebook, ours, rtol=1e-5)[1] == 0
     assert np.abs(decoder(theirs.astype(np.int32)).astype(int) - recon.astype(int)).max() <= 1
     # Precondition: the trained model uses several codes, so the comparison is not trivial.

@@ -7,37 +7,77 @@ from typing import Any
 
 from vqtool.limits import DEFAULT_MAX_PIXELS
 
-# Four stride-2 layers between image and code grid (three encoder convs + before_quantize).
+# The reference design's four stride-2 layers (three encoder convolutions + before_quantize).
 DOWNSAMPLE = 16
+DOWNSAMPLES = (16, 8, 4, 2)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The VQ-VAE's shape; the defaults are the reference design (K = D = 256, 32x32 RGB)."""
+    """The VQ-VAE's shape; the defaults are the reference design (K = D = 256, 32x32 RGB, factor 16).
+
+    The other fields build the family users compare with (taming-transformers, LlamaGen): a smaller
+    `downsample` keeps more tokens per image (the encoder's last stride-2 layers become stride-1 3x3
+    convolutions), `res_blocks` adds residual blocks at the latent resolution in encoder and decoder,
+    `lookup_dim` looks codes up in a low-dimensional projection of the latent (factorized codes), and
+    `l2_codes` compares l2-normalised latents and codes (cosine similarity).
+    """
 
     codes: int = 256
     dim: int = 256
     image_size: int = 32
-    channels: tuple[int, int, int] = (32, 64, 128)
+    channels: tuple[int, ...] = (32, 64, 128)
+    downsample: int = DOWNSAMPLE
+    res_blocks: int = 0
+    lookup_dim: int | None = None
+    l2_codes: bool = False
 
     def __post_init__(self) -> None:
         if self.codes < 2:
             raise ValueError(f"codes must be at least 2, got {self.codes}")
         if self.dim < 1:
             raise ValueError(f"dim must be positive, got {self.dim}")
-        if self.image_size < DOWNSAMPLE or self.image_size % DOWNSAMPLE:
-            raise ValueError(f"image_size must be a positive multiple of {DOWNSAMPLE}, got {self.image_size}")
+        if not self.channels or min(self.channels) < 1:
+            raise ValueError(f"channels must be positive widths, got {self.channels}")
+        if self.downsample not in DOWNSAMPLES:
+            raise ValueError(f"downsample must be one of {', '.join(map(str, DOWNSAMPLES))}, got {self.downsample}")
+        if self.halvings > len(self.channels) + 1:
+            raise ValueError(
+                f"downsample {self.downsample} needs {self.halvings} stride-2 layers, but {len(self.channels)} "
+                f"channel widths give {len(self.channels) + 1}"
+            )
+        if self.image_size < self.downsample or self.image_size % self.downsample:
+            raise ValueError(f"image_size must be a positive multiple of {self.downsample}, got {self.image_size}")
+        if self.res_blocks < 0:
+            raise ValueError(f"res_blocks must be 0 or more, got {self.res_blocks}")
+        if self.lookup_dim is not None and not 1 <= self.lookup_dim <= self.dim:
+            raise ValueError(f"lookup_dim must be between 1 and dim ({self.dim}), got {self.lookup_dim}")
+
+    @property
+    def halvings(self) -> int:
+        return self.downsample.bit_length() - 1
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        """Stride of each encoder convolution and then of before_quantize: the first `halvings` are 2."""
+        return tuple(2 if index < self.halvings else 1 for index in range(len(self.channels) + 1))
+
+    @property
+    def search_dim(self) -> int:
+        """Dimension in which codes are compared and stored: lookup_dim when factorized, else dim."""
+        return self.lookup_dim or self.dim
 
     @property
     def grid(self) -> int:
         """Side of the code grid for an image of `image_size`."""
-        return self.image_size // DOWNSAMPLE
+        return self.image_size // self.downsample
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        """Fields a checkpoint lacks (written before they existed) take the reference design's values."""
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in raw.items() if k in known}
         if "channels" in values:
@@ -96,3 +136,41 @@ class TrainConfig:
     def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+# What `vqtool train --preset NAME` sets (model shape and codebook health); options given explicitly win.
+# seed is the article's model. f8 and f4 are the best factor-8 and factor-4 tokenizers measured on the
+# embedded data (benchmarks/presets.py; 1,500 steps, batch 128): residual blocks at the latent resolution,
+# codes looked up in 8 dimensions and compared by cosine similarity (as LlamaGen does), and dead codes
+# re-seeded after 100 idle steps, which together keep almost every code in use.
+PRESETS: dict[str, dict[str, Any]] = {
+    "seed": {},
+    "f8": {
+        "codes": 512,
+        "dim": 64,
+        "downsample": 8,
+        "res_blocks": 2,
+        "lookup_dim": 8,
+        "l2_codes": True,
+        "restart_dead": 100,
+    },
+    "f4": {
+        "codes": 512,
+        "dim": 64,
+        "downsample": 4,
+        "res_blocks": 2,
+        "lookup_dim": 8,
+        "l2_codes": True,
+        "restart_dead": 100,
+    },
+}
+MODEL_FIELDS = frozenset(f.name for f in fields(ModelConfig))
+
+
+def preset_settings(name: str, explicit: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(ModelConfig fields, TrainConfig fields) of a preset, overridden by the options given explicitly (not None)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    merged = {**PRESETS[name], **{k: v for k, v in explicit.items() if v is not None}}
+    model = {k: v for k, v in merged.items() if k in MODEL_FIELDS}
+    return model, {k: v for k, v in merged.items() if k not in MODEL_FIELDS}

@@ -37,22 +37,86 @@ def code_distances(latents: torch.Tensor, codebook: torch.Tensor, code_sq: torch
     return latent_sq - 2.0 * torch.matmul(latents, codebook.t()) + code_sq
 
 
-class Quantizer(nn.Module):
-    """Codebook of K vectors; each latent is replaced by its nearest code (L2)."""
+L2_EPSILON = 1e-12
 
-    def __init__(self, codes: int, dim: int) -> None:
+
+def l2_normalize(vectors: torch.Tensor) -> torch.Tensor:
+    """vectors / max(|vectors|, eps) along the last axis, written out so that the exported graph holds exactly
+    these operations (ReduceSum, Sqrt, Max, Div: every runtime and TensorRT take them) rather than ReduceL2."""
+    norm = (vectors * vectors).sum(dim=-1, keepdim=True).sqrt()
+    return vectors / norm.clamp_min(L2_EPSILON)
+
+
+class Quantizer(nn.Module):
+    """Codebook of K vectors; each latent is replaced by its nearest code (L2).
+
+    With `lookup_dim`, latents are projected to that many dimensions before the search and codes are
+    projected back after the lookup (factorized codes); with `l2`, latents and codes are l2-normalised
+    before the distance, so the nearest code is the one of highest cosine similarity. Neither is part
+    of the reference design, so both default off.
+    """
+
+    def __init__(self, codes: int, dim: int, lookup_dim: int | None = None, l2: bool = False) -> None:
         super().__init__()
-        self.codebook = nn.Embedding(codes, dim)
+        self.codebook = nn.Embedding(codes, lookup_dim or dim)
         # The article's Embedding uses uniform(-1/K, 1/K), as in the original VQ-VAE code.
         self.codebook.weight.data.uniform_(-1.0 / codes, 1.0 / codes)
+        self.project_in = nn.Linear(dim, lookup_dim) if lookup_dim else None
+        self.project_out = nn.Linear(lookup_dim, dim) if lookup_dim else None
+        self.l2 = l2
+
+    def to_search_space(self, latents: torch.Tensor) -> torch.Tensor:
+        """Encoder outputs (..., D) -> the vectors codes are compared with (..., d)."""
+        if self.project_in is not None:
+            latents = self.project_in(latents)
+        return l2_normalize(latents) if self.l2 else latents
+
+    def search_codebook(self) -> torch.Tensor:
+        """The K x d vectors latents are compared with (normalised with l2)."""
+        weight = self.codebook.weight
+        return l2_normalize(weight) if self.l2 else weight
+
+    def from_search_space(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Looked-up codes (..., d) -> what the decoder takes (..., D)."""
+        return self.project_out(vectors) if self.project_out is not None else vectors
 
     def nearest(self, latents: torch.Tensor) -> torch.Tensor:
-        """Integer code of the nearest codebook vector for latents shaped (..., D)."""
-        return torch.argmin(code_distances(latents, self.codebook.weight), dim=-1)
+        """Integer code of the nearest codebook vector for search-space latents shaped (..., d)."""
+        return torch.argmin(code_distances(latents, self.search_codebook()), dim=-1)
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codebook vectors for integer codes: (...) -> (..., D)."""
-        return F.embedding(codes, self.codebook.weight)
+        """Codebook vectors for integer codes, in the search space: (...) -> (..., d)."""
+        return F.embedding(codes, self.search_codebook())
+
+
+class ResidualBlock(nn.Module):
+    """x + Conv1x1(ReLU(Conv3x3(ReLU(x)))), as in van den Oord et al. (2017), at the latent resolution."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, kernel_size=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def _down(fan_in: int, fan_out: int, stride: int) -> nn.Conv2d:
+    """The reference design's 4x4 stride-2 convolution, or a 3x3 stride-1 one where no halving is wanted."""
+    if stride == 2:
+        return nn.Conv2d(fan_in, fan_out, kernel_size=4, stride=2, padding=1)
+    return nn.Conv2d(fan_in, fan_out, kernel_size=3, stride=1, padding=1)
+
+
+def _up(fan_in: int, fan_out: int, stride: int) -> nn.Module:
+    """The mirror of _down: a 4x4 stride-2 transposed convolution, or a 3x3 stride-1 convolution."""
+    if stride == 2:
+        return nn.ConvTranspose2d(fan_in, fan_out, kernel_size=4, stride=2, padding=1)
+    return nn.Conv2d(fan_in, fan_out, kernel_size=3, stride=1, padding=1)
 
 
 @dataclass
@@ -68,38 +132,35 @@ class ForwardResult:
 
 
 class VQVAE(nn.Module):
-    """Encoder, quantizer and decoder exactly as printed in the reference design."""
+    """Encoder, quantizer and decoder; with the default ModelConfig exactly as printed in the reference design."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        c1, c2, c3 = config.channels
-        conv = {"kernel_size": 4, "stride": 2, "padding": 1}
-        self.encoder = nn.Sequential(
-            nn.Conv2d(3, c1, **conv),
-            nn.ReLU(),
-            nn.Conv2d(c1, c2, **conv),
-            nn.ReLU(),
-            nn.Conv2d(c2, c3, **conv),
-            nn.ReLU(),
-        )
-        self.before_quantize = nn.Conv2d(c3, config.dim, **conv)
-        self.quantizer = Quantizer(config.codes, config.dim)
-        self.after_quantize = nn.ConvTranspose2d(config.dim, c3, **conv)
-        self.decoder = nn.Sequential(
-            nn.ConvTranspose2d(c3, c2, **conv),
-            nn.Tanh(),
-            nn.ConvTranspose2d(c2, c1, **conv),
-            nn.Tanh(),
-            nn.ConvTranspose2d(c1, 3, **conv),
-        )
+        widths, strides = config.channels, config.strides
+        encoder: list[nn.Module] = []
+        for fan_in, fan_out, stride in zip((3, *widths), widths, strides, strict=False):
+            encoder += [_down(fan_in, fan_out, stride), nn.ReLU()]
+        encoder += [ResidualBlock(widths[-1]) for _ in range(config.res_blocks)]
+        self.encoder = nn.Sequential(*encoder)
+        self.before_quantize = _down(widths[-1], config.dim, strides[-1])
+        self.quantizer = Quantizer(config.codes, config.dim, config.lookup_dim, config.l2_codes)
+        self.after_quantize = _up(config.dim, widths[-1], strides[-1])
+        decoder: list[nn.Module] = [ResidualBlock(widths[-1]) for _ in range(config.res_blocks)]
+        outputs = (*widths[:-1][::-1], 3)
+        for index, (fan_in, fan_out) in enumerate(zip(widths[::-1], outputs, strict=True)):
+            decoder.append(_up(fan_in, fan_out, strides[len(widths) - 1 - index]))
+            if fan_out != 3:
+                decoder.append(nn.Tanh())
+        self.decoder = nn.Sequential(*decoder)
 
     def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
-        """Model-scale images N x 3 x H x W -> channels-last latents N x h x w x D."""
-        return self.before_quantize(self.encoder(x)).permute(0, 2, 3, 1)
+        """Model-scale images N x 3 x H x W -> channels-last latents in the search space, N x h x w x d."""
+        return self.quantizer.to_search_space(self.before_quantize(self.encoder(x)).permute(0, 2, 3, 1))
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Channels-last latents N x h x w x D -> model-scale images N x 3 x H x W."""
+        """Channels-last search-space latents N x h x w x d -> model-scale images N x 3 x H x W."""
+        latents = self.quantizer.from_search_space(latents)
         return self.decoder(self.after_quantize(latents.permute(0, 3, 1, 2)))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

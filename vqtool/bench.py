@@ -95,14 +95,25 @@ def time_interleaved(
 
 
 def encoder_flops_per_image(manifest: Manifest) -> float:
-    """Multiply-adds x 2 of the encoder graph for one image: four 4x4 stride-2 convolutions, then the distances."""
+    """Multiply-adds x 2 of the encoder graph for one image: its convolutions, residual blocks, projection, distances.
+
+    4x4 stride-2 convolutions where the side halves, 3x3 stride-1 ones where it does not (downsample < 16);
+    checkpoints written before those options existed have the reference design's values.
+    """
     config = manifest.model_config
     widths = [3, *config["channels"], config["dim"]]
+    halvings = manifest.downsample.bit_length() - 1
     side, macs = manifest.image_size, 0
-    for fan_in, fan_out in zip(widths, widths[1:], strict=False):
-        side //= 2
-        macs += side * side * fan_out * fan_in * 16
-    macs += side * side * config["codes"] * config["dim"]
+    for index, (fan_in, fan_out) in enumerate(zip(widths, widths[1:], strict=False)):
+        if index < halvings:
+            side //= 2
+        macs += side * side * fan_out * fan_in * (16 if index < halvings else 9)
+        if index == len(widths) - 3:  # residual blocks sit after the last encoder convolution
+            macs += config.get("res_blocks", 0) * side * side * fan_out * fan_out * (9 + 1)
+    search = config.get("lookup_dim") or config["dim"]
+    if config.get("lookup_dim"):
+        macs += side * side * config["dim"] * search
+    macs += side * side * config["codes"] * search
     return 2.0 * macs
 
 

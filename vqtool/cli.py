@@ -6,6 +6,7 @@ and train/export reach the `train` and `export` packages inside the commands tha
 
 from __future__ import annotations
 
+import enum
 import functools
 import sys
 from collections.abc import Callable
@@ -84,11 +85,69 @@ StepsPerEpochOption = Annotated[
     int | None, typer.Option(help="Steps per epoch (default: one pass over the data; 128 on the default data).")
 ]
 BatchOption = Annotated[int, typer.Option(help="Images per step (the global batch under torchrun).")]
-EmaOption = Annotated[bool, typer.Option("--ema", help="Update the codebook by exponential moving averages.")]
+EmaOption = Annotated[
+    bool | None,
+    typer.Option("--ema", is_flag=True, help="Update the codebook by exponential moving averages.", show_default=False),
+]
 EmaDecayOption = Annotated[float, typer.Option(help="Decay of the --ema averages.")]
 KmeansOption = Annotated[
-    bool,
-    typer.Option("--kmeans-init", help="Initialise the codebook by k-means on the first batches' encoder outputs."),
+    bool | None,
+    typer.Option(
+        "--kmeans-init",
+        is_flag=True,
+        help="Initialise the codebook by k-means on the first batches' encoder outputs.",
+        show_default=False,
+    ),
+]
+
+
+class Preset(str, enum.Enum):
+    """What `--preset` accepts (vqtool.train.config.PRESETS holds what each sets)."""
+
+    seed = "seed"
+    f8 = "f8"
+    f4 = "f4"
+
+
+PresetOption = Annotated[
+    Preset,
+    typer.Option(
+        help="seed: the article's model (4 tokens per 32x32 image); f8 / f4: the best factor-8 / factor-4 "
+        "tokenizers measured (docs/results.md). Options given explicitly override the preset."
+    ),
+]
+DownsampleOption = Annotated[
+    int | None, typer.Option(help="Image side / code-grid side: 16 (default), 8, 4 or 2.", show_default=False)
+]
+ChannelsOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Encoder widths, comma-separated, mirrored by the decoder (default 32,64,128).",
+        show_default=False,
+    ),
+]
+ResBlocksOption = Annotated[
+    int | None,
+    typer.Option(
+        help="Residual blocks at the latent resolution, in encoder and decoder (default 0).",
+        show_default=False,
+    ),
+]
+LookupDimOption = Annotated[
+    int | None,
+    typer.Option(
+        help="Look codes up in a d-dimensional projection of the latent (factorized codes).",
+        show_default=False,
+    ),
+]
+L2CodesOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--l2-codes",
+        is_flag=True,
+        help="l2-normalise latents and codes before the distance (cosine similarity).",
+        show_default=False,
+    ),
 ]
 RestartOption = Annotated[
     int | None, typer.Option(help="Re-seed codes unused for this many steps from recent encoder outputs.")
@@ -140,9 +199,15 @@ def _load_training_set(source: Path | None, image_size: int, max_pixels: int, sk
 def train(
     data: DataOption = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (default: a new runs/run-NNN).")] = None,
-    codes: Annotated[int, typer.Option(help="Codebook size K.")] = 256,
-    dim: Annotated[int, typer.Option(help="Code dimension D.")] = 256,
-    image_size: Annotated[int, typer.Option(help="Training image side, a multiple of 16.")] = 32,
+    preset: PresetOption = Preset.seed,
+    codes: Annotated[int | None, typer.Option(help="Codebook size K (default 256, or the preset's).")] = None,
+    dim: Annotated[int | None, typer.Option(help="Latent dimension D (default 256, or the preset's).")] = None,
+    image_size: Annotated[int, typer.Option(help="Training image side, a multiple of --downsample.")] = 32,
+    downsample: DownsampleOption = None,
+    channels: ChannelsOption = None,
+    res_blocks: ResBlocksOption = None,
+    lookup_dim: LookupDimOption = None,
+    l2_codes: L2CodesOption = None,
     epochs: EpochsOption = None,
     steps: StepsOption = None,
     batch_size: BatchOption = 128,
@@ -151,9 +216,9 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory from its checkpoint.")] = None,
-    ema: EmaOption = False,
+    ema: EmaOption = None,
     ema_decay: EmaDecayOption = 0.99,
-    kmeans_init: KmeansOption = False,
+    kmeans_init: KmeansOption = None,
     restart_dead: RestartOption = None,
     steps_per_epoch: StepsPerEpochOption = None,
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
@@ -162,7 +227,7 @@ def train(
     """Train the VQ-VAE; writes checkpoint.pt, metrics.jsonl and figures/ to the run directory."""
     _require_torch("train")
     from vqtool.train.checkpoint import CheckpointError, load_checkpoint
-    from vqtool.train.config import ModelConfig, TrainConfig
+    from vqtool.train.config import ModelConfig, TrainConfig, preset_settings
     from vqtool.train.loop import CHECKPOINT_NAME, TrainingStopped, fit
 
     try:
@@ -176,7 +241,20 @@ def train(
             config = TrainConfig.from_dict({**saved.train_config.to_dict(), **changes})
             source = Path(saved.data) if saved.data else None
         else:
-            model_config = ModelConfig(codes=codes, dim=dim, image_size=image_size)
+            explicit = {
+                "codes": codes,
+                "dim": dim,
+                "downsample": downsample,
+                "channels": _int_list(channels, "--channels") if channels is not None else None,
+                "res_blocks": res_blocks,
+                "lookup_dim": lookup_dim,
+                "l2_codes": l2_codes,
+                "ema": ema,
+                "kmeans_init": kmeans_init,
+                "restart_dead": restart_dead,
+            }
+            model_fields, health = preset_settings(preset.value, explicit)
+            model_config = ModelConfig(image_size=image_size, **model_fields)
             config = TrainConfig(
                 epochs=TrainConfig.epochs if epochs is None else epochs,
                 steps=steps,
@@ -185,13 +263,11 @@ def train(
                 beta=beta,
                 seed=seed,
                 device=device,
-                ema=ema,
                 ema_decay=ema_decay,
-                kmeans_init=kmeans_init,
-                restart_dead=restart_dead,
                 steps_per_epoch=steps_per_epoch,
                 max_pixels=max_pixels,
                 skip_bad=skip_bad,
+                **health,
             )
             run_dir, source = out_dir or next_run_dir(Path("runs")), data
             if (run_dir / CHECKPOINT_NAME).exists():
@@ -304,8 +380,8 @@ def sweep(
             batch_size=batch_size,
             lr=lr,
             device=device,
-            ema=ema,
-            kmeans_init=kmeans_init,
+            ema=bool(ema),
+            kmeans_init=bool(kmeans_init),
             restart_dead=restart_dead,
         )
         model = ModelConfig(codes=code_sizes[0], dim=dims[0])
@@ -483,7 +559,11 @@ def encode(
     out_path: Annotated[Path, typer.Option("--out", help="Output .npy of codes N x h x w.")],
     batch_size: Annotated[int, typer.Option(help="Images per inference batch.")] = 64,
     resize: Annotated[
-        bool, typer.Option(help="Resize images to the model's size; --no-resize keeps sizes that are multiples of 16.")
+        bool,
+        typer.Option(
+            help="Resize images to the model's size; --no-resize keeps sizes that are multiples of the model's "
+            "downsampling factor (16 for the default model)."
+        ),
     ] = True,
     backend: BackendOption = "auto",
     device: DeviceOption = "auto",

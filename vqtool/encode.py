@@ -26,7 +26,7 @@ from vqtool.cores import reader_count, worker_pool
 from vqtool.errors import VqtoolError
 from vqtool.images import SkippedFile, describe_skipped, fit_to_size, read_rgb
 from vqtool.limits import DEFAULT_MAX_PIXELS
-from vqtool.manifest import DOWNSAMPLE, Manifest, code_dtype_for, manifest_checksum
+from vqtool.manifest import Manifest, code_dtype_for, manifest_checksum
 from vqtool.runtime import Runner
 from vqtool.shards import Shard, list_checksum
 
@@ -64,6 +64,7 @@ class ReadOptions:
     """How image files become model inputs, the same in every reader process."""
 
     size: int
+    downsample: int = 16  # with --no-resize, sides must be multiples of it
     resize: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS
     # Leave unreadable files out (reported) instead of stopping at the first one.
@@ -72,7 +73,7 @@ class ReadOptions:
 
 def _load(path: str | Path, options: ReadOptions) -> tuple[np.ndarray, bool]:
     pixels = read_rgb(path, options.max_pixels)
-    fitted = fit_to_size(pixels, options.size, resize=options.resize, multiple=DOWNSAMPLE, path=path)
+    fitted = fit_to_size(pixels, options.size, resize=options.resize, multiple=options.downsample, path=path)
     return fitted, fitted.shape != pixels.shape
 
 
@@ -250,7 +251,7 @@ def encode_files(
     started = time.perf_counter()
     workers = reader_count(workers)
     dtype = code_dtype_for(manifest.codes)
-    options = ReadOptions(manifest.image_size, resize, max_pixels, skip_bad)
+    options = ReadOptions(manifest.image_size, manifest.downsample, resize, max_pixels, skip_bad)
     shard_info: dict[str, int | str] | None = None
     if shard is not None:
         begin, stop = shard.bounds(len(files))
@@ -266,7 +267,7 @@ def encode_files(
         if not files:
             raise VqtoolError(f"shard {shard.index}/{shard.count} of {shard_info['total']} files is empty")
     shape = _first_shape(files, options)
-    grid = (shape[0] // DOWNSAMPLE, shape[1] // DOWNSAMPLE)
+    grid = (shape[0] // manifest.downsample, shape[1] // manifest.downsample)
     signature = {
         "list_sha256": list_checksum(files),
         "manifest_sha256": manifest_checksum(export_dir),
@@ -349,7 +350,7 @@ def encode_files(
     if skipped:
         log(describe_skipped(skipped, len(files)))
     if resized:
-        keep = "use --no-resize to keep sizes that are multiples of 16"
+        keep = f"use --no-resize to keep sizes that are multiples of {manifest.downsample}"
         log(f"resized {resized} of {written} images to {options.size}x{options.size} ({keep})")
     seconds = time.perf_counter() - started
     return EncodeResult(

@@ -16,7 +16,6 @@ from vqtool.errors import VqtoolError
 MANIFEST_NAME = "manifest.json"
 FORMAT = "vqtool.export"
 FORMAT_VERSION = 1
-DOWNSAMPLE = 16
 
 
 def sha256_file(path: Path) -> str:
@@ -64,6 +63,11 @@ class Manifest:
     pytorch_sha256: str = ""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
+
+    @property
+    def downsample(self) -> int:
+        """Image side / code-grid side: 16 for the reference design, 8, 4 or 2 for the family's others."""
+        return self.image_size // self.grid
 
     def graph_path(self, export_dir: Path, name: str) -> Path:
         if name not in self.graphs:

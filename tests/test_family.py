@@ -1,0 +1,147 @@
+"""The model family: factors 8/4/2, residual blocks, factorized and l2-normalised codes, presets.
+
+Each option alone and all of them together, on trained models (an untrained codebook hides near-ties),
+exported and held to the same parity tolerances as the reference design.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import run_cli
+from vqtool.export.onnx_export import export_model, write_graphs
+from vqtool.export.parity import check_parity
+from vqtool.export.trt_compat import trt_problems
+from vqtool.runtime import OnnxRuntimeRunner
+from vqtool.train.checkpoint import load_checkpoint
+from vqtool.train.config import ModelConfig, TrainConfig
+from vqtool.train.data import default_training_set
+from vqtool.train.loop import fit
+from vqtool.train.model import VQVAE
+
+SMALL = {"codes": 64, "dim": 32, "channels": (16, 32, 64)}
+ALONE = {
+    "factor 8": {"downsample": 8},
+    "factor 2": {"downsample": 2, "channels": (16, 32)},
+    "residual blocks": {"res_blocks": 2},
+    "factorized codes": {"lookup_dim": 8},
+    "l2 codes": {"l2_codes": True},
+}
+EVERYTHING = {"downsample": 4, "res_blocks": 1, "lookup_dim": 8, "l2_codes": True}
+
+
+@pytest.fixture(scope="module")
+def photos():  # noqa: ANN201
+    return default_training_set(32)
+
+
+def _train(photos, folder: Path, options: dict[str, object], steps: int) -> Path:  # noqa: ANN001
+    config = ModelConfig(**{**SMALL, **options})
+    train = TrainConfig(steps=steps, batch_size=32, seed=3, device="cpu", restart_dead=20)
+    return fit(config, train, photos, folder, data_source=None, show_progress=False, log_epochs=False).checkpoint
+
+
+def test_the_default_is_still_exactly_the_article_model() -> None:
+    model = VQVAE(ModelConfig())
+    layers = [type(m).__name__ for m in [*model.encoder, model.before_quantize, model.after_quantize, *model.decoder]]
+    assert layers == ["Conv2d", "ReLU"] * 3 + ["Conv2d", "ConvTranspose2d"] + ["ConvTranspose2d", "Tanh"] * 2 + [
+        "ConvTranspose2d"
+    ]
+    assert sum(p.numel() for p in model.parameters()) == 1_445_571  # every parameter of the printed design
+    # A checkpoint's configuration from before these options existed rebuilds the same model.
+    old = {"codes": 256, "dim": 256, "image_size": 32, "channels": [32, 64, 128]}
+    assert ModelConfig.from_dict(old) == ModelConfig()
+
+
+@pytest.mark.parametrize("options", [*ALONE.values(), EVERYTHING], ids=[*ALONE, "everything"])
+def test_each_option_shapes_the_model_as_it_says(options: dict[str, object]) -> None:
+    config = ModelConfig(**{**SMALL, **options})
+    model = VQVAE(config)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    result = model(images)
+    side = 32 // config.downsample
+    assert result.codes.shape == (2, side, side) and result.reconstruction.shape == images.shape
+    assert result.latents.shape[-1] == config.search_dim
+    if config.l2_codes:
+        norms = model.quantizer.search_codebook().norm(dim=-1)
+        assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+        assert torch.allclose(result.latents.norm(dim=-1), torch.ones(2, side, side), atol=1e-5)
+    (result.recon_loss + result.codebook_loss + 0.25 * result.commit_loss).backward()
+    # Straight-through: the encoder (and the projection into the lookup space) learn from the decoder.
+    assert model.encoder[0].weight.grad.abs().sum() > 0
+    if config.lookup_dim:
+        assert model.quantizer.project_in.weight.grad.abs().sum() > 0
+        assert model.quantizer.project_out.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("options", list(ALONE.values()), ids=list(ALONE))
+def test_each_option_alone_exports_with_fp32_parity(photos, options: dict[str, object], tmp_path: Path) -> None:  # noqa: ANN001
+    checkpoint = load_checkpoint(_train(photos, tmp_path / "run", options, steps=40))
+    model = checkpoint.model
+    entries = write_graphs(model, "test", tmp_path, "fp32")
+    for entry in entries.values():
+        import onnx
+
+        assert trt_problems(onnx.load(str(tmp_path / entry.file))) == []
+    images = photos.val[:128]
+    encoder = OnnxRuntimeRunner(tmp_path / entries["encoder"].file, "cpu")
+    decoder = OnnxRuntimeRunner(tmp_path / entries["decoder"].file, "cpu")
+    report = check_parity(
+        model, images, encoder, decoder, runtime="onnxruntime", provider=encoder.provider, precision="fp32"
+    )
+    assert report.passed, report.failures
+    assert len(np.unique(encoder(images))) > 3  # trained: the comparison is not trivial
+
+
+@pytest.fixture(scope="module")
+def everything_export(photos, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: ANN001
+    folder = tmp_path_factory.mktemp("family")
+    checkpoint = _train(photos, folder / "run", EVERYTHING, steps=120)
+    out = folder / "export"
+    # No --int8: INT8 does not yet meet its tolerance on factorized l2 codes (the README says so).
+    export_model(checkpoint, out, fp16=True, log=lambda _: None)
+    return out
+
+
+def test_every_option_together_passes_parity_in_fp32_and_fp16(everything_export: Path) -> None:
+    reports = {r["precision"]: r for r in json.loads((everything_export / "parity.json").read_text())["reports"]}
+    assert set(reports) == {"fp32", "fp16"} and all(r["passed"] for r in reports.values())
+    assert reports["fp32"]["unexplained"] == 0 and reports["fp32"]["recon_max_abs"] <= 1
+    manifest = json.loads((everything_export / "manifest.json").read_text())
+    assert manifest["grid"] == 8 and manifest["model_config"]["lookup_dim"] == 8
+
+
+def test_encode_and_decode_a_factor_4_export_from_files(
+    everything_export: Path, mixed_folder: Path, tmp_path: Path
+) -> None:
+    codes = tmp_path / "codes.npy"
+    encoded = run_cli("encode", str(mixed_folder), "--model", str(everything_export), "--out", str(codes))
+    assert encoded.returncode == 0, encoded.stderr
+    assert np.load(codes).shape == (8, 8, 8)
+    torch_codes = tmp_path / "torch.npy"
+    args = ("--model", str(everything_export), "--out", str(torch_codes), "--backend", "torch")
+    assert run_cli("encode", str(mixed_folder), *args).returncode == 0
+    assert (np.load(codes) == np.load(torch_codes)).mean() > 0.99  # ties aside, the graph is the model
+    decoded = run_cli("decode", str(codes), "--model", str(everything_export), "--out", str(tmp_path / "recon"))
+    assert decoded.returncode == 0, decoded.stderr
+    assert len(list((tmp_path / "recon").glob("*.png"))) == 8
+
+
+def test_presets_set_the_family_and_explicit_options_win(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = ("--preset", "f8", "--codes", "64", "--steps", "2", "--batch-size", "8", "--device", "cpu")
+    result = run_cli("train", *args, "--out", str(run))
+    assert result.returncode == 0, result.stderr
+    checkpoint = load_checkpoint(run / "checkpoint.pt")
+    assert checkpoint.model_config.downsample == 8 and checkpoint.model_config.codes == 64
+    assert checkpoint.model_config.l2_codes and checkpoint.model_config.lookup_dim == 8
+    assert checkpoint.train_config.restart_dead == 100
+    refused = run_cli("train", "--preset", "f3", "--steps", "1", "--out", str(tmp_path / "x"))
+    assert refused.returncode == 2 and "f3" in refused.stderr  # a typo is refused before any work
+    bad = run_cli("train", "--downsample", "3", "--steps", "1", "--out", str(tmp_path / "y"))
+    assert bad.returncode == 1 and "downsample must be one of 16, 8, 4, 2" in bad.stderr
