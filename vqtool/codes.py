@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from vqtool.errors import VqtoolError
+from vqtool.errors import VqtoolError, first_line
 from vqtool.manifest import Manifest
 
 SIDECAR_FORMAT = "vqtool.codes"
@@ -104,7 +104,7 @@ def load_codes_array(path: Path) -> np.ndarray:
     except Exception as exc:
         # A damaged header reaches NumPy's parser (tokenize, ast): EOFError, TokenError, SyntaxError... besides
         # the OSError and ValueError of unreadable or pickled files. Each means this is no codes file.
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise VqtoolError(f"not a readable .npy codes file ({reason})", path) from None
     if not isinstance(codes, np.ndarray) or not np.issubdtype(codes.dtype, np.integer):
         raise VqtoolError(f"codes must be integers, got {getattr(codes, 'dtype', type(codes).__name__)}", path)

@@ -16,6 +16,13 @@ class VqtoolError(Exception):
         super().__init__(f"{path}: {message}" if path is not None else message)
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none: a library's own words
+    fit inside our one-line error that way."""
+    text = str(exc)
+    return text.splitlines()[0] if text.strip() else type(exc).__name__
+
+
 def missing_extra(what: str, module: str, extra: str) -> VqtoolError:
     """The one sentence for an optional dependency that is not installed."""
     return VqtoolError(f"{what} needs {module}, which is not installed: pip install 'vqtool[{extra}]'")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vqtool.errors import VqtoolError
+from vqtool.errors import VqtoolError, first_line
 from vqtool.limits import DEFAULT_MAX_PIXELS
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
@@ -210,7 +210,7 @@ def read_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
         # Pillow reports truncated and corrupt data as OSError, SyntaxError, ValueError, struct.error,
         # EOFError, IndexError... in its own words, depending on the format's plugin: all of them mean
         # this file cannot be read.
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise VqtoolError(f"unreadable or truncated image ({reason})", path) from None
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vqtool.errors import VqtoolError
+from vqtool.errors import VqtoolError, first_line
 from vqtool.images import SkippedFile, fit_to_size, list_images, read_rgb
 from vqtool.limits import DEFAULT_MAX_PIXELS
 
@@ -43,7 +43,7 @@ def _read_array(path: Path) -> np.ndarray:
     except VqtoolError:
         raise
     except Exception as exc:  # as codes.load_codes_array: a damaged header can raise whatever NumPy's parser raises
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise VqtoolError(f"cannot read as a NumPy array ({reason})", path) from None
     return _check_array(loaded, path)
 

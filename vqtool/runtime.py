@@ -12,7 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
-from vqtool.errors import VqtoolError, missing_extra
+from vqtool.errors import VqtoolError, first_line, missing_extra
 
 DEVICES = ("auto", "cpu", "cuda")
 CUDA_PROVIDERS = ("CUDAExecutionProvider",)
@@ -132,7 +132,7 @@ class OnnxRuntimeRunner:
             with contextlib.redirect_stdout(narration):
                 self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as exc:  # ORT raises its own untyped errors for unreadable graphs
-            raise VqtoolError(f"ONNX Runtime cannot load this graph ({str(exc).splitlines()[0]})", path) from None
+            raise VqtoolError(f"ONNX Runtime cannot load this graph ({first_line(exc)})", path) from None
         self.provider = self.session.get_providers()[0]
         why = provider_failure(narration.getvalue())
         if device == "cuda" and self.provider not in CUDA_PROVIDERS:
