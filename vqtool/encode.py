@@ -331,7 +331,7 @@ def encode_files(
         shrink_rows(partial, written)
     left_out = {s.file for s in skipped}
     sidecar = CodesSidecar(
-        files=[str(f) for f in files if str(f) not in left_out] if left_out else [str(f) for f in files],
+        files=[str(f) for f in files if str(f) not in left_out],
         grid=list(grid),
         codes=manifest.codes,
         dtype=dtype.name,
