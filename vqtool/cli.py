@@ -715,8 +715,9 @@ def bench(
     if not seconds > 0:
         raise VqtoolError(f"--seconds must be positive, got {seconds}")
     files = list_images([images]) if images is not None else []
+    limit = _pixel_limit(max_pixels)
     for path in files:  # the naive script reads with plain Pillow: check every file before timing anything
-        read_rgb(path, _pixel_limit(max_pixels))
+        read_rgb(path, limit)
     rows, skipped = benchmarks.model_only(
         export_dir, manifest, batch_sizes=sizes, backends=tuple(backend) if backend else None, seconds=seconds, log=_say
     )
