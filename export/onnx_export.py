@@ -25,7 +25,6 @@ from vqtool.export.graphs import DecoderGraph, EncoderGraph
 from vqtool.export.quantize import CALIBRATION_IMAGES, calibration_images, write_int8_encoder
 from vqtool.export.tensorrt_build import EngineProfile
 from vqtool.export.verify import Verification, verify_export
-from vqtool.images import SkippedFile, describe_skipped
 from vqtool.limits import DEFAULT_MAX_PIXELS
 from vqtool.manifest import MANIFEST_NAME, GraphEntry, Manifest, code_dtype_for, sha256_file
 from vqtool.train.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
@@ -76,16 +75,13 @@ def training_set_of(checkpoint: Checkpoint, log: Callable[[str], None]) -> Train
     from vqtool.imagesets import load_training_set
 
     config = checkpoint.train_config
-    skipped: list[SkippedFile] | None = [] if config.skip_bad else None
-    data = load_training_set(
+    return load_training_set(
         _training_data(checkpoint, log),
         checkpoint.model_config.image_size,
         max_pixels=config.max_pixels,
-        skipped=skipped,
+        skip_bad=config.skip_bad,
+        log=log,
     )
-    if skipped:
-        log(f"training data: {describe_skipped(skipped, len(skipped) + len(data.train) + len(data.val))}")
-    return data
 
 
 def held_out_images(checkpoint: Checkpoint, log: Callable[[str], None]) -> np.ndarray:

@@ -113,7 +113,7 @@ PresetOption = Annotated[
     Preset,
     typer.Option(
         help="seed: the article's model (4 tokens per 32x32 image); f8 / f4: the best factor-8 / factor-4 "
-        "tokenizers measured (docs/results.md). Options given explicitly override the preset."
+        "tokenizers measured (README, The model family). Options given explicitly override the preset."
     ),
 ]
 DownsampleOption = Annotated[
@@ -179,19 +179,14 @@ def _pixel_limit(max_pixels: int) -> int:
 
 
 def _load_training_set(source: Path | None, image_size: int, max_pixels: int, skip_bad: bool) -> Any:
-    from vqtool.images import SkippedFile, describe_skipped
     from vqtool.imagesets import load_training_set
 
     if source is not None and not source.exists():
         raise VqtoolError("no such file or folder", source)
-    skipped: list[SkippedFile] | None = [] if skip_bad else None
     try:
-        data = load_training_set(source, image_size, max_pixels=_pixel_limit(max_pixels), skipped=skipped)
+        return load_training_set(source, image_size, max_pixels=_pixel_limit(max_pixels), skip_bad=skip_bad, log=_say)
     except RuntimeError as exc:  # the default data's missing scikit-image
         raise VqtoolError(str(exc)) from None
-    if skipped:
-        _say(f"{source}: {describe_skipped(skipped, len(skipped) + len(data.train) + len(data.val))}")
-    return data
 
 
 @app.command()

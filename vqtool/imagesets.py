@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from vqtool.errors import VqtoolError, first_line
-from vqtool.images import SkippedFile, fit_to_size, list_images, read_rgb
+from vqtool.images import SkippedFile, describe_skipped, fit_to_size, list_images, read_rgb
 from vqtool.limits import DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:
@@ -121,14 +122,21 @@ def load_training_set(
     size: int,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    skipped: list[SkippedFile] | None = None,
+    skip_bad: bool = False,
+    log: Callable[[str], None] = print,
 ) -> TrainingSet:
-    """The training set a run uses: the embedded default photographs, or the collection at `data`."""
+    """The training set a run uses: the embedded default photographs, or the collection at `data`.
+
+    With `skip_bad`, unreadable image files are left out and reported through `log` (how many, the first few).
+    """
     from vqtool.train.data import default_training_set, split_training_set
 
     if data is None:
         return default_training_set(size)
+    skipped: list[SkippedFile] | None = [] if skip_bad else None
     images, val = read_image_set(data, size, max_pixels=max_pixels, skipped=skipped)
     if val is None and len(images) < 2:
         raise VqtoolError("need at least 2 images (one is held out for validation)", data)
+    if skipped:
+        log(f"{data}: {describe_skipped(skipped, len(skipped) + len(images) + (0 if val is None else len(val)))}")
     return split_training_set(images, size, val)
