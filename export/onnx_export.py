@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -255,6 +256,8 @@ def export_model(
         for precision in ("fp32", "fp16") if fp16 else ("fp32",):
             entries.update(write_graphs(checkpoint.model, checkpoint_sha, staging, precision))
         _check_trt_compatible(staging, entries, strict=trt, log=log)
+        # The checkpoint's own data is read (and its skipped files reported) once, for calibration and parity.
+        own_data = functools.cache(lambda: training_set_of(checkpoint, log))
         if int8:
             # After the TensorRT check: the INT8 graph is for ONNX Runtime's CPU provider, not TensorRT.
             if calibration is not None:
@@ -263,7 +266,7 @@ def export_model(
                 size = checkpoint.model_config.image_size
                 data, source = load_training_set(calibration, size, max_pixels=max_pixels), str(calibration)
             else:
-                data, source = training_set_of(checkpoint, log), checkpoint.data or "the embedded default data"
+                data, source = own_data(), checkpoint.data or "the embedded default data"
             images = calibration_images(data, calibration_count, source, log)
             int8_entry = write_int8_encoder(staging, entries[graph_key("encoder", "fp32")], images)
         # A slim copy of the weights travels with the graphs: parity and --backend torch need no other file.
@@ -293,7 +296,7 @@ def export_model(
         write_json(staging / MANIFEST_NAME, manifest.to_dict())
         if trt:
             _build_engines(staging, entries, config, profile or EngineProfile(), timing_cache, log)
-        images = held_out_images(checkpoint, log) if parity_images is None else parity_images
+        images = own_data().val if parity_images is None else parity_images
         verification = verify_export(checkpoint.model, staging, manifest, images, log=log)
         write_json(staging / PARITY_NAME, verification.to_dict())
     except BaseException:
