@@ -30,7 +30,7 @@ from vqtool.limits import DEFAULT_MAX_PIXELS
 from vqtool.manifest import MANIFEST_NAME, GraphEntry, Manifest, code_dtype_for, sha256_file
 from vqtool.train.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from vqtool.train.config import ModelConfig
-from vqtool.train.data import TrainingSet
+from vqtool.train.data import TrainingData
 from vqtool.train.model import VQVAE
 
 # TensorRT 10's ONNX parser reads opsets 9..20; 18 is well inside what every runtime we target reads.
@@ -65,22 +65,24 @@ def load_for_export(path: Path) -> Checkpoint:
 def _training_data(checkpoint: Checkpoint, log: Callable[[str], None]) -> Path | None:
     """The data the checkpoint was trained on, or None for the embedded default data (also when it is gone)."""
     source = Path(checkpoint.data) if checkpoint.data else None
-    if source is not None and not source.exists():
+    if source is not None and "{" not in str(source) and not source.exists():  # a brace pattern names tar shards
         log(f"training data {source} is gone; using the embedded default images instead")
         source = None
     return source
 
 
-def training_set_of(checkpoint: Checkpoint, log: Callable[[str], None]) -> TrainingSet:
-    """The data the checkpoint was trained on, read as its run read it (its --max-pixels and --skip-bad)."""
-    from vqtool.imagesets import load_training_set
+def training_set_of(checkpoint: Checkpoint, log: Callable[[str], None]) -> TrainingData:
+    """The data the checkpoint was trained on, read as its run read it (--max-pixels, --skip-bad, --val-data)."""
+    from vqtool.train.sources import load_training_set
 
     config = checkpoint.train_config
+    source = _training_data(checkpoint, log)
     return load_training_set(
-        _training_data(checkpoint, log),
+        source,
         checkpoint.model_config.image_size,
         max_pixels=config.max_pixels,
         skip_bad=config.skip_bad,
+        val_data=config.val_data if source is not None else None,
         log=log,
     )
 
@@ -261,7 +263,7 @@ def export_model(
         if int8:
             # After the TensorRT check: the INT8 graph is for ONNX Runtime's CPU provider, not TensorRT.
             if calibration is not None:
-                from vqtool.imagesets import load_training_set
+                from vqtool.train.sources import load_training_set
 
                 size = checkpoint.model_config.image_size
                 data, source = load_training_set(calibration, size, max_pixels=max_pixels), str(calibration)

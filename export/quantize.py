@@ -19,7 +19,7 @@ import numpy as np
 
 from vqtool.backends import INT8, graph_key
 from vqtool.manifest import GraphEntry, sha256_file
-from vqtool.train.data import TrainingSet
+from vqtool.train.data import TrainingData
 
 CALIBRATION_IMAGES = 2048
 CALIBRATION_BATCH = 256
@@ -40,7 +40,7 @@ def _quiet_logging() -> Iterator[None]:
         root.setLevel(level)
 
 
-def calibration_images(data: TrainingSet, count: int, source: str, log: Callable[[str], None]) -> np.ndarray:
+def calibration_images(data: TrainingData, count: int, source: str, log: Callable[[str], None]) -> np.ndarray:
     """`count` training crops of `data`, which was read from `source`."""
     images = data.batch(0, count, seed=CALIBRATION_SEED)
     log(f"calibrating INT8 ranges on {len(images)} images from {source}")

@@ -42,6 +42,31 @@ def write_mixed_folder(root: Path) -> list[Path]:
     return sorted((root / n for n in made), key=lambda p: p.as_posix())
 
 
+def photo_crops(count: int, seed: int = 0) -> list[np.ndarray]:
+    """`count` crops of various sizes (larger and smaller than 32, not square) of real photographs."""
+    rng = np.random.default_rng(seed)
+    photos = [np.asarray(photo(name).convert("RGB")) for name in ("astronaut.png", "chelsea.png", "coffee.png")]
+    crops = []
+    for index in range(count):
+        source = photos[index % len(photos)]
+        height, width = int(rng.integers(24, 90)), int(rng.integers(24, 90))
+        top, left = int(rng.integers(0, source.shape[0] - height)), int(rng.integers(0, source.shape[1] - width))
+        crops.append(source[top : top + height, left : left + width])
+    return crops
+
+
+def write_photo_folder(folder: Path, count: int, seed: int = 0) -> list[Path]:
+    """`count` photo crops as PNG, JPEG and WebP files in two subfolders of `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, pixels in enumerate(photo_crops(count, seed)):
+        suffix = (".png", ".jpg", ".webp")[index % 3]
+        paths.append(folder / f"sub{index % 2}" / f"img{index:04d}{suffix}")
+        paths[-1].parent.mkdir(exist_ok=True)
+        Image.fromarray(pixels).save(paths[-1], quality=95)
+    return paths
+
+
 def _cli_env(env: dict[str, str] | None) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from vqtool.errors import VqtoolError
-from vqtool.imagesets import load_training_set, read_image_set
+from vqtool.imagesets import read_image_set
 from vqtool.train.data import default_training_set, split_training_set
+from vqtool.train.sources import load_training_set
 
 
 def test_default_set_is_offline_and_its_validation_split_is_fixed() -> None:

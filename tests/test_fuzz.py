@@ -193,14 +193,23 @@ def test_skip_bad_resumes_to_the_uninterrupted_result(export_dir: Path, damaged:
 
 
 def test_train_skips_bad_files_only_when_asked(corpus: Path, verdicts: dict[Path, str | None], tmp_path: Path) -> None:
-    common = ("--data", str(corpus), "--steps", "2", "--batch-size", "8", "--device", "cpu")
+    """Training reads the corpus while it runs: the held-out validation files before the first step, training
+    files as batches take them. The first unreadable file met stops the run in one line; with --skip-bad
+    every unreadable file met is left out, reported and recorded, and none of the readable ones."""
+    refused = {p for p, e in verdicts.items() if e}
+    common = ("--data", str(corpus), "--steps", "4", "--batch-size", "8", "--device", "cpu")
     stopped = run_cli("train", *common, "--out", str(tmp_path / "stopped"))
-    one_error_line(stopped, str(min((p for p, e in verdicts.items() if e), key=lambda p: p.as_posix())))
+    line = one_error_line(stopped)
+    assert any(line.startswith(f"error: {p}:") for p in refused), line
     assert not (tmp_path / "stopped" / "checkpoint.pt").exists()
     trained = run_cli("train", *common, "--skip-bad", "--out", str(tmp_path / "run"))
     assert trained.returncode == 0, trained.stderr
-    refused = sum(1 for e in verdicts.values() if e)
-    assert f"skipped {refused} of {len(verdicts)} files" in trained.stderr
+    assert "validation skipped" in trained.stderr and "training skipped" in trained.stderr
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    skipped = {Path(s["file"]) for s in saved["extra"]["skipped"]}
+    assert skipped and skipped <= refused
+    final = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["skipped_files"] == len(skipped)
     exported = run_cli("export", str(tmp_path / "run" / "checkpoint.pt"), "--out", str(tmp_path / "model"))
     assert "Traceback" not in exported.stderr and (tmp_path / "model" / "encoder.onnx").is_file(), exported.stderr
 

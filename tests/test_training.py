@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO, run_cli, start_cli
+from tests.conftest import REPO, run_cli, start_cli, write_photo_folder
 from vqtool.train.config import ModelConfig, TrainConfig
 from vqtool.train.data import default_training_set
 from vqtool.train.loop import fit
@@ -127,6 +127,46 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(photos, tmp_pat
         assert torch.allclose(a["model"][key], b["model"][key], atol=1e-6), key
 
 
+def test_the_cosine_schedule_decays_to_zero_after_its_warm_up_and_constant_stays_the_article_rate() -> None:
+    from vqtool.train.config import lr_factor
+
+    assert [lr_factor("constant", s, 100, 0) for s in (0, 50, 99)] == [1.0, 1.0, 1.0]
+    assert [lr_factor("constant", s, 100, 4) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    cosine = [lr_factor("cosine", s, 100, 10) for s in range(100)]
+    assert cosine[:10] == [pytest.approx((s + 1) / 10) for s in range(10)]
+    assert cosine[10] == 1.0 and cosine[55] == pytest.approx(0.5, abs=0.02) and cosine[99] < 1e-3
+    assert all(a >= b for a, b in zip(cosine[10:], cosine[11:], strict=False))
+    with pytest.raises(ValueError, match="lr schedule"):
+        TrainConfig(lr_schedule="linear")
+
+
+def test_a_cosine_run_interrupted_and_resumed_follows_the_same_schedule(photos, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    from vqtool.train import loop
+
+    model = ModelConfig(codes=32, dim=16)
+    config = TrainConfig(steps=10, batch_size=16, device="cpu", steps_per_epoch=3, seed=4, lr_schedule="cosine")
+    quiet = {"data_source": None, "show_progress": False, "log_epochs": False}
+    whole = fit(model, config, photos, tmp_path / "whole", **quiet)
+    saved = torch.load(whole.checkpoint, weights_only=True)
+    # The rate the optimizer last used is the schedule's, not the base rate: the option bites.
+    assert saved["optimizer"]["param_groups"][0]["lr"] == pytest.approx(config.lr * loop.lr_factor("cosine", 9, 10, 0))
+    assert saved["optimizer"]["param_groups"][0]["lr"] < config.lr / 10
+    step = loop._Run.train_step
+
+    def stop_at_five(self, stop_requested: bool):  # noqa: ANN001, ANN202
+        losses, stopping = step(self, stop_requested)
+        return losses, stopping or self.step == 5
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop._Run, "train_step", stop_at_five)
+        part = fit(model, config, photos, tmp_path / "part", **quiet)
+    assert part.interrupted and part.steps == 5
+    resumed = fit(model, config, photos, tmp_path / "part", resume=True, **quiet)
+    b = torch.load(resumed.checkpoint, weights_only=True)
+    for key in saved["model"]:
+        assert torch.allclose(saved["model"][key], b["model"][key], atol=1e-6), key
+
+
 def _tiny_array(tmp_path: Path) -> Path:
     np.save(tmp_path / "data.npy", np.random.default_rng(0).integers(0, 256, (200, 32, 32, 3), dtype=np.uint8))
     return tmp_path / "data.npy"
@@ -192,9 +232,15 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path
     assert saved["step"] >= 1
 
 
-def test_two_processes_match_one_on_the_same_global_batch(tmp_path: Path) -> None:
-    """torchrun with gloo on CPU; codebook statistics (EMA, restarts) are all-reduced across processes."""
-    data = _tiny_array(tmp_path)
+@pytest.mark.parametrize("source", ["array", "folder"])
+def test_two_processes_match_one_on_the_same_global_batch(tmp_path: Path, source: str) -> None:
+    """torchrun with gloo on CPU; codebook statistics (EMA, restarts) are all-reduced across processes. From a
+    folder, each process's reader decodes only that process's slice of every global batch."""
+    if source == "array":
+        data = _tiny_array(tmp_path)
+    else:
+        data = tmp_path / "photos"
+        write_photo_folder(data, 48)
     common = [
         "--data",
         str(data),
@@ -239,7 +285,7 @@ def test_cifar_batches_folder_trains_with_its_test_batch_as_validation(tmp_path:
     for name, count in [*((f"data_batch_{i}", 20) for i in range(1, 6)), ("test_batch", 12)]:
         batch = {b"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8), b"labels": [0] * count}
         (folder / name).write_bytes(pickle.dumps(batch))
-    from vqtool.imagesets import load_training_set
+    from vqtool.train.sources import load_training_set
 
     data = load_training_set(folder, 32)
     assert len(data.train) == 100 and data.val.shape == (12, 32, 32, 3)
@@ -298,9 +344,58 @@ def test_sweep_summarises_with_confidence_intervals_and_skips_finished_runs(tmp_
     assert all(r["seeds"] == 2 and r["val_mse_ci95"] >= 0 and len(r["recon_curve"]) == 3 for r in rows)
     for figure in ("curves_K16.png", "curves_K32.png", "curves_grid.png", "heatmap_val_mse.png"):
         assert (tmp_path / "sweep" / "figures" / figure).stat().st_size > 0
-        assert (tmp_path / "docs" / "figures" / figure).exists()
-    assert "Lowest validation MSE" in (tmp_path / "docs" / "results.md").read_text()
+        assert (tmp_path / "docs" / "figures" / "sweep" / figure).exists()
+    report = (tmp_path / "docs" / "results.md").read_text()
+    assert "Lowest validation MSE" in report and "](figures/sweep/curves_K16.png)" in report
     assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == ["figures", "results.md"]  # no temporary left
     assert first.stdout.startswith("| K | D | seeds |") and "| 16 | 8 | 2 |" in first.stdout
     again = run_cli(*args)
     assert again.returncode == 0 and again.stderr.count("finished earlier, skipped") == 4
+
+
+def test_sweep_takes_lists_of_the_family_options_and_shares_one_report_page(tmp_path: Path) -> None:
+    data, report = str(_tiny_array(tmp_path)), tmp_path / "docs" / "results.md"
+    common = ["--seeds", "2", "--steps", "4", "--steps-per-epoch", "2", "--batch-size", "8", "--data", data]
+    capacity = [
+        "sweep",
+        "--codes",
+        "16",
+        "--dim",
+        "8",
+        "--res-blocks",
+        "0,1",
+        "--channels",
+        "8,16,32",
+        "--channels",
+        "16,32,64",
+        *common,
+        "--out",
+        str(tmp_path / "capacity"),
+        "--report",
+        str(report),
+    ]
+    first = run_cli(*capacity)
+    assert first.returncode == 0, first.stderr
+    rows = json.loads((tmp_path / "capacity" / "summary.json").read_text())["rows"]
+    assert {(r["res_blocks"], tuple(r["channels"])) for r in rows} == {
+        (b, c) for b in (0, 1) for c in ((8, 16, 32), (16, 32, 64))
+    }
+    assert (tmp_path / "capacity" / "K16_D8_c16-32-64_rb1" / "seed1" / "checkpoint.pt").exists()
+    assert all(r["seeds"] == 2 and r["train_s"] > 0 and r["curve_steps"] == [2, 4] for r in rows)
+    assert first.stdout.startswith("| K | D | channels | res blocks | seeds |")
+    factors = ["sweep", "--codes", "16", "--dim", "8", "--downsample", "16,8", "--lookup-dim", "0,4"]
+    second = run_cli(
+        *factors, "--l2-codes", "yes", *common, "--out", str(tmp_path / "factors"), "--report", str(report)
+    )
+    assert second.returncode == 0, second.stderr
+    assert "| K | D | factor | lookup dim | seeds |" in second.stdout
+    text = report.read_text()
+    assert text.count("## Results:") == 2 and "sweep over K, D, channels, res blocks" in text
+    assert "At each recorded step:" in text  # two records a run: a table of both steps
+    for key, figure in (("capacity", "curves.png"), ("factors", "final_psnr.png")):
+        assert f"](figures/{key}/{figure})" in text and (report.parent / "figures" / key / figure).stat().st_size > 0
+    again = run_cli(*capacity)  # re-summarised: its section is replaced, not added again
+    assert again.returncode == 0 and again.stderr.count("finished earlier, skipped") == 8
+    assert report.read_text().count("## Results:") == 2
+    bad = run_cli("sweep", "--l2-codes", "maybe", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 1 and "--l2-codes takes comma-separated yes/no values" in bad.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -85,6 +86,20 @@ class ModelConfig:
         return cls(**values)
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
+    """Multiplier of the base learning rate at (0-based) `step` of `total`: a pure function of the step, so a
+    resumed run follows the same schedule."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How a run trains; `steps` overrides `epochs` when given."""
@@ -93,6 +108,9 @@ class TrainConfig:
     steps: int | None = None
     batch_size: int = 128
     lr: float = 1e-3
+    # "constant" is the article's; "cosine" decays the rate to 0 over the run after a linear warm-up.
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
     beta: float = 0.25
     seed: int = 0
     device: str = "auto"
@@ -106,6 +124,9 @@ class TrainConfig:
     # How --data is read; kept so that --resume, export and parity read the collection the same way.
     max_pixels: int = DEFAULT_MAX_PIXELS
     skip_bad: bool = False
+    val_data: str | None = None
+    # Reader processes (None: one per two cores); batches do not depend on it, except from tar shards.
+    workers: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_pixels < 1:
@@ -118,6 +139,10 @@ class TrainConfig:
             raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
         if not self.lr > 0:
             raise ValueError(f"learning rate must be positive, got {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warm-up steps must be 0 or more, got {self.warmup_steps}")
         if self.beta < 0:
             raise ValueError(f"beta must be non-negative, got {self.beta}")
         if not 0 < self.ema_decay < 1:
@@ -126,6 +151,8 @@ class TrainConfig:
             raise ValueError(f"--restart-dead takes a number of steps >= 1, got {self.restart_dead}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ValueError(f"steps per epoch must be at least 1, got {self.steps_per_epoch}")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"--workers must be 0 or more, got {self.workers}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
 

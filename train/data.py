@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.resources import files
+from typing import Any, Protocol
 
 import numpy as np
+
+from vqtool.errors import VqtoolError
+from vqtool.images import SkippedFile
 
 # Natural RGB photographs shipped inside the scikit-image wheel (never fetched).
 DEFAULT_PHOTOS = (
@@ -31,6 +37,47 @@ VALIDATION_MAX = 2_000
 
 
 @dataclass(frozen=True)
+class Batch:
+    """One training process's share of a step's batch, as a reader delivers it.
+
+    `skipped` lists the files left out under --skip-bad, `started` the (epoch, tar shard) pairs begun
+    since the previous batch (for resuming at a shard boundary), `error` a file that stops the run.
+    """
+
+    images: np.ndarray
+    skipped: tuple[SkippedFile, ...] = ()
+    started: tuple[tuple[int, str], ...] = ()
+    error: VqtoolError | None = None
+
+    def checked(self) -> Batch:
+        if self.error is not None:
+            raise self.error
+        return self
+
+
+class TrainingData(Protocol):
+    """What training reads: held-out validation images, seeded batches, and a stream of them for a process."""
+
+    val: np.ndarray
+
+    def steps_per_epoch(self, batch_size: int) -> int: ...
+
+    def batch(self, step: int, batch_size: int, seed: int) -> np.ndarray: ...
+
+    def stream(
+        self,
+        start_step: int,
+        batch_size: int,
+        seed: int,
+        *,
+        rank: int = 0,
+        world: int = 1,
+        workers: int = 0,
+        state: dict[str, Any] | None = None,
+    ) -> Iterator[Batch]: ...
+
+
+@dataclass(frozen=True)
 class TrainingSet:
     """Images to draw training batches from and a fixed validation array (N x S x S x 3 uint8).
 
@@ -51,6 +98,22 @@ class TrainingSet:
         if isinstance(self.train, np.ndarray) and self.train.shape[1:3] == (self.size, self.size):
             return self._permutation_batch(step, batch_size, seed)
         return self._crop_batch(step, batch_size, seed)
+
+    def stream(
+        self,
+        start_step: int,
+        batch_size: int,
+        seed: int,
+        *,
+        rank: int = 0,
+        world: int = 1,
+        workers: int = 0,
+        state: dict[str, Any] | None = None,
+    ) -> Iterator[Batch]:
+        """This process's slice of each step's batch: the images are in memory, so no reader processes."""
+        share = batch_size // world
+        for step in itertools.count(start_step):
+            yield Batch(self.batch(step, batch_size, seed)[rank * share : (rank + 1) * share])
 
     def _permutation_batch(self, step: int, batch_size: int, seed: int) -> np.ndarray:
         assert isinstance(self.train, np.ndarray)

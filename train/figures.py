@@ -17,16 +17,33 @@ def _save_png_atomically(path: Path, save: Any) -> None:
         save(temp)
 
 
-def save_reconstruction_grid(path: Path, inputs: np.ndarray, reconstructions: np.ndarray, scale: int = 3) -> None:
-    """Inputs on the top row, their reconstructions below (uint8 N x H x W x 3 each)."""
-    count, height, width = inputs.shape[:3]
+def save_reconstruction_grid(path: Path, inputs: np.ndarray, reconstructions: np.ndarray, scale: int = 3) -> np.ndarray:
+    """Inputs on the top row, their reconstructions below (uint8 N x H x W x 3 each); returns the picture."""
+    return save_image_rows(path, [inputs, reconstructions], scale=scale)
+
+
+def save_image_rows(
+    path: Path, rows: Sequence[np.ndarray], labels: Sequence[str] = (), scale: int = 3, label_width: int = 0
+) -> np.ndarray:
+    """One row per array of uint8 N x H x W x 3 images, each row optionally named at its left; returns the picture."""
+    count, height, width = rows[0].shape[:3]
     gap = 2
-    canvas = np.full((2 * (height * scale + gap) + gap, count * (width * scale + gap) + gap, 3), 255, np.uint8)
-    for row, images in enumerate((inputs, reconstructions)):
+    canvas = np.full(
+        (len(rows) * (height * scale + gap) + gap, label_width + count * (width * scale + gap) + gap, 3), 255, np.uint8
+    )
+    for row, images in enumerate(rows):
         for col, image in enumerate(images):
-            top, left = gap + row * (height * scale + gap), gap + col * (width * scale + gap)
+            top, left = gap + row * (height * scale + gap), label_width + gap + col * (width * scale + gap)
             canvas[top : top + height * scale, left : left + width * scale] = image.repeat(scale, 0).repeat(scale, 1)
-    _save_png_atomically(path, lambda temp: Image.fromarray(canvas).save(temp, format="PNG"))
+    picture = Image.fromarray(canvas)
+    if labels:
+        from PIL import ImageDraw
+
+        draw = ImageDraw.Draw(picture)
+        for row, label in enumerate(labels):
+            draw.text((4, gap + row * (height * scale + gap) + height * scale // 2 - 6), label, fill=(0, 0, 0))
+    _save_png_atomically(path, lambda temp: picture.save(temp, format="PNG"))
+    return np.asarray(picture)
 
 
 def save_loss_curves(path: Path, trace: Sequence[dict[str, float]], epochs: Sequence[dict[str, Any]]) -> bool:

@@ -18,14 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from vqtool.atomic import atomic_output
+from vqtool.images import SkippedFile
+from vqtool.train.board import Board
 from vqtool.train.checkpoint import load_checkpoint, save_checkpoint
 from vqtool.train.codebook import CodebookHealth
-from vqtool.train.config import ModelConfig, TrainConfig
-from vqtool.train.data import TrainingSet
+from vqtool.train.config import ModelConfig, TrainConfig, lr_factor
+from vqtool.train.data import Batch, TrainingData
 from vqtool.train.figures import save_loss_curves, save_reconstruction_grid
 from vqtool.train.metrics import evaluate
 from vqtool.train.model import VQVAE, images_to_input, output_to_images
@@ -57,6 +60,7 @@ class RunResult:
     seconds: float
     interrupted: bool
     is_main: bool = True
+    skipped: tuple[SkippedFile, ...] = ()  # training files left out under --skip-bad
 
 
 @dataclass(frozen=True)
@@ -128,7 +132,7 @@ class _Run:
         self,
         model: VQVAE,
         config: TrainConfig,
-        data: TrainingSet,
+        data: TrainingData,
         run_dir: Path,
         source: str | None,
         world: Distributed,
@@ -142,6 +146,11 @@ class _Run:
         self.records: list[dict[str, Any]] = []
         self.trace: list[dict[str, float]] = []
         self.val = torch.from_numpy(data.val).to(self.device)
+        self.batches: Iterator[Batch] | None = None
+        self.board: Board | None = None  # rank 0's TensorBoard writer, opened once the run's step is known
+        # Files left out under --skip-bad, by name, and where a tar-shard stream stands (for --resume).
+        self.skipped: dict[str, SkippedFile] = {}
+        self.stream_state: dict[str, Any] = {"epoch": 0, "started": []}
         self.sums = {"recon": 0.0, "codebook": 0.0, "commit": 0.0, "count": 0}
         self.started = time.perf_counter()
         self.trainer: torch.nn.Module = model
@@ -157,6 +166,10 @@ class _Run:
         return self.config.steps_per_epoch or self.data.steps_per_epoch(self.config.batch_size)
 
     @property
+    def total_steps(self) -> int:
+        return self.config.steps if self.config.steps is not None else self.config.epochs * self.steps_per_epoch
+
+    @property
     def epoch(self) -> int:
         return self.step // self.steps_per_epoch
 
@@ -170,9 +183,17 @@ class _Run:
         self.trace = list(saved.extra.get("trace", []))
         if "codebook" in saved.extra:
             self.health.load_state_dict(saved.extra["codebook"])
+        self.stream_state = dict(saved.extra.get("stream", self.stream_state))
+        self.skipped = {s["file"]: SkippedFile(s["file"], s["reason"]) for s in saved.extra.get("skipped", [])}
 
     def save(self) -> None:
-        extra = {"records": self.records, "trace": self.trace, "codebook": self.health.state_dict()}
+        extra = {
+            "records": self.records,
+            "trace": self.trace,
+            "codebook": self.health.state_dict(),
+            "stream": self.stream_state,
+            "skipped": [s.to_dict() for s in self.skipped.values()],
+        }
         save_checkpoint(
             self.checkpoint_path,
             self.model,
@@ -184,9 +205,36 @@ class _Run:
             extra=extra,
         )
 
-    def local_slice(self, batch: torch.Tensor) -> torch.Tensor:
-        share = len(batch) // self.world.world
-        return batch[self.world.rank * share : (self.world.rank + 1) * share]
+    def next_images(self) -> np.ndarray:
+        """This process's share of the current step's batch, from the data's readers (started at the first step)."""
+        if self.batches is None:
+            from vqtool.train.sources import default_workers
+
+            workers = self.config.workers if self.config.workers is not None else default_workers()
+            self.batches = self.data.stream(
+                self.step,
+                self.config.batch_size,
+                self.config.seed,
+                rank=self.world.rank,
+                world=self.world.world,
+                workers=workers,
+                state=self.stream_state,
+            )
+        batch = next(self.batches)
+        for skipped in batch.skipped:
+            self.skipped.setdefault(skipped.file, skipped)
+        for epoch, shard in batch.started:
+            if epoch > self.stream_state["epoch"]:
+                self.stream_state = {"epoch": epoch, "started": []}
+            if epoch == self.stream_state["epoch"]:
+                self.stream_state["started"].append(shard)
+        return batch.images
+
+    def close(self) -> None:
+        """Stop the reader processes and close the TensorBoard writer."""
+        self.batches = None
+        if self.board is not None:
+            self.board.close()
 
     @torch.no_grad()
     def kmeans_init(self) -> None:
@@ -200,8 +248,7 @@ class _Run:
 
     def train_step(self, stop_requested: bool) -> tuple[dict[str, float], bool]:
         """One optimisation step; returns its losses and whether any process asked to stop."""
-        batch = self.data.batch(self.step, self.config.batch_size, self.config.seed)
-        x = images_to_input(self.local_slice(torch.from_numpy(batch)).to(self.device))
+        x = images_to_input(torch.from_numpy(self.next_images()).to(self.device))
         result = self.trainer(x)
         codebook_term = 0.0 if self.config.ema else result.codebook_loss
         loss = result.recon_loss + codebook_term + self.config.beta * result.commit_loss
@@ -225,6 +272,9 @@ class _Run:
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        factor = lr_factor(self.config.lr_schedule, self.step, self.total_steps, self.config.warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.lr * factor
         self.optimizer.step()
         self.health.after_step(result.latents, result.codes, self.step)
         self.step += 1
@@ -246,15 +296,28 @@ class _Run:
             "commit_loss": self.sums["commit"] / count,
             **evaluate(self.model, self.val),
             "restarts": self.health.restarts,
+            "skipped_files": len(self.skipped),
             "elapsed_s": round(time.perf_counter() - self.started, 2),
         }
         self.sums = {"recon": 0.0, "codebook": 0.0, "commit": 0.0, "count": 0}
+        if self.board is not None and self.board.active:
+            self.board.record(record, self.validation_codes(), self.model.config.codes)
         self.records = [r for r in self.records if r["step"] < self.step] + [record]
         _write_jsonl(self.run_dir / METRICS_NAME, self.records)
         self.save()
         self.snapshot()
         save_loss_curves(self.run_dir / FIGURES_DIR / "loss.png", self.trace, self.records)
         return record
+
+    @torch.no_grad()
+    def validation_codes(self) -> torch.Tensor:
+        was_training = self.model.training
+        self.model.eval()
+        codes = torch.cat(
+            [self.model.encode(images_to_input(self.val[s : s + 512])) for s in range(0, len(self.val), 512)]
+        )
+        self.model.train(was_training)
+        return codes
 
     @torch.no_grad()
     def snapshot(self) -> None:
@@ -264,13 +327,15 @@ class _Run:
         reconstruction = output_to_images(self.model(images_to_input(inputs)).reconstruction)
         self.model.train(was_training)
         path = self.run_dir / FIGURES_DIR / f"recon_step{self.step:07d}.png"
-        save_reconstruction_grid(path, inputs.cpu().numpy(), reconstruction.cpu().numpy())
+        grid = save_reconstruction_grid(path, inputs.cpu().numpy(), reconstruction.cpu().numpy())
+        if self.board is not None:
+            self.board.image("reconstructions (inputs above)", grid, self.step)
 
 
 def fit(
     model_config: ModelConfig,
     config: TrainConfig,
-    data: TrainingSet,
+    data: TrainingData,
     run_dir: Path,
     *,
     data_source: str | None,
@@ -292,11 +357,13 @@ def fit(
         run.restore()
     if not run.health.initialised:
         run.kmeans_init()
+    if world.main:
+        run.board = Board(run_dir, run.step)
     if world.active:
         from torch.nn.parallel import DistributedDataParallel
 
         run.trainer = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    total = config.steps if config.steps is not None else config.epochs * run.steps_per_epoch
+    total = run.total_steps
     columns = (
         TextColumn("[bold]train[/]"),
         BarColumn(),
@@ -341,6 +408,7 @@ def fit(
         if world.active:
             dist.barrier()  # rank 0 may still be writing; leaving the group early aborts the others
     finally:
+        run.close()
         if world.active and dist.is_initialized():
             dist.destroy_process_group()
     return RunResult(
@@ -353,4 +421,5 @@ def fit(
         seconds=time.perf_counter() - run.started,
         interrupted=interrupted,
         is_main=world.main,
+        skipped=tuple(run.skipped.values()),
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from vqtool.train.model import VQVAE, images_to_input, output_to_images
@@ -24,6 +25,19 @@ def psnr_uint8(reference: torch.Tensor, test: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
 
 
+def mean_ssim(reference: np.ndarray, test: np.ndarray) -> float:
+    """Mean structural similarity (scikit-image's, per image, over the colour channels) of uint8 N x H x W x 3."""
+    from skimage.metrics import structural_similarity
+
+    # SSIM's default 7x7 window needs sides of 7 or more; smaller images use the largest odd window that fits.
+    window = min(7, *reference.shape[1:3]) // 2 * 2 + 1 if min(reference.shape[1:3]) < 7 else 7
+    scores = [
+        structural_similarity(a, b, channel_axis=-1, data_range=255, win_size=window)
+        for a, b in zip(reference, test, strict=True)
+    ]
+    return float(np.mean(scores))
+
+
 @torch.no_grad()
 def evaluate(model: VQVAE, images: torch.Tensor, batch_size: int = 512) -> dict[str, float]:
     """Validation metrics on uint8 N x H x W x 3 images (on the model's device)."""
@@ -42,4 +56,9 @@ def evaluate(model: VQVAE, images: torch.Tensor, batch_size: int = 512) -> dict[
         all_pixels.append(output_to_images(result.reconstruction))
     model.train(was_training)
     pixels = torch.cat(all_pixels)
-    return {**totals, "val_psnr": psnr_uint8(images, pixels), **code_usage(torch.cat(all_codes), model.config.codes)}
+    return {
+        **totals,
+        "val_psnr": psnr_uint8(images, pixels),
+        "val_ssim": mean_ssim(images.cpu().numpy(), pixels.cpu().numpy()),
+        **code_usage(torch.cat(all_codes), model.config.codes),
+    }

@@ -7,6 +7,7 @@ import math
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import numpy as np
 from vqtool.atomic import atomic_output
 from vqtool.train.checkpoint import load_checkpoint
 from vqtool.train.config import ModelConfig, TrainConfig
-from vqtool.train.data import TrainingSet
+from vqtool.train.data import TrainingData
 from vqtool.train.loop import CHECKPOINT_NAME, fit
 
 # Two-sided 97.5% quantiles of Student's t for n - 1 degrees of freedom (n seeds); normal beyond.
@@ -23,7 +24,7 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 SUMMARY_KEYS = ("val_mse", "val_psnr", "usage", "perplexity")
 
 
-def mean_ci(values: Sequence[float]) -> tuple[float, float]:
+def mean_ci(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
     """Mean and half-width of its 95% confidence interval (0 for a single value)."""
     data = np.asarray(values, dtype=np.float64)
     if len(data) < 2:
@@ -31,51 +32,95 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
     return float(data.mean()), T_975.get(len(data) - 1, 1.96) * float(data.std(ddof=1)) / math.sqrt(len(data))
 
 
+# ModelConfig fields a sweep can take lists of, in the order they are named in run folders and tables.
+SWEEP_AXES = ("codes", "dim", "downsample", "channels", "res_blocks", "lookup_dim", "l2_codes")
+AXIS_TITLES = {
+    "codes": "K",
+    "dim": "D",
+    "downsample": "factor",
+    "channels": "channels",
+    "res_blocks": "res blocks",
+    "lookup_dim": "lookup dim",
+    "l2_codes": "l2 codes",
+}
+
+
 @dataclass(frozen=True)
 class SweepRun:
-    codes: int
-    dim: int
+    model: ModelConfig
     seed: int
     records: list[dict[str, Any]]
     skipped: bool
+
+    @property
+    def codes(self) -> int:
+        return self.model.codes
+
+    @property
+    def dim(self) -> int:
+        return self.model.dim
 
     @property
     def final(self) -> dict[str, Any]:
         return self.records[-1]
 
 
-def run_dir_for(out: Path, codes: int, dim: int, seed: int) -> Path:
-    return out / f"K{codes}_D{dim}" / f"seed{seed}"
+def sweep_variants(base: ModelConfig, axes: dict[str, Sequence[Any]]) -> list[ModelConfig]:
+    """Every combination of the listed values (in SWEEP_AXES order), the other fields taken from `base`."""
+    names = [name for name in SWEEP_AXES if name in axes]
+    return [replace(base, **dict(zip(names, values, strict=True))) for values in product(*(axes[n] for n in names))]
+
+
+def variant_name(model: ModelConfig) -> str:
+    """K256_D256 for the reference design; each field that differs from it adds a suffix (_f8, _rb2, ...)."""
+    reference = ModelConfig()
+    parts = [f"K{model.codes}_D{model.dim}"]
+    if model.image_size != reference.image_size:
+        parts.append(f"s{model.image_size}")
+    if model.downsample != reference.downsample:
+        parts.append(f"f{model.downsample}")
+    if model.channels != reference.channels:
+        parts.append("c" + "-".join(map(str, model.channels)))
+    if model.res_blocks:
+        parts.append(f"rb{model.res_blocks}")
+    if model.lookup_dim:
+        parts.append(f"ld{model.lookup_dim}")
+    if model.l2_codes:
+        parts.append("l2")
+    return "_".join(parts)
+
+
+def run_dir_for(out: Path, model: ModelConfig, seed: int) -> Path:
+    return out / variant_name(model) / f"seed{seed}"
 
 
 def run_sweep(
-    codes: Sequence[int],
-    dims: Sequence[int],
+    variants: Sequence[ModelConfig],
     seeds: int,
     base: TrainConfig,
-    model: ModelConfig,
-    data: TrainingSet,
+    data: TrainingData,
     data_source: str | None,
     out: Path,
     log: Callable[[str], None] = print,
 ) -> list[SweepRun]:
-    """Train each (K, D, seed) in its own run directory; finished runs are read back, not retrained."""
+    """Train each (variant, seed) in its own run directory; finished runs are read back, not retrained."""
     runs = []
-    total_runs = len(codes) * len(dims) * seeds
-    for index, (k, d, seed) in enumerate((k, d, s) for k in codes for d in dims for s in range(seeds)):
-        run_dir = run_dir_for(out, k, d, seed)
+    total_runs = len(variants) * seeds
+    for index, (model, seed) in enumerate((m, s) for m in variants for s in range(seeds)):
+        run_dir = run_dir_for(out, model, seed)
         config = replace(base, seed=seed)
         steps_per_epoch = config.steps_per_epoch or data.steps_per_epoch(config.batch_size)
         total = config.steps if config.steps is not None else config.epochs * steps_per_epoch
         checkpoint = run_dir / CHECKPOINT_NAME
         saved = load_checkpoint(checkpoint) if checkpoint.exists() else None
+        label = f"[{index + 1}/{total_runs}] {variant_name(model)} seed={seed}"
         if saved is not None and saved.step >= total:
-            log(f"[{index + 1}/{total_runs}] K={k} D={d} seed={seed}: finished earlier, skipped")
-            runs.append(SweepRun(k, d, seed, list(saved.extra["records"]), skipped=True))
+            log(f"{label}: finished earlier, skipped")
+            runs.append(SweepRun(model, seed, list(saved.extra["records"]), skipped=True))
             continue
-        log(f"[{index + 1}/{total_runs}] K={k} D={d} seed={seed}: training {total} steps")
+        log(f"{label}: training {total} steps")
         result = fit(
-            replace(model, codes=k, dim=d),
+            model,
             config,
             data,
             run_dir,
@@ -85,29 +130,55 @@ def run_sweep(
             log_epochs=False,
         )
         records = [json.loads(line) for line in result.metrics.read_text().splitlines()]
-        runs.append(SweepRun(k, d, seed, records, skipped=False))
+        runs.append(SweepRun(model, seed, records, skipped=False))
     return runs
 
 
+def _curve_stats(group: Sequence[SweepRun], pick: Callable[[dict[str, Any]], float]) -> tuple[list[float], list[float]]:
+    epochs = min(len(r.records) for r in group)
+    curves = np.array([[pick(e) for e in r.records[:epochs]] for r in group])
+    stats = [mean_ci(curves[:, i]) for i in range(epochs)]
+    return [m for m, _ in stats], [c for _, c in stats]
+
+
 def summarise(runs: Sequence[SweepRun], beta: float) -> list[dict[str, Any]]:
-    """Per (K, D): final validation figures as mean ± 95% CI over seeds, and per-epoch curves."""
+    """Per variant: final validation figures and training time as mean ± 95% CI over seeds, per-epoch curves."""
     rows = []
-    for k, d in sorted({(r.codes, r.dim) for r in runs}):
-        group = [r for r in runs if (r.codes, r.dim) == (k, d)]
-        row: dict[str, Any] = {"codes": k, "dim": d, "seeds": len(group)}
+    for model in sorted({r.model for r in runs}, key=lambda m: [str(getattr(m, a)) for a in SWEEP_AXES]):
+        group = [r for r in runs if r.model == model]
+        row: dict[str, Any] = {"variant": variant_name(model), **model.to_dict(), "seeds": len(group)}
         for key in SUMMARY_KEYS:
             row[key], row[f"{key}_ci95"] = mean_ci([r.final[key] for r in group])
-        epochs = min(len(r.records) for r in group)
-        for name, pick in (
-            ("recon", lambda e: e["train_mse"]),
-            ("vq", lambda e: e["codebook_loss"] + beta * e["commit_loss"]),
-        ):
-            curves = np.array([[pick(e) for e in r.records[:epochs]] for r in group])
-            stats = [mean_ci(curves[:, i]) for i in range(epochs)]
-            row[f"{name}_curve"] = [m for m, _ in stats]
-            row[f"{name}_curve_ci95"] = [c for _, c in stats]
+        row["train_s"], row["train_s_ci95"] = mean_ci([float(r.final.get("elapsed_s", 0.0)) for r in group])
+        row["curve_steps"] = [int(e["step"]) for e in group[0].records[: min(len(r.records) for r in group)]]
+        curves = {
+            "recon": lambda e: e["train_mse"],
+            "vq": lambda e: e["codebook_loss"] + beta * e["commit_loss"],
+            "val_psnr": lambda e: e["val_psnr"],
+            "usage": lambda e: e["usage"],
+        }
+        for name, pick in curves.items():
+            row[f"{name}_curve"], row[f"{name}_curve_ci95"] = _curve_stats(group, pick)
         rows.append(row)
     return rows
+
+
+def varying_axes(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """K and D always (the article's sweep), then every other axis that takes more than one value."""
+    return [a for a in SWEEP_AXES if a in ("codes", "dim") or len({str(r[a]) for r in rows}) > 1]
+
+
+def _axis_value(row: dict[str, Any], axis: str) -> str:
+    value = row[axis]
+    if axis == "channels":
+        return ",".join(map(str, value))
+    if axis == "l2_codes":
+        return "yes" if value else "no"
+    return "-" if value is None else str(value)
+
+
+def _variant_label(row: dict[str, Any], axes: Sequence[str]) -> str:
+    return " ".join(f"{AXIS_TITLES[a]}={_axis_value(row, a)}" for a in axes)
 
 
 def _plot_band(axis: Any, mean: Sequence[float], ci: Sequence[float], label: str) -> None:
@@ -119,13 +190,17 @@ def _plot_band(axis: Any, mean: Sequence[float], ci: Sequence[float], label: str
 
 
 def draw_figures(rows: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
-    """One curve figure per K, a grid of all pairs, and a heatmap of final validation MSE (PNG)."""
+    """PNG figures: for a K x D sweep one curve figure per K, a grid of all pairs and a heatmap of final
+    validation MSE; for a sweep over other axes, the loss curves of every variant and its final PSNR."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
+    axes_varied = varying_axes(rows)
+    if axes_varied != ["codes", "dim"]:
+        return _draw_variant_figures(plt, rows, axes_varied, folder)
     codes, dims = sorted({r["codes"] for r in rows}), sorted({r["dim"] for r in rows})
     made = []
     for k in codes:
@@ -178,63 +253,149 @@ def draw_figures(rows: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
     return made
 
 
+def _draw_variant_figures(plt: Any, rows: Sequence[dict[str, Any]], axes_varied: list[str], folder: Path) -> list[Path]:
+    # K and D are named only where they vary: a capacity study at one (K, D) labels its lines by what changes.
+    shown = [a for a in axes_varied if len({str(r[a]) for r in rows}) > 1] or axes_varied
+    figure, (recon, psnr) = plt.subplots(1, 2, figsize=(11, 4))
+    for row in rows:
+        label = _variant_label(row, shown)
+        _plot_band(recon, row["recon_curve"], row["recon_curve_ci95"], label)
+        _plot_band(psnr, row["val_psnr_curve"], row["val_psnr_curve_ci95"], label)
+    recon.set(title="training reconstruction loss", xlabel="epoch", yscale="log")
+    psnr.set(title="validation PSNR (dB)", xlabel="epoch")
+    psnr.legend(fontsize=7)
+    figure.tight_layout()
+    curves = folder / "curves.png"
+    figure.savefig(curves, dpi=110)
+    plt.close(figure)
+    figure, axis = plt.subplots(figsize=(max(5.0, 0.9 * len(rows) + 2), 3.8))
+    labels = [_variant_label(r, shown).replace(" ", "\n") for r in rows]
+    axis.bar(range(len(rows)), [r["val_psnr"] for r in rows], yerr=[r["val_psnr_ci95"] for r in rows], capsize=4)
+    low = min(r["val_psnr"] - r["val_psnr_ci95"] for r in rows)
+    axis.set(xticks=range(len(rows)), ylabel="final validation PSNR (dB)", ylim=(max(0.0, low - 1.0), None))
+    axis.set_xticklabels(labels, fontsize=7)
+    figure.tight_layout()
+    final = folder / "final_psnr.png"
+    figure.savefig(final, dpi=110)
+    plt.close(figure)
+    return [curves, final]
+
+
 def summary_table(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """The summary as markdown table lines: mean ± 95% CI per (K, D)."""
+    """The summary as markdown table lines: mean ± 95% CI per variant, named by the axes that vary."""
+    axes = varying_axes(rows)
+    head = [AXIS_TITLES[a] for a in axes] + ["seeds", "val MSE", "val PSNR (dB)", "codebook usage", "perplexity"]
+    lines = ["| " + " | ".join([*head, "training (s)"]) + " |", "|" + "---|" * (len(head) + 1)]
+    for r in rows:
+        cells = [_axis_value(r, a) for a in axes] + [
+            str(r["seeds"]),
+            f"{r['val_mse']:.4f} ± {r['val_mse_ci95']:.4f}",
+            f"{r['val_psnr']:.2f} ± {r['val_psnr_ci95']:.2f}",
+            f"{r['usage']:.1%} ± {r['usage_ci95']:.1%}",
+            f"{r['perplexity']:.1f} ± {r['perplexity_ci95']:.1f}",
+            f"{r['train_s']:.0f} ± {r['train_s_ci95']:.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+# A run with this few validation records gets a table of them: the figures at 1x, 2x, 4x the steps, say.
+STEP_TABLE_MAX_RECORDS = 8
+
+
+def steps_table(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Validation PSNR and usage at each recorded step (mean ± 95% CI), when runs record few steps."""
+    if not rows or max(len(r["curve_steps"]) for r in rows) > STEP_TABLE_MAX_RECORDS:
+        return []
+    axes = varying_axes(rows)
     lines = [
-        "| K | D | seeds | val MSE | val PSNR (dB) | codebook usage | perplexity |",
-        "|---|---|---|---|---|---|---|",
+        "| " + " | ".join([AXIS_TITLES[a] for a in axes] + ["step", "val PSNR (dB)", "codebook usage"]) + " |",
+        "|" + "---|" * (len(axes) + 3),
     ]
     for r in rows:
-        lines.append(
-            f"| {r['codes']} | {r['dim']} | {r['seeds']} | {r['val_mse']:.4f} ± {r['val_mse_ci95']:.4f} | "
-            f"{r['val_psnr']:.2f} ± {r['val_psnr_ci95']:.2f} | {r['usage']:.1%} ± {r['usage_ci95']:.1%} | "
-            f"{r['perplexity']:.1f} ± {r['perplexity_ci95']:.1f} |"
-        )
+        for i, step in enumerate(r["curve_steps"]):
+            psnr = f"{r['val_psnr_curve'][i]:.2f} ± {r['val_psnr_curve_ci95'][i]:.2f}"
+            usage = f"{r['usage_curve'][i]:.1%} ± {r['usage_curve_ci95'][i]:.1%}"
+            lines.append("| " + " | ".join([*(_axis_value(r, a) for a in axes), str(step), psnr, usage]) + " |")
     return lines
 
 
 def report_markdown(
-    rows: Sequence[dict[str, Any]], figures: Sequence[Path], relative_to: Path, command: str, seconds: float
+    rows: Sequence[dict[str, Any]],
+    figures: Sequence[Path],
+    command: str,
+    seconds: float,
+    figure_dir: str = "figures/",
 ) -> str:
-    """The sweep's summary as markdown: table, findings drawn from the numbers, figures."""
+    """The sweep's summary as markdown: table, findings drawn from the numbers, and figure links into
+    `figure_dir` (relative to the markdown file)."""
+    axes = varying_axes(rows)
     best = min(rows, key=lambda r: r["val_mse"])
-    by_k = {}
-    for k in sorted({r["codes"] for r in rows}):
-        group = [r for r in rows if r["codes"] == k]
-        by_k[k] = (np.mean([r["usage"] for r in group]), np.mean([r["usage"] * k for r in group]))
-    reference = next((r for r in rows if (r["codes"], r["dim"]) == (256, 256)), None)
+    title = (
+        "the article's K x D sweep"
+        if axes == ["codes", "dim"]
+        else "sweep over " + ", ".join(AXIS_TITLES[a] for a in axes)
+    )
     lines = [
-        "# Results: the article's K x D sweep",
+        f"## Results: {title}",
         "",
         f"Made by `{command}`; the runs trained for {seconds / 60:.0f} min in all on a 2-core CPU. "
-        "Final validation figures are "
+        "Final validation figures and training times are "
         "mean ± 95% CI over seeds (Student's t); curves are per epoch with 95% bands.",
         "",
         *summary_table(rows),
         "",
         "Findings (computed from the table):",
         "",
-        f"- Lowest validation MSE: K={best['codes']}, D={best['dim']} "
+        f"- Lowest validation MSE: {_variant_label(best, axes)} "
         f"({best['val_mse']:.4f} ± {best['val_mse_ci95']:.4f}, {best['val_psnr']:.2f} dB).",
     ]
+    overlapping = [
+        r for r in rows if r is not best and r["val_mse"] - r["val_mse_ci95"] <= best["val_mse"] + best["val_mse_ci95"]
+    ]
+    if overlapping:
+        tied = "; ".join(_variant_label(r, axes) for r in overlapping)
+        lines.append(f"- Within the confidence interval of the best: {tied}.")
+    by_k = {}
+    for k in sorted({r["codes"] for r in rows}):
+        group = [r for r in rows if r["codes"] == k]
+        by_k[k] = (np.mean([r["usage"] for r in group]), np.mean([r["usage"] * k for r in group]))
     usage = ", ".join(f"K={k}: {u:.1%} ({n:.0f} codes)" for k, (u, n) in by_k.items())
-    lines.append(f"- Codebook usage by K (mean over D and seeds): {usage}.")
-    if reference is not None:
+    lines.append(f"- Codebook usage by K (mean over the other axes and seeds): {usage}.")
+    reference = next((r for r in rows if r["variant"] == "K256_D256"), None)
+    if reference is not None and reference is not best:
         overlap = reference["val_mse"] - reference["val_mse_ci95"] <= best["val_mse"] + best["val_mse_ci95"]
         verdict = "within the confidence interval of the best" if overlap else "worse than the best beyond the CIs"
         lines.append(
-            f"- The article's best pair (K=256, D=256): {reference['val_mse']:.4f} ± "
+            f"- The article's model (K=256, D=256): {reference['val_mse']:.4f} ± "
             f"{reference['val_mse_ci95']:.4f}, {verdict}."
         )
-    lines += ["", *[f"![{p.stem}]({p.relative_to(relative_to).as_posix()})" for p in figures], ""]
+    by_step = steps_table(rows)
+    if by_step:
+        lines += ["", "At each recorded step:", "", *by_step]
+    links = [f"![{p.stem}]({figure_dir}{p.name})" for p in figures]
+    lines += ["", *links, ""]
     return "\n".join(lines)
 
 
-def publish_report(text: str, figures: Sequence[Path], report: Path) -> None:
-    """Copy the report and its figures next to each other (e.g. docs/results.md + docs/figures/)."""
-    target = report.parent / "figures"
+def _section_markers(key: str) -> tuple[str, str]:
+    return f"<!-- vqtool sweep {key}: begin -->", f"<!-- vqtool sweep {key}: end -->"
+
+
+def publish_report(text: str, figures: Sequence[Path], report: Path, key: str) -> None:
+    """Put the sweep's section into `report` (replacing its earlier section, or added after the others) and its
+    figures into figures/KEY/ beside it, so that several sweeps (K x D, capacity, ...) share one results page."""
+    target = report.parent / "figures" / key
     target.mkdir(parents=True, exist_ok=True)
     for figure in figures:
         shutil.copy2(figure, target / figure.name)
+    begin, end = _section_markers(key)
+    section = f"{begin}\n{text.rstrip()}\n{end}\n"
+    existing = report.read_text() if report.exists() else "# Results\n\nMade by `vqtool sweep --report`.\n"
+    if begin in existing and end in existing:
+        before, rest = existing.split(begin, 1)
+        updated = before + section + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        updated = existing.rstrip("\n") + "\n\n" + section
     with atomic_output(report) as temp:
-        temp.write_text(text)
+        temp.write_text(updated)

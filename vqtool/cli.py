@@ -75,8 +75,27 @@ def next_run_dir(root: Path) -> Path:
 DataOption = Annotated[
     Path | None,
     typer.Option(
-        help="Folder of images (recursive), .npy/.npz uint8 N x H x W x 3, or a cifar-10-batches-py "
-        "folder. Default: the embedded photographs."
+        help="Folder of images (recursive), a .txt list of image paths (relative to the list's folder), tar "
+        "shards (a folder of .tar files, or a brace pattern such as 'shards/train-{000000..000099}.tar'), a .npy "
+        "(memory-mapped) or .npz uint8 N x H x W x 3 array, or a cifar-10-batches-py folder; read while training "
+        "runs. Default: the embedded photographs.",
+        show_default=False,
+    ),
+]
+ValDataOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="A separate validation collection (any --data form; centre crops, at most 2,000 images). Default: a "
+        "fixed held-out part of --data (10%, at most 2,000 images; for tar shards, the last shard).",
+        show_default=False,
+    ),
+]
+WorkersOption = Annotated[
+    int | None,
+    typer.Option(
+        help="Processes that read and decode training images (default: one per two cores; 0 reads in the "
+        "training process). Batches do not depend on it, except from tar shards.",
+        show_default=False,
     ),
 ]
 EpochsOption = Annotated[int | None, typer.Option(help="Epochs to train (default 10; ignored with --steps).")]
@@ -149,6 +168,24 @@ L2CodesOption = Annotated[
         show_default=False,
     ),
 ]
+
+
+class LrSchedule(str, enum.Enum):
+    """What `--lr-schedule` accepts."""
+
+    constant = "constant"
+    cosine = "cosine"
+
+
+LrScheduleOption = Annotated[
+    LrSchedule | None,
+    typer.Option(
+        help="constant (the article's; default) or cosine: decay the rate to 0 over the run.", show_default=False
+    ),
+]
+WarmupOption = Annotated[
+    int | None, typer.Option(help="Raise the rate linearly over this many first steps (default 0).", show_default=False)
+]
 RestartOption = Annotated[
     int | None, typer.Option(help="Re-seed codes unused for this many steps from recent encoder outputs.")
 ]
@@ -178,13 +215,18 @@ def _pixel_limit(max_pixels: int) -> int:
     return max_pixels
 
 
-def _load_training_set(source: Path | None, image_size: int, max_pixels: int, skip_bad: bool) -> Any:
-    from vqtool.imagesets import load_training_set
+def _load_training_set(
+    source: Path | None, image_size: int, max_pixels: int, skip_bad: bool, val_data: str | None = None
+) -> Any:
+    from vqtool.train.sources import load_training_set
 
-    if source is not None and not source.exists():
-        raise VqtoolError("no such file or folder", source)
+    for path in (source, val_data):
+        if path is not None and "{" not in str(path) and not Path(path).exists():  # a brace pattern names shards
+            raise VqtoolError("no such file or folder", path)
     try:
-        return load_training_set(source, image_size, max_pixels=_pixel_limit(max_pixels), skip_bad=skip_bad, log=_say)
+        return load_training_set(
+            source, image_size, max_pixels=_pixel_limit(max_pixels), skip_bad=skip_bad, val_data=val_data, log=_say
+        )
     except RuntimeError as exc:  # the default data's missing scikit-image
         raise VqtoolError(str(exc)) from None
 
@@ -193,6 +235,8 @@ def _load_training_set(source: Path | None, image_size: int, max_pixels: int, sk
 @user_errors
 def train(
     data: DataOption = None,
+    val_data: ValDataOption = None,
+    workers: WorkersOption = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (default: a new runs/run-NNN).")] = None,
     preset: PresetOption = Preset.seed,
     codes: Annotated[int | None, typer.Option(help="Codebook size K (default 256, or the preset's).")] = None,
@@ -207,6 +251,8 @@ def train(
     steps: StepsOption = None,
     batch_size: BatchOption = 128,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    lr_schedule: LrScheduleOption = None,
+    warmup_steps: WarmupOption = None,
     beta: Annotated[float, typer.Option(help="Commitment loss weight β.")] = 0.25,
     seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -230,7 +276,7 @@ def train(
             saved = load_checkpoint(resume / CHECKPOINT_NAME)
             model_config, run_dir = saved.model_config, resume
             # The run's own plan stands unless --epochs/--steps say otherwise.
-            changes = {k: v for k, v in (("epochs", epochs), ("steps", steps)) if v is not None}
+            changes = {k: v for k, v in (("epochs", epochs), ("steps", steps), ("workers", workers)) if v is not None}
             if "epochs" in changes and "steps" not in changes:
                 changes["steps"] = None
             config = TrainConfig.from_dict({**saved.train_config.to_dict(), **changes})
@@ -247,8 +293,10 @@ def train(
                 "ema": ema,
                 "kmeans_init": kmeans_init,
                 "restart_dead": restart_dead,
+                "lr_schedule": lr_schedule.value if lr_schedule is not None else None,
+                "warmup_steps": warmup_steps,
             }
-            model_fields, health = preset_settings(preset.value, explicit)
+            model_fields, train_fields = preset_settings(preset.value, explicit)
             model_config = ModelConfig(image_size=image_size, **model_fields)
             config = TrainConfig(
                 epochs=TrainConfig.epochs if epochs is None else epochs,
@@ -262,7 +310,9 @@ def train(
                 steps_per_epoch=steps_per_epoch,
                 max_pixels=max_pixels,
                 skip_bad=skip_bad,
-                **health,
+                val_data=str(val_data) if val_data is not None else None,
+                workers=workers,
+                **train_fields,
             )
             run_dir, source = out_dir or next_run_dir(Path("runs")), data
             if (run_dir / CHECKPOINT_NAME).exists():
@@ -271,8 +321,11 @@ def train(
                 )
     except (ValueError, CheckpointError) as exc:
         raise VqtoolError(str(exc)) from None
-    training_set = _load_training_set(source, model_config.image_size, config.max_pixels, config.skip_bad)
-    _say(f"data: {source or 'embedded default photographs'} — {len(training_set.val)} held-out validation images")
+    training_set = _load_training_set(
+        source, model_config.image_size, config.max_pixels, config.skip_bad, config.val_data
+    )
+    held_out = f"from {config.val_data}" if config.val_data else "held out"
+    _say(f"data: {source or 'embedded default photographs'} — {len(training_set.val)} validation images {held_out}")
     try:
         result = fit(
             model_config,
@@ -287,6 +340,10 @@ def train(
         raise VqtoolError(str(exc)) from None
     if not result.is_main:  # other torchrun processes: rank 0 reports
         return
+    if result.skipped:
+        from vqtool.images import describe_skipped
+
+        _say(f"{source}: training {describe_skipped(result.skipped, getattr(training_set, 'epoch_size', None) or 0)}")
     final = result.final
     minutes, seconds = divmod(int(result.seconds), 60)
     if result.interrupted:
@@ -332,14 +389,40 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
     return values
 
 
+def _flag_list(text: str, option: str) -> tuple[bool, ...]:
+    words = {"no": False, "off": False, "false": False, "0": False, "yes": True, "on": True, "true": True, "1": True}
+    values = tuple(words.get(v.strip().lower()) for v in text.split(",") if v.strip())
+    if not values or None in values:
+        raise VqtoolError(f"{option} takes comma-separated yes/no values, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
 @app.command()
 @user_errors
 def sweep(
-    codes: Annotated[str, typer.Option(help="Codebook sizes K, comma-separated.")] = "64,128,256,512",
-    dim: Annotated[str, typer.Option(help="Latent sizes D, comma-separated.")] = "64,128,256,512",
-    seeds: Annotated[int, typer.Option(help="Repeated runs (seeds 0..N-1) per pair.")] = 3,
+    codes: Annotated[
+        str | None, typer.Option(help="Codebook sizes K, comma-separated (default 64,128,256,512, or the preset's K).")
+    ] = None,
+    dim: Annotated[
+        str | None, typer.Option(help="Latent sizes D, comma-separated (default 64,128,256,512, or the preset's D).")
+    ] = None,
+    seeds: Annotated[int, typer.Option(help="Repeated runs (seeds 0..N-1) per variant.")] = 3,
+    preset: PresetOption = Preset.seed,
+    downsample: Annotated[str | None, typer.Option(help="Downsampling factors, comma-separated (16,8,4,2).")] = None,
+    channels: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Encoder widths, comma-separated; repeat the option for several (--channels 32,64,128 "
+            "--channels 64,128,256)."
+        ),
+    ] = None,
+    res_blocks: Annotated[str | None, typer.Option(help="Residual block counts, comma-separated.")] = None,
+    lookup_dim: Annotated[
+        str | None, typer.Option(help="Lookup dimensions, comma-separated; 0 looks codes up in D itself.")
+    ] = None,
+    l2_codes: Annotated[str | None, typer.Option(help="l2-normalised codes: no, yes or no,yes.")] = None,
     data: DataOption = None,
-    out_dir: Annotated[Path, typer.Option("--out", help="Sweep folder: one run directory per (K, D, seed).")] = Path(
+    out_dir: Annotated[Path, typer.Option("--out", help="Sweep folder: one run directory per (variant, seed).")] = Path(
         "runs/sweep"
     ),
     epochs: EpochsOption = None,
@@ -347,27 +430,57 @@ def sweep(
     steps_per_epoch: StepsPerEpochOption = None,
     batch_size: BatchOption = 128,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    lr_schedule: LrScheduleOption = None,
+    warmup_steps: WarmupOption = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    ema: EmaOption = False,
-    kmeans_init: KmeansOption = False,
+    ema: EmaOption = None,
+    kmeans_init: KmeansOption = None,
     restart_dead: RestartOption = None,
     report: Annotated[
         Path | None,
         typer.Option(
-            help="Also write the summary as this markdown file, with its figures in a figures/ folder beside it."
+            help="Also put the summary into this markdown file, as its own section (a later sweep into the same "
+            "--out replaces it), with its figures in figures/SWEEP_FOLDER_NAME/ beside it."
         ),
     ] = None,
 ) -> None:
-    """Train every (K, D) pair over several seeds; summary table, curves with 95% CIs, heatmap."""
+    """Train every combination of the listed values over several seeds; summary table, curves with 95% CIs."""
     _require_torch("sweep")
     import shlex
 
     from vqtool.atomic import write_bytes, write_json
-    from vqtool.train.config import ModelConfig, TrainConfig
-    from vqtool.train.sweep import draw_figures, publish_report, report_markdown, run_sweep, summarise, summary_table
+    from vqtool.train.config import ModelConfig, TrainConfig, preset_settings
+    from vqtool.train.sweep import (
+        draw_figures,
+        publish_report,
+        report_markdown,
+        run_sweep,
+        summarise,
+        summary_table,
+        sweep_variants,
+    )
 
-    code_sizes, dims = _int_list(codes, "--codes"), _int_list(dim, "--dim")
+    # Without a preset, K and D default to the article's sweep; with one, to the preset's own values.
+    codes = codes or ("64,128,256,512" if preset is Preset.seed else None)
+    dim = dim or ("64,128,256,512" if preset is Preset.seed else None)
+    lists: dict[str, Any] = {
+        "codes": _int_list(codes, "--codes") if codes else None,
+        "dim": _int_list(dim, "--dim") if dim else None,
+        "downsample": _int_list(downsample, "--downsample") if downsample else None,
+        "channels": [_int_list(c, "--channels") for c in channels] if channels else None,
+        "res_blocks": _int_list(res_blocks, "--res-blocks") if res_blocks else None,
+        "lookup_dim": [d or None for d in _int_list(lookup_dim, "--lookup-dim")] if lookup_dim else None,
+        "l2_codes": _flag_list(l2_codes, "--l2-codes") if l2_codes else None,
+    }
+    explicit = {
+        "ema": ema,
+        "kmeans_init": kmeans_init,
+        "restart_dead": restart_dead,
+        "lr_schedule": lr_schedule.value if lr_schedule is not None else None,
+        "warmup_steps": warmup_steps,
+    }
     try:
+        model_fields, train_fields = preset_settings(preset.value, explicit)
         base = TrainConfig(
             epochs=TrainConfig.epochs if epochs is None else epochs,
             steps=steps,
@@ -375,25 +488,25 @@ def sweep(
             batch_size=batch_size,
             lr=lr,
             device=device,
-            ema=bool(ema),
-            kmeans_init=bool(kmeans_init),
-            restart_dead=restart_dead,
+            **train_fields,
         )
-        model = ModelConfig(codes=code_sizes[0], dim=dims[0])
+        variants = sweep_variants(ModelConfig(**model_fields), {k: v for k, v in lists.items() if v is not None})
     except ValueError as exc:
         raise VqtoolError(str(exc)) from None
-    training_set = _load_training_set(data, model.image_size, base.max_pixels, base.skip_bad)
-    runs = run_sweep(code_sizes, dims, seeds, base, model, training_set, str(data) if data else None, out_dir, log=_say)
+    training_set = _load_training_set(data, variants[0].image_size, base.max_pixels, base.skip_bad)
+    runs = run_sweep(variants, seeds, base, training_set, str(data) if data else None, out_dir, log=_say)
     rows = summarise(runs, base.beta)
     figures = draw_figures(rows, out_dir / "figures")
     command = "vqtool " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     # The runs' own training time, so a re-run that only re-summarises still reports what training cost.
     training_seconds = sum(float(run.final.get("elapsed_s", 0.0)) for run in runs)
-    text = report_markdown(rows, figures, out_dir, command, training_seconds)
+    text = report_markdown(rows, figures, command, training_seconds)
     write_json(out_dir / "summary.json", {"command": command, "rows": rows})
     write_bytes(out_dir / "summary.md", text.encode())
     if report is not None:
-        publish_report(text, figures, report)
+        key = out_dir.resolve().name
+        published = report_markdown(rows, figures, command, training_seconds, f"figures/{key}/")
+        publish_report(published, figures, report, key)
     _result("\n".join(summary_table(rows)))
     _result(f"summary: {out_dir / 'summary.md'} (figures in {out_dir / 'figures'})")
 

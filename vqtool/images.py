@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import os
 import struct
 import warnings
@@ -148,17 +149,26 @@ def _read_rgb8_png(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np
     """8-bit RGB PNGs through libspng (the fast-png extra), or None for Pillow to read.
 
     For small images Pillow's per-file Python work dominates (~80 µs for 32x32, against ~45 µs here),
-    and reading files costs about as much CPU as INT8 inference. Only 8-bit RGB without an EXIF block
-    takes this path, so the pixels are exactly Pillow's; anything else, or any error, goes to Pillow,
-    which then gives the one-line error.
+    and reading files costs about as much CPU as INT8 inference.
     """
-    pyspng = _libspng()
-    if pyspng is None:
+    if _libspng() is None:
         return None
     try:
         with open(path, "rb") as handle:
             data = handle.read()
     except OSError:
+        return None
+    return _decode_rgb8_png(data, path, max_pixels)
+
+
+def _decode_rgb8_png(data: bytes, path: str | Path, max_pixels: int) -> np.ndarray | None:
+    """The bytes of an 8-bit RGB PNG through libspng, or None for Pillow to decode.
+
+    Only 8-bit RGB without an EXIF block takes this path, so the pixels are exactly Pillow's; anything
+    else, or any error, goes to Pillow, which then gives the one-line error.
+    """
+    pyspng = _libspng()
+    if pyspng is None:
         return None
     # Signature, then IHDR: length, "IHDR", width, height, bit depth (byte 24), colour type (byte 25; 2 = RGB).
     if len(data) < 33 or data[:8] != PNG_SIGNATURE or data[12:16] != b"IHDR" or data[24:26] != b"\x08\x02":
@@ -183,11 +193,24 @@ def read_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
         fast = _read_rgb8_png(path, max_pixels)
         if fast is not None:
             return fast
+    return _pillow_rgb(path, path, max_pixels)
+
+
+def decode_rgb(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """As read_rgb, for an image file's bytes (a member of a tar shard, say); errors name `name`."""
+    if name[-4:].lower() == ".png":
+        fast = _decode_rgb8_png(data, name, max_pixels)
+        if fast is not None:
+            return fast
+    return _pillow_rgb(io.BytesIO(data), name, max_pixels)
+
+
+def _pillow_rgb(source: str | Path | io.BytesIO, path: str | Path, max_pixels: int) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             # Pillow warns between its threshold and twice it; our own check below decides instead.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 _check_pixels(image.width, image.height, max_pixels, path)
                 if "exif" in image.info or image.format in EXIF_FORMATS:
                     image = ImageOps.exif_transpose(image)
@@ -224,6 +247,17 @@ def fit_to_size(pixels: np.ndarray, size: int, *, resize: bool, multiple: int, p
     if (height, width) == (size, size):
         return pixels
     resized = Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def resize_short_side(pixels: np.ndarray, size: int) -> np.ndarray:
+    """Resize so that the shorter side is `size`, keeping the aspect (as torchvision's Resize(int))."""
+    height, width = pixels.shape[:2]
+    if min(height, width) == size:
+        return pixels
+    scale = size / min(height, width)
+    target = (max(size, round(width * scale)), max(size, round(height * scale)))
+    resized = Image.fromarray(pixels).resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
     return np.asarray(resized, dtype=np.uint8)
 
 

@@ -1,20 +1,19 @@
-"""Reading a whole image collection for training: a folder, a .npy/.npz array, or CIFAR-10 batches."""
+"""Reading a whole image collection into memory: a folder, a .npy/.npz array, or CIFAR-10 batches.
+
+Training streams folders, lists, .npy arrays and tar shards instead (vqtool.train.sources).
+"""
 
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from vqtool.errors import VqtoolError, first_line
-from vqtool.images import SkippedFile, describe_skipped, fit_to_size, list_images, read_rgb
+from vqtool.images import SkippedFile, fit_to_size, list_images, read_rgb
 from vqtool.limits import DEFAULT_MAX_PIXELS
-
-if TYPE_CHECKING:
-    from vqtool.train.data import TrainingSet
 
 CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_TEST_BATCH = "test_batch"
@@ -31,9 +30,10 @@ def _check_array(images: Any, path: Path) -> np.ndarray:
     return images
 
 
-def _read_array(path: Path) -> np.ndarray:
+def read_array(path: Path, *, mmap: bool = False) -> np.ndarray:
+    """A uint8 N x H x W x 3 array from a .npy (memory-mapped with `mmap`: rows are read when used) or .npz."""
     try:
-        loaded = np.load(path, allow_pickle=False)
+        loaded = np.load(path, allow_pickle=False, mmap_mode="r" if mmap and path.suffix.lower() == ".npy" else None)
         if isinstance(loaded, np.lib.npyio.NpzFile):
             with loaded:
                 keys = list(loaded.keys())
@@ -113,30 +113,5 @@ def read_image_set(
         val = _read_cifar_batch(test) if test.is_file() else None
         return _resize_all(train, size, path), None if val is None else _resize_all(val, size, path)
     if path.is_file() and path.suffix.lower() in (".npy", ".npz"):
-        return _resize_all(_read_array(path), size, path), None
+        return _resize_all(read_array(path), size, path), None
     return _read_folder(path, size, max_pixels, skipped), None
-
-
-def load_training_set(
-    data: Path | None,
-    size: int,
-    *,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    skip_bad: bool = False,
-    log: Callable[[str], None] = print,
-) -> TrainingSet:
-    """The training set a run uses: the embedded default photographs, or the collection at `data`.
-
-    With `skip_bad`, unreadable image files are left out and reported through `log` (how many, the first few).
-    """
-    from vqtool.train.data import default_training_set, split_training_set
-
-    if data is None:
-        return default_training_set(size)
-    skipped: list[SkippedFile] | None = [] if skip_bad else None
-    images, val = read_image_set(data, size, max_pixels=max_pixels, skipped=skipped)
-    if val is None and len(images) < 2:
-        raise VqtoolError("need at least 2 images (one is held out for validation)", data)
-    if skipped:
-        log(f"{data}: {describe_skipped(skipped, len(skipped) + len(images) + (0 if val is None else len(val)))}")
-    return split_training_set(images, size, val)
