@@ -132,14 +132,14 @@ def start_up_seconds(folder: Path) -> float:
     return time.perf_counter() - started
 
 
-def training_rates(folder: Path, rounds: int, steps: int) -> tuple[list[float], list[float]]:
+def training_rates(folder: Path, rounds: int, steps: int, workers: int) -> tuple[list[float], list[float]]:
     """Steps/s of the default model from the folder and from the same images in memory, in alternating rounds."""
     import torch
 
     from vqtool.train.config import ModelConfig
     from vqtool.train.data import TrainingSet
     from vqtool.train.model import VQVAE, images_to_input
-    from vqtool.train.sources import IndexedSet, default_workers, load_training_set
+    from vqtool.train.sources import IndexedSet, load_training_set
 
     streamed = load_training_set(folder, 32, log=lambda _: None)
     assert isinstance(streamed, IndexedSet)
@@ -151,7 +151,7 @@ def training_rates(folder: Path, rounds: int, steps: int) -> tuple[list[float], 
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def rate(data: object, start: int) -> float:
-        batches = data.stream(start, BATCH, seed=0, workers=default_workers())  # type: ignore[attr-defined]
+        batches = data.stream(start, BATCH, seed=0, workers=workers)  # type: ignore[attr-defined]
         next(batches)  # readers started and warm
         began = time.perf_counter()
         for _ in range(steps):
@@ -203,12 +203,16 @@ def jpeg_rates(folder: Path, count: int, batches: int) -> tuple[float, float]:
 
 
 def main() -> None:
+    from vqtool.train.sources import default_workers
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / "work" / "streaming")
     parser.add_argument("--large", type=int, default=200_000)
     parser.add_argument("--small", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=60, help="training steps per timed round")
+    parser.add_argument("--workers", type=int, default=None, help="reader processes (default: train's default)")
+    parser.add_argument("--only", choices=("speed", "memory"), default=None, help="run one part")
     args = parser.parse_args()
     work = args.work
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
@@ -223,28 +227,30 @@ def main() -> None:
         }
         print(f"{count:,} images ready in {time.perf_counter() - started:.0f} s", flush=True)
 
-    seconds = start_up_seconds(sources["large"]["PNG folder"])
-    print(f"\nstart-up, {args.large:,}-file folder: {seconds:.2f} s to the first batch")
+    if args.only in (None, "speed"):
+        seconds = start_up_seconds(sources["large"]["PNG folder"])
+        print(f"\nstart-up, {args.large:,}-file folder: {seconds:.2f} s to the first batch")
+        workers = default_workers() if args.workers is None else args.workers
+        folder_rates, memory_rates = training_rates(sources["small"]["PNG folder"], args.rounds, args.steps, workers)
+        ratios = np.divide(folder_rates, memory_rates)
+        print(
+            f"\nspeed, default model, batch {BATCH}, {args.small:,} PNGs, {workers} reader processes: folder "
+            f"{np.median(folder_rates):.1f} steps/s, in memory {np.median(memory_rates):.1f} steps/s: "
+            f"{np.median(ratios):.0%} (rounds: " + ", ".join(f"{r:.0%}" for r in ratios) + ")",
+            flush=True,
+        )
+        loader, step = jpeg_rates(work / "jpeg-128", 2000, 40)
+        print(f"128x128 from JPEGs: the loader alone {loader:,.0f} images/s; the training step {step:,.0f} images/s")
 
-    folder_rates, memory_rates = training_rates(sources["small"]["PNG folder"], args.rounds, args.steps)
-    ratios = np.divide(folder_rates, memory_rates)
-    print(
-        f"\nspeed, default model, batch {BATCH}, {args.small:,} PNGs: folder {np.median(folder_rates):.1f} steps/s, "
-        f"in memory {np.median(memory_rates):.1f} steps/s: {np.median(ratios):.0%} (rounds: "
-        + ", ".join(f"{r:.0%}" for r in ratios)
-        + ")"
-    )
-    loader, step = jpeg_rates(work / "jpeg-128", 2000, 40)
-    print(f"128x128 from JPEGs: the loader alone {loader:,.0f} images/s; the training step {step:,.0f} images/s")
-
-    print("\n| source | peak RSS, small | peak RSS, large | difference | file names (large - small) |")
-    print("|---|---|---|---|---|")
-    names = names_mib(sources["large"]["PNG folder"]) - names_mib(sources["small"]["PNG folder"])
-    for kind in sources["small"]:
-        small = peak_rss_mib(sources["small"][kind], work / "runs" / f"{kind}-small".replace(" ", "-"))
-        large = peak_rss_mib(sources["large"][kind], work / "runs" / f"{kind}-large".replace(" ", "-"))
-        listed = f"{names:.0f} MiB" if kind == "PNG folder" else "-"
-        print(f"| {kind} | {small:.0f} MiB | {large:.0f} MiB | {large - small:+.0f} MiB | {listed} |", flush=True)
+    if args.only in (None, "memory"):
+        print("\n| source | peak RSS, small | peak RSS, large | difference | file names (large - small) |")
+        print("|---|---|---|---|---|")
+        names = names_mib(sources["large"]["PNG folder"]) - names_mib(sources["small"]["PNG folder"])
+        for kind in sources["small"]:
+            small = peak_rss_mib(sources["small"][kind], work / "runs" / f"{kind}-small".replace(" ", "-"))
+            large = peak_rss_mib(sources["large"][kind], work / "runs" / f"{kind}-large".replace(" ", "-"))
+            listed = f"{names:.0f} MiB" if kind == "PNG folder" else "-"
+            print(f"| {kind} | {small:.0f} MiB | {large:.0f} MiB | {large - small:+.0f} MiB | {listed} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -86,16 +86,23 @@ def test_a_list_file_names_images_relative_to_its_folder(tmp_path: Path) -> None
         load_training_set(listing, 32, val_data=tmp_path / "photos").batch(0, 10, seed=0)
 
 
-def test_a_npy_is_memory_mapped_and_batches_like_the_array_in_memory(tmp_path: Path) -> None:
+def test_a_npy_is_read_by_row_and_batches_like_the_array_in_memory(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     images = np.random.default_rng(0).integers(0, 256, (60, 32, 32, 3), dtype=np.uint8)
     np.save(tmp_path / "images.npy", images)
-    data = load_training_set(tmp_path / "images.npy", 32)
+    with monkeypatch.context() as patch:  # never read whole: np.load is not what reads it
+        patch.setattr(np, "load", lambda *args, **kwargs: pytest.fail("the .npy was loaded whole"))
+        data = load_training_set(tmp_path / "images.npy", 32)
+        data.batch(0, 16, seed=3)
     assert isinstance(data, IndexedSet) and isinstance(data.images, ArrayImages)
-    assert isinstance(data.images.array, np.memmap)  # never read whole
     in_memory = split_training_set(images, 32)
     assert np.array_equal(data.val, in_memory.val)
     for step in (0, 1, 9):  # the same batches a run on the array held in memory drew: old runs reproduce
         assert np.array_equal(data.batch(step, 16, seed=3), in_memory.batch(step, 16, seed=3))
+    np.save(tmp_path / "grey.npy", images[..., 0])
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "images.npy").read_bytes()[:-100])
+    for name, problem in (("grey.npy", "shaped N x H x W x 3"), ("cut.npy", "truncated")):
+        with pytest.raises(VqtoolError, match=problem):
+            load_training_set(tmp_path / name, 32)
 
 
 def test_tar_shards_stream_in_sequence_hold_out_the_last_shard_and_resume_at_a_shard_boundary(tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ from vqtool.images import (
     read_rgb,
     resize_short_side,
 )
+from vqtool.imagesets import NpyRows
 from vqtool.limits import DEFAULT_MAX_PIXELS
 from vqtool.train.data import (
     SPLIT_SEED,
@@ -56,23 +57,33 @@ LIST_SUFFIXES = frozenset({".txt", ".lst"})
 
 
 def default_workers() -> int:
-    """Reader processes when --workers is not given: one per two cores (one on this project's 2-core machines).
+    """Reader processes when --workers is not given: one per four cores, none on this project's 2-core machines.
 
-    Decoding a 32x32 PNG costs ~45 µs, several times less than the training step spends per image on the
-    same cores, so one reader keeps the step fed; more would take cores from the step itself.
+    Measured on 2 cores (benchmarks/streaming.py): the default model trained from 32x32 PNGs at 93% of its
+    in-memory speed reading in the training process, at 89% with one reader process, whose decoding then
+    competes with the step's two threads for the same two cores. With more cores a reader overlaps its work
+    with the step's instead.
     """
-    return max(1, (os.cpu_count() or 2) // 2)
+    return (os.cpu_count() or 1) // 4
 
 
 # ---- views of one image -------------------------------------------------------------------------------
 
 
-def train_view(pixels: np.ndarray, size: int, rng: np.random.Generator, flip: bool) -> np.ndarray:
-    """Short side resized to `size` (when it differs), a random size x size crop, optionally flipped."""
+def train_view(
+    pixels: np.ndarray, size: int, rng: np.random.Generator | Callable[[], np.random.Generator], flip: bool
+) -> np.ndarray:
+    """Short side resized to `size` (when it differs), a random size x size crop, optionally flipped.
+
+    `rng` may be a function that makes the generator: an image already at the size needs none (making one
+    costs ~8 µs, a third of reading a 32x32 PNG).
+    """
     pixels = resize_short_side(pixels, size)
     height, width = pixels.shape[:2]
-    top = int(rng.integers(0, height - size + 1)) if height > size else 0
-    left = int(rng.integers(0, width - size + 1)) if width > size else 0
+    if (height, width) != (size, size) and callable(rng):
+        rng = rng()
+    top = int(rng.integers(0, height - size + 1)) if height > size else 0  # type: ignore[union-attr]
+    left = int(rng.integers(0, width - size + 1)) if width > size else 0  # type: ignore[union-attr]
     crop = pixels[top : top + size, left : left + size]
     return crop[:, ::-1] if flip else crop
 
@@ -104,19 +115,19 @@ class FileImages:
 
 
 class ArrayImages:
-    """Images of a memory-mapped N x H x W x 3 uint8 `.npy`: only the rows a batch takes are read from disk."""
+    """Images of an N x H x W x 3 uint8 `.npy`: only the rows a batch takes are read from disk."""
 
-    def __init__(self, array: np.ndarray, path: Path) -> None:
-        self.array, self.path = array, path
+    def __init__(self, rows: NpyRows) -> None:
+        self.rows = rows
 
     def __len__(self) -> int:
-        return len(self.array)
+        return len(self.rows)
 
     def name(self, index: int) -> str:
-        return f"{self.path}[{index}]"
+        return f"{self.rows.path}[{index}]"
 
     def read(self, index: int) -> np.ndarray:
-        return np.asarray(self.array[index])
+        return self.rows[index]
 
 
 Images = FileImages | ArrayImages
@@ -170,7 +181,7 @@ class IndexedSet:
                     return Sample(None, error=error)
                 skipped.append(SkippedFile.of(error, self.images.name(index)))
                 continue
-            view = train_view(pixels, self.size, np.random.default_rng(crop_seed), flip)
+            view = train_view(pixels, self.size, functools.partial(np.random.default_rng, crop_seed), flip)
             return Sample(view, tuple(skipped))
         reason = f"{REPLACEMENT_TRIES} files in a row could not be read (the last: {skipped[-1].reason})"
         return Sample(None, error=VqtoolError(reason, skipped[-1].file))
@@ -437,9 +448,7 @@ def _read_views(
 
 def _indexed_images(path: Path, max_pixels: int) -> Images:
     if path.suffix.lower() == ".npy":
-        from vqtool.imagesets import read_array
-
-        return ArrayImages(read_array(path, mmap=True), path)
+        return ArrayImages(NpyRows(path))
     if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
         return FileImages(_list_file_names(path), max_pixels)
     return FileImages(list_image_names([path]), max_pixels)

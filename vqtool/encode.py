@@ -25,6 +25,7 @@ from vqtool.codes import CodesSidecar, sidecar_path
 from vqtool.cores import reader_count, worker_pool
 from vqtool.errors import VqtoolError
 from vqtool.images import SkippedFile, describe_skipped, fit_to_size, read_rgb
+from vqtool.imagesets import read_npy_header
 from vqtool.limits import DEFAULT_MAX_PIXELS
 from vqtool.manifest import Manifest, code_dtype_for, manifest_checksum
 from vqtool.runtime import Runner
@@ -204,13 +205,10 @@ def shrink_rows(path: Path, rows: int) -> None:
     gives the bytes a fresh np.save would: shards merged later match a single pass byte for byte.
     """
     with open(path, "r+b") as handle:
-        version = np.lib.format.read_magic(handle)
+        version, shape, fortran, dtype = read_npy_header(handle)
         if version not in ((1, 0), (2, 0)):
             raise ValueError(f"{path}: .npy format {version} is not one open_memmap writes")
         one = version == (1, 0)
-        shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if one else np.lib.format.read_array_header_2_0)(
-            handle
-        )
         offset = handle.tell()
         header = io.BytesIO()
         fields = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (rows, *shape[1:])}
