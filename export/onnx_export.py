@@ -77,12 +77,16 @@ def training_set_of(checkpoint: Checkpoint, log: Callable[[str], None]) -> Train
 
     config = checkpoint.train_config
     source = _training_data(checkpoint, log)
+    val_data = config.val_data if source is not None else None
+    if val_data is not None and "{" not in val_data and not Path(val_data).exists():
+        log(f"validation data {val_data} is gone; using the held-out part of {source} instead")
+        val_data = None
     return load_training_set(
         source,
         checkpoint.model_config.image_size,
         max_pixels=config.max_pixels,
         skip_bad=config.skip_bad,
-        val_data=config.val_data if source is not None else None,
+        val_data=val_data,
         log=log,
     )
 

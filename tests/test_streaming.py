@@ -45,17 +45,31 @@ def _write_shards(folder: Path, colours: list[list[int]]) -> list[Path]:
     return shards
 
 
-def test_views_resize_the_short_side_then_crop() -> None:
+def test_views_take_a_square_of_the_short_side_resized_to_the_model_size() -> None:
+    from vqtool.images import fit_to_size
+
     pixels = np.asarray(photo("astronaut.png"))[:90, :60]
     crop = train_view(pixels, 32, np.random.default_rng(0), flip=False)
     assert crop.shape == (32, 32, 3)
-    resized = np.asarray(Image.fromarray(pixels).resize((32, 48), Image.Resampling.BICUBIC, reducing_gap=3.0))
-    # The crop is a window of the image resized to a short side of 32 (not squashed to 32x32).
-    assert any(np.array_equal(crop, resized[t : t + 32]) for t in range(17))
+    squares = [fit_to_size(pixels[t : t + 60], 32, resize=True, multiple=1, path="") for t in range(31)]
+    # A square window of the short side (not the image squashed to 32x32), resized.
+    assert any(np.array_equal(crop, square) for square in squares)
+    assert not np.array_equal(crop, fit_to_size(pixels, 32, resize=True, multiple=1, path=""))
     assert np.array_equal(train_view(pixels, 32, np.random.default_rng(0), flip=True), crop[:, ::-1])
-    assert np.array_equal(val_view(pixels, 32), resized[8:40])
+    assert np.array_equal(val_view(pixels, 32), squares[15])
     small = np.asarray(photo("astronaut.png"))[:20, :24]  # smaller than the model's side: scaled up
     assert train_view(small, 32, np.random.default_rng(0), flip=False).shape == (32, 32, 3)
+    sliver = np.zeros((2, 20_000, 3), np.uint8)  # extreme aspect: cut before resizing, never blown up
+    assert train_view(sliver, 256, np.random.default_rng(0), flip=False).shape == (256, 256, 3)
+
+
+def test_ssim_is_measured_on_images_smaller_than_its_usual_window() -> None:
+    from vqtool.train.metrics import mean_ssim
+
+    images = np.random.default_rng(0).integers(0, 256, (3, 4, 6, 3), dtype=np.uint8)
+    noisy = np.clip(images.astype(int) + np.random.default_rng(1).integers(-40, 40, images.shape), 0, 255)
+    assert mean_ssim(images, images) == pytest.approx(1.0) and mean_ssim(images, noisy.astype(np.uint8)) < 0.99
+    assert np.isnan(mean_ssim(images[:, :2, :2], images[:, :2, :2]))
 
 
 def test_a_folder_is_read_by_index_and_batches_do_not_depend_on_the_readers(tmp_path: Path) -> None:
@@ -98,6 +112,8 @@ def test_a_npy_is_read_by_row_and_batches_like_the_array_in_memory(tmp_path: Pat
     assert np.array_equal(data.val, in_memory.val)
     for step in (0, 1, 9):  # the same batches a run on the array held in memory drew: old runs reproduce
         assert np.array_equal(data.batch(step, 16, seed=3), in_memory.batch(step, 16, seed=3))
+    np.savez(tmp_path / "val.npz", images=images[:7])  # --val-data takes every --data form
+    assert np.array_equal(load_training_set(tmp_path / "images.npy", 32, val_data=tmp_path / "val.npz").val, images[:7])
     np.save(tmp_path / "grey.npy", images[..., 0])
     (tmp_path / "cut.npy").write_bytes((tmp_path / "images.npy").read_bytes()[:-100])
     for name, problem in (("grey.npy", "shaped N x H x W x 3"), ("cut.npy", "truncated")):
@@ -147,6 +163,8 @@ def test_every_source_trains_end_to_end_through_the_cli(tmp_path: Path) -> None:
         final = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])
         assert final["step"] == 3 and 0 < final["val_ssim"] <= 1 and final["skipped_files"] == 0
         assert any((tmp_path / name / "tensorboard").iterdir())
+    refused = run_cli("train", "--resume", str(tmp_path / "list"), "--val-data", str(tmp_path / "photos"))
+    assert refused.returncode == 1 and "--val-data cannot change on --resume" in refused.stderr
     listed = json.loads((tmp_path / "list" / "metrics.jsonl").read_text().splitlines()[-1])
     assert "from" in run_cli("train", "--resume", str(tmp_path / "list"), "--steps", "4").stderr
     assert json.loads((tmp_path / "list" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, run_cli, start_cli, write_photo_folder
+from vqtool.errors import VqtoolError
 from vqtool.train.config import ModelConfig, TrainConfig
 from vqtool.train.data import default_training_set
 from vqtool.train.loop import fit
@@ -276,6 +277,27 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path: Path, source
     for key in a["model"]:
         assert torch.allclose(a["model"][key], b["model"][key], atol=1e-5), key
     assert a["extra"]["codebook"]["restarts"] == b["extra"]["codebook"]["restarts"] > 0
+
+
+def test_a_file_one_process_cannot_read_stops_every_process(tmp_path: Path) -> None:
+    """Under torchrun a bad file lands in one process's slice of a batch; the others must stop too, not wait
+    for it in the gradient reduction until the process group times out (30 minutes)."""
+    from vqtool.images import read_rgb
+
+    files = write_photo_folder(tmp_path / "photos", 16)
+    write_photo_folder(tmp_path / "val", 4, seed=5)
+    files[3].write_bytes(files[3].read_bytes()[:50])
+    with pytest.raises(VqtoolError):  # the fault bites
+        read_rgb(files[3])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vqtool"]
+    command += ["train", "--data", str(tmp_path / "photos"), "--val-data", str(tmp_path / "val"), "--steps", "4"]
+    command += ["--batch-size", "4", "--codes", "16", "--dim", "8", "--device", "cpu", "--out", str(tmp_path / "run")]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    started = time.monotonic()
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0 and time.monotonic() - started < 200
+    assert f"error: {files[3]}: unreadable or truncated image" in result.stderr
+    assert "another process stopped on a training file it could not read" in result.stderr
 
 
 def test_cifar_batches_folder_trains_with_its_test_batch_as_validation(tmp_path: Path) -> None:

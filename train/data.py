@@ -72,7 +72,7 @@ class TrainingData(Protocol):
         *,
         rank: int = 0,
         world: int = 1,
-        workers: int = 0,
+        workers: int | None = 0,
         state: dict[str, Any] | None = None,
     ) -> Iterator[Batch]: ...
 
@@ -107,7 +107,7 @@ class TrainingSet:
         *,
         rank: int = 0,
         world: int = 1,
-        workers: int = 0,
+        workers: int | None = 0,
         state: dict[str, Any] | None = None,
     ) -> Iterator[Batch]:
         """This process's slice of each step's batch: the images are in memory, so no reader processes."""

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from vqtool.atomic import atomic_output
+from vqtool.errors import VqtoolError
 from vqtool.images import SkippedFile
 from vqtool.train.board import Board
 from vqtool.train.checkpoint import load_checkpoint, save_checkpoint
@@ -208,16 +209,13 @@ class _Run:
     def next_images(self) -> np.ndarray:
         """This process's share of the current step's batch, from the data's readers (started at the first step)."""
         if self.batches is None:
-            from vqtool.train.sources import default_workers
-
-            workers = self.config.workers if self.config.workers is not None else default_workers()
             self.batches = self.data.stream(
                 self.step,
                 self.config.batch_size,
                 self.config.seed,
                 rank=self.world.rank,
                 world=self.world.world,
-                workers=workers,
+                workers=self.config.workers,  # None: the collection's default
                 state=self.stream_state,
             )
         batch = next(self.batches)
@@ -229,6 +227,24 @@ class _Run:
             if epoch == self.stream_state["epoch"]:
                 self.stream_state["started"].append(shard)
         return batch.images
+
+    def read_step(self) -> np.ndarray:
+        """next_images, agreed on by every process: a file that one process cannot read stops them all (the
+        others would otherwise wait for it in the gradient reduction until torchrun's timeout)."""
+        if not self.world.active:
+            return self.next_images()
+        failure: VqtoolError | None = None
+        try:
+            images = self.next_images()
+        except VqtoolError as error:
+            failure = error
+        failed = torch.tensor([float(failure is not None)])
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failure is not None:
+            raise failure
+        if failed[0] > 0:
+            raise TrainingStopped("another process stopped on a training file it could not read (its error names it)")
+        return images
 
     def close(self) -> None:
         """Stop the reader processes and close the TensorBoard writer."""
@@ -248,7 +264,7 @@ class _Run:
 
     def train_step(self, stop_requested: bool) -> tuple[dict[str, float], bool]:
         """One optimisation step; returns its losses and whether any process asked to stop."""
-        x = images_to_input(torch.from_numpy(self.next_images()).to(self.device))
+        x = images_to_input(torch.from_numpy(self.read_step()).to(self.device))
         result = self.trainer(x)
         codebook_term = 0.0 if self.config.ema else result.codebook_loss
         loss = result.recon_loss + codebook_term + self.config.beta * result.commit_loss

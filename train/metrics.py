@@ -29,8 +29,11 @@ def mean_ssim(reference: np.ndarray, test: np.ndarray) -> float:
     """Mean structural similarity (scikit-image's, per image, over the colour channels) of uint8 N x H x W x 3."""
     from skimage.metrics import structural_similarity
 
-    # SSIM's default 7x7 window needs sides of 7 or more; smaller images use the largest odd window that fits.
-    window = min(7, *reference.shape[1:3]) // 2 * 2 + 1 if min(reference.shape[1:3]) < 7 else 7
+    # SSIM's default 7x7 window needs sides of 7 or more; smaller images take the largest odd window that fits.
+    side = min(reference.shape[1:3])
+    if side < 3:
+        return math.nan
+    window = min(7, side if side % 2 else side - 1)
     scores = [
         structural_similarity(a, b, channel_axis=-1, data_range=255, win_size=window)
         for a, b in zip(reference, test, strict=True)

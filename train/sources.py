@@ -23,15 +23,15 @@ from typing import Any
 
 import numpy as np
 
-from vqtool.errors import VqtoolError, first_line
+from vqtool.errors import VqtoolError, first_line, missing_extra
 from vqtool.images import (
     IMAGE_SUFFIXES,
     SkippedFile,
     decode_rgb,
     describe_skipped,
+    fit_to_size,
     list_image_names,
     read_rgb,
-    resize_short_side,
 )
 from vqtool.imagesets import NpyRows
 from vqtool.limits import DEFAULT_MAX_PIXELS
@@ -52,7 +52,10 @@ SHARD_EPOCH_STEPS = 500
 SHUFFLE_BATCHES = 4
 # Under --skip-bad an unreadable file is replaced by the next readable one in the collection's order.
 REPLACEMENT_TRIES = 64
+# A sample's image member; keys follow WebDataset's convention: a member's key is its name up to the first dot,
+# so `0001.jpg` and `0001.json` are one sample and `0001.seg.png` is not an image member of it.
 SHARD_IMAGE_MEMBERS = ("png", "jpg", "jpeg", "webp")
+EMPTY_PASSES = 3
 LIST_SUFFIXES = frozenset({".txt", ".lst"})
 
 
@@ -73,26 +76,30 @@ def default_workers() -> int:
 def train_view(
     pixels: np.ndarray, size: int, rng: np.random.Generator | Callable[[], np.random.Generator], flip: bool
 ) -> np.ndarray:
-    """Short side resized to `size` (when it differs), a random size x size crop, optionally flipped.
+    """A random square of the image's short side, resized to size x size, optionally flipped.
 
-    `rng` may be a function that makes the generator: an image already at the size needs none (making one
-    costs ~8 µs, a third of reading a 32x32 PNG).
+    The same as resizing the short side to `size` and cropping a random square, but the square is cut at
+    the file's resolution first: an image of extreme aspect (2 x 20,000) never becomes a huge resized copy.
+    `rng` may be a function that makes the generator: an image already size x size needs none (making
+    one costs ~8 µs, a third of reading a 32x32 PNG).
     """
-    pixels = resize_short_side(pixels, size)
     height, width = pixels.shape[:2]
-    if (height, width) != (size, size) and callable(rng):
-        rng = rng()
-    top = int(rng.integers(0, height - size + 1)) if height > size else 0  # type: ignore[union-attr]
-    left = int(rng.integers(0, width - size + 1)) if width > size else 0  # type: ignore[union-attr]
-    crop = pixels[top : top + size, left : left + size]
+    if height != width:
+        rng = rng() if callable(rng) else rng
+        side = min(height, width)
+        top, left = int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1))
+        pixels = pixels[top : top + side, left : left + side]
+    crop = fit_to_size(pixels, size, resize=True, multiple=1, path="")
     return crop[:, ::-1] if flip else crop
 
 
 def val_view(pixels: np.ndarray, size: int) -> np.ndarray:
-    """Short side resized to `size`, then the centre crop."""
-    pixels = resize_short_side(pixels, size)
-    top, left = (pixels.shape[0] - size) // 2, (pixels.shape[1] - size) // 2
-    return np.ascontiguousarray(pixels[top : top + size, left : left + size])
+    """The centre square of the image's short side, resized to size x size."""
+    height, width = pixels.shape[:2]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    square = pixels[top : top + side, left : left + side]
+    return np.ascontiguousarray(fit_to_size(square, size, resize=True, multiple=1, path=""))
 
 
 # ---- collections read by index ----------------------------------------------------------------------------
@@ -198,11 +205,13 @@ class IndexedSet:
         *,
         rank: int = 0,
         world: int = 1,
-        workers: int = 0,
+        workers: int | None = 0,
         state: dict[str, Any] | None = None,
     ) -> Iterator[Batch]:
-        """This process's share of each step's batch from `start_step` on, read by `workers` processes."""
+        """This process's share of each step's batch from `start_step` on, read by `workers` processes (None:
+        default_workers())."""
         share = batch_size // world
+        workers = default_workers() if workers is None else workers
 
         def steps() -> Iterator[list[Task]]:
             for step in itertools.count(start_step):
@@ -256,7 +265,10 @@ def shard_samples(shard: str, max_pixels: int) -> Iterator[tuple[str, np.ndarray
     webdataset groups the members by key (`dir/0001.png` and `dir/0001.json` are one sample); a sample's
     image is its .png, .jpg, .jpeg or .webp member. A damaged tar stops the shard with one error.
     """
-    from webdataset.tariterators import group_by_keys, tar_file_expander
+    try:
+        from webdataset.tariterators import group_by_keys, tar_file_expander
+    except ModuleNotFoundError:
+        raise missing_extra("reading tar shards", "webdataset", "train") from None
 
     try:
         with open(shard, "rb") as handle:
@@ -277,7 +289,10 @@ def shard_samples(shard: str, max_pixels: int) -> Iterator[tuple[str, np.ndarray
 
 def expand_shards(spec: str) -> list[str]:
     """Shard paths from a brace pattern (`train-{000000..000099}.tar`), a folder of .tar files, or one .tar."""
-    from braceexpand import braceexpand
+    try:
+        from braceexpand import braceexpand
+    except ModuleNotFoundError:
+        raise missing_extra("reading tar shards", "braceexpand", "train") from None
 
     path = Path(spec)
     if path.is_dir():
@@ -326,13 +341,18 @@ class ShardSet:
         *,
         rank: int = 0,
         world: int = 1,
-        workers: int = 0,
+        workers: int | None = 0,
         state: dict[str, Any] | None = None,
     ) -> Iterator[Batch]:
-        """This process's batches; `state` (from a checkpoint) names the shards already started in its epoch."""
+        """This process's batches; `state` (from a checkpoint) names the shards already started in its epoch.
+
+        Without a `workers` count, no more readers than shards: a default must not refuse a small collection.
+        """
         epoch = int((state or {}).get("epoch", 0))
         skip = frozenset((state or {}).get("started", ()))
         local = batch_size // world
+        if workers is None:
+            workers = min(default_workers(), len(self.shards) // world)
         readers = world * max(1, workers)
         if len(self.shards) < readers:
             raise VqtoolError(
@@ -373,11 +393,12 @@ class ShardSet:
         buffer: list[np.ndarray] = []
         skipped: list[SkippedFile] = []
         started: list[tuple[int, str]] = []
+        empty = 0
         for current in itertools.count(epoch):
             order = np.random.default_rng([seed, current]).permutation(len(self.shards))
             rng = np.random.default_rng([seed, current, reader])
-            read_any = False
-            for shard in (self.shards[i] for i in order[reader::readers_count]):
+            read_any, mine = False, [self.shards[i] for i in order[reader::readers_count]]
+            for shard in mine:
                 if current == epoch and shard in skip:
                     continue
                 started.append((current, shard))
@@ -395,8 +416,11 @@ class ShardSet:
                         yield Batch(np.stack([buffer.pop(i) for i in picks]), tuple(skipped), tuple(started))
                         skipped.clear()
                         started.clear()
-            if not read_any and not (current == epoch and skip):
-                error = VqtoolError("no readable image samples in this reader's tar shards", self.shards[0])
+            # Under --skip-bad one epoch can hand a reader only damaged shards; several in a row mean no end.
+            empty = 0 if read_any or (current == epoch and skip) else empty + 1
+            if empty == EMPTY_PASSES:
+                reason = f"no readable image samples in {EMPTY_PASSES} passes over this reader's shards ({len(mine)})"
+                error = VqtoolError(reason, mine[0] if mine else self.shards[0])
                 yield Batch(np.empty((0,), np.uint8), tuple(skipped), tuple(started), error=error)
                 return
 
@@ -456,12 +480,23 @@ def _indexed_images(path: Path, max_pixels: int) -> Images:
 
 def read_validation(spec: str, size: int, max_pixels: int, skipped: list[SkippedFile] | None) -> np.ndarray:
     """Every image of the collection `spec` (at most VALIDATION_MAX, evenly spaced), centre-cropped."""
+    from vqtool.imagesets import is_cifar_folder, read_image_set
+
+    path = Path(spec)
     if is_shard_spec(spec):
         samples = (s for shard in expand_shards(spec) for s in shard_samples(shard, max_pixels))
         return _read_views(((n, _given(p)) for n, p in itertools.islice(samples, VALIDATION_MAX)), size, skipped)
-    images = _indexed_images(Path(spec), max_pixels)
-    picked = np.unique(np.linspace(0, len(images) - 1, min(VALIDATION_MAX, len(images))).round().astype(int))
-    return _read_views(_readers(images, picked), size, skipped)
+    if is_cifar_folder(path) or path.suffix.lower() == ".npz":
+        train, own_val = read_image_set(path, size, max_pixels=max_pixels)
+        held = own_val if own_val is not None else train
+        return held[_evenly(len(held))]
+    images = _indexed_images(path, max_pixels)
+    return _read_views(_readers(images, _evenly(len(images))), size, skipped)
+
+
+def _evenly(count: int) -> np.ndarray:
+    """At most VALIDATION_MAX indices of `count`, evenly spaced."""
+    return np.unique(np.linspace(0, count - 1, min(VALIDATION_MAX, count)).round().astype(int))
 
 
 def _readers(images: Images, indices: np.ndarray) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:

@@ -273,6 +273,10 @@ def train(
 
     try:
         if resume is not None:
+            if val_data is not None:
+                raise VqtoolError(
+                    "--val-data cannot change on --resume: the run keeps the validation set it began with"
+                )
             saved = load_checkpoint(resume / CHECKPOINT_NAME)
             model_config, run_dir = saved.model_config, resume
             # The run's own plan stands unless --epochs/--steps say otherwise.
@@ -343,7 +347,7 @@ def train(
     if result.skipped:
         from vqtool.images import describe_skipped
 
-        _say(f"{source}: training {describe_skipped(result.skipped, getattr(training_set, 'epoch_size', None) or 0)}")
+        _say(f"{source}: training {describe_skipped(result.skipped, getattr(training_set, 'epoch_size', None))}")
     final = result.final
     minutes, seconds = divmod(int(result.seconds), 60)
     if result.interrupted:

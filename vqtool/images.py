@@ -129,11 +129,12 @@ class SkippedFile:
         return {"file": self.file, "reason": self.reason}
 
 
-def describe_skipped(skipped: Sequence[SkippedFile], total: int, shown: int = 3) -> str:
-    """'skipped 2 of 100 files that could not be read: a.png (reason); ...' for the console."""
+def describe_skipped(skipped: Sequence[SkippedFile], total: int | None, shown: int = 3) -> str:
+    """'skipped 2 of 100 files that could not be read: a.png (reason); ...' for the console (no total: unknown)."""
     first = "; ".join(f"{s.file} ({s.reason})" for s in skipped[:shown])
     more = f"; and {len(skipped) - shown} more" if len(skipped) > shown else ""
-    return f"skipped {len(skipped)} of {total} files that could not be used: {first}{more}"
+    counted = f"{len(skipped)} of {total}" if total is not None else f"{len(skipped)}"
+    return f"skipped {counted} files that could not be used: {first}{more}"
 
 
 def _check_pixels(width: int, height: int, max_pixels: int, path: str | Path) -> None:
@@ -247,17 +248,6 @@ def fit_to_size(pixels: np.ndarray, size: int, *, resize: bool, multiple: int, p
     if (height, width) == (size, size):
         return pixels
     resized = Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    return np.asarray(resized, dtype=np.uint8)
-
-
-def resize_short_side(pixels: np.ndarray, size: int) -> np.ndarray:
-    """Resize so that the shorter side is `size`, keeping the aspect (as torchvision's Resize(int))."""
-    height, width = pixels.shape[:2]
-    if min(height, width) == size:
-        return pixels
-    scale = size / min(height, width)
-    target = (max(size, round(width * scale)), max(size, round(height * scale)))
-    resized = Image.fromarray(pixels).resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
     return np.asarray(resized, dtype=np.uint8)
 
 
