@@ -7,6 +7,7 @@ import subprocess
 import sys
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -65,6 +66,24 @@ def write_photo_folder(folder: Path, count: int, seed: int = 0) -> list[Path]:
         paths[-1].parent.mkdir(exist_ok=True)
         Image.fromarray(pixels).save(paths[-1], quality=95)
     return paths
+
+
+def interrupted_then_resumed(monkeypatch: pytest.MonkeyPatch, at_step: int, train: Any, resume: Any) -> Any:
+    """Run `train()` as if Ctrl-C came right after step `at_step` (the loop's own stop path), then `resume()`;
+    returns what resume() returns."""
+    from vqtool.train import loop
+
+    step = loop._Run.train_step
+
+    def stop_there(run: Any, stop_requested: bool) -> Any:
+        losses, stopping = step(run, stop_requested)
+        return losses, stopping or run.step == at_step
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop._Run, "train_step", stop_there)
+        part = train()
+    assert part.interrupted and part.steps == at_step
+    return resume()
 
 
 def _cli_env(env: dict[str, str] | None) -> dict[str, str]:

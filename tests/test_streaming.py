@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import photo, photo_crops, run_cli, write_photo_folder
+from tests.conftest import interrupted_then_resumed, photo, photo_crops, run_cli, write_photo_folder
 from vqtool.errors import VqtoolError
 from vqtool.train.config import ModelConfig, TrainConfig
 from vqtool.train.data import split_training_set
@@ -211,23 +211,16 @@ def test_a_bad_file_stops_the_run_in_one_line_unless_skipped_and_counted(tmp_pat
 
 
 def test_a_folder_run_interrupted_and_resumed_reaches_the_uninterrupted_weights(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
-    from vqtool.train import loop
-
     write_photo_folder(tmp_path / "photos", 40)
     data = load_training_set(tmp_path / "photos", 32)
     config = TrainConfig(steps=8, batch_size=8, device="cpu", steps_per_epoch=3, seed=2, workers=2)
     whole = fit(TINY, config, data, tmp_path / "whole", **QUIET)
-    step = loop._Run.train_step
-
-    def stop_at_five(self, stop_requested: bool):  # noqa: ANN001, ANN202
-        losses, stopping = step(self, stop_requested)
-        return losses, stopping or self.step == 5
-
-    with monkeypatch.context() as patch:
-        patch.setattr(loop._Run, "train_step", stop_at_five)
-        part = fit(TINY, config, data, tmp_path / "part", **QUIET)
-    assert part.interrupted and part.steps == 5
-    resumed = fit(TINY, replace(config, workers=1), data, tmp_path / "part", resume=True, **QUIET)
+    resumed = interrupted_then_resumed(  # with another number of readers after the resume
+        monkeypatch,
+        5,
+        lambda: fit(TINY, config, data, tmp_path / "part", **QUIET),
+        lambda: fit(TINY, replace(config, workers=1), data, tmp_path / "part", resume=True, **QUIET),
+    )
     a = torch.load(whole.checkpoint, weights_only=True)["model"]
     b = torch.load(resumed.checkpoint, weights_only=True)["model"]
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO, run_cli, start_cli, write_photo_folder
+from tests.conftest import REPO, interrupted_then_resumed, run_cli, start_cli, write_photo_folder
 from vqtool.errors import VqtoolError
 from vqtool.train.config import ModelConfig, TrainConfig
 from vqtool.train.data import default_training_set
@@ -152,17 +152,12 @@ def test_a_cosine_run_interrupted_and_resumed_follows_the_same_schedule(photos, 
     # The rate the optimizer last used is the schedule's, not the base rate: the option bites.
     assert saved["optimizer"]["param_groups"][0]["lr"] == pytest.approx(config.lr * loop.lr_factor("cosine", 9, 10, 0))
     assert saved["optimizer"]["param_groups"][0]["lr"] < config.lr / 10
-    step = loop._Run.train_step
-
-    def stop_at_five(self, stop_requested: bool):  # noqa: ANN001, ANN202
-        losses, stopping = step(self, stop_requested)
-        return losses, stopping or self.step == 5
-
-    with monkeypatch.context() as patch:
-        patch.setattr(loop._Run, "train_step", stop_at_five)
-        part = fit(model, config, photos, tmp_path / "part", **quiet)
-    assert part.interrupted and part.steps == 5
-    resumed = fit(model, config, photos, tmp_path / "part", resume=True, **quiet)
+    resumed = interrupted_then_resumed(
+        monkeypatch,
+        5,
+        lambda: fit(model, config, photos, tmp_path / "part", **quiet),
+        lambda: fit(model, config, photos, tmp_path / "part", resume=True, **quiet),
+    )
     b = torch.load(resumed.checkpoint, weights_only=True)
     for key in saved["model"]:
         assert torch.allclose(saved["model"][key], b["model"][key], atol=1e-6), key
