@@ -304,36 +304,27 @@ class _Run:
     def end_epoch(self) -> dict[str, Any]:
         """Validate, log, checkpoint and draw; called at each epoch's end and at the run's end (rank 0)."""
         count = max(1, int(self.sums["count"]))
+        validation, codes = evaluate(self.model, self.val)
         record: dict[str, Any] = {
             "step": self.step,
             "epoch": self.step / self.steps_per_epoch,
             "train_mse": self.sums["recon"] / count,
             "codebook_loss": self.sums["codebook"] / count,
             "commit_loss": self.sums["commit"] / count,
-            **evaluate(self.model, self.val),
+            **validation,
             "restarts": self.health.restarts,
             "skipped_files": len(self.skipped),
             "elapsed_s": round(time.perf_counter() - self.started, 2),
         }
         self.sums = {"recon": 0.0, "codebook": 0.0, "commit": 0.0, "count": 0}
         if self.board is not None and self.board.active:
-            self.board.record(record, self.validation_codes(), self.model.config.codes)
+            self.board.record(record, codes, self.model.config.codes)
         self.records = [r for r in self.records if r["step"] < self.step] + [record]
         _write_jsonl(self.run_dir / METRICS_NAME, self.records)
         self.save()
         self.snapshot()
         save_loss_curves(self.run_dir / FIGURES_DIR / "loss.png", self.trace, self.records)
         return record
-
-    @torch.no_grad()
-    def validation_codes(self) -> torch.Tensor:
-        was_training = self.model.training
-        self.model.eval()
-        codes = torch.cat(
-            [self.model.encode(images_to_input(self.val[s : s + 512])) for s in range(0, len(self.val), 512)]
-        )
-        self.model.train(was_training)
-        return codes
 
     @torch.no_grad()
     def snapshot(self) -> None:

@@ -42,8 +42,8 @@ def mean_ssim(reference: np.ndarray, test: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: VQVAE, images: torch.Tensor, batch_size: int = 512) -> dict[str, float]:
-    """Validation metrics on uint8 N x H x W x 3 images (on the model's device)."""
+def evaluate(model: VQVAE, images: torch.Tensor, batch_size: int = 512) -> tuple[dict[str, float], torch.Tensor]:
+    """Validation metrics on uint8 N x H x W x 3 images (on the model's device), and the codes they got."""
     was_training = model.training
     model.eval()
     totals = {"val_mse": 0.0, "val_codebook_loss": 0.0, "val_commit_loss": 0.0}
@@ -58,10 +58,11 @@ def evaluate(model: VQVAE, images: torch.Tensor, batch_size: int = 512) -> dict[
         all_codes.append(result.codes)
         all_pixels.append(output_to_images(result.reconstruction))
     model.train(was_training)
-    pixels = torch.cat(all_pixels)
-    return {
+    pixels, codes = torch.cat(all_pixels), torch.cat(all_codes)
+    metrics = {
         **totals,
         "val_psnr": psnr_uint8(images, pixels),
         "val_ssim": mean_ssim(images.cpu().numpy(), pixels.cpu().numpy()),
-        **code_usage(torch.cat(all_codes), model.config.codes),
+        **code_usage(codes, model.config.codes),
     }
+    return metrics, codes

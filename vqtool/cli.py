@@ -77,7 +77,7 @@ DataOption = Annotated[
     typer.Option(
         help="Folder of images (recursive), a .txt list of image paths (relative to the list's folder), tar "
         "shards (a folder of .tar files, or a brace pattern such as 'shards/train-{000000..000099}.tar'), a .npy "
-        "(memory-mapped) or .npz uint8 N x H x W x 3 array, or a cifar-10-batches-py folder; read while training "
+        "(read by row) or .npz uint8 N x H x W x 3 array, or a cifar-10-batches-py folder; read while training "
         "runs. Default: the embedded photographs.",
         show_default=False,
     ),
@@ -93,8 +93,8 @@ ValDataOption = Annotated[
 WorkersOption = Annotated[
     int | None,
     typer.Option(
-        help="Processes that read and decode training images (default: one per two cores; 0 reads in the "
-        "training process). Batches do not depend on it, except from tar shards.",
+        help="Processes that read and decode training images (default: one per four cores, so none on 2 cores; "
+        "0 reads in the training process). Batches do not depend on it, except from tar shards.",
         show_default=False,
     ),
 ]
