@@ -350,6 +350,8 @@ def train(
         _say(f"{source}: training {describe_skipped(result.skipped, getattr(training_set, 'epoch_size', None))}")
     final = result.final
     minutes, seconds = divmod(int(result.seconds), 60)
+    board_dir = result.run_dir / "tensorboard"
+    board = f"tensorboard: {board_dir}/ (tensorboard --logdir {board_dir})\n" if board_dir.is_dir() else ""
     if result.interrupted:
         _say(f"interrupted: checkpoint saved at step {result.steps}; continue with: vqtool train --resume {run_dir}")
     _result(
@@ -357,7 +359,7 @@ def train(
         f"val MSE {final['val_mse']:.4f}, codebook usage {final['usage']:.1%} "
         f"({int(final['codes_used'])}/{model_config.codes} codes), perplexity {final['perplexity']:.1f}\n"
         f"checkpoint: {result.checkpoint}\nmetrics:    {result.metrics}\n"
-        f"figures:    {result.figures}/ (loss.png, recon_step*.png)\n"
+        f"figures:    {result.figures}/ (loss.png, recon_step*.png)\n{board}"
         f"next:       vqtool export {result.checkpoint}"
     )
     if result.interrupted:
