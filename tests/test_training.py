@@ -400,7 +400,19 @@ def test_sweep_takes_lists_of_the_family_options_and_shares_one_report_page(tmp_
     assert (tmp_path / "capacity" / "K16_D8_c16-32-64_rb1" / "seed1" / "checkpoint.pt").exists()
     assert all(r["seeds"] == 2 and r["train_s"] > 0 and r["curve_steps"] == [2, 4] for r in rows)
     assert first.stdout.startswith("| K | D | channels | res blocks | seeds |")
-    factors = ["sweep", "--codes", "16", "--dim", "8", "--downsample", "16,8", "--lookup-dim", "0,4"]
+    factors = [
+        "sweep",
+        "--codes",
+        "16",
+        "--dim",
+        "8",
+        "--downsample",
+        "16,8",
+        "--lookup-dim",
+        "0,4",
+        "--title",
+        "Factors",
+    ]
     second = run_cli(
         *factors, "--l2-codes", "yes", *common, "--out", str(tmp_path / "factors"), "--report", str(report)
     )
@@ -408,6 +420,7 @@ def test_sweep_takes_lists_of_the_family_options_and_shares_one_report_page(tmp_
     assert "| K | D | factor | lookup dim | seeds |" in second.stdout
     text = report.read_text()
     assert text.count("## Results:") == 2 and "sweep over K, D, channels, res blocks" in text
+    assert "## Results: Factors" in text
     assert "At each recorded step:" in text  # two records a run: a table of both steps
     for key, figure in (("capacity", "curves.png"), ("factors", "final_psnr.png")):
         assert f"](figures/{key}/{figure})" in text and (report.parent / "figures" / key / figure).stat().st_size > 0

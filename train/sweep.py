@@ -326,12 +326,13 @@ def report_markdown(
     command: str,
     seconds: float,
     figure_dir: str = "figures/",
+    title: str | None = None,
 ) -> str:
     """The sweep's summary as markdown: table, findings drawn from the numbers, and figure links into
     `figure_dir` (relative to the markdown file)."""
     axes = varying_axes(rows)
     best = min(rows, key=lambda r: r["val_mse"])
-    title = (
+    title = title or (
         "the article's K x D sweep"
         if axes == ["codes", "dim"]
         else "sweep over " + ", ".join(AXIS_TITLES[a] for a in axes)

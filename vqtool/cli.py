@@ -442,6 +442,9 @@ def sweep(
     ema: EmaOption = None,
     kmeans_init: KmeansOption = None,
     restart_dead: RestartOption = None,
+    title: Annotated[
+        str | None, typer.Option(help="Heading of the summary (default: the axes swept).", show_default=False)
+    ] = None,
     report: Annotated[
         Path | None,
         typer.Option(
@@ -506,12 +509,12 @@ def sweep(
     command = "vqtool " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     # The runs' own training time, so a re-run that only re-summarises still reports what training cost.
     training_seconds = sum(float(run.final.get("elapsed_s", 0.0)) for run in runs)
-    text = report_markdown(rows, figures, command, training_seconds)
+    text = report_markdown(rows, figures, command, training_seconds, title=title)
     write_json(out_dir / "summary.json", {"command": command, "rows": rows})
     write_bytes(out_dir / "summary.md", text.encode())
     if report is not None:
         key = out_dir.resolve().name
-        published = report_markdown(rows, figures, command, training_seconds, f"figures/{key}/")
+        published = report_markdown(rows, figures, command, training_seconds, f"figures/{key}/", title=title)
         publish_report(published, figures, report, key)
     _result("\n".join(summary_table(rows)))
     _result(f"summary: {out_dir / 'summary.md'} (figures in {out_dir / 'figures'})")
