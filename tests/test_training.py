@@ -422,7 +422,7 @@ def test_sweep_takes_lists_of_the_family_options_and_shares_one_report_page(tmp_
     assert text.count("## Results:") == 2 and "sweep over K, D, channels, res blocks" in text
     assert "## Results: Factors" in text
     assert "At each recorded step:" in text  # two records a run: a table of both steps
-    for key, figure in (("capacity", "curves.png"), ("factors", "final_psnr.png")):
+    for key, figure in (("capacity", "curves.png"), ("factors-factors", "final_psnr.png")):
         assert f"](figures/{key}/{figure})" in text and (report.parent / "figures" / key / figure).stat().st_size > 0
     again = run_cli(*capacity)  # re-summarised: its section is replaced, not added again
     assert again.returncode == 0 and again.stderr.count("finished earlier, skipped") == 8

@@ -513,7 +513,10 @@ def sweep(
     write_json(out_dir / "summary.json", {"command": command, "rows": rows})
     write_bytes(out_dir / "summary.md", text.encode())
     if report is not None:
+        # One section per sweep folder, or per title: two summaries of one folder's runs keep both sections.
         key = out_dir.resolve().name
+        if title:
+            key += "-" + "-".join("".join(c if c.isalnum() else " " for c in title.lower()).split())[:24]
         published = report_markdown(rows, figures, command, training_seconds, f"figures/{key}/", title=title)
         publish_report(published, figures, report, key)
     _result("\n".join(summary_table(rows)))
