@@ -32,6 +32,7 @@ from vqtool.train.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from vqtool.train.config import ModelConfig
 from vqtool.train.data import TrainingData
 from vqtool.train.model import VQVAE
+from vqtool.train.sources import collection_exists
 
 # TensorRT 10's ONNX parser reads opsets 9..20; 18 is well inside what every runtime we target reads.
 OPSET = 18
@@ -65,7 +66,7 @@ def load_for_export(path: Path) -> Checkpoint:
 def _training_data(checkpoint: Checkpoint, log: Callable[[str], None]) -> Path | None:
     """The data the checkpoint was trained on, or None for the embedded default data (also when it is gone)."""
     source = Path(checkpoint.data) if checkpoint.data else None
-    if source is not None and "{" not in str(source) and not source.exists():  # a brace pattern names tar shards
+    if source is not None and not collection_exists(source):
         log(f"training data {source} is gone; using the embedded default images instead")
         source = None
     return source
@@ -78,7 +79,7 @@ def training_set_of(checkpoint: Checkpoint, log: Callable[[str], None]) -> Train
     config = checkpoint.train_config
     source = _training_data(checkpoint, log)
     val_data = config.val_data if source is not None else None
-    if val_data is not None and "{" not in val_data and not Path(val_data).exists():
+    if val_data is not None and not collection_exists(val_data):
         log(f"validation data {val_data} is gone; using the held-out part of {source} instead")
         val_data = None
     return load_training_set(

@@ -117,12 +117,7 @@ class TrainingSet:
 
     def _permutation_batch(self, step: int, batch_size: int, seed: int) -> np.ndarray:
         assert isinstance(self.train, np.ndarray)
-        count = len(self.train)
-        steps = self.steps_per_epoch(batch_size)
-        epoch, position = divmod(step, steps)
-        order = np.random.default_rng([seed, epoch]).permutation(count)
-        picked = order[(position * batch_size + np.arange(batch_size)) % count]
-        flips = np.random.default_rng([seed, epoch, position, 1]).random(batch_size) < 0.5
+        picked, flips = permutation_picks(len(self.train), step, batch_size, seed)
         images = self.train[picked]
         images[flips] = images[flips, :, ::-1]
         return images
@@ -130,6 +125,15 @@ class TrainingSet:
     def _crop_batch(self, step: int, batch_size: int, seed: int) -> np.ndarray:
         rng = np.random.default_rng([seed, step])
         return random_crops(self.train, self.size, batch_size, rng, flip=True)
+
+
+def permutation_picks(count: int, step: int, batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, flips) of step `step`'s batch when each epoch is a seeded permutation of `count` images."""
+    epoch, position = divmod(step, max(1, count // batch_size))
+    order = np.random.default_rng([seed, epoch]).permutation(count)
+    picked = order[(position * batch_size + np.arange(batch_size)) % count]
+    flips = np.random.default_rng([seed, epoch, position, 1]).random(batch_size) < 0.5
+    return picked, flips
 
 
 def random_crops(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from vqtool.train.data import (
     Batch,
     TrainingSet,
     default_training_set,
+    permutation_picks,
     split_training_set,
 )
 
@@ -168,11 +170,7 @@ class IndexedSet:
 
     def plan(self, step: int, batch_size: int, seed: int) -> list[Task]:
         """The tasks of global step `step`; order and flips are drawn as TrainingSet draws them for an array."""
-        count = len(self.train)
-        epoch, position = divmod(step, self.steps_per_epoch(batch_size))
-        order = np.random.default_rng([seed, epoch]).permutation(count)
-        picked = order[(position * batch_size + np.arange(batch_size)) % count]
-        flips = np.random.default_rng([seed, epoch, position, 1]).random(batch_size) < 0.5
+        picked, flips = permutation_picks(len(self.train), step, batch_size, seed)
         return [(int(p), (seed, step, j, 2), bool(f)) for j, (p, f) in enumerate(zip(picked, flips, strict=True))]
 
     def read_sample(self, task: Task) -> Sample:
@@ -239,7 +237,7 @@ class IndexedSet:
 
 # Readers are forked: they share the file list and the memory map instead of unpickling copies of them
 # (spawn would copy a memory-mapped array whole into each reader).
-_FORK = "fork" if "fork" in __import__("multiprocessing").get_all_start_methods() else None
+_FORK = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
 
 
 def _lower_priority(worker: int) -> None:
@@ -305,6 +303,11 @@ def expand_shards(spec: str) -> list[str]:
     if not shards:
         raise VqtoolError("no .tar shards here", spec)
     return shards
+
+
+def collection_exists(spec: str | Path) -> bool:
+    """Whether --data/--val-data names something on disk; a brace pattern names tar shards checked when expanded."""
+    return "{" in str(spec) or Path(spec).exists()
 
 
 def is_shard_spec(spec: str) -> bool:

@@ -218,10 +218,10 @@ def _pixel_limit(max_pixels: int) -> int:
 def _load_training_set(
     source: Path | None, image_size: int, max_pixels: int, skip_bad: bool, val_data: str | None = None
 ) -> Any:
-    from vqtool.train.sources import load_training_set
+    from vqtool.train.sources import collection_exists, load_training_set
 
     for path in (source, val_data):
-        if path is not None and "{" not in str(path) and not Path(path).exists():  # a brace pattern names shards
+        if path is not None and not collection_exists(path):
             raise VqtoolError("no such file or folder", path)
     try:
         return load_training_set(
