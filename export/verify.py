@@ -12,6 +12,7 @@ import numpy as np
 from vqtool.backends import INT8, NAIVE_FP16, PRECISIONS, graph_key, open_runner
 from vqtool.errors import VqtoolError
 from vqtool.export.parity import ParityReport, Reference, check_parity, torch_reference
+from vqtool.limits import DEFAULT_MAX_PIXELS
 from vqtool.manifest import Manifest
 from vqtool.runtime import OnnxRuntimeRunner
 from vqtool.train.model import VQVAE
@@ -113,3 +114,40 @@ def verify_export(
             )
     naive = naive_fp16_report(model, images, reference) if naive_fp16 else None
     return Verification(tuple(reports), tuple(skipped), naive)
+
+
+def check_export(
+    export_dir: Path,
+    *,
+    images: Path | None = None,
+    backends: tuple[str, ...] | None = None,
+    naive_fp16: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    log: Callable[[str], None] = print,
+) -> Verification:
+    """What `vqtool parity` does: compare an export's PyTorch model (model.pt) with every runtime that starts
+    here, on `images` (default: the validation split of the checkpoint's training data); writes parity.json.
+
+    The result's `passed` says whether every runtime held its tolerance; `reports` is empty when none started.
+    """
+    from vqtool.atomic import write_json
+    from vqtool.backends import PYTORCH_FILE
+    from vqtool.export.onnx_export import PARITY_NAME, held_out_images
+    from vqtool.imagesets import read_image_set
+    from vqtool.manifest import read_manifest
+    from vqtool.train.checkpoint import CheckpointError, load_checkpoint
+
+    manifest = read_manifest(export_dir)
+    try:
+        checkpoint = load_checkpoint(export_dir / (manifest.pytorch_file or PYTORCH_FILE))
+    except CheckpointError as exc:
+        raise VqtoolError(str(exc)) from None
+    if images is not None:
+        pixels = read_image_set(images, manifest.image_size, max_pixels=max_pixels)[0]
+    else:
+        pixels = held_out_images(checkpoint, log)
+    verification = verify_export(
+        checkpoint.model, export_dir, manifest, pixels, backends=backends, naive_fp16=naive_fp16, log=log
+    )
+    write_json(export_dir / PARITY_NAME, verification.to_dict())
+    return verification

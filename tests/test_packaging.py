@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 
 def _user_project(root: Path) -> Path:
@@ -58,3 +58,33 @@ def test_gpu_extras_install_one_consistent_cuda_stack() -> None:
         assert set(wanted) == {f"tensorrt-{cuda}", "cuda-python", "onnxruntime-gpu"}, extra
         assert wanted[f"tensorrt-{cuda}"].endswith(",<11") and cuda_python in wanted["cuda-python"], extra
         assert ort in wanted["onnxruntime-gpu"], extra
+
+
+def test_the_wheel_holds_every_module_and_the_type_marker(tmp_path: Path) -> None:
+    """A subpackage missing from pyproject's package list installs editable but not from the wheel."""
+    import zipfile
+
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            str(REPO),
+            "-w",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr
+    (wheel,) = tmp_path.glob("vqtool-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {f"vqtool/{p.relative_to(REPO / 'vqtool').as_posix()}" for p in (REPO / "vqtool").rglob("*.py")}
+    expected |= {f"vqtool/{folder}/{p.name}" for folder in ("train", "export") for p in (REPO / folder).glob("*.py")}
+    assert expected - names == set()
+    assert "vqtool/py.typed" in names

@@ -1,8 +1,24 @@
-"""vqtool: train a VQ-VAE image tokenizer, export it to ONNX/TensorRT, and run it with verified parity."""
+"""vqtool: train a VQ-VAE image tokenizer, export it to ONNX/TensorRT, and run it with verified parity.
+
+The Python API (no PyTorch needed):
+
+    import vqtool
+    tok = vqtool.load("runs/run-001/export")   # an export folder made by `vqtool export`
+    codes = tok.encode(images)                  # uint8 N x H x W x 3 -> N x h x w codes
+    images = tok.decode(codes)                  # -> uint8 N x H x W x 3
+
+Every user error raises vqtool.VqtoolError, whose message names the file it concerns.
+"""
+
+from __future__ import annotations
 
 import os as _os
+from typing import TYPE_CHECKING, Any
+
+from vqtool.errors import VqtoolError
 
 __version__ = "0.1.0"
+__all__ = ["DecodeResult", "EncodeResult", "Tokenizer", "VqtoolError", "load"]
 
 # The repository keeps train/ and export/ beside vqtool/, and the wheel installs them as vqtool.train and
 # vqtool.export (pyproject's package-dir), so nothing but `vqtool` lands at the top of site-packages.
@@ -12,3 +28,16 @@ if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "train")) and _o
     _os.path.join(_checkout, "train", "model.py")
 ):
     __path__.append(_checkout)
+
+if TYPE_CHECKING:
+    from vqtool.api import DecodeResult, EncodeResult, Tokenizer, load
+
+
+def __getattr__(name: str) -> Any:
+    # The API loads on first use: `vqtool --help` and the training processes do not pay for NumPy, Pillow
+    # and the runtime modules they never call.
+    if name in ("load", "Tokenizer", "EncodeResult", "DecodeResult"):
+        from vqtool import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'vqtool' has no attribute {name!r}")

@@ -85,7 +85,8 @@ class TorchRunner:
                 result = self.model.encode(images_to_input(data)).to(torch.int32)
             else:
                 result = output_to_images(self.model.decode(data.long()))
-            return result.cpu().numpy()
+            array: np.ndarray = result.cpu().numpy()
+            return array
 
     def describe(self) -> str:
         return self.provider
@@ -183,7 +184,7 @@ def open_runner(
         device = "cpu"
     if backend != "auto":
         return Opened(_open(export_dir, manifest, role, backend, device, precision, spin, threads), ())
-    skipped = []
+    skipped: list[str] = []
     candidates = [("tensorrt", "cuda"), ("onnxruntime", "cuda"), ("onnxruntime", "cpu")]
     for name, where in candidates:
         if device != "auto" and where != device:

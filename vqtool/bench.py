@@ -10,11 +10,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from vqtool.backends import INT8, PRECISIONS, graph_key, open_runner
 from vqtool.errors import VqtoolError
+from vqtool.limits import DEFAULT_MAX_PIXELS
 from vqtool.manifest import Manifest
 from vqtool.runtime import Runner
 
@@ -352,3 +354,59 @@ def folder_encode(
         log(f"folder encode {precision}: {pipeline:,.0f} images/s; {agreement:.4%} of codes equal the naive script's")
         results.append(FolderResult(precision, count, readers, pipeline, naive, read_only, model, agreement))
     return results
+
+
+def run_bench(
+    export_dir: Path,
+    *,
+    images: Path | None = None,
+    batch_sizes: Sequence[int] = BATCH_SIZES,
+    backends: Sequence[str] | None = None,
+    seconds: float = 1.0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    out: Path | None = None,
+    log: Callable[[str], None] = print,
+    show: Callable[[Any], None] | None = None,
+) -> tuple[dict[str, Any], Path]:
+    """What `vqtool bench` does: model-only timings against eager (and a folder end to end with `images`).
+
+    `show` receives each result table as it is ready. Returns the report and where it was written
+    (`out`, default EXPORT_DIR/bench.json).
+    """
+    import os
+
+    from vqtool.atomic import write_json
+    from vqtool.images import list_images, read_rgb
+    from vqtool.manifest import read_manifest
+    from vqtool.tables import bench_table, folder_table
+
+    manifest = read_manifest(export_dir)
+    if min(batch_sizes) < 1:
+        raise VqtoolError(f"--batch must be at least 1, got {min(batch_sizes)}")
+    if not seconds > 0:
+        raise VqtoolError(f"--seconds must be positive, got {seconds}")
+    files = list_images([images]) if images is not None else []
+    for path in files:  # the naive script reads with plain Pillow: check every file before timing anything
+        read_rgb(path, max_pixels)
+    rows, skipped = model_only(
+        export_dir, manifest, batch_sizes=batch_sizes, backends=backends, seconds=seconds, log=log
+    )
+    report: dict[str, Any] = {"cpu_count": os.cpu_count(), "model_only": [vars(r) for r in rows], "skipped": skipped}
+    if show is not None:
+        show(bench_table(report["model_only"]))
+    for reason in skipped:
+        log(f"not measured: {reason}")
+    roofline = fp32_roofline(manifest, rows, seconds)
+    log(roofline.describe())
+    report["fp32_roofline"] = roofline.to_dict()
+    if files:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="vqtool-bench-") as scratch:
+            folder = folder_encode(files, export_dir, manifest, Path(scratch), log=log)
+        report["folder_encode"] = [result.to_dict() for result in folder]
+        if show is not None:
+            show(folder_table(report["folder_encode"]))
+    target = out or export_dir / "bench.json"
+    write_json(target, report)
+    return report, target

@@ -112,7 +112,7 @@ def load_codes_array(path: Path) -> np.ndarray:
         codes = codes[None]
     if codes.ndim != 3 or 0 in codes.shape:
         raise VqtoolError(f"codes must be shaped N x h x w, got {codes.shape}", path)
-    return codes
+    return np.asarray(codes)
 
 
 def read_codes(path: Path, manifest: Manifest) -> tuple[np.ndarray, CodesSidecar | None]:

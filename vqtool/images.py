@@ -214,7 +214,7 @@ def _pillow_rgb(source: str | Path | io.BytesIO, path: str | Path, max_pixels: i
             with Image.open(source) as image:
                 _check_pixels(image.width, image.height, max_pixels, path)
                 if "exif" in image.info or image.format in EXIF_FORMATS:
-                    image = ImageOps.exif_transpose(image)
+                    image = ImageOps.exif_transpose(image)  # type: ignore[assignment]
                 image.load()
                 return np.asarray(image) if image.mode == "RGB" else _to_rgb(image)
     except VqtoolError:
@@ -277,7 +277,7 @@ STORE_BELOW_BYTES = 4096
 
 
 def _png_idat(rows: np.ndarray) -> bytes:
-    return _png_chunk(b"IDAT", zlib.compress(rows, 0 if rows.nbytes < STORE_BELOW_BYTES else 1))
+    return _png_chunk(b"IDAT", zlib.compress(rows, 0 if rows.nbytes < STORE_BELOW_BYTES else 1))  # type: ignore[arg-type]
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:

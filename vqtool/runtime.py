@@ -8,7 +8,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -30,7 +30,7 @@ class Runner(Protocol):
     def describe(self) -> str: ...
 
 
-def _onnxruntime():  # type: ignore[no-untyped-def]
+def _onnxruntime() -> Any:
     try:
         import onnxruntime
     except ModuleNotFoundError:
@@ -94,6 +94,7 @@ class OnnxRuntimeRunner:
         spin: bool = False,
     ) -> None:
         ort = _onnxruntime()
+        self.path, self.threads, self.spin = path, threads, spin
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # ONNX Runtime logs its own failed provider starts at length; we report the outcome in one line.
@@ -148,8 +149,15 @@ class OnnxRuntimeRunner:
         self.input_name = self.session.get_inputs()[0].name
         self.version = ort.__version__
 
+    def without_spinning(self) -> OnnxRuntimeRunner:
+        """This graph on the CPU in a session whose idle threads sleep: for pipelines beside reader processes."""
+        if self.provider != "CPUExecutionProvider" or not self.spin:
+            return self
+        return OnnxRuntimeRunner(self.path, "cpu", threads=self.threads, spin=False)
+
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: batch})[0]
+        result: np.ndarray = self.session.run(None, {self.input_name: batch})[0]
+        return result
 
     def describe(self) -> str:
         fell_back = [p for p in self.requested if p != "CPUExecutionProvider" and p != self.provider]

@@ -56,7 +56,8 @@ def merge_shards(paths: Sequence[Path], out: Path) -> CodesSidecar:
             raise VqtoolError("is not a shard (it was encoded without --shard)", path)
         loaded.append((path, sidecar))
     first_path, first = loaded[0]
-    count = first.shard["count"] if first.shard else 0
+    assert first.shard is not None  # every sidecar was checked to be a shard's above
+    count = int(first.shard["count"])
     for path, sidecar in loaded[1:]:
         for field in ("checkpoint_sha256", "manifest_sha256", "grid", "dtype", "codes", "precision"):
             if getattr(sidecar, field) != getattr(first, field):
@@ -68,7 +69,7 @@ def merge_shards(paths: Sequence[Path], out: Path) -> CodesSidecar:
     by_index: dict[int, tuple[Path, CodesSidecar]] = {}
     for path, sidecar in loaded:
         assert sidecar.shard is not None
-        index = sidecar.shard["index"]
+        index = int(sidecar.shard["index"])
         if index in by_index:
             raise VqtoolError(f"shard {index}/{count} is given twice (also {by_index[index][0]})", path)
         by_index[index] = (path, sidecar)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
@@ -200,6 +201,8 @@ class TensorRTRunner:
         self.output_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(meta.output)))  # type: ignore[no-untyped-call]
         self.stream = _cuda_call(self.cudart.cudaStreamCreate(), "cudaStreamCreate")
         self.provider = f"TensorRT {trt.__version__} on {gpu.name}"
+        # One execution context, stream and set of buffers: calls from several threads take turns.
+        self.lock = threading.Lock()
         self.min_batch, self.max_batch = meta.profile_min[0], meta.profile_max[0]
 
     def _device_buffer(self, name: str, nbytes: int) -> int:
@@ -244,9 +247,12 @@ class TensorRTRunner:
             )
         if len(batch) == 0:
             raise VqtoolError("an empty batch was given")
-        if len(batch) <= self.max_batch:
-            return self._run(batch)
-        return np.concatenate([self._run(batch[s : s + self.max_batch]) for s in range(0, len(batch), self.max_batch)])
+        with self.lock:
+            if len(batch) <= self.max_batch:
+                return self._run(batch)
+            return np.concatenate(
+                [self._run(batch[s : s + self.max_batch]) for s in range(0, len(batch), self.max_batch)]
+            )
 
     def describe(self) -> str:
         return f"{self.provider} ({self.meta.precision} engine)"

@@ -1,0 +1,386 @@
+"""The Python API: load an export once, then encode and decode arrays, tensors or files.
+
+    tok = vqtool.load("runs/run-001/export")
+    codes = tok.encode(images)      # uint8 N x H x W x 3 -> N x h x w codes
+    images = tok.decode(codes)      # -> uint8 N x H x W x 3
+
+The commands `vqtool encode` and `vqtool decode` are this API's `encode_files` and `decode_file`.
+Nothing here imports torch: it works where PyTorch is not installed, and takes torch tensors where it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vqtool import tensors
+from vqtool.backends import INT8, Opened, open_runner
+from vqtool.cores import inference_threads
+from vqtool.decode import DecodeResult
+from vqtool.decode import decode_file as _decode_file
+from vqtool.encode import EncodeResult
+from vqtool.encode import encode_files as _encode_files
+from vqtool.errors import VqtoolError
+from vqtool.images import fast_png_available, fit_to_size, list_image_names, read_rgb
+from vqtool.limits import DEFAULT_MAX_PIXELS
+from vqtool.manifest import Manifest, code_dtype_for, read_manifest
+from vqtool.runtime import CUDA_PROVIDERS, TRT_PROVIDER, Runner
+from vqtool.shards import Shard
+
+__all__ = ["DecodeResult", "EncodeResult", "Tokenizer", "load"]
+
+_log = logging.getLogger("vqtool")
+# Images (or code grids) per graph call: the CLI's default, so the API's codes are the CLI's byte for byte.
+DEFAULT_BATCH = 64
+ImageInput = Any  # np.ndarray | torch.Tensor | Sequence[np.ndarray | torch.Tensor | str | Path]
+
+
+def load(
+    export_dir: str | Path,
+    backend: str = "auto",
+    device: str = "auto",
+    precision: str = "fp32",
+    *,
+    threads: int | None = None,
+) -> Tokenizer:
+    """Open an export folder made by `vqtool export` and start its encoder and decoder.
+
+    The manifest is read and every graph (or `model.pt`) is checked against its recorded checksum before
+    it runs. `backend` is auto, onnxruntime, onnxruntime-trt, tensorrt or torch; `device` auto, cpu or
+    cuda; `precision` fp32, fp16 (export --fp16) or int8 (export --int8; an encoder precision, so the
+    decoder runs fp32). With auto, the fastest backend that starts here is taken, and `describe()` says
+    which ran and why the others did not. `threads` caps ONNX Runtime's CPU threads (default: a core each).
+    Raises VqtoolError, naming the file, for anything wrong with the export.
+    """
+    folder = Path(export_dir)
+    manifest = read_manifest(folder)
+    # Spinning idle threads answer small in-memory batches twice as fast (batch 1: 57 against 108 us on 2 cores);
+    # the file pipelines, which need the cores for their readers and writers, get sessions that sleep instead.
+    options = {"backend": backend, "device": device, "threads": inference_threads(threads), "spin": True}
+    encoder = open_runner(folder, manifest, "encoder", precision=precision, **options)  # type: ignore[arg-type]
+    decoder = open_runner(
+        folder,
+        manifest,
+        "decoder",
+        precision="fp32" if precision == INT8 else precision,
+        **options,  # type: ignore[arg-type]
+    )
+    return Tokenizer(folder, manifest, encoder, decoder, precision)
+
+
+class Tokenizer:
+    """An export's encoder and decoder, started once and kept between calls.
+
+    Safe to call from several threads at once: ONNX Runtime sessions and PyTorch's inference mode take
+    concurrent calls, and the TensorRT runner serialises its calls (one execution context) itself.
+    Made by `vqtool.load`.
+    """
+
+    def __init__(self, export_dir: Path, manifest: Manifest, encoder: Opened, decoder: Opened, precision: str) -> None:
+        self.export_dir = export_dir
+        self.manifest = manifest
+        self.precision = precision
+        self._encoder = encoder
+        self._decoder = decoder
+        self.code_dtype = code_dtype_for(manifest.codes)
+        self._decode_precision = "fp32" if precision == INT8 else precision
+        self._pipeline_runners: dict[str, Runner] = {}
+        self._pipeline_lock = threading.Lock()
+
+    @property
+    def num_codes(self) -> int:
+        """K, the codebook size: codes are 0..K-1."""
+        return self.manifest.codes
+
+    @property
+    def image_size(self) -> int:
+        """The side of the square images the model was trained on (inputs are resized to it by default)."""
+        return self.manifest.image_size
+
+    @property
+    def downsample(self) -> int:
+        """Image side / code-grid side."""
+        return self.manifest.downsample
+
+    @property
+    def backend(self) -> str:
+        """The backend that runs: onnxruntime, tensorrt or torch (encoder first if the two differ)."""
+        return _joined(self._encoder.runner.backend, self._decoder.runner.backend)
+
+    @property
+    def provider(self) -> str:
+        """What really runs the graphs, e.g. CPUExecutionProvider, or PyTorch/TensorRT with the device."""
+        return _joined(self._encoder.runner.provider, self._decoder.runner.provider)
+
+    def describe(self) -> str:
+        """One line: what runs each graph, and why faster backends were passed over."""
+        encoder, decoder = self._encoder.describe(), self._decoder.describe()
+        if (encoder, self.precision) == (decoder, self._decode_precision):
+            return f"{self.precision}: {encoder}"
+        return f"encoder {self.precision}: {encoder}; decoder {self._decode_precision}: {decoder}"
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """The code grid (h, w) of a height x width image encoded without resizing."""
+        factor = self.downsample
+        if height < factor or width < factor or height % factor or width % factor:
+            raise VqtoolError(f"{width}x{height} is not a multiple of the model's factor {factor}")
+        return height // factor, width // factor
+
+    def encode(
+        self,
+        images: ImageInput,
+        *,
+        resize: bool = True,
+        batch_size: int = DEFAULT_BATCH,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> Any:
+        """Images -> codes N x h x w in the smallest unsigned dtype that holds K codes.
+
+        `images`: a uint8 N x H x W x 3 array or torch tensor, or a list of H x W x 3 arrays, tensors or
+        image file paths. With `resize` (as `vqtool encode`), images not of the model's size are resized
+        to it (bicubic, Pillow); without it, sides must be multiples of the model's factor and, in a list,
+        equal. A torch tensor gives a torch tensor: CPU tensors share memory both ways; CUDA tensors stay
+        on the GPU when ONNX Runtime's CUDA provider runs (else they are copied through the host).
+        """
+        _check_batch_size(batch_size)
+        if tensors.is_tensor(images) and images.is_cuda and _on_cuda(self._encoder.runner):
+            batch = self._cuda_images(images, resize)
+            out_shape = (batch.shape[0], *self.grid(batch.shape[1], batch.shape[2]))
+            codes = _chunked_cuda(self._encoder.runner, batch, out_shape, np.dtype(np.int32), batch_size)
+            return codes.to(tensors.torch_dtype(self.code_dtype))
+        pixels = self._image_batch(images, resize, max_pixels)
+        grid = self.grid(pixels.shape[1], pixels.shape[2])
+        codes = _chunked(self._encoder.runner, pixels, (*grid,), self.code_dtype, batch_size)
+        return tensors.like(codes, images) if tensors.is_tensor(images) else codes
+
+    def decode(self, codes: Any, *, batch_size: int = DEFAULT_BATCH) -> Any:
+        """Codes N x h x w (any integer dtype, values 0..K-1) -> uint8 images N x H x W x 3.
+
+        A torch tensor gives a torch tensor on its device (CUDA through I/O binding, as for encode).
+        """
+        _check_batch_size(batch_size)
+        if tensors.is_tensor(codes) and codes.is_cuda and _on_cuda(self._decoder.runner):
+            grids = self._check_codes(codes, codes.dtype.is_floating_point or codes.dtype.is_complex)
+            grids = grids.to(tensors.torch_dtype(np.dtype(np.int32)))
+            height, width = grids.shape[1] * self.downsample, grids.shape[2] * self.downsample
+            out_shape = (grids.shape[0], height, width, 3)
+            return _chunked_cuda(self._decoder.runner, grids, out_shape, np.dtype(np.uint8), batch_size)
+        array = tensors.to_numpy(codes) if tensors.is_tensor(codes) else np.asarray(codes)
+        array = self._check_codes(array, not np.issubdtype(array.dtype, np.integer))
+        grids = np.ascontiguousarray(array, dtype=np.int32)
+        factor = self.downsample
+        images = _chunked(
+            self._decoder.runner,
+            grids,
+            (grids.shape[1] * factor, grids.shape[2] * factor, 3),
+            np.dtype(np.uint8),
+            batch_size,
+        )
+        return tensors.like(images, codes) if tensors.is_tensor(codes) else images
+
+    def encode_files(
+        self,
+        inputs: Sequence[str | Path] | str | Path,
+        out: str | Path,
+        *,
+        batch_size: int = DEFAULT_BATCH,
+        resize: bool = True,
+        shard: str | Shard | None = None,
+        resume: bool = False,
+        readers: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        skip_bad: bool = False,
+        log: Callable[[str], None] | None = None,
+    ) -> EncodeResult:
+        """What `vqtool encode` does: image files and folders (recursive, sorted) -> `out` (.npy) + sidecar.
+
+        Streaming (reader processes decode files while the graph runs), resumable (`resume`), sharded
+        (`shard="I/N"`); the options are the command's. Notes (resized or skipped files) go to `log`,
+        by default the "vqtool" logger.
+        """
+        chosen = Shard.parse(shard) if isinstance(shard, str) else shard
+        log = log or _log.info
+        files = list_image_names([inputs] if isinstance(inputs, str | Path) else inputs)
+        if not fast_png_available() and any(name.lower().endswith(".png") for name in files[:1000]):
+            log("reading PNG files with Pillow; pip install 'vqtool[fast-png]' reads them about twice as fast")
+        part = f" (shard {chosen.index}/{chosen.count})" if chosen else ""
+        log(f"encoding {len(files)} images{part} in {self.precision} with {self._encoder.describe()}")
+        return _encode_files(
+            files,
+            self.manifest,
+            self.export_dir,
+            self._pipeline("encoder"),
+            Path(out),
+            batch_size=batch_size,
+            resize=resize,
+            shard=chosen,
+            resume=resume,
+            workers=readers,
+            precision=self.precision,
+            max_pixels=max_pixels,
+            skip_bad=skip_bad,
+            log=log,
+        )
+
+    def decode_file(
+        self,
+        codes: str | Path,
+        out: str | Path,
+        *,
+        batch_size: int = DEFAULT_BATCH,
+        writers: int | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> DecodeResult:
+        """What `vqtool decode` does: a codes .npy (with its sidecar) -> one PNG per grid in the folder `out`."""
+        log = log or _log.info
+        log(f"decoding in {self._decode_precision} with {self._decoder.describe()}")
+        return _decode_file(
+            Path(codes),
+            self.manifest,
+            self._pipeline("decoder"),
+            Path(out),
+            batch_size=batch_size,
+            workers=writers,
+            log=log,
+        )
+
+    def _pipeline(self, role: str) -> Runner:
+        """The runner the file pipelines use: for ONNX Runtime on the CPU, a second session of the same graph whose
+        idle threads sleep, so that reader and writer processes get the cores (opened on first use, then kept)."""
+        with self._pipeline_lock:
+            if role not in self._pipeline_runners:
+                runner = (self._encoder if role == "encoder" else self._decoder).runner
+                quiet = getattr(runner, "without_spinning", None)
+                self._pipeline_runners[role] = quiet() if quiet is not None else runner
+            return self._pipeline_runners[role]
+
+    def _image_batch(self, images: ImageInput, resize: bool, max_pixels: int) -> np.ndarray:
+        """Whatever encode was given -> one uint8 N x H x W x 3 array at the size the graph will see."""
+        if tensors.is_tensor(images):
+            images = tensors.to_numpy(images)
+        if isinstance(images, np.ndarray):
+            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+                raise VqtoolError(
+                    f"images must be uint8 N x H x W x 3 (RGB), got a {images.dtype} array shaped {images.shape}"
+                    + ("; for one image pass images[None]" if images.ndim == 3 else "")
+                )
+            if not resize or images.shape[1:3] == (self.image_size, self.image_size):
+                self.grid(images.shape[1], images.shape[2])
+                return images
+            return np.stack([self._fit(image, True, f"images[{i}]") for i, image in enumerate(images)])
+        if isinstance(images, str | Path) or not isinstance(images, Sequence):
+            raise VqtoolError(
+                "images must be a uint8 N x H x W x 3 array or tensor, or a list of arrays, tensors or paths; "
+                f"got {type(images).__name__} (for files and folders use encode_files)"
+            )
+        fitted = []
+        for index, item in enumerate(images):
+            if isinstance(item, str | Path):
+                fitted.append(self._fit(read_rgb(item, max_pixels), resize, item))
+                continue
+            pixels = tensors.to_numpy(item) if tensors.is_tensor(item) else item
+            if (
+                not isinstance(pixels, np.ndarray)
+                or pixels.dtype != np.uint8
+                or pixels.ndim != 3
+                or pixels.shape[-1] != 3
+            ):
+                raise VqtoolError(f"images[{index}] must be a path or a uint8 H x W x 3 array, got {_kind(pixels)}")
+            fitted.append(self._fit(pixels, resize, f"images[{index}]"))
+        if not fitted:
+            return np.empty((0, self.image_size, self.image_size, 3), dtype=np.uint8)
+        shapes = {image.shape for image in fitted}
+        if len(shapes) > 1:
+            raise VqtoolError(f"without resize all images must share one size; got {sorted(shapes)}")
+        return np.stack(fitted)
+
+    def _fit(self, pixels: np.ndarray, resize: bool, name: str | Path) -> np.ndarray:
+        return fit_to_size(pixels, self.image_size, resize=resize, multiple=self.downsample, path=name)
+
+    def _cuda_images(self, images: Any, resize: bool) -> Any:
+        if str(images.dtype) != "torch.uint8" or images.dim() != 4 or images.shape[-1] != 3:
+            raise VqtoolError(
+                f"images must be uint8 N x H x W x 3 (RGB), got {images.dtype} shaped {tuple(images.shape)}"
+            )
+        if resize and tuple(images.shape[1:3]) != (self.image_size, self.image_size):
+            raise VqtoolError(
+                f"CUDA images must already be {self.image_size}x{self.image_size} (or pass resize=False with sides "
+                f"that are multiples of {self.downsample}); got {images.shape[2]}x{images.shape[1]}"
+            )
+        return images
+
+    def _check_codes(self, codes: Any, not_integers: bool) -> Any:
+        if not_integers or codes.ndim != 3:
+            raise VqtoolError(f"codes must be integers shaped N x h x w, got {_kind(codes)}")
+        if codes.shape[0] and codes.shape[1] * codes.shape[2] and (codes.min() < 0 or codes.max() >= self.num_codes):
+            low, high = int(codes.min()), int(codes.max())
+            raise VqtoolError(f"codes must lie in 0..{self.num_codes - 1}, but range over {low}..{high}")
+        return codes
+
+    def close(self) -> None:
+        """Release the sessions (and GPU memory); the tokenizer cannot run afterwards."""
+        for runner in (self._encoder.runner, self._decoder.runner, *self._pipeline_runners.values()):
+            closer = getattr(runner, "close", None)
+            if closer is not None:
+                closer()
+
+    def __enter__(self) -> Tokenizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer({str(self.export_dir)!r}, codes={self.num_codes}, image_size={self.image_size}, "
+            f"downsample={self.downsample}, backend={self.backend!r}, precision={self.precision!r})"
+        )
+
+
+def _joined(encoder: str, decoder: str) -> str:
+    return encoder if encoder == decoder else f"{encoder} (encoder), {decoder} (decoder)"
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, np.ndarray) or tensors.is_tensor(value):
+        return f"{value.dtype} shaped {tuple(value.shape)}"
+    return type(value).__name__
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise VqtoolError(f"batch_size must be at least 1, got {batch_size}")
+
+
+def _on_cuda(runner: Runner) -> bool:
+    """Whether ONNX Runtime runs this graph on the GPU, so a CUDA tensor can be bound where it lies."""
+    return runner.backend == "onnxruntime" and runner.provider in (*CUDA_PROVIDERS, TRT_PROVIDER)
+
+
+def _chunked(runner: Runner, batch: np.ndarray, tail: tuple[int, ...], dtype: np.dtype, batch_size: int) -> np.ndarray:
+    """The runner over `batch` in slices of at most batch_size, cast to `dtype`; one call when it fits."""
+    if len(batch) <= batch_size:
+        return runner(batch).astype(dtype, copy=False) if len(batch) else np.empty((0, *tail), dtype=dtype)
+    result = np.empty((len(batch), *tail), dtype=dtype)
+    for start in range(0, len(batch), batch_size):
+        result[start : start + batch_size] = runner(batch[start : start + batch_size])
+    return result
+
+
+def _chunked_cuda(runner: Runner, batch: Any, out_shape: tuple[int, ...], dtype: np.dtype, batch_size: int) -> Any:
+    """As _chunked, for a CUDA tensor bound in place (ONNX Runtime's CUDA or TensorRT provider)."""
+    session = runner.session  # type: ignore[attr-defined]
+    torch = sys.modules["torch"]
+    if not len(batch):
+        return torch.empty(out_shape, dtype=tensors.torch_dtype(dtype), device=batch.device)
+    parts = []
+    for start in range(0, len(batch), batch_size):
+        part = batch[start : start + batch_size]
+        parts.append(tensors.run_bound(session, part, (len(part), *out_shape[1:]), dtype))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

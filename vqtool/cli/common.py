@@ -1,0 +1,127 @@
+"""What every command shares: the Typer app, the two consoles, one-line errors, and the choice types."""
+
+from __future__ import annotations
+
+import enum
+import functools
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from vqtool.errors import VqtoolError, missing_extra
+
+app = typer.Typer(
+    help="Train a VQ-VAE image tokenizer, export it to ONNX (and TensorRT), and run it with verified parity.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# Piped output gets a width that fits the parity table rather than rich's default of 80 columns.
+# Messages are never wrapped, so scripts can grep them; tables still fit the width.
+out = Console(width=None if sys.stdout.isatty() else 132, soft_wrap=True)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 132, soft_wrap=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def say(message: str) -> None:
+    """A note for the user, on stderr."""
+    err.print(escape(message), highlight=False)
+
+
+def print_result(message: str) -> None:
+    """A command's result on stdout, printed as is (paths may contain [brackets])."""
+    out.print(message, highlight=False, markup=False)
+
+
+def user_errors(command: F) -> F:
+    """Print a VqtoolError as one line on stderr and exit 1, instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except VqtoolError as exc:
+            err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def require_torch(command: str) -> None:
+    try:
+        import torch  # noqa: F401
+    except ModuleNotFoundError:
+        raise missing_extra(f"vqtool {command}", "PyTorch", "train") from None
+
+
+# Options with a fixed set of values are choices: --help lists them and a typo is refused before any work.
+# Each mirrors a tuple the library checks against (tests/test_cli.py holds them equal).
+class Backend(str, enum.Enum):
+    """vqtool.backends.BACKENDS"""
+
+    auto = "auto"
+    onnxruntime = "onnxruntime"
+    onnxruntime_trt = "onnxruntime-trt"
+    tensorrt = "tensorrt"
+    torch = "torch"
+
+
+class Device(str, enum.Enum):
+    """vqtool.runtime.DEVICES"""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Precision(str, enum.Enum):
+    """vqtool.backends.PRECISIONS"""
+
+    fp32 = "fp32"
+    fp16 = "fp16"
+    int8 = "int8"
+
+
+class Preset(str, enum.Enum):
+    """vqtool.train.config.PRESETS (which holds what each sets)."""
+
+    seed = "seed"
+    f8 = "f8"
+    f4 = "f4"
+
+
+class CheckedBackend(str, enum.Enum):
+    """The backends parity compares with PyTorch (torch itself is the reference)."""
+
+    onnxruntime = "onnxruntime"
+    onnxruntime_trt = "onnxruntime-trt"
+    tensorrt = "tensorrt"
+
+
+DeviceOption = Annotated[Device, typer.Option(help="Where to run: a CUDA GPU if one starts (auto), cpu or cuda.")]
+MaxPixelsOption = Annotated[
+    int,
+    typer.Option(
+        help="Refuse image files whose header declares more pixels than this, before decoding them "
+        "(decompression bombs). Default: Pillow's warning threshold."
+    ),
+]
+SkipBadOption = Annotated[
+    bool,
+    typer.Option(
+        "--skip-bad",
+        help="Skip files that cannot be read (or exceed --max-pixels), report them, and go on; "
+        "without it the first such file stops the run.",
+    ),
+]
+
+
+def pixel_limit(max_pixels: int) -> int:
+    from vqtool.images import allow_pixels
+
+    allow_pixels(max_pixels)
+    return max_pixels

@@ -1,0 +1,158 @@
+"""`vqtool export` and `vqtool parity`: graphs written and checked against the PyTorch model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from vqtool.cli.common import (
+    CheckedBackend,
+    MaxPixelsOption,
+    app,
+    out,
+    pixel_limit,
+    print_result,
+    require_torch,
+    say,
+    user_errors,
+)
+from vqtool.errors import VqtoolError
+from vqtool.limits import DEFAULT_MAX_PIXELS
+
+
+def _show_verification(verification: dict[str, Any]) -> None:
+    from vqtool.tables import parity_table
+
+    reports = verification["reports"]
+    naive = verification.get("naive_fp16_for_comparison")
+    out.print(parity_table(reports + ([naive] if naive else [])))
+    if naive:
+        say("fp16-naive is shown for comparison only (all FP16, quantizer included); it is not exported")
+    for r in reports:
+        if r.get("decoded") == "own":
+            say(
+                f"{r['precision']}: codes may differ from PyTorch's (a differing code is at most "
+                f"{r['max_gap_rtol']:.0%} farther from the latent); decoded, they change the reconstructions' "
+                f"PSNR against the input images by {-r['quality_drop_db']:+.2f} dB"
+            )
+    for reason in verification["skipped"]:
+        say(f"not checked: {reason}")
+
+
+@app.command("export")
+@user_errors
+def export_command(
+    checkpoint: Annotated[Path, typer.Argument(help="checkpoint.pt written by vqtool train.")],
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Export folder (default: CHECKPOINT's folder/export).")
+    ] = None,
+    fp16: Annotated[
+        bool, typer.Option("--fp16", help="Also write FP16 graphs: FP16 convolutions, FP32 quantizer.")
+    ] = False,
+    int8: Annotated[
+        bool,
+        typer.Option(
+            "--int8",
+            help="Also write an INT8 encoder for CPUs (ONNX Runtime; ~2x FP32 with 8-bit dot-product instructions). "
+            "Its codes may differ from PyTorch's: parity reports how often.",
+        ),
+    ] = False,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            help="Images to calibrate INT8 ranges on: a folder, .npy/.npz or CIFAR folder "
+            "(default: the data the checkpoint was trained on)."
+        ),
+    ] = None,
+    calibration_images: Annotated[int, typer.Option(help="How many images (crops) to calibrate on.")] = 2048,
+    max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
+    trt: Annotated[
+        bool, typer.Option("--trt", help="Also build TensorRT engines (needs TensorRT >= 10 and a GPU).")
+    ] = False,
+    batch_min: Annotated[int, typer.Option(help="TensorRT profile: smallest batch.")] = 1,
+    batch_opt: Annotated[int, typer.Option(help="TensorRT profile: batch to tune for.")] = 64,
+    batch_max: Annotated[int, typer.Option(help="TensorRT profile: largest batch.")] = 256,
+    workspace: Annotated[int, typer.Option(help="TensorRT builder workspace in MiB.")] = 1024,
+    timing_cache: Annotated[
+        Path | None,
+        typer.Option(
+            help="TensorRT timing cache file, reused across builds (default: one per TensorRT version and GPU "
+            "under ~/.cache/vqtool/)."
+        ),
+    ] = None,
+) -> None:
+    """Export encoder/decoder ONNX graphs (and TensorRT engines), and verify parity against PyTorch."""
+    if trt:  # before torch is even imported: a missing TensorRT or GPU costs the user nothing
+        from vqtool.trt_runtime import require_tensorrt_gpu
+
+        require_tensorrt_gpu()
+    require_torch("export")
+    from vqtool.export.onnx_export import PARITY_NAME, ParityFailed, export_model
+    from vqtool.export.tensorrt_build import EngineProfile
+
+    target = out_dir or checkpoint.parent / "export"
+    profile = EngineProfile(batch_min, batch_opt, batch_max, workspace)
+    try:
+        result = export_model(
+            checkpoint,
+            target,
+            fp16=fp16,
+            int8=int8,
+            calibration=calibration,
+            calibration_count=calibration_images,
+            max_pixels=pixel_limit(max_pixels),
+            trt=trt,
+            profile=profile,
+            timing_cache=timing_cache,
+            log=say,
+        )
+    except ParityFailed as failed:
+        _show_verification(failed.verification.to_dict())
+        raise
+    _show_verification(result.verification.to_dict())
+    files = sorted(p.name for p in target.iterdir() if p.suffix in (".onnx", ".engine"))
+    print_result(f"exported {', '.join(files)}, manifest.json and {PARITY_NAME} to {target}")
+
+
+@app.command()
+@user_errors
+def parity(
+    export_dir: Annotated[Path, typer.Argument(help="Export folder made by vqtool export.")],
+    images: Annotated[
+        Path | None,
+        typer.Option(
+            help="Images to compare on: a folder, .npy/.npz or CIFAR folder "
+            "(default: the validation split of the training data)."
+        ),
+    ] = None,
+    backend: Annotated[
+        list[CheckedBackend] | None,
+        typer.Option(help="Limit to these backends (repeatable). Default: every one that starts here."),
+    ] = None,
+    naive_fp16: Annotated[
+        bool,
+        typer.Option(help="Also measure an all-FP16 graph (quantizer in FP16 too), to show what the FP32 island buys."),
+    ] = False,
+    max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
+) -> None:
+    """Compare the PyTorch model with every available backend and precision; writes parity.json."""
+    require_torch("parity")
+    from vqtool.export.onnx_export import PARITY_NAME
+    from vqtool.export.verify import check_export
+
+    verification = check_export(
+        export_dir,
+        images=images,
+        backends=tuple(b.value for b in backend) if backend else None,
+        naive_fp16=naive_fp16,
+        max_pixels=pixel_limit(max_pixels),
+        log=say,
+    )
+    _show_verification(verification.to_dict())
+    if not verification.reports:
+        raise VqtoolError("no backend could run here, so nothing was compared")
+    if not verification.passed:
+        raise VqtoolError(f"parity failed; details in {export_dir / PARITY_NAME}")
+    print_result(f"parity passed for {len(verification.reports)} runtime(s); wrote {export_dir / PARITY_NAME}")

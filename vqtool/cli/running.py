@@ -1,0 +1,173 @@
+"""`vqtool encode`, `decode`, `merge` and `bench`: thin layers over the Python API (vqtool.api) and the
+library functions behind it. None of them needs PyTorch but bench, whose baseline is PyTorch eager."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from vqtool.cli.common import (
+    Backend,
+    CheckedBackend,
+    Device,
+    DeviceOption,
+    MaxPixelsOption,
+    Precision,
+    SkipBadOption,
+    app,
+    out,
+    pixel_limit,
+    print_result,
+    require_torch,
+    say,
+    user_errors,
+)
+from vqtool.limits import DEFAULT_MAX_PIXELS
+
+BackendOption = Annotated[
+    Backend,
+    typer.Option(help="auto takes the fastest that starts here: tensorrt, then ONNX Runtime on CUDA, then on the CPU."),
+]
+PrecisionOption = Annotated[
+    Precision,
+    typer.Option(
+        help="fp32; fp16 (needs export --fp16); int8, encode on CPU only (needs export --int8; "
+        "codes may differ from PyTorch's, parity.json says how often)."
+    ),
+]
+
+
+ReadersOption = Annotated[
+    int | None, typer.Option(help="Processes that read image files, at low priority (default: one per core).")
+]
+ThreadsOption = Annotated[int | None, typer.Option(help="ONNX Runtime threads on the CPU (default: one per core).")]
+
+
+@app.command()
+@user_errors
+def encode(
+    images: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
+    model: Annotated[Path, typer.Option(help="Export folder made by vqtool export.")],
+    out_path: Annotated[Path, typer.Option("--out", help="Output .npy of codes N x h x w.")],
+    batch_size: Annotated[int, typer.Option(help="Images per inference batch.")] = 64,
+    resize: Annotated[
+        bool,
+        typer.Option(
+            help="Resize images to the model's size; --no-resize keeps sizes that are multiples of the model's "
+            "downsampling factor (16 for the default model)."
+        ),
+    ] = True,
+    backend: BackendOption = Backend.auto,
+    device: DeviceOption = Device.auto,
+    precision: PrecisionOption = Precision.fp32,
+    shard: Annotated[
+        str | None,
+        typer.Option(help="Encode only slice I of N (I/N, I from 0) of the sorted file list; join with vqtool merge."),
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of the same command.")] = False,
+    readers: ReadersOption = None,
+    threads: ThreadsOption = None,
+    max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
+    skip_bad: SkipBadOption = False,
+) -> None:
+    """Encode images to integer codes with the exported encoder."""
+    import signal
+
+    from vqtool.api import load
+
+    tok = load(model, backend.value, device.value, precision.value, threads=threads)
+
+    def stop(signum: int, frame: Any) -> None:  # schedulers preempt with SIGTERM: keep what is done
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    result = tok.encode_files(
+        images,
+        out_path,
+        batch_size=batch_size,
+        resize=resize,
+        shard=shard,
+        resume=resume,
+        readers=readers,
+        max_pixels=pixel_limit(max_pixels),
+        skip_bad=skip_bad,
+        log=say,
+    )
+    print_result(
+        f"wrote {result.codes_path} ({result.count} x {result.grid[0]} x {result.grid[1]} codes) and "
+        f"{result.sidecar_path} in {result.seconds:.2f}s ({result.count / result.seconds:.0f} images/s)"
+    )
+
+
+@app.command()
+@user_errors
+def merge(
+    shards: Annotated[list[Path], typer.Argument(help="Shard outputs of vqtool encode --shard I/N (any order).")],
+    out_path: Annotated[Path, typer.Option("--out", help="Merged codes .npy (its sidecar is written beside it).")],
+) -> None:
+    """Join shard outputs into one codes.npy + sidecar, identical to a single pass."""
+    from vqtool.shards import merge_shards
+
+    merged = merge_shards(shards, out_path)
+    print_result(f"merged {len(shards)} shards into {out_path} ({len(merged.files)} images)")
+
+
+@app.command()
+@user_errors
+def decode(
+    codes: Annotated[Path, typer.Argument(help="codes.npy written by vqtool encode.")],
+    model: Annotated[Path, typer.Option(help="Export folder made by vqtool export.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the PNG reconstructions.")],
+    batch_size: Annotated[int, typer.Option(help="Code grids per inference batch.")] = 64,
+    backend: BackendOption = Backend.auto,
+    device: DeviceOption = Device.auto,
+    precision: PrecisionOption = Precision.fp32,
+    writers: Annotated[
+        int | None, typer.Option(help="Processes that write PNG files, at low priority (default: one per 2 cores).")
+    ] = None,
+    threads: ThreadsOption = None,
+) -> None:
+    """Decode integer codes back to images (one PNG per code grid)."""
+    from vqtool.api import load
+
+    tok = load(model, backend.value, device.value, precision.value, threads=threads)
+    result = tok.decode_file(codes, out_dir, batch_size=batch_size, writers=writers, log=say)
+    print_result(f"wrote {result.count} PNG files to {result.out_dir} in {result.seconds:.2f}s")
+
+
+@app.command()
+@user_errors
+def bench(
+    export_dir: Annotated[Path, typer.Argument(help="Export folder made by vqtool export.")],
+    images: Annotated[
+        Path | None, typer.Option(help="Folder of image files for the end-to-end encode benchmark.")
+    ] = None,
+    batch: Annotated[list[int] | None, typer.Option(help="Batch sizes (repeatable; default 1, 32, 256).")] = None,
+    backend: Annotated[
+        list[CheckedBackend] | None,
+        typer.Option(help="Limit to these backends (repeatable); PyTorch eager always runs as the baseline."),
+    ] = None,
+    seconds: Annotated[float, typer.Option(help="Minimum timed seconds per measurement.")] = 1.0,
+    out_path: Annotated[
+        Path | None, typer.Option("--out", help="Where to write bench.json (default: EXPORT_DIR/bench.json).")
+    ] = None,
+    max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
+) -> None:
+    """Benchmark encode/decode per backend against PyTorch eager; with --images, a folder end to end."""
+    require_torch("bench")
+    from vqtool.bench import BATCH_SIZES, run_bench
+
+    _, target = run_bench(
+        export_dir,
+        images=images,
+        batch_sizes=tuple(batch) if batch else BATCH_SIZES,
+        backends=tuple(b.value for b in backend) if backend else None,
+        seconds=seconds,
+        max_pixels=pixel_limit(max_pixels),
+        out=out_path,
+        log=say,
+        show=out.print,
+    )
+    print_result(f"wrote {target}")

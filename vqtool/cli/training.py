@@ -1,0 +1,437 @@
+"""`vqtool train` and `vqtool sweep`: options in, the training library (vqtool.train) called, results printed.
+
+torch is imported inside the commands, so the rest of the command line works where it is not installed.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from vqtool.cli.common import (
+    Device,
+    DeviceOption,
+    MaxPixelsOption,
+    Preset,
+    SkipBadOption,
+    app,
+    err,
+    pixel_limit,
+    print_result,
+    require_torch,
+    say,
+    user_errors,
+)
+from vqtool.errors import VqtoolError
+from vqtool.limits import DEFAULT_MAX_PIXELS
+
+
+def next_run_dir(root: Path) -> Path:
+    """runs/run-001, runs/run-002, ...: a new run never lands on an old one."""
+    taken = {p.name for p in root.glob("run-*")} if root.is_dir() else set()
+    number = 1
+    while f"run-{number:03d}" in taken:
+        number += 1
+    return root / f"run-{number:03d}"
+
+
+DataOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="Folder of images (recursive), a .txt list of image paths (relative to the list's folder), tar "
+        "shards (a folder of .tar files, or a brace pattern such as 'shards/train-{000000..000099}.tar'), a .npy "
+        "(read by row) or .npz uint8 N x H x W x 3 array, or a cifar-10-batches-py folder; read while training "
+        "runs. Default: the embedded photographs.",
+        show_default=False,
+    ),
+]
+ValDataOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="A separate validation collection (any --data form; centre crops, at most 2,000 images). Default: a "
+        "fixed held-out part of --data (10%, at most 2,000 images; for tar shards, the last shard).",
+        show_default=False,
+    ),
+]
+WorkersOption = Annotated[
+    int | None,
+    typer.Option(
+        help="Processes that read and decode training images (default: one per four cores, so none on 2 cores; "
+        "0 reads in the training process). Batches do not depend on it, except from tar shards.",
+        show_default=False,
+    ),
+]
+EpochsOption = Annotated[int | None, typer.Option(help="Epochs to train (default 10; ignored with --steps).")]
+StepsOption = Annotated[int | None, typer.Option(help="Total optimisation steps (overrides --epochs).")]
+StepsPerEpochOption = Annotated[
+    int | None, typer.Option(help="Steps per epoch (default: one pass over the data; 128 on the default data).")
+]
+BatchOption = Annotated[int, typer.Option(help="Images per step (the global batch under torchrun).")]
+EmaOption = Annotated[
+    bool | None,
+    typer.Option("--ema", help="Update the codebook by exponential moving averages.", show_default=False),
+]
+EmaDecayOption = Annotated[float, typer.Option(help="Decay of the --ema averages.")]
+KmeansOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--kmeans-init",
+        help="Initialise the codebook by k-means on the first batches' encoder outputs.",
+        show_default=False,
+    ),
+]
+
+
+PresetOption = Annotated[
+    Preset,
+    typer.Option(
+        help="seed: the article's model (4 tokens per 32x32 image); f8 / f4: the best factor-8 / factor-4 "
+        "tokenizers measured (README, The model family). Options given explicitly override the preset."
+    ),
+]
+DownsampleOption = Annotated[
+    int | None, typer.Option(help="Image side / code-grid side: 16 (default), 8, 4 or 2.", show_default=False)
+]
+ChannelsOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Encoder widths, comma-separated, mirrored by the decoder (default 32,64,128).",
+        show_default=False,
+    ),
+]
+ResBlocksOption = Annotated[
+    int | None,
+    typer.Option(
+        help="Residual blocks at the latent resolution, in encoder and decoder (default 0).",
+        show_default=False,
+    ),
+]
+LookupDimOption = Annotated[
+    int | None,
+    typer.Option(
+        help="Look codes up in a d-dimensional projection of the latent (factorized codes).",
+        show_default=False,
+    ),
+]
+L2CodesOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--l2-codes",
+        help="l2-normalise latents and codes before the distance (cosine similarity).",
+        show_default=False,
+    ),
+]
+
+
+class LrSchedule(str, enum.Enum):
+    """What `--lr-schedule` accepts."""
+
+    constant = "constant"
+    cosine = "cosine"
+
+
+LrScheduleOption = Annotated[
+    LrSchedule | None,
+    typer.Option(
+        help="constant (the article's; default) or cosine: decay the rate to 0 over the run.", show_default=False
+    ),
+]
+WarmupOption = Annotated[
+    int | None, typer.Option(help="Raise the rate linearly over this many first steps (default 0).", show_default=False)
+]
+RestartOption = Annotated[
+    int | None, typer.Option(help="Re-seed codes unused for this many steps from recent encoder outputs.")
+]
+
+
+def _load_training_set(
+    source: Path | None, image_size: int, max_pixels: int, skip_bad: bool, val_data: str | None = None
+) -> Any:
+    from vqtool.train.sources import collection_exists, load_training_set
+
+    for path in (source, val_data):
+        if path is not None and not collection_exists(path):
+            raise VqtoolError("no such file or folder", path)
+    try:
+        return load_training_set(
+            source, image_size, max_pixels=pixel_limit(max_pixels), skip_bad=skip_bad, val_data=val_data, log=say
+        )
+    except RuntimeError as exc:  # the default data's missing scikit-image
+        raise VqtoolError(str(exc)) from None
+
+
+@app.command()
+@user_errors
+def train(
+    data: DataOption = None,
+    val_data: ValDataOption = None,
+    workers: WorkersOption = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (default: a new runs/run-NNN).")] = None,
+    preset: PresetOption = Preset.seed,
+    codes: Annotated[int | None, typer.Option(help="Codebook size K (default 256, or the preset's).")] = None,
+    dim: Annotated[int | None, typer.Option(help="Latent dimension D (default 256, or the preset's).")] = None,
+    image_size: Annotated[int, typer.Option(help="Training image side, a multiple of --downsample.")] = 32,
+    downsample: DownsampleOption = None,
+    channels: ChannelsOption = None,
+    res_blocks: ResBlocksOption = None,
+    lookup_dim: LookupDimOption = None,
+    l2_codes: L2CodesOption = None,
+    epochs: EpochsOption = None,
+    steps: StepsOption = None,
+    batch_size: BatchOption = 128,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    lr_schedule: LrScheduleOption = None,
+    warmup_steps: WarmupOption = None,
+    beta: Annotated[float, typer.Option(help="Commitment loss weight β.")] = 0.25,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = 0,
+    device: DeviceOption = Device.auto,
+    resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory from its checkpoint.")] = None,
+    ema: EmaOption = None,
+    ema_decay: EmaDecayOption = 0.99,
+    kmeans_init: KmeansOption = None,
+    restart_dead: RestartOption = None,
+    steps_per_epoch: StepsPerEpochOption = None,
+    max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
+    skip_bad: SkipBadOption = False,
+) -> None:
+    """Train the VQ-VAE; writes checkpoint.pt, metrics.jsonl and figures/ to the run directory."""
+    require_torch("train")
+    from vqtool.train.checkpoint import CheckpointError, load_checkpoint
+    from vqtool.train.config import ModelConfig, TrainConfig, preset_settings
+    from vqtool.train.loop import CHECKPOINT_NAME, TrainingStopped, fit
+
+    try:
+        if resume is not None:
+            if val_data is not None:
+                raise VqtoolError(
+                    "--val-data cannot change on --resume: the run keeps the validation set it began with"
+                )
+            saved = load_checkpoint(resume / CHECKPOINT_NAME)
+            model_config, run_dir = saved.model_config, resume
+            # The run's own plan stands unless --epochs/--steps say otherwise.
+            changes = {k: v for k, v in (("epochs", epochs), ("steps", steps), ("workers", workers)) if v is not None}
+            if "epochs" in changes and "steps" not in changes:
+                changes["steps"] = None
+            config = TrainConfig.from_dict({**saved.train_config.to_dict(), **changes})
+            source = Path(saved.data) if saved.data else None
+        else:
+            explicit = {
+                "codes": codes,
+                "dim": dim,
+                "downsample": downsample,
+                "channels": _int_list(channels, "--channels") if channels is not None else None,
+                "res_blocks": res_blocks,
+                "lookup_dim": lookup_dim,
+                "l2_codes": l2_codes,
+                "ema": ema,
+                "kmeans_init": kmeans_init,
+                "restart_dead": restart_dead,
+                "lr_schedule": lr_schedule.value if lr_schedule is not None else None,
+                "warmup_steps": warmup_steps,
+            }
+            model_fields, train_fields = preset_settings(preset.value, explicit)
+            model_config = ModelConfig(image_size=image_size, **model_fields)
+            config = TrainConfig(
+                epochs=TrainConfig.epochs if epochs is None else epochs,
+                steps=steps,
+                batch_size=batch_size,
+                lr=lr,
+                beta=beta,
+                seed=seed,
+                device=device.value,
+                ema_decay=ema_decay,
+                steps_per_epoch=steps_per_epoch,
+                max_pixels=max_pixels,
+                skip_bad=skip_bad,
+                val_data=str(val_data) if val_data is not None else None,
+                workers=workers,
+                **train_fields,
+            )
+            run_dir, source = out_dir or next_run_dir(Path("runs")), data
+            if (run_dir / CHECKPOINT_NAME).exists():
+                raise VqtoolError(
+                    f"already holds a run; continue it with --resume {run_dir} or pick another --out", run_dir
+                )
+    except (ValueError, CheckpointError) as exc:
+        raise VqtoolError(str(exc)) from None
+    training_set = _load_training_set(
+        source, model_config.image_size, config.max_pixels, config.skip_bad, config.val_data
+    )
+    held_out = f"from {config.val_data}" if config.val_data else "held out"
+    say(f"data: {source or 'embedded default photographs'} — {len(training_set.val)} validation images {held_out}")
+    try:
+        result = fit(
+            model_config,
+            config,
+            training_set,
+            run_dir,
+            data_source=str(source) if source else None,
+            resume=resume is not None,
+            show_progress=err.is_terminal,
+        )
+    except (TrainingStopped, CheckpointError) as exc:
+        raise VqtoolError(str(exc)) from None
+    if not result.is_main:  # other torchrun processes: rank 0 reports
+        return
+    if result.skipped:
+        from vqtool.images import describe_skipped
+
+        say(f"{source}: training {describe_skipped(result.skipped, getattr(training_set, 'epoch_size', None))}")
+    final = result.final
+    minutes, seconds = divmod(int(result.seconds), 60)
+    board_dir = result.run_dir / "tensorboard"
+    board = f"tensorboard: {board_dir}/ (tensorboard --logdir {board_dir})\n" if board_dir.is_dir() else ""
+    if result.interrupted:
+        say(f"interrupted: checkpoint saved at step {result.steps}; continue with: vqtool train --resume {run_dir}")
+    print_result(
+        f"trained {result.steps} steps in {minutes}m{seconds:02d}s: val PSNR {final['val_psnr']:.2f} dB, "
+        f"val MSE {final['val_mse']:.4f}, codebook usage {final['usage']:.1%} "
+        f"({int(final['codes_used'])}/{model_config.codes} codes), perplexity {final['perplexity']:.1f}\n"
+        f"checkpoint: {result.checkpoint}\nmetrics:    {result.metrics}\n"
+        f"figures:    {result.figures}/ (loss.png, recon_step*.png)\n{board}"
+        f"next:       vqtool export {result.checkpoint}"
+    )
+    if result.interrupted:
+        raise typer.Exit(130)  # the shell's code for Ctrl-C, after a clean save
+
+
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise VqtoolError(f"{option} takes comma-separated integers, got {text!r}") from None
+    if not values:
+        raise VqtoolError(f"{option} needs at least one value")
+    return values
+
+
+def _flag_list(text: str, option: str) -> tuple[bool, ...]:
+    words = {"no": False, "off": False, "false": False, "0": False, "yes": True, "on": True, "true": True, "1": True}
+    values = tuple(words.get(v.strip().lower()) for v in text.split(",") if v.strip())
+    if not values or None in values:
+        raise VqtoolError(f"{option} takes comma-separated yes/no values, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+@app.command()
+@user_errors
+def sweep(
+    codes: Annotated[
+        str | None, typer.Option(help="Codebook sizes K, comma-separated (default 64,128,256,512, or the preset's K).")
+    ] = None,
+    dim: Annotated[
+        str | None, typer.Option(help="Latent sizes D, comma-separated (default 64,128,256,512, or the preset's D).")
+    ] = None,
+    seeds: Annotated[int, typer.Option(help="Repeated runs (seeds 0..N-1) per variant.")] = 3,
+    preset: PresetOption = Preset.seed,
+    downsample: Annotated[str | None, typer.Option(help="Downsampling factors, comma-separated (16,8,4,2).")] = None,
+    channels: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Encoder widths, comma-separated; repeat the option for several (--channels 32,64,128 "
+            "--channels 64,128,256)."
+        ),
+    ] = None,
+    res_blocks: Annotated[str | None, typer.Option(help="Residual block counts, comma-separated.")] = None,
+    lookup_dim: Annotated[
+        str | None, typer.Option(help="Lookup dimensions, comma-separated; 0 looks codes up in D itself.")
+    ] = None,
+    l2_codes: Annotated[str | None, typer.Option(help="l2-normalised codes: no, yes or no,yes.")] = None,
+    data: DataOption = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Sweep folder: one run directory per (variant, seed).")] = Path(
+        "runs/sweep"
+    ),
+    epochs: EpochsOption = None,
+    steps: StepsOption = None,
+    steps_per_epoch: StepsPerEpochOption = None,
+    batch_size: BatchOption = 128,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    lr_schedule: LrScheduleOption = None,
+    warmup_steps: WarmupOption = None,
+    device: DeviceOption = Device.auto,
+    ema: EmaOption = None,
+    kmeans_init: KmeansOption = None,
+    restart_dead: RestartOption = None,
+    title: Annotated[
+        str | None, typer.Option(help="Heading of the summary (default: the axes swept).", show_default=False)
+    ] = None,
+    report: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also put the summary into this markdown file, as its own section (a later sweep into the same "
+            "--out replaces it), with its figures in figures/SWEEP_FOLDER_NAME/ beside it."
+        ),
+    ] = None,
+) -> None:
+    """Train every combination of the listed values over several seeds; summary table, curves with 95% CIs."""
+    require_torch("sweep")
+    import shlex
+
+    from vqtool.atomic import write_bytes, write_json
+    from vqtool.train.config import ModelConfig, TrainConfig, preset_settings
+    from vqtool.train.sweep import (
+        draw_figures,
+        publish_report,
+        report_markdown,
+        run_sweep,
+        summarise,
+        summary_table,
+        sweep_variants,
+    )
+
+    # Without a preset, K and D default to the article's sweep; with one, to the preset's own values.
+    codes = codes or ("64,128,256,512" if preset is Preset.seed else None)
+    dim = dim or ("64,128,256,512" if preset is Preset.seed else None)
+    lists: dict[str, Any] = {
+        "codes": _int_list(codes, "--codes") if codes else None,
+        "dim": _int_list(dim, "--dim") if dim else None,
+        "downsample": _int_list(downsample, "--downsample") if downsample else None,
+        "channels": [_int_list(c, "--channels") for c in channels] if channels else None,
+        "res_blocks": _int_list(res_blocks, "--res-blocks") if res_blocks else None,
+        "lookup_dim": [d or None for d in _int_list(lookup_dim, "--lookup-dim")] if lookup_dim else None,
+        "l2_codes": _flag_list(l2_codes, "--l2-codes") if l2_codes else None,
+    }
+    explicit = {
+        "ema": ema,
+        "kmeans_init": kmeans_init,
+        "restart_dead": restart_dead,
+        "lr_schedule": lr_schedule.value if lr_schedule is not None else None,
+        "warmup_steps": warmup_steps,
+    }
+    try:
+        model_fields, train_fields = preset_settings(preset.value, explicit)
+        base = TrainConfig(
+            epochs=TrainConfig.epochs if epochs is None else epochs,
+            steps=steps,
+            steps_per_epoch=steps_per_epoch,
+            batch_size=batch_size,
+            lr=lr,
+            device=device.value,
+            **train_fields,
+        )
+        variants = sweep_variants(ModelConfig(**model_fields), {k: v for k, v in lists.items() if v is not None})
+    except ValueError as exc:
+        raise VqtoolError(str(exc)) from None
+    training_set = _load_training_set(data, variants[0].image_size, base.max_pixels, base.skip_bad)
+    runs = run_sweep(variants, seeds, base, training_set, str(data) if data else None, out_dir, log=say)
+    rows = summarise(runs, base.beta)
+    figures = draw_figures(rows, out_dir / "figures")
+    command = "vqtool " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    # The runs' own training time, so a re-run that only re-summarises still reports what training cost.
+    training_seconds = sum(float(run.final.get("elapsed_s", 0.0)) for run in runs)
+    text = report_markdown(rows, figures, command, training_seconds, title=title)
+    write_json(out_dir / "summary.json", {"command": command, "rows": rows})
+    write_bytes(out_dir / "summary.md", text.encode())
+    if report is not None:
+        # One section per sweep folder, or per title: two summaries of one folder's runs keep both sections.
+        key = out_dir.resolve().name
+        if title:
+            key += "-" + "-".join("".join(c if c.isalnum() else " " for c in title.lower()).split())[:24]
+        published = report_markdown(rows, figures, command, training_seconds, f"figures/{key}/", title=title)
+        publish_report(published, figures, report, key)
+    print_result("\n".join(summary_table(rows)))
+    print_result(f"summary: {out_dir / 'summary.md'} (figures in {out_dir / 'figures'})")
