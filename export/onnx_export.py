@@ -20,7 +20,7 @@ import torch
 
 import vqtool
 from vqtool.atomic import usual_mode, write_json
-from vqtool.backends import INT8, PYTORCH_FILE, graph_key
+from vqtool.backends import BF16, INT8, PRECISIONS, PYTORCH_FILE, graph_key
 from vqtool.errors import VqtoolError, missing_extra
 from vqtool.export.graphs import DecoderGraph, EncoderGraph
 from vqtool.export.quantize import CALIBRATION_IMAGES, calibration_images, write_int8_encoder
@@ -33,6 +33,9 @@ from vqtool.train.config import ModelConfig
 from vqtool.train.data import TrainingData
 from vqtool.train.model import VQVAE
 from vqtool.train.sources import collection_exists
+
+# The runtimes export's parity runs on (where they start); OpenVINO is left to `vqtool parity` (see export_model).
+EXPORT_RUNTIMES = ("onnxruntime", "onnxruntime-trt", "tensorrt")
 
 # TensorRT 10's ONNX parser reads opsets 9..20; 18 is well inside what every runtime we target reads.
 OPSET = 18
@@ -304,7 +307,14 @@ def export_model(
         if trt:
             _build_engines(staging, entries, config, profile or EngineProfile(), timing_cache, log)
         images = own_data().val if parity_images is None else parity_images
-        verification = verify_export(checkpoint.model, staging, manifest, images, log=log)
+        # Every graph written, on ONNX Runtime and TensorRT wherever they start. OpenVINO (and its BF16, no graph
+        # but a choice made when running) is checked by `vqtool parity --backend openvino` instead: a process that
+        # has run OpenVINO crashes when it later forks PyTorch DataLoader workers (torch 2.13, OpenVINO 2026.4),
+        # and export runs inside training scripts.
+        written = tuple(p for p in PRECISIONS if p != BF16)
+        verification = verify_export(
+            checkpoint.model, staging, manifest, images, backends=EXPORT_RUNTIMES, precisions=written, log=log
+        )
         write_json(staging / PARITY_NAME, verification.to_dict())
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

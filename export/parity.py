@@ -42,6 +42,9 @@ TOLERANCES = {
     "fp32": Tolerance(tie_rtol=1e-5, max_abs_diff=1),
     "fp16": Tolerance(tie_rtol=1e-2, min_identical=0.995, min_psnr=40.0),
     "fp16-naive": Tolerance(tie_rtol=1e-2, min_identical=0.995, min_psnr=40.0),
+    # BF16 (OpenVINO) is held to the FP16 rule: 8 mantissa bits against FP16's 11, so it is the harder one to meet.
+    "bf16": Tolerance(tie_rtol=1e-2, min_identical=0.995, min_psnr=40.0),
+    "bf16-naive": Tolerance(tie_rtol=1e-2, min_identical=0.995, min_psnr=40.0),
     # INT8 rounds each activation to 1/255 of its calibrated range, enough to flip codes that lie within a
     # few percent of each other. It is judged by how often it agrees and by what its codes decode to:
     # how much closer to the input images PyTorch's reconstructions are than those from INT8 codes.

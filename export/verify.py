@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vqtool.backends import INT8, NAIVE_FP16, PRECISIONS, graph_key, open_runner
+from vqtool.backends import BF16, INT8, NAIVE_FP16, PRECISIONS, graph_key, open_runner
 from vqtool.errors import VqtoolError
 from vqtool.export.parity import ParityReport, Reference, check_parity, torch_reference
 from vqtool.limits import DEFAULT_MAX_PIXELS
@@ -18,7 +19,14 @@ from vqtool.runtime import OnnxRuntimeRunner
 from vqtool.train.model import VQVAE
 
 # Where each backend runs; the TensorRT ones are tried only where an engine or GPU exists.
-RUNTIMES = (("onnxruntime", "cpu"), ("onnxruntime", "cuda"), ("onnxruntime-trt", "cuda"), ("tensorrt", "cuda"))
+RUNTIMES = (
+    ("onnxruntime", "cpu"),
+    ("openvino", "cpu"),
+    ("onnxruntime", "cuda"),
+    ("onnxruntime-trt", "cuda"),
+    ("tensorrt", "cuda"),
+)
+NAIVE_BF16 = "bf16-naive"
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,7 @@ class Verification:
     reports: tuple[ParityReport, ...]
     skipped: tuple[str, ...]
     naive: ParityReport | None
+    naive_bf16: ParityReport | None = None
 
     @property
     def passed(self) -> bool:
@@ -39,6 +48,7 @@ class Verification:
             "reports": [r.to_dict() for r in self.reports],
             "skipped": list(self.skipped),
             "naive_fp16_for_comparison": self.naive.to_dict() if self.naive else None,
+            "naive_bf16_for_comparison": self.naive_bf16.to_dict() if self.naive_bf16 else None,
         }
 
 
@@ -70,19 +80,25 @@ def verify_export(
     *,
     backends: tuple[str, ...] | None = None,
     naive_fp16: bool = False,
+    naive_bf16: bool = False,
+    precisions: tuple[str, ...] = PRECISIONS,
     log: Callable[[str], None] = print,
 ) -> Verification:
-    """Parity for each (backend, device, precision) that starts here; `backends` limits which are tried."""
+    """Parity for each (backend, device, precision) that starts here; `backends` and `precisions` limit which."""
     reference = torch_reference(model, images)
     reports, skipped = [], []
     for backend, device in RUNTIMES:
         if backends is not None and backend not in backends:
             continue
-        for precision in PRECISIONS:
+        for precision in precisions:
             if graph_key("encoder", precision) not in manifest.graphs:
                 continue
-            if precision == INT8 and (backend, device) != ("onnxruntime", "cpu"):
-                continue  # INT8 is built for ONNX Runtime's CPU provider only
+            if precision == INT8 and device != "cpu":
+                continue  # INT8 is built for CPUs only
+            if precision == BF16 and backend != "openvino":
+                continue  # BF16 is OpenVINO's alone
+            if precision == "fp16" and backend == "openvino":
+                continue  # OpenVINO runs no FP16 on the CPU
             try:
                 encoder = open_runner(
                     export_dir, manifest, "encoder", backend=backend, device=device, precision=precision
@@ -113,7 +129,22 @@ def verify_export(
                 )
             )
     naive = naive_fp16_report(model, images, reference) if naive_fp16 else None
-    return Verification(tuple(reports), tuple(skipped), naive)
+    bf16_whole = naive_bf16_report(model, export_dir, manifest, images, reference) if naive_bf16 else None
+    return Verification(tuple(reports), tuple(skipped), naive, bf16_whole)
+
+
+def naive_bf16_report(
+    model: VQVAE, export_dir: Path, manifest: Manifest, images: np.ndarray, reference: Reference
+) -> ParityReport:
+    """OpenVINO BF16 over the whole graphs, quantizer included: what the FP32 island buys, measured."""
+    from vqtool.manifest import verify_graph
+    from vqtool.openvino_runtime import OpenVinoRunner
+
+    encoder = OpenVinoRunner(verify_graph(export_dir, manifest, "encoder"), "encoder", BF16, island=False)
+    decoder = OpenVinoRunner(verify_graph(export_dir, manifest, "decoder"), "decoder", BF16, island=False)
+    return check_parity(
+        model, images, encoder, decoder, runtime="openvino", provider="CPU", precision=NAIVE_BF16, reference=reference
+    )
 
 
 def check_export(
@@ -121,7 +152,9 @@ def check_export(
     *,
     images: Path | None = None,
     backends: tuple[str, ...] | None = None,
+    precisions: tuple[str, ...] = PRECISIONS,
     naive_fp16: bool = False,
+    naive_bf16: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     log: Callable[[str], None] = print,
 ) -> Verification:
@@ -147,7 +180,25 @@ def check_export(
     else:
         pixels = held_out_images(checkpoint, log)
     verification = verify_export(
-        checkpoint.model, export_dir, manifest, pixels, backends=backends, naive_fp16=naive_fp16, log=log
+        checkpoint.model,
+        export_dir,
+        manifest,
+        pixels,
+        backends=backends,
+        naive_fp16=naive_fp16,
+        naive_bf16=naive_bf16,
+        precisions=precisions,
+        log=log,
     )
-    write_json(export_dir / PARITY_NAME, verification.to_dict())
+    # Reports of runtimes not checked this time (e.g. export's, when only --backend openvino ran) are kept.
+    checked = {(r.runtime, r.precision) for r in verification.reports}
+    try:
+        earlier = json.loads((export_dir / PARITY_NAME).read_text()).get("reports", [])
+    except (OSError, ValueError, AttributeError):
+        earlier = []
+    kept = [r for r in earlier if isinstance(r, dict) and (r.get("runtime"), r.get("precision")) not in checked]
+    record = verification.to_dict()
+    record["reports"] = [*kept, *record["reports"]]
+    record["passed"] = all(r.get("passed") for r in record["reports"]) and bool(record["reports"])
+    write_json(export_dir / PARITY_NAME, record)
     return verification

@@ -242,9 +242,9 @@ def test_fixed_choices_are_typer_choices_refused_before_any_work(export_dir: Pat
 
     assert [p.value for p in Preset] == list(PRESETS)
     helped = run_cli("encode", "--help", env={"COLUMNS": "300"})
-    assert "auto|onnxruntime|onnxruntime-trt|tensorrt|torch" in helped.stdout.replace(" ", "")
-    assert "fp32|fp16|int8" in helped.stdout.replace(" ", "")
-    for option, value in (("--backend", "onnxrt"), ("--device", "gpu"), ("--precision", "bf16")):
+    assert "auto|onnxruntime|onnxruntime-trt|tensorrt|openvino|torch" in helped.stdout.replace(" ", "")
+    assert "fp32|fp16|bf16|int8" in helped.stdout.replace(" ", "")
+    for option, value in (("--backend", "onnxrt"), ("--device", "gpu"), ("--precision", "int4")):
         refused = run_cli(
             "encode", str(tmp_path), "--model", str(export_dir), "--out", str(tmp_path / "c.npy"), option, value
         )

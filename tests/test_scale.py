@@ -156,14 +156,14 @@ def test_bench_reports_every_backend_against_the_eager_baseline(
             assert onnx_row["vs_baseline"] > 0 and onnx_row["p99_ms"] >= onnx_row["p50_ms"] > 0
     assert rows[("encode", "onnxruntime", "int8", 32)]["vs_baseline"] > 0
     assert ("decode", "onnxruntime", "int8", 32) not in rows  # INT8 is an encoder only
-    folders = {r["precision"]: r for r in report["folder_encode"]}
-    assert set(folders) == {"fp32", "int8"}
+    folders = {(r["backend"], r["precision"]): r for r in report["folder_encode"]}
+    assert {("onnxruntime", "fp32"), ("onnxruntime", "int8")} <= set(folders)
     for folder in folders.values():
         assert folder["images"] == 61 and folder["vs_naive"] > 0 and folder["vs_slower_stage"] > 0
-    assert folders["fp32"]["agreement_with_naive"] == 1.0
+    assert folders[("onnxruntime", "fp32")]["agreement_with_naive"] == 1.0
     assert "× eager" in result.stdout and "naive script" in result.stdout
     roofline = report["fp32_roofline"]
-    assert roofline["fp32_matmul_flop_per_s"] > 0 and set(roofline["reached"]) == {"torch", "onnxruntime"}
+    assert roofline["fp32_matmul_flop_per_s"] > 0 and {"torch", "onnxruntime"} <= set(roofline["reached"])
     assert "FP32 ceiling" in result.stderr
 
 

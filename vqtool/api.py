@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from vqtool import tensors
-from vqtool.backends import INT8, Opened, open_runner
+from vqtool.backends import BF16, INT8, Opened, check_bf16, open_runner
 from vqtool.cores import inference_threads
 from vqtool.decode import DecodeResult
 from vqtool.decode import decode_file as _decode_file
@@ -60,6 +60,7 @@ def load(
     """
     folder = Path(export_dir)
     manifest = read_manifest(folder)
+    note = check_bf16(folder) if precision == BF16 else ""
     # Spinning idle threads answer small in-memory batches twice as fast (batch 1: 57 against 108 us on 2 cores);
     # the file pipelines, which need the cores for their readers and writers, get sessions that sleep instead.
     options = {"backend": backend, "device": device, "threads": inference_threads(threads), "spin": True}
@@ -71,7 +72,7 @@ def load(
         precision="fp32" if precision == INT8 else precision,
         **options,  # type: ignore[arg-type]
     )
-    return Tokenizer(folder, manifest, encoder, decoder, precision)
+    return Tokenizer(folder, manifest, encoder, decoder, precision, note)
 
 
 class Tokenizer:
@@ -82,7 +83,10 @@ class Tokenizer:
     Made by `vqtool.load`.
     """
 
-    def __init__(self, export_dir: Path, manifest: Manifest, encoder: Opened, decoder: Opened, precision: str) -> None:
+    def __init__(
+        self, export_dir: Path, manifest: Manifest, encoder: Opened, decoder: Opened, precision: str, note: str = ""
+    ) -> None:
+        self._note = note
         self.export_dir = export_dir
         self.manifest = manifest
         self.precision = precision
@@ -121,9 +125,10 @@ class Tokenizer:
     def describe(self) -> str:
         """One line: what runs each graph, and why faster backends were passed over."""
         encoder, decoder = self._encoder.describe(), self._decoder.describe()
+        note = f" ({self._note})" if self._note else ""
         if (encoder, self.precision) == (decoder, self._decode_precision):
-            return f"{self.precision}: {encoder}"
-        return f"encoder {self.precision}: {encoder}; decoder {self._decode_precision}: {decoder}"
+            return f"{self.precision}: {encoder}{note}"
+        return f"encoder {self.precision}: {encoder}; decoder {self._decode_precision}: {decoder}{note}"
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
         """The code grid (h, w) of a height x width image encoded without resizing."""
@@ -210,7 +215,8 @@ class Tokenizer:
         if not fast_png_available() and any(name.lower().endswith(".png") for name in files[:1000]):
             log("reading PNG files with Pillow; pip install 'vqtool[fast-png]' reads them about twice as fast")
         part = f" (shard {chosen.index}/{chosen.count})" if chosen else ""
-        log(f"encoding {len(files)} images{part} in {self.precision} with {self._encoder.describe()}")
+        note = f" ({self._note})" if self._note else ""
+        log(f"encoding {len(files)} images{part} in {self.precision} with {self._encoder.describe()}{note}")
         return _encode_files(
             files,
             self.manifest,
@@ -239,7 +245,8 @@ class Tokenizer:
     ) -> DecodeResult:
         """What `vqtool decode` does: a codes .npy (with its sidecar) -> one PNG per grid in the folder `out`."""
         log = log or _log.info
-        log(f"decoding in {self._decode_precision} with {self._decoder.describe()}")
+        note = f" ({self._note})" if self._note else ""
+        log(f"decoding in {self._decode_precision} with {self._decoder.describe()}{note}")
         return _decode_file(
             Path(codes),
             self.manifest,

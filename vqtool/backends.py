@@ -1,13 +1,16 @@
-"""Choosing a runtime for an export: ONNX Runtime (CPU, CUDA, TensorRT EP), native TensorRT, or PyTorch.
+"""Choosing a runtime for an export: ONNX Runtime (CPU, CUDA, TensorRT EP), native TensorRT, OpenVINO, or PyTorch.
 
-`auto` tries the fastest first and keeps the first that actually starts, remembering why the
-others did not, so every command can say what really ran.
+`auto` tries the GPU runtimes first and keeps the first that actually starts, remembering why the
+others did not, so every command can say what really ran. On the CPU it chooses by measurement: the
+fastest runtime in the export's bench.json among those whose codes parity.json shows exact (FP32).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -15,9 +18,11 @@ from vqtool.errors import VqtoolError, missing_extra
 from vqtool.manifest import Manifest, sha256_file, verify_graph
 from vqtool.runtime import DEVICES, OnnxRuntimeRunner, Runner, TrtProfile
 
-BACKENDS = ("auto", "onnxruntime", "onnxruntime-trt", "tensorrt", "torch")
+BACKENDS = ("auto", "onnxruntime", "onnxruntime-trt", "tensorrt", "openvino", "torch")
 INT8 = "int8"
-PRECISIONS = ("fp32", "fp16", INT8)
+BF16 = "bf16"  # OpenVINO's BF16 inference over the FP32 graph; no file of its own
+PRECISIONS = ("fp32", "fp16", BF16, INT8)
+CPU_RUNTIMES = ("onnxruntime", "openvino")
 # Graph names also exist for the all-FP16 graph that parity builds for comparison; it never runs here.
 NAIVE_FP16 = "fp16-naive"
 ROLES = ("encoder", "decoder")
@@ -28,15 +33,15 @@ def graph_key(role: str, precision: str) -> str:
     """Manifest key and file stem: encoder, decoder, encoder.fp16, decoder.fp16, encoder.int8 (and *.fp16-naive)."""
     if role not in ROLES or precision not in (*PRECISIONS, NAIVE_FP16):
         raise VqtoolError(f"unknown graph {role}/{precision}")
-    return role if precision == "fp32" else f"{role}.{precision}"
+    return role if precision in ("fp32", BF16) else f"{role}.{precision}"
 
 
 def check_int8(role: str, backend: str, device: str) -> None:
-    """INT8 is an encoder for ONNX Runtime's CPU provider (8-bit dot products); say so before trying anything."""
+    """INT8 is an encoder for CPUs (8-bit dot products); say so before trying anything."""
     if role != "encoder":
         raise VqtoolError("--precision int8 is for encoding only; decode with fp32 or fp16")
-    if backend not in ("auto", "onnxruntime") or device == "cuda":
-        raise VqtoolError("--precision int8 runs on ONNX Runtime's CPU provider only; use --backend onnxruntime")
+    if backend not in ("auto", *CPU_RUNTIMES) or device == "cuda":
+        raise VqtoolError("--precision int8 runs on the CPU only; use --backend onnxruntime or openvino")
 
 
 def engine_path(export_dir: Path, role: str, precision: str) -> Path:
@@ -94,14 +99,77 @@ class TorchRunner:
 
 @dataclass(frozen=True)
 class Opened:
-    """A started runner and, for auto, why faster backends were passed over."""
+    """A started runner and, for auto, why it was chosen and why faster backends were passed over."""
 
     runner: Runner
     skipped: tuple[str, ...]
+    chosen: str = ""
 
     def describe(self) -> str:
-        note = f" (passed over: {'; '.join(self.skipped)})" if self.skipped else ""
+        note = f" ({self.chosen})" if self.chosen else ""
+        note += f" (passed over: {'; '.join(self.skipped)})" if self.skipped else ""
         return f"{self.runner.backend}: {self.runner.describe()}{note}"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def recorded_parity(export_dir: Path, backend: str, precision: str) -> dict[str, Any] | None:
+    """This runtime's report in the export's parity.json (written by export and by `vqtool parity`), if any."""
+    for report in _read_json(export_dir / "parity.json").get("reports", []):
+        if isinstance(report, dict) and report.get("runtime") == backend and report.get("precision") == precision:
+            return report
+    return None
+
+
+def check_bf16(export_dir: Path) -> str:
+    """Refuse BF16 where parity.json records that it missed its rule; say so where it was never checked."""
+    report = recorded_parity(export_dir, "openvino", BF16)
+    if report is None:
+        return "bf16 not yet checked on this export: vqtool parity EXPORT_DIR --precision bf16"
+    if not report.get("passed"):
+        failures = report.get("failures") or ["failed"]
+        raise VqtoolError(
+            f"bf16 failed parity on this export here ({failures[0]}); use fp32 or int8", export_dir / "parity.json"
+        )
+    return f"bf16 passed parity: {report.get('identical_fraction', 0):.2%} identical codes"
+
+
+def cpu_choice(export_dir: Path, role: str, precision: str) -> tuple[list[str], str]:
+    """The CPU runtimes auto tries, best first, and the reason, from what this export has measured.
+
+    Exact first: a runtime is a candidate at fp32 only if parity.json shows every one of its codes identical to
+    PyTorch's (ONNX Runtime always is: export checks it), and at int8 only if it passed the INT8 rule. Among
+    those, bench.json (written by `vqtool bench` on this machine) decides by speed at its largest batch.
+    BF16 runs on OpenVINO only.
+    """
+    if precision == BF16:
+        return ["openvino"], "bf16 runs on OpenVINO only"
+    stage = "encode" if role == "encoder" else "decode"
+    exact = {"onnxruntime"}
+    report = recorded_parity(export_dir, "openvino", precision)
+    if report and report.get("passed") and (precision != "fp32" or report.get("identical") == report.get("codes")):
+        exact.add("openvino")
+    rows = [
+        r
+        for r in _read_json(export_dir / "bench.json").get("model_only", [])
+        if isinstance(r, dict) and r.get("stage") == stage and r.get("precision") == precision
+    ]
+    largest = max((int(r.get("batch", 0)) for r in rows), default=0)
+    speeds = {r.get("backend"): float(r.get("images_per_s", 0)) for r in rows if r.get("batch") == largest}
+    measured = [name for name in CPU_RUNTIMES if name in speeds]
+    if "openvino" not in exact or len(measured) < 2:
+        why = "parity.json shows no exact OpenVINO codes" if "openvino" not in exact else "bench.json measures no race"
+        return ["onnxruntime", "openvino"], f"on the CPU: ONNX Runtime by default, {why}"
+    order = sorted(CPU_RUNTIMES, key=lambda name: -speeds[name])
+    figures = " against ".join(f"{name} {speeds[name]:,.0f}" for name in order)
+    exactness = "identical codes" if precision == "fp32" else "passed parity"
+    return order, f"fastest on the CPU with {exactness}: {figures} images/s at batch {largest} in bench.json"
 
 
 def trt_profile(export_dir: Path, manifest: Manifest, role: str, precision: str) -> TrtProfile:
@@ -128,6 +196,17 @@ def _open(
     spin: bool,
     threads: int | None,
 ) -> Runner:
+    if precision == BF16 and backend != "openvino":
+        raise VqtoolError("--precision bf16 runs on OpenVINO only; use --backend openvino")
+    if backend == "openvino":
+        from vqtool.openvino_runtime import OpenVinoRunner
+
+        if device == "cuda":
+            raise VqtoolError("--backend openvino runs on the CPU here; use --device cpu or auto")
+        if precision == "fp16":
+            raise VqtoolError("--backend openvino runs fp32, bf16 or int8 on the CPU; use one of those")
+        graph = verify_graph(export_dir, manifest, graph_key(role, precision))
+        return OpenVinoRunner(graph, role, precision, threads=threads)
     if backend == "torch":
         if precision != "fp32":
             raise VqtoolError("--backend torch runs the FP32 PyTorch model only; use --precision fp32")
@@ -185,12 +264,15 @@ def open_runner(
     if backend != "auto":
         return Opened(_open(export_dir, manifest, role, backend, device, precision, spin, threads), ())
     skipped: list[str] = []
-    candidates = [("tensorrt", "cuda"), ("onnxruntime", "cuda"), ("onnxruntime", "cpu")]
-    for name, where in candidates:
+    cpu_order, why = cpu_choice(export_dir, role, precision)
+    gpu = [] if precision == BF16 else [("tensorrt", "cuda"), ("onnxruntime", "cuda")]
+    for name, where in [*gpu, *((name, "cpu") for name in cpu_order)]:
         if device != "auto" and where != device:
             continue
         try:
-            return Opened(_open(export_dir, manifest, role, name, where, precision, spin, threads), tuple(skipped))
+            runner = _open(export_dir, manifest, role, name, where, precision, spin, threads)
         except VqtoolError as exc:
             skipped.append(f"{name} on {where}: {str(exc).split('; ')[0]}")
+            continue
+        return Opened(runner, tuple(skipped), why if where == "cpu" else "")
     raise VqtoolError(f"no backend could start: {'; '.join(skipped)}")

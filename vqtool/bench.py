@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from vqtool.backends import INT8, PRECISIONS, graph_key, open_runner
+from vqtool.backends import BF16, INT8, PRECISIONS, graph_key, open_runner
 from vqtool.errors import VqtoolError
 from vqtool.limits import DEFAULT_MAX_PIXELS
 from vqtool.manifest import Manifest
@@ -25,6 +25,7 @@ BATCH_SIZES = (1, 32, 256)
 CANDIDATES = (
     ("torch", "cpu"),
     ("onnxruntime", "cpu"),
+    ("openvino", "cpu"),
     ("torch", "cuda"),
     ("onnxruntime", "cuda"),
     ("onnxruntime-trt", "cuda"),
@@ -33,7 +34,13 @@ CANDIDATES = (
 BASELINE = "torch"
 ROUNDS = 3
 # ONNX Runtime's CPU provider emulates FP16 with casts (slower than FP32), so folders are timed at these.
-FOLDER_PRECISIONS = ("fp32", INT8)
+FOLDER_RUNS = (
+    ("onnxruntime", "fp32"),
+    ("onnxruntime", INT8),
+    ("openvino", "fp32"),
+    ("openvino", BF16),
+    ("openvino", INT8),
+)
 
 
 @dataclass(frozen=True)
@@ -200,6 +207,8 @@ def model_only(
             for precision in PRECISIONS:
                 if backend == "torch" and precision != "fp32":
                     continue
+                if (precision == BF16) != (backend == "openvino") and precision in (BF16, "fp16"):
+                    continue  # BF16 is OpenVINO's alone, and OpenVINO runs no FP16 on the CPU
                 if backend != "torch" and graph_key(role, precision) not in manifest.graphs:
                     continue
                 if precision == INT8 and device != "cpu":
@@ -249,6 +258,7 @@ class FolderResult:
     same cores, the pipeline cannot beat `sharing_bound`: each image costs the CPU time of both.
     """
 
+    backend: str
     precision: str
     images: int
     readers: int
@@ -306,6 +316,7 @@ def folder_encode(
     scratch: Path,
     *,
     batch_size: int = 256,
+    backends: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
 ) -> list[FolderResult]:
     """Time vqtool's streaming encode on the CPU at each precision exported, each stage alone, and the naive script."""
@@ -325,19 +336,18 @@ def folder_encode(
     read_only = count / (time.perf_counter() - started)
     data = np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
     results = []
-    for precision in FOLDER_PRECISIONS:
-        if graph_key("encoder", precision) not in manifest.graphs:
+    for backend, precision in FOLDER_RUNS:
+        if graph_key("encoder", precision) not in manifest.graphs or (backends and backend not in backends):
             continue
-        runner = open_runner(
-            export_dir,
-            manifest,
-            "encoder",
-            backend="onnxruntime",
-            device="cpu",
-            precision=precision,
-        ).runner
+        try:
+            runner = open_runner(
+                export_dir, manifest, "encoder", backend=backend, device="cpu", precision=precision
+            ).runner
+        except VqtoolError as exc:
+            log(f"folder encode {backend} {precision} not measured: {str(exc).split('; ')[0]}")
+            continue
         model = time_calls(lambda r=runner: r(data), batch_size, min_seconds=2.0).images_per_s
-        out = scratch / f"codes.{precision}.npy"
+        out = scratch / f"codes.{backend}.{precision}.npy"
         result = encode_files(
             files,
             manifest,
@@ -351,9 +361,29 @@ def folder_encode(
         )
         agreement = float((np.load(out) == naive_codes).mean())
         pipeline = count / result.seconds
-        log(f"folder encode {precision}: {pipeline:,.0f} images/s; {agreement:.4%} of codes equal the naive script's")
-        results.append(FolderResult(precision, count, readers, pipeline, naive, read_only, model, agreement))
+        log(
+            f"folder encode {backend} {precision}: {pipeline:,.0f} images/s; "
+            f"{agreement:.4%} of codes equal the naive script's"
+        )
+        results.append(FolderResult(backend, precision, count, readers, pipeline, naive, read_only, model, agreement))
     return results
+
+
+def fastest_runtimes(rows: Sequence[ModelRow]) -> list[dict[str, Any]]:
+    """Per stage and precision, the fastest runtime at the largest batch measured (eager is the baseline only)."""
+    largest = max((r.batch for r in rows), default=0)
+    best: dict[tuple[str, str], ModelRow] = {}
+    for row in rows:
+        if row.batch != largest or row.backend == BASELINE:
+            continue
+        key = (row.stage, row.precision)
+        if key not in best or row.images_per_s > best[key].images_per_s:
+            best[key] = row
+    return [
+        {"stage": r.stage, "precision": r.precision, "backend": r.backend, "provider": r.provider, "batch": r.batch}
+        | {"images_per_s": r.images_per_s, "vs_baseline": r.vs_baseline}
+        for r in best.values()
+    ]
 
 
 def run_bench(
@@ -391,11 +421,25 @@ def run_bench(
     rows, skipped = model_only(
         export_dir, manifest, batch_sizes=batch_sizes, backends=backends, seconds=seconds, log=log
     )
-    report: dict[str, Any] = {"cpu_count": os.cpu_count(), "model_only": [vars(r) for r in rows], "skipped": skipped}
+    from vqtool.openvino_runtime import cpu_description
+
+    report: dict[str, Any] = {
+        "cpu": cpu_description(),
+        "cpu_count": os.cpu_count(),
+        "model_only": [vars(r) for r in rows],
+        "skipped": skipped,
+        "fastest": fastest_runtimes(rows),
+    }
     if show is not None:
         show(bench_table(report["model_only"]))
     for reason in skipped:
         log(f"not measured: {reason}")
+    log(f"fastest here, at batch {max(batch_sizes)} (CPU: {report['cpu']}):")
+    for entry in report["fastest"]:
+        log(
+            f"  {entry['stage']} {entry['precision']}: {entry['backend']} {entry['images_per_s']:,.0f} images/s"
+            + (f" ({entry['vs_baseline']:.2f}x eager)" if entry["vs_baseline"] else "")
+        )
     roofline = fp32_roofline(manifest, rows, seconds)
     log(roofline.describe())
     report["fp32_roofline"] = roofline.to_dict()
@@ -403,7 +447,7 @@ def run_bench(
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="vqtool-bench-") as scratch:
-            folder = folder_encode(files, export_dir, manifest, Path(scratch), log=log)
+            folder = folder_encode(files, export_dir, manifest, Path(scratch), backends=backends, log=log)
         report["folder_encode"] = [result.to_dict() for result in folder]
         if show is not None:
             show(folder_table(report["folder_encode"]))

@@ -36,12 +36,17 @@ class CodesSidecar:
     precision: str = "fp32"
     # With --skip-bad: [{"file": ..., "reason": ...}] for each file left out (`files` lists the rows only).
     skipped: list[dict[str, str]] | None = None
+    # The runtime that ran the encoder (onnxruntime, openvino, tensorrt, torch); "mixed" for shards of several.
+    # Absent from files written before it was recorded.
+    backend: str | None = None
     format: str = SIDECAR_FORMAT
 
     def to_dict(self) -> dict[str, object]:
         raw = asdict(self)
         if self.skipped is None:  # a run without --skip-bad writes the sidecar it always wrote
             del raw["skipped"]
+        if self.backend is None:
+            del raw["backend"]
         return raw
 
 
@@ -58,6 +63,8 @@ def _sidecar_problem(raw: dict[str, Any]) -> str | None:
         return "'grid' must be two positive integers"
     if type(raw.get("codes")) is not int or raw["codes"] < 2:
         return "'codes' must be an integer of at least 2"
+    if not isinstance(raw.get("backend", ""), str):
+        return "'backend' must be a string"
     for name in ("dtype", "manifest_sha256", "checkpoint_sha256", "precision"):
         if not isinstance(raw.get(name, ""), str):
             return f"'{name}' must be a string"

@@ -23,6 +23,8 @@ WRITE_AHEAD = 2
 
 @dataclass(frozen=True)
 class DecodeResult:
+    """What one decode of a codes file wrote: the folder of PNGs, how many, and what ran."""
+
     out_dir: Path
     count: int
     runtime: str

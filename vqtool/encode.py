@@ -38,6 +38,8 @@ SYNC_SECONDS = 2.0
 
 @dataclass(frozen=True)
 class EncodeResult:
+    """What one encode of image files wrote: the codes and their sidecar, how many rows, and what ran."""
+
     codes_path: Path
     sidecar_path: Path
     count: int
@@ -338,6 +340,7 @@ def encode_files(
         shard=shard_info,
         precision=precision,
         skipped=[s.to_dict() for s in skipped] if skip_bad else None,
+        backend=encoder.backend,
     )
     # The sidecar is renamed into place before the codes: a crash between leaves old codes with a
     # sidecar whose file count no longer matches, which decode reports, never a silent mismatch.

@@ -100,6 +100,7 @@ def merge_shards(paths: Sequence[Path], out: Path) -> CodesSidecar:
         checkpoint_sha256=first.checkpoint_sha256,
         precision=first.precision,
         skipped=skipped if any(sidecar.skipped is not None for _, sidecar in ordered) else None,
+        backend=backends.pop() if len(backends := {s.backend for _, s in ordered}) == 1 else "mixed",
     )
     with atomic_output(out) as temp:
         target = np.lib.format.open_memmap(

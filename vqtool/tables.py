@@ -68,6 +68,7 @@ def folder_table(results: Sequence[dict[str, Any]]) -> Table:
     count = int(results[0]["images"]) if results else 0
     table = Table(title=f"end-to-end encode of {count} image files on the CPU (images/s)")
     headers = (
+        "runtime",
         "precision",
         "vqtool encode",
         "naive script",
@@ -78,9 +79,10 @@ def folder_table(results: Sequence[dict[str, Any]]) -> Table:
         "÷ sharing bound",
     )
     for header in headers:
-        table.add_column(header, justify="left" if header == "precision" else "right")
+        table.add_column(header, justify="left" if header in ("runtime", "precision") else "right")
     for r in results:
         table.add_row(
+            r.get("backend", "onnxruntime"),
             r["precision"],
             f"{r['pipeline_images_per_s']:,.0f}",
             f"{r['naive_images_per_s']:,.0f}",

@@ -67,6 +67,7 @@ class Backend(str, enum.Enum):
     onnxruntime = "onnxruntime"
     onnxruntime_trt = "onnxruntime-trt"
     tensorrt = "tensorrt"
+    openvino = "openvino"
     torch = "torch"
 
 
@@ -83,6 +84,7 @@ class Precision(str, enum.Enum):
 
     fp32 = "fp32"
     fp16 = "fp16"
+    bf16 = "bf16"
     int8 = "int8"
 
 
@@ -100,6 +102,7 @@ class CheckedBackend(str, enum.Enum):
     onnxruntime = "onnxruntime"
     onnxruntime_trt = "onnxruntime-trt"
     tensorrt = "tensorrt"
+    openvino = "openvino"
 
 
 DeviceOption = Annotated[Device, typer.Option(help="Where to run: a CUDA GPU if one starts (auto), cpu or cuda.")]

@@ -10,6 +10,7 @@ import typer
 from vqtool.cli.common import (
     CheckedBackend,
     MaxPixelsOption,
+    Precision,
     app,
     out,
     pixel_limit,
@@ -27,9 +28,12 @@ def _show_verification(verification: dict[str, Any]) -> None:
 
     reports = verification["reports"]
     naive = verification.get("naive_fp16_for_comparison")
-    out.print(parity_table(reports + ([naive] if naive else [])))
+    naive_bf16 = verification.get("naive_bf16_for_comparison")
+    out.print(parity_table(reports + [r for r in (naive, naive_bf16) if r]))
     if naive:
         say("fp16-naive is shown for comparison only (all FP16, quantizer included); it is not exported")
+    if naive_bf16:
+        say("bf16-naive is shown for comparison only (OpenVINO BF16 over whole graphs); bf16 keeps the quantizer FP32")
     for r in reports:
         if r.get("decoded") == "own":
             say(
@@ -135,10 +139,19 @@ def parity(
         bool,
         typer.Option(help="Also measure an all-FP16 graph (quantizer in FP16 too), to show what the FP32 island buys."),
     ] = False,
+    precision: Annotated[
+        list[Precision] | None,
+        typer.Option(help="Limit to these precisions (repeatable). Default: every one the export and runtimes offer."),
+    ] = None,
+    naive_bf16: Annotated[
+        bool,
+        typer.Option(help="Also measure OpenVINO BF16 over the whole graphs, to show what the FP32 island buys."),
+    ] = False,
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Compare the PyTorch model with every available backend and precision; writes parity.json."""
     require_torch("parity")
+    from vqtool.backends import PRECISIONS
     from vqtool.export.onnx_export import PARITY_NAME
     from vqtool.export.verify import check_export
 
@@ -147,6 +160,8 @@ def parity(
         images=images,
         backends=tuple(b.value for b in backend) if backend else None,
         naive_fp16=naive_fp16,
+        naive_bf16=naive_bf16,
+        precisions=tuple(p.value for p in precision) if precision else PRECISIONS,
         max_pixels=pixel_limit(max_pixels),
         log=say,
     )
@@ -154,5 +169,6 @@ def parity(
     if not verification.reports:
         raise VqtoolError("no backend could run here, so nothing was compared")
     if not verification.passed:
-        raise VqtoolError(f"parity failed; details in {export_dir / PARITY_NAME}")
+        failed = [f"{r.runtime} {r.precision} ({r.failures[0]})" for r in verification.reports if not r.passed]
+        raise VqtoolError(f"parity failed for {'; '.join(failed)}; details in {export_dir / PARITY_NAME}")
     print_result(f"parity passed for {len(verification.reports)} runtime(s); wrote {export_dir / PARITY_NAME}")

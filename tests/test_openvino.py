@@ -1,0 +1,249 @@
+"""OpenVINO: the same graphs at FP32, BF16 (quantizer kept FP32) and INT8, held to parity, chosen by measurement."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, one_error_line, run_cli
+from vqtool.export.parity import TOLERANCES
+
+# Checked without importing OpenVINO: it stays out of the test process (see in_subprocess).
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("openvino") is None, reason="OpenVINO is not installed (pip install 'vqtool[openvino]')"
+)
+
+
+def _bf16_here() -> bool:
+    """OpenVINO's CPU plugin offers BF16 where the CPU has AVX-512 BF16 or AMX."""
+    flags = Path("/proc/cpuinfo").read_text().split()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+needs_bf16 = pytest.mark.skipif(not _bf16_here(), reason="this CPU has no BF16 in OpenVINO (AVX-512 BF16 or AMX)")
+
+
+def in_subprocess(code: str) -> object:
+    """Run `code` in a fresh Python and return the JSON it prints last.
+
+    OpenVINO stays out of the test process: a process that has run OpenVINO segfaults when it later forks
+    PyTorch DataLoader workers (torch 2.13, OpenVINO 2026.4), which the streaming tests do.
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(REPO)}
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture()
+def export_copy(export_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "export"
+    shutil.copytree(export_dir, copy)
+    return copy
+
+
+def test_parity_holds_each_openvino_precision_to_its_rule(export_copy: Path) -> None:
+    result = run_cli("parity", str(export_copy), "--backend", "openvino", "--naive-bf16")
+    saved = json.loads((export_copy / "parity.json").read_text())
+    checked = [r for r in saved["reports"] if r["runtime"] == "openvino"]
+    reports = {r["precision"]: r for r in checked}
+    # Export's own reports (ONNX Runtime) are kept beside the ones this run added.
+    assert {r["runtime"] for r in saved["reports"]} == {"onnxruntime", "openvino"}
+    assert reports["fp32"]["passed"] and reports["fp32"]["unexplained"] == 0
+    assert reports["fp32"]["recon_max_abs"] <= 1
+    assert "int8" in reports  # judged by the INT8 rule: agreement and what its codes decode to
+    assert reports["int8"]["passed"] == (
+        reports["int8"]["identical_fraction"] >= TOLERANCES["int8"].min_identical
+        and reports["int8"]["quality_drop_db"] <= TOLERANCES["int8"].max_quality_drop_db
+    )
+    if _bf16_here():
+        bf16, naive = reports["bf16"], saved["naive_bf16_for_comparison"]
+        rule = TOLERANCES["bf16"]
+        assert rule == TOLERANCES["fp16"]  # BF16 is held to the FP16 rule
+        meets = bf16["identical_fraction"] >= rule.min_identical and bf16["unexplained"] == 0
+        assert bf16["passed"] == (meets and bf16["recon_psnr"] >= rule.min_psnr)
+        assert naive["precision"] == "bf16-naive"
+    # The command's verdict is every report's.
+    every = all(r["passed"] for r in checked)
+    assert result.returncode == (0 if every else 1), result.stderr
+    if not every:
+        one_error_line(result, "parity failed for openvino")
+
+
+@needs_bf16
+def test_the_bf16_island_keeps_the_quantizer_in_fp32(export_dir: Path) -> None:
+    found = in_subprocess(f"""
+import json
+from pathlib import Path
+from vqtool.openvino_runtime import OpenVinoRunner
+found = {{}}
+for role, island in (("encoder", False), ("encoder", True), ("decoder", True)):
+    runner = OpenVinoRunner(Path({str(export_dir)!r}) / f"{{role}}.onnx", role, "bf16", island=island)
+    layers = found.setdefault(f"{{role}} {{island}}", {{}})
+    for layer in runner.runtime_precisions():
+        layers.setdefault(layer["type"], []).append(layer["precision"])
+print(json.dumps(found))
+""")
+    assert isinstance(found, dict)
+    # Without the island OpenVINO runs the distance product in BF16 (the fault the island exists for)...
+    whole = found["encoder False"]
+    assert "bf16" in whole["FullyConnected"] and "bf16" in whole["Convolution"]
+    # ...with it, the convolutions stay BF16 and the distances and ArgMin (TopK) are FP32.
+    split = found["encoder True"]
+    assert set(split["FullyConnected"]) == {"f32"} and set(split["TopK"]) == {"f32"} and "bf16" in split["Convolution"]
+    # On the decoder the codebook lookup stays FP32 and the convolutions run BF16.
+    decoder = found["decoder True"]
+    assert "bf16" not in decoder["Gather"] and "bf16" in decoder["Convolution"]
+
+
+def test_encode_and_decode_with_openvino(export_dir: Path, mixed_folder: Path, tmp_path: Path) -> None:
+    ort = run_cli("encode", str(mixed_folder), "--model", str(export_dir), "--out", str(tmp_path / "ort.npy"))
+    ov = run_cli(
+        "encode",
+        str(mixed_folder),
+        "--model",
+        str(export_dir),
+        "--out",
+        str(tmp_path / "ov.npy"),
+        "--backend",
+        "openvino",
+    )
+    assert ort.returncode == 0 and ov.returncode == 0, ov.stderr
+    assert "OpenVINO" in ov.stderr and "fp32" in ov.stderr
+    sidecar = json.loads((tmp_path / "ov.json").read_text())
+    assert (sidecar["backend"], sidecar["precision"]) == ("openvino", "fp32")
+    assert json.loads((tmp_path / "ort.json").read_text())["backend"] == "onnxruntime"
+    # FP32 in both runtimes: the same codes, but for a near-tie that rounding may settle either way on some CPU.
+    assert (np.load(tmp_path / "ov.npy") == np.load(tmp_path / "ort.npy")).sum() >= 31
+    decoded = run_cli(
+        "decode",
+        str(tmp_path / "ov.npy"),
+        "--model",
+        str(export_dir),
+        "--out",
+        str(tmp_path / "r"),
+        "--backend",
+        "openvino",
+    )
+    assert decoded.returncode == 0, decoded.stderr
+    assert len(list((tmp_path / "r").glob("*.png"))) == 8
+
+
+def test_the_api_runs_openvino_from_several_threads(export_dir: Path) -> None:
+    outcome = in_subprocess(f"""
+import json, threading
+import numpy as np
+import vqtool
+tok = vqtool.load({str(export_dir)!r}, backend="openvino", precision="int8")
+rng = np.random.default_rng(0)
+batches = [rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8) for _ in range(6)]
+expected = [tok.encode(b) for b in batches]
+results = {{}}
+def work(index):
+    for _ in range(4):
+        results[index] = tok.encode(batches[index])
+threads = [threading.Thread(target=work, args=(i,)) for i in range(len(batches))]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+same = all(np.array_equal(results[i], codes) for i, codes in enumerate(expected))
+print(json.dumps([tok.backend, tok.describe(), same]))
+""")
+    backend, described, same = outcome  # type: ignore[misc]
+    assert backend == "openvino" and "int8" in described and same
+
+
+def _bf16_report(passed: bool) -> dict[str, object]:
+    failures = [] if passed else ["98.88% identical codes, below 99.5%"]
+    return {
+        "runtime": "openvino",
+        "precision": "bf16",
+        "passed": passed,
+        "failures": failures,
+        "identical_fraction": 0.9988,
+    }
+
+
+@needs_bf16
+def test_bf16_runs_only_where_parity_did_not_record_a_failure(export_copy: Path, mixed_folder: Path) -> None:
+    def encode() -> object:
+        return run_cli(
+            "encode", str(mixed_folder), "--model", str(export_copy), "--out", str(export_copy / "c.npy"),
+            "--backend", "openvino", "--precision", "bf16",
+        )  # fmt: skip
+
+    saved = json.loads((export_copy / "parity.json").read_text())
+    unchecked = encode()
+    assert unchecked.returncode == 0 and "bf16 not yet checked" in unchecked.stderr
+    assert json.loads((export_copy / "c.json").read_text())["precision"] == "bf16"
+    (export_copy / "parity.json").write_text(json.dumps({**saved, "reports": [_bf16_report(False)]}))
+    one_error_line(encode(), "bf16 failed parity on this export", "98.88% identical codes")
+    (export_copy / "parity.json").write_text(json.dumps({**saved, "reports": [_bf16_report(True)]}))
+    assert "bf16 passed parity" in encode().stderr
+    # BF16 is OpenVINO's only.
+    refused = run_cli(
+        "encode", str(mixed_folder), "--model", str(export_copy), "--out", str(export_copy / "d.npy"),
+        "--backend", "onnxruntime", "--precision", "bf16",
+    )  # fmt: skip
+    one_error_line(refused, "bf16 runs on OpenVINO only")
+
+
+def test_auto_takes_the_fastest_runtime_with_exact_codes(export_copy: Path) -> None:
+    def bench_rows(ov_speed: float) -> dict[str, object]:
+        rows = [
+            {"stage": "encode", "backend": name, "precision": "fp32", "batch": 256, "images_per_s": speed}
+            for name, speed in (("torch", 9000.0), ("onnxruntime", 10000.0), ("openvino", ov_speed))
+        ]
+        return {"model_only": rows}
+
+    saved = json.loads((export_copy / "parity.json").read_text())
+    exact = {"runtime": "openvino", "precision": "fp32", "passed": True, "identical": 1792, "codes": 1792}
+    (export_copy / "bench.json").write_text(json.dumps(bench_rows(20000.0)))
+    others = [r for r in saved["reports"] if r["runtime"] != "openvino"]
+    (export_copy / "parity.json").write_text(json.dumps({**saved, "reports": [*others, exact]}))
+
+    def chosen() -> tuple[str, str]:
+        code = f"import json, vqtool; t = vqtool.load({str(export_copy)!r}, device='cpu')\n"
+        code += "print(json.dumps([t._encoder.runner.backend, t.describe()]))"
+        backend, described = in_subprocess(code)  # type: ignore[misc]
+        return backend, described
+
+    backend, described = chosen()
+    assert backend == "openvino" and "openvino 20,000 against onnxruntime 10,000 images/s" in described
+    # Slower, or not shown exact by parity: ONNX Runtime.
+    (export_copy / "bench.json").write_text(json.dumps(bench_rows(5000.0)))
+    assert chosen()[0] == "onnxruntime"
+    (export_copy / "bench.json").write_text(json.dumps(bench_rows(20000.0)))
+    (export_copy / "parity.json").write_text(json.dumps({**saved, "reports": [{**exact, "identical": 1791}]}))
+    backend, described = chosen()
+    assert backend == "onnxruntime" and "no exact OpenVINO codes" in described
+
+
+def test_bench_says_which_runtime_is_fastest_and_on_what_cpu(export_copy: Path) -> None:
+    result = run_cli("bench", str(export_copy), "--batch", "8", "--seconds", "0.3", "--backend", "openvino")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((export_copy / "bench.json").read_text())
+    assert report["cpu"] in result.stderr and "fastest here, at batch 8" in result.stderr
+    fastest = {(f["stage"], f["precision"]): f["backend"] for f in report["fastest"]}
+    assert fastest[("encode", "int8")] in ("onnxruntime", "openvino")
+    assert {r["backend"] for r in report["model_only"]} >= {"torch", "openvino"}
+
+
+def test_without_openvino_the_backend_names_the_extra(export_dir: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "blocker" / "openvino"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'openvino'\", name='openvino')\n")
+    result = run_cli(
+        "encode", str(tmp_path), "--model", str(export_dir), "--out", str(tmp_path / "c.npy"), "--backend", "openvino",
+        env={"PYTHONPATH": f"{blocker.parent}:{REPO}"},
+    )  # fmt: skip
+    one_error_line(result, "needs OpenVINO, which is not installed: pip install 'vqtool[openvino]'")
