@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vqtool.backends import BF16, INT8, NAIVE_FP16, PRECISIONS, graph_key, open_runner
+from vqtool.backends import BF16, INT8, NAIVE_FP16, PRECISIONS, graph_key, offers, open_runner
 from vqtool.errors import VqtoolError
 from vqtool.export.parity import ParityReport, Reference, check_parity, torch_reference
 from vqtool.limits import DEFAULT_MAX_PIXELS
@@ -95,10 +95,8 @@ def verify_export(
                 continue
             if precision == INT8 and device != "cpu":
                 continue  # INT8 is built for CPUs only
-            if precision == BF16 and backend != "openvino":
-                continue  # BF16 is OpenVINO's alone
-            if precision == "fp16" and backend == "openvino":
-                continue  # OpenVINO runs no FP16 on the CPU
+            if not offers(backend, precision):
+                continue
             try:
                 encoder = open_runner(
                     export_dir, manifest, "encoder", backend=backend, device=device, precision=precision

@@ -52,10 +52,11 @@ def load(
     """Open an export folder made by `vqtool export` and start its encoder and decoder.
 
     The manifest is read and every graph (or `model.pt`) is checked against its recorded checksum before
-    it runs. `backend` is auto, onnxruntime, onnxruntime-trt, tensorrt or torch; `device` auto, cpu or
-    cuda; `precision` fp32, fp16 (export --fp16) or int8 (export --int8; an encoder precision, so the
-    decoder runs fp32). With auto, the fastest backend that starts here is taken, and `describe()` says
-    which ran and why the others did not. `threads` caps ONNX Runtime's CPU threads (default: a core each).
+    it runs. `backend` is auto, onnxruntime, onnxruntime-trt, tensorrt, openvino or torch; `device` auto, cpu
+    or cuda; `precision` fp32, fp16 (export --fp16), bf16 (OpenVINO; refused where parity.json records that it
+    missed its rule) or int8 (export --int8; an encoder precision, so the decoder runs fp32). With auto, a GPU
+    runtime if one starts, else the CPU runtime bench.json measured fastest among those parity.json shows
+    exact; `describe()` says which ran and why. `threads` caps the CPU threads (default: a core each).
     Raises VqtoolError, naming the file, for anything wrong with the export.
     """
     folder = Path(export_dir)

@@ -36,6 +36,15 @@ def graph_key(role: str, precision: str) -> str:
     return role if precision in ("fp32", BF16) else f"{role}.{precision}"
 
 
+def offers(backend: str, precision: str) -> bool:
+    """Whether a backend runs a precision at all: BF16 is OpenVINO's alone, which runs no FP16; torch runs FP32."""
+    if backend == "torch":
+        return precision == "fp32"
+    if precision == BF16:
+        return backend == "openvino"
+    return not (backend == "openvino" and precision == "fp16")
+
+
 def check_int8(role: str, backend: str, device: str) -> None:
     """INT8 is an encoder for CPUs (8-bit dot products); say so before trying anything."""
     if role != "encoder":

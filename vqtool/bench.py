@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from vqtool.backends import BF16, INT8, PRECISIONS, graph_key, open_runner
+from vqtool.backends import BF16, INT8, PRECISIONS, graph_key, offers, open_runner
 from vqtool.errors import VqtoolError
 from vqtool.limits import DEFAULT_MAX_PIXELS
 from vqtool.manifest import Manifest
@@ -205,10 +205,8 @@ def model_only(
             if backends is not None and backend not in backends and backend != BASELINE:
                 continue
             for precision in PRECISIONS:
-                if backend == "torch" and precision != "fp32":
+                if not offers(backend, precision):
                     continue
-                if (precision == BF16) != (backend == "openvino") and precision in (BF16, "fp16"):
-                    continue  # BF16 is OpenVINO's alone, and OpenVINO runs no FP16 on the CPU
                 if backend != "torch" and graph_key(role, precision) not in manifest.graphs:
                     continue
                 if precision == INT8 and device != "cpu":
