@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vqtool.backends import BF16, INT8, NAIVE_FP16, PRECISIONS, graph_key, offers, open_runner
+from vqtool.backends import BF16, INT8, NAIVE_FP16, PRECISIONS, graph_key, offers, open_runner, read_record
 from vqtool.errors import VqtoolError
 from vqtool.export.parity import ParityReport, Reference, check_parity, torch_reference
 from vqtool.limits import DEFAULT_MAX_PIXELS
@@ -190,10 +189,7 @@ def check_export(
     )
     # Reports of runtimes not checked this time (e.g. export's, when only --backend openvino ran) are kept.
     checked = {(r.runtime, r.precision) for r in verification.reports}
-    try:
-        earlier = json.loads((export_dir / PARITY_NAME).read_text()).get("reports", [])
-    except (OSError, ValueError, AttributeError):
-        earlier = []
+    earlier = read_record(export_dir / PARITY_NAME).get("reports", [])
     kept = [r for r in earlier if isinstance(r, dict) and (r.get("runtime"), r.get("precision")) not in checked]
     record = verification.to_dict()
     record["reports"] = [*kept, *record["reports"]]

@@ -87,7 +87,7 @@ class Tokenizer:
     def __init__(
         self, export_dir: Path, manifest: Manifest, encoder: Opened, decoder: Opened, precision: str, note: str = ""
     ) -> None:
-        self._note = note
+        self._note = f" ({note})" if note else ""  # appended to every line that says what runs
         self.export_dir = export_dir
         self.manifest = manifest
         self.precision = precision
@@ -126,10 +126,9 @@ class Tokenizer:
     def describe(self) -> str:
         """One line: what runs each graph, and why faster backends were passed over."""
         encoder, decoder = self._encoder.describe(), self._decoder.describe()
-        note = f" ({self._note})" if self._note else ""
         if (encoder, self.precision) == (decoder, self._decode_precision):
-            return f"{self.precision}: {encoder}{note}"
-        return f"encoder {self.precision}: {encoder}; decoder {self._decode_precision}: {decoder}{note}"
+            return f"{self.precision}: {encoder}{self._note}"
+        return f"encoder {self.precision}: {encoder}; decoder {self._decode_precision}: {decoder}{self._note}"
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
         """The code grid (h, w) of a height x width image encoded without resizing."""
@@ -216,8 +215,7 @@ class Tokenizer:
         if not fast_png_available() and any(name.lower().endswith(".png") for name in files[:1000]):
             log("reading PNG files with Pillow; pip install 'vqtool[fast-png]' reads them about twice as fast")
         part = f" (shard {chosen.index}/{chosen.count})" if chosen else ""
-        note = f" ({self._note})" if self._note else ""
-        log(f"encoding {len(files)} images{part} in {self.precision} with {self._encoder.describe()}{note}")
+        log(f"encoding {len(files)} images{part} in {self.precision} with {self._encoder.describe()}{self._note}")
         return _encode_files(
             files,
             self.manifest,
@@ -246,8 +244,7 @@ class Tokenizer:
     ) -> DecodeResult:
         """What `vqtool decode` does: a codes .npy (with its sidecar) -> one PNG per grid in the folder `out`."""
         log = log or _log.info
-        note = f" ({self._note})" if self._note else ""
-        log(f"decoding in {self._decode_precision} with {self._decoder.describe()}{note}")
+        log(f"decoding in {self._decode_precision} with {self._decoder.describe()}{self._note}")
         return _decode_file(
             Path(codes),
             self.manifest,

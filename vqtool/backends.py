@@ -120,7 +120,8 @@ class Opened:
         return f"{self.runner.backend}: {self.runner.describe()}{note}"
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_record(path: Path) -> dict[str, Any]:
+    """A JSON object the export keeps (parity.json, bench.json), or {} where it is missing or unreadable."""
     try:
         loaded = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -130,7 +131,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def recorded_parity(export_dir: Path, backend: str, precision: str) -> dict[str, Any] | None:
     """This runtime's report in the export's parity.json (written by export and by `vqtool parity`), if any."""
-    for report in _read_json(export_dir / "parity.json").get("reports", []):
+    for report in read_record(export_dir / "parity.json").get("reports", []):
         if isinstance(report, dict) and report.get("runtime") == backend and report.get("precision") == precision:
             return report
     return None
@@ -166,7 +167,7 @@ def cpu_choice(export_dir: Path, role: str, precision: str) -> tuple[list[str], 
         exact.add("openvino")
     rows = [
         r
-        for r in _read_json(export_dir / "bench.json").get("model_only", [])
+        for r in read_record(export_dir / "bench.json").get("model_only", [])
         if isinstance(r, dict) and r.get("stage") == stage and r.get("precision") == precision
     ]
     largest = max((int(r.get("batch", 0)) for r in rows), default=0)

@@ -419,7 +419,7 @@ def run_bench(
     rows, skipped = model_only(
         export_dir, manifest, batch_sizes=batch_sizes, backends=backends, seconds=seconds, log=log
     )
-    from vqtool.openvino_runtime import cpu_description
+    from vqtool.cores import cpu_description
 
     report: dict[str, Any] = {
         "cpu": cpu_description(),

@@ -13,10 +13,13 @@ Reading costs about three times what writing does per image, hence more readers 
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing
 import os
+import re
 import signal
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 from vqtool.errors import VqtoolError
 
@@ -64,3 +67,28 @@ def worker_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # else every worker prints its own KeyboardInterrupt
     with contextlib.suppress(OSError):  # a platform without nice, or a policy that forbids it
         os.nice(WORKER_NICENESS)
+
+
+@functools.cache
+def cpu_description() -> str:
+    """The CPU's model name and the instruction sets that decide which runtime and precision win on it."""
+    model, flags = "unknown CPU", set()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        found = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
+        model = found[1].strip() if found else model
+        found = re.search(r"^flags\s*:\s*(.+)$", text, re.MULTILINE)
+        flags = set(found[1].split()) if found else set()
+    except OSError:
+        pass
+    wanted = (
+        ("amx_bf16", "AMX-BF16"),
+        ("amx_int8", "AMX-INT8"),
+        ("avx512_bf16", "AVX-512 BF16"),
+        ("avx512_vnni", "AVX-512 VNNI"),
+        ("avx512f", "AVX-512"),
+        ("avx_vnni", "AVX-VNNI"),
+        ("avx2", "AVX2"),
+    )
+    have = [name for flag, name in wanted if flag in flags]
+    return f"{model} ({', '.join(have) if have else 'no AVX2'})"

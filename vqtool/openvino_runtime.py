@@ -12,14 +12,13 @@ the two parts with different precision hints is what reliably keeps the codebook
 
 from __future__ import annotations
 
-import functools
-import re
 import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vqtool.cores import cpu_description
 from vqtool.errors import VqtoolError, first_line, missing_extra
 
 HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # INT8 comes from the graph's QDQ nodes, the rest FP32
@@ -31,31 +30,6 @@ def import_openvino() -> Any:
     except ModuleNotFoundError:
         raise missing_extra("--backend openvino", "OpenVINO", "openvino") from None
     return openvino
-
-
-@functools.cache
-def cpu_description() -> str:
-    """The CPU's model name and the instruction sets that decide which runtime and precision win on it."""
-    model, flags = "unknown CPU", set()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        found = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
-        model = found[1].strip() if found else model
-        found = re.search(r"^flags\s*:\s*(.+)$", text, re.MULTILINE)
-        flags = set(found[1].split()) if found else set()
-    except OSError:
-        pass
-    wanted = (
-        ("amx_bf16", "AMX-BF16"),
-        ("amx_int8", "AMX-INT8"),
-        ("avx512_bf16", "AVX-512 BF16"),
-        ("avx512_vnni", "AVX-512 VNNI"),
-        ("avx512f", "AVX-512"),
-        ("avx_vnni", "AVX-VNNI"),
-        ("avx2", "AVX2"),
-    )
-    have = [name for flag, name in wanted if flag in flags]
-    return f"{model} ({', '.join(have) if have else 'no AVX2'})"
 
 
 def _quantizer_cut(model: Any, role: str) -> Any:
@@ -71,13 +45,12 @@ def _quantizer_cut(model: Any, role: str) -> Any:
     return bias[0].output(0) if len(bias) == 1 else last
 
 
-def split_at_quantizer(ov: Any, path: Path, role: str) -> tuple[Any, Any]:
+def split_at_quantizer(ov: Any, core: Any, path: Path, role: str) -> tuple[Any, Any]:
     """(graph input -> cut, (cut, graph input) -> graph output): two models whose composition is the graph.
 
     The second model also takes the graph's input: shape computations past the cut may still read it (the
     decoder's output shape comes from the codes' shape).
     """
-    core = ov.Core()
     head_model = core.read_model(str(path))
     head = ov.Model([_quantizer_cut(head_model, role)], head_model.get_parameters(), "head")
     tail_model = core.read_model(str(path))  # a second copy: the cut rewires it
@@ -113,7 +86,7 @@ class OpenVinoRunner:
 
         try:
             if precision == "bf16" and island:
-                head, tail = split_at_quantizer(ov, path, role)
+                head, tail = split_at_quantizer(ov, core, path, role)
                 hints = ("bf16", "f32") if role == "encoder" else ("f32", "bf16")
                 self.stages = [
                     core.compile_model(m, "CPU", config(h)) for m, h in zip((head, tail), hints, strict=True)
