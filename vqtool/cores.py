@@ -1,12 +1,10 @@
-"""How a file pipeline shares the CPU between image-file worker processes and inference threads.
+"""How a file pipeline shares the CPU between image-file worker processes and inference.
 
-Inference keeps ONNX Runtime's default of one thread per core; the workers that read or write image
-files are lowered in priority, so they take what inference leaves idle (its threads wait at every
-batch boundary) instead of preempting it. Measured on 2 cores with 10,000 32x32 PNG files:
-  encode FP32  2 threads + 2 niced readers: 8.2-8.5k images/s; 1 thread + 1 reader: 5.7-6.2k;
-               2 threads + 2 readers at normal priority: 7.4k
-  encode INT8  2 threads + 2 niced readers: 13.7k; 1 thread + 1 reader: 14.8-15.0k
-  decode FP32  2 threads + 1 niced writer: 6.5k (to RAM); 2 writers: 6.0k; 1 thread + 1 writer: 5.5-5.8k
+Inference takes one lane per core (OnnxRuntimeRunner splits each batch across single-threaded runs);
+the workers that read or write image files are lowered in priority, so they take what inference
+leaves idle instead of preempting it. Measured on 2 cores (AMD EPYC) with 10,000 32x32 PNG files,
+encode INT8 with 2 niced readers: 2 lanes 25.7-28.6k images/s; 2 intra-op threads 20.4-22.0k (earlier,
+with pickled batches: 2 threads + 2 niced readers 13.7k, 2 readers at normal priority slower still).
 Reading costs about three times what writing does per image, hence more readers than writers.
 """
 
@@ -14,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import mmap
 import multiprocessing
 import os
 import re
@@ -29,6 +28,11 @@ WORKER_NICENESS = 10
 
 def _cores() -> int:
     return os.cpu_count() or 1
+
+
+def inference_lanes(requested: int | None = None) -> int:
+    """Single-threaded runs a CPU batch is split across: --threads, else one per core."""
+    return _checked("--threads", requested) or _cores()
 
 
 def _checked(option: str, value: int | None) -> int | None:
@@ -48,22 +52,45 @@ def writer_count(requested: int | None = None) -> int:
 
 
 def inference_threads(requested: int | None = None) -> int | None:
-    """ONNX Runtime's intra-op threads on the CPU; None keeps its default (one per core)."""
+    """CPU threads inference may use (see OnnxRuntimeRunner's lanes); None: one per core."""
     return _checked("--threads", requested)
 
 
-def worker_pool(workers: int) -> ProcessPoolExecutor:
-    """Processes for image-file work, started with worker_init.
+def _start_method() -> str:
+    return "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+def shared_buffer(size: int) -> mmap.mmap | None:
+    """Anonymous memory that worker_pool(shared=...) workers can write and the parent read without a copy,
+    or None where workers are spawned rather than forked (there they return their results pickled)."""
+    return mmap.mmap(-1, size) if _start_method() == "fork" else None
+
+
+# The shared buffer as a forked worker sees it; set by worker_init.
+_worker_buffer: mmap.mmap | None = None
+
+
+def worker_buffer() -> mmap.mmap:
+    if _worker_buffer is None:
+        raise RuntimeError("this process was not started by worker_pool(shared=...)")
+    return _worker_buffer
+
+
+def worker_pool(workers: int, shared: mmap.mmap | None = None) -> ProcessPoolExecutor:
+    """Processes for image-file work, started with worker_init; `shared` (from shared_buffer) is mapped in each.
 
     Fork where available: workers touch only Pillow and NumPy, never the runtime's threads, and spawn
-    would re-import the caller's main module (breaking scripts without a __main__ guard).
+    would re-import the caller's main module (breaking scripts without a __main__ guard). Under fork the
+    initializer's arguments are inherited, not pickled, which is how the anonymous mapping reaches workers.
     """
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method), initializer=worker_init)
+    context = multiprocessing.get_context(_start_method())
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=worker_init, initargs=(shared,))
 
 
-def worker_init() -> None:
+def worker_init(shared: mmap.mmap | None = None) -> None:
     """Run in each file worker: Ctrl-C is the parent's to handle, and inference threads get the cores first."""
+    global _worker_buffer
+    _worker_buffer = shared
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # else every worker prints its own KeyboardInterrupt
     with contextlib.suppress(OSError):  # a platform without nice, or a policy that forbids it
         os.nice(WORKER_NICENESS)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import mmap
 import os
 import time
 from collections import deque
@@ -22,7 +23,7 @@ import numpy as np
 
 from vqtool.atomic import partial_path, usual_mode, write_json
 from vqtool.codes import CodesSidecar, sidecar_path
-from vqtool.cores import reader_count, worker_pool
+from vqtool.cores import reader_count, shared_buffer, worker_buffer, worker_pool
 from vqtool.errors import VqtoolError
 from vqtool.images import SkippedFile, describe_skipped, fit_to_size, read_rgb
 from vqtool.imagesets import read_npy_header
@@ -91,9 +92,15 @@ class Batch:
     skipped: tuple[SkippedFile, ...]
 
 
-def _load_batch(first: int, paths: list[str], options: ReadOptions, shape: tuple[int, int]) -> Batch:
-    """One batch decoded in a reader process."""
-    pixels = np.empty((len(paths), *shape, 3), dtype=np.uint8)
+def _slot(buffer: mmap.mmap, offset: int, rows: int, shape: tuple[int, int]) -> np.ndarray:
+    """rows x H x W x 3 uint8 pixels in the shared buffer, starting `offset` bytes in."""
+    return np.frombuffer(buffer, np.uint8, rows * shape[0] * shape[1] * 3, offset).reshape(rows, *shape, 3)
+
+
+def _decode_files(
+    rows: np.ndarray, first: int, paths: list[str], options: ReadOptions, shape: tuple[int, int]
+) -> Batch:
+    """Decode `paths` into the leading rows of `rows`; the Batch's `pixels` are those rows, the files read."""
     resized, kept, skipped = 0, 0, []
     for name in paths:
         try:
@@ -109,10 +116,21 @@ def _load_batch(first: int, paths: list[str], options: ReadOptions, shape: tuple
                 raise
             skipped.append(SkippedFile.of(error, name))
             continue
-        pixels[kept] = image
+        rows[kept] = image
         kept += 1
         resized += was_resized
-    return Batch(first, len(paths), pixels[:kept], resized, tuple(skipped))
+    return Batch(first, len(paths), rows[:kept], resized, tuple(skipped))
+
+
+def _load_batch(
+    first: int, paths: list[str], options: ReadOptions, shape: tuple[int, int], offset: int | None = None
+) -> Batch:
+    """One part of a batch decoded in a reader process: into the shared buffer at `offset` (then `pixels` comes
+    back empty, with the row count its only content), or, without one, into an array returned pickled."""
+    if offset is None:
+        return _decode_files(np.empty((len(paths), *shape, 3), np.uint8), first, paths, options, shape)
+    batch = _decode_files(_slot(worker_buffer(), offset, len(paths), shape), first, paths, options, shape)
+    return Batch(first, batch.files, np.empty((len(batch.pixels), 0, 0, 0), np.uint8), batch.resized, batch.skipped)
 
 
 def read_batches(
@@ -127,27 +145,69 @@ def read_batches(
 
     Processes, not threads: for small images per-file Python work dominates and holds the GIL, so
     threads measured slower than one thread; processes scale for small and large images alike.
+    Each batch is split between the readers, so that when inference waits for one, every reader is
+    busy with it, not one finishing a whole batch while the other cores idle. Where workers are forked
+    they decode into slots of a shared buffer, and a batch's `pixels` is a view of its slot, valid until
+    the next batch is asked for. Measured with 10,000 32x32 PNGs on 2 cores (AMD EPYC), INT8 folder
+    encode: pickling the pixels back cost the parent 5 µs an image, a sixth of inference.
     """
-    with worker_pool(workers) as pool:
-        pending: deque[Future[Batch]] = deque()
-        starts = iter(range(start, len(files), batch_size))
+    in_flight = workers + PREFETCH_BATCHES
+    row_bytes = shape[0] * shape[1] * 3
+    # One slot more than batches in flight: the one the caller holds while the others are read.
+    shared = shared_buffer(batch_size * row_bytes * (in_flight + 1))
+    free = deque(range(in_flight + 1))
+    starts = iter(range(start, len(files), batch_size))
+    pool = worker_pool(workers, shared)
+    pending: deque[tuple[int, list[Future[Batch]]]] = deque()
 
-        def submit_next() -> None:
-            first = next(starts, None)
-            if first is not None:
-                names = [str(f) for f in files[first : first + batch_size]]
-                pending.append(pool.submit(_load_batch, first, names, options, shape))
+    def submit_next() -> None:
+        first = next(starts, None)
+        if first is None:
+            return
+        names = [str(f) for f in files[first : first + batch_size]]
+        slot, parts = free.popleft(), []
+        step = -(-len(names) // workers)
+        for begin in range(0, len(names), step):
+            offset = (slot * batch_size + begin) * row_bytes if shared is not None else None
+            parts.append(pool.submit(_load_batch, first + begin, names[begin : begin + step], options, shape, offset))
+        pending.append((slot, parts))
 
-        for _ in range(workers + PREFETCH_BATCHES):
+    try:
+        for _ in range(in_flight):
             submit_next()
-        try:
-            while pending:
-                batch = pending.popleft().result()
-                yield batch
-                submit_next()
-        finally:
-            for later in pending:
-                later.cancel()
+        while pending:
+            slot, futures = pending.popleft()
+            yield _joined([future.result() for future in futures], shared, slot * batch_size, shape)
+            free.append(slot)
+            submit_next()
+    finally:
+        # Not waiting for the readers to exit lets the caller finish its output meanwhile; none has work left
+        # unless the caller stopped early, and then they stop after their current part.
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _joined(parts: list[Batch], shared: mmap.mmap | None, slot_row: int, shape: tuple[int, int]) -> Batch:
+    """One batch from the parts its readers decoded; in the shared buffer, rows after a skipped file move up."""
+    kept = sum(len(part.pixels) for part in parts)
+    if shared is None:
+        pixels = np.concatenate([part.pixels for part in parts])
+    else:
+        row_bytes = shape[0] * shape[1] * 3
+        pixels = _slot(shared, slot_row * row_bytes, sum(part.files for part in parts), shape)
+        row = 0
+        for part in parts:
+            here = part.first - parts[0].first
+            if here != row:
+                pixels[row : row + len(part.pixels)] = pixels[here : here + len(part.pixels)]
+            row += len(part.pixels)
+        pixels = pixels[:kept]
+    return Batch(
+        parts[0].first,
+        sum(part.files for part in parts),
+        pixels,
+        sum(part.resized for part in parts),
+        tuple(skip for part in parts for skip in part.skipped),
+    )
 
 
 def _first_shape(files: Sequence[str | Path], options: ReadOptions) -> tuple[int, int]:

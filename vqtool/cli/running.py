@@ -42,7 +42,7 @@ PrecisionOption = Annotated[
 ReadersOption = Annotated[
     int | None, typer.Option(help="Processes that read image files, at low priority (default: one per core).")
 ]
-ThreadsOption = Annotated[int | None, typer.Option(help="ONNX Runtime threads on the CPU (default: one per core).")]
+ThreadsOption = Annotated[int | None, typer.Option(help="CPU threads for inference (default: one per core).")]
 
 
 @app.command()

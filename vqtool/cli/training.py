@@ -213,7 +213,9 @@ def train(
             saved = load_checkpoint(resume / CHECKPOINT_NAME)
             model_config, run_dir = saved.model_config, resume
             # The run's own plan stands unless --epochs/--steps say otherwise.
-            changes = {k: v for k, v in (("epochs", epochs), ("steps", steps), ("workers", workers)) if v is not None}
+            changes: dict[str, int | None] = {
+                k: v for k, v in (("epochs", epochs), ("steps", steps), ("workers", workers)) if v is not None
+            }
             if "epochs" in changes and "steps" not in changes:
                 changes["steps"] = None
             config = TrainConfig.from_dict({**saved.train_config.to_dict(), **changes})
