@@ -7,7 +7,7 @@ import torch
 from torch.nn import functional as F
 
 from vqtool.train.config import ModelConfig
-from vqtool.train.model import VQVAE, code_distances, images_to_input, output_to_images
+from vqtool.train.model import VQVAE, code_distances, images_to_input, output_to_images, rotate_onto
 
 
 @pytest.mark.parametrize(("size", "grid"), [(32, 2), (64, 4)])
@@ -91,3 +91,35 @@ def test_four_phase_form_equals_the_transposed_convolution() -> None:
     x = torch.randn(3, 24, 5, 7)
     with torch.no_grad():
         assert torch.allclose(FourPhaseConvTranspose(deconv)(x), deconv(x), atol=1e-5)
+
+
+def test_the_rotation_trick_rotates_the_gradient_and_keeps_the_forward_value() -> None:
+    torch.manual_seed(0)
+    latents = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    codes = torch.randn(6, 8, dtype=torch.float64)
+    moved = rotate_onto(latents, codes)
+    assert torch.allclose(moved, codes)
+    # The gradient reaching the codes comes back rotated (norm kept, scaled by |e|/|z|): a code's own direction
+    # comes back as the latent's direction, where straight-through would hand it back unchanged.
+    incoming = F.normalize(codes, dim=-1)
+    (grad,) = torch.autograd.grad((moved * incoming).sum(), latents)
+    scale = codes.norm(dim=-1) / latents.detach().norm(dim=-1)
+    assert torch.allclose(grad.norm(dim=-1), scale)
+    assert torch.allclose(F.normalize(grad, dim=-1), F.normalize(latents.detach(), dim=-1))
+    assert not torch.allclose(F.normalize(grad, dim=-1), incoming)
+
+
+def test_the_rotation_trick_changes_only_the_encoders_gradient() -> None:
+    torch.manual_seed(0)
+    model = VQVAE(ModelConfig(codes=16, dim=8))
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    straight, rotated = model(x), model(x, rotation_trick=True)
+    assert torch.equal(straight.codes, rotated.codes)
+    assert torch.allclose(straight.reconstruction, rotated.reconstruction, atol=1e-6)
+    grads = []
+    for result in (straight, rotated):
+        model.zero_grad(set_to_none=True)
+        result.recon_loss.backward()
+        assert model.quantizer.codebook.weight.grad is None  # as straight-through: the codebook term moves codes
+        grads.append(model.encoder[0].weight.grad.clone())
+    assert not torch.allclose(grads[0], grads[1])

@@ -112,6 +112,11 @@ class TrainConfig:
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     beta: float = 0.25
+    # Adam's second-moment decay; PyTorch's default is the article's. Lower forgets old gradient scales sooner,
+    # which suits a codebook whose assignments keep changing (LlamaGen trains its tokenizers with 0.95).
+    adam_beta2: float = 0.999
+    # Gradient through the quantizer: straight-through (the article's) or the rotation trick (Fifty et al., 2024).
+    rotation_trick: bool = False
     seed: int = 0
     device: str = "auto"
     steps_per_epoch: int | None = None
@@ -143,6 +148,8 @@ class TrainConfig:
             raise ValueError(f"lr schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"warm-up steps must be 0 or more, got {self.warmup_steps}")
+        if not 0 < self.adam_beta2 < 1:
+            raise ValueError(f"--adam-beta2 must be between 0 and 1, got {self.adam_beta2}")
         if self.beta < 0:
             raise ValueError(f"beta must be non-negative, got {self.beta}")
         if not 0 < self.ema_decay < 1:
@@ -169,7 +176,8 @@ class TrainConfig:
 # seed is the article's model. f8 and f4 are the best factor-8 and factor-4 tokenizers measured on the
 # embedded data (benchmarks/presets.py; 1,500 steps, batch 128): residual blocks at the latent resolution,
 # codes looked up in 8 dimensions and compared by cosine similarity (as LlamaGen does), and dead codes
-# re-seeded after 100 idle steps, which together keep almost every code in use.
+# re-seeded after 100 idle steps, which together keep almost every code in use. f8 also trains with the
+# rotation trick and Adam's beta2 at 0.95: 93.4% of its codes in use against 88.3% without, 24.78 dB against 24.69.
 PRESETS: dict[str, dict[str, Any]] = {
     "seed": {},
     "f8": {
@@ -180,6 +188,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lookup_dim": 8,
         "l2_codes": True,
         "restart_dead": 100,
+        "rotation_trick": True,
+        "adam_beta2": 0.95,
     },
     "f4": {
         "codes": 512,

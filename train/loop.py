@@ -142,7 +142,9 @@ class _Run:
         self.world = world
         self.device = next(model.parameters()).device
         self.health = CodebookHealth(model.quantizer, config)
-        self.optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr)
+        self.optimizer = torch.optim.Adam(
+            [p for p in model.parameters() if p.requires_grad], lr=config.lr, betas=(0.9, config.adam_beta2)
+        )
         self.step = 0
         self.records: list[dict[str, Any]] = []
         self.trace: list[dict[str, float]] = []
@@ -265,7 +267,7 @@ class _Run:
     def train_step(self, stop_requested: bool) -> tuple[dict[str, float], bool]:
         """One optimisation step; returns its losses and whether any process asked to stop."""
         x = images_to_input(torch.from_numpy(self.read_step()).to(self.device))
-        result = self.trainer(x)
+        result = self.trainer(x, rotation_trick=self.config.rotation_trick)
         codebook_term = 0.0 if self.config.ema else result.codebook_loss
         loss = result.recon_loss + codebook_term + self.config.beta * result.commit_loss
         losses = {

@@ -47,6 +47,24 @@ def l2_normalize(vectors: torch.Tensor) -> torch.Tensor:
     return vectors / norm.clamp_min(L2_EPSILON)
 
 
+def rotate_onto(latents: torch.Tensor, codes: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """The rotation trick (Fifty et al., 2024): `codes` in the forward pass, while the gradient reaching them
+    goes back to `latents` through the rotation and rescaling that take each latent onto its code (held
+    constant), rather than unchanged as with the straight-through estimator. The gradient then keeps its
+    angle to the code: it tells the encoder how to move within the code's cell, not only towards it.
+
+    With u = z/|z|, q = e/|e| and w = (u + q)/|u + q|, R = I - 2ww^T + 2qu^T is the rotation with Ru = q,
+    so (|e|/|z|) R z = e.
+    """
+    u = F.normalize(latents.detach(), dim=-1)
+    q = F.normalize(codes.detach(), dim=-1)
+    w = F.normalize(u + q, dim=-1)
+    rotated = latents - 2 * w * (w * latents).sum(-1, keepdim=True) + 2 * q * (u * latents).sum(-1, keepdim=True)
+    scale = codes.detach().norm(dim=-1, keepdim=True) / latents.detach().norm(dim=-1, keepdim=True).clamp_min(eps)
+    moved = scale * rotated
+    return moved + (codes - moved).detach()  # exactly the codes forward, whatever the rounding above
+
+
 class Quantizer(nn.Module):
     """Codebook of K vectors; each latent is replaced by its nearest code (L2).
 
@@ -171,7 +189,7 @@ class VQVAE(nn.Module):
         """Integer codes N x h x w -> model-scale images."""
         return self.decode_latents(self.quantizer.lookup(codes))
 
-    def forward(self, x: torch.Tensor) -> ForwardResult:
+    def forward(self, x: torch.Tensor, rotation_trick: bool = False) -> ForwardResult:
         z_e = self.encode_latents(x)
         codes = self.quantizer.nearest(z_e.detach())
         e = self.quantizer.lookup(codes)
@@ -179,8 +197,9 @@ class VQVAE(nn.Module):
         # near its codes. Each stops the gradient to the other side.
         codebook_loss = F.mse_loss(e, z_e.detach())
         commit_loss = F.mse_loss(z_e, e.detach())
-        # Straight-through: the decoder sees e, the encoder gets the decoder's gradient as is.
-        z_q = z_e + (e - z_e).detach()
+        # The decoder sees e. Straight-through (the article's): the encoder gets the decoder's gradient as is;
+        # with the rotation trick, rotated as described in rotate_onto.
+        z_q = rotate_onto(z_e, e) if rotation_trick else z_e + (e - z_e).detach()
         reconstruction = self.decode_latents(z_q)
         recon_loss = F.mse_loss(reconstruction, x)
         return ForwardResult(reconstruction, codes, z_e.detach(), recon_loss, codebook_loss, commit_loss)

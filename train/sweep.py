@@ -141,10 +141,16 @@ def _curve_stats(group: Sequence[SweepRun], pick: Callable[[dict[str, Any]], flo
     return [m for m, _ in stats], [c for _, c in stats]
 
 
+def _axis_order(model: ModelConfig) -> list[tuple[bool, Any]]:
+    """Variants in numeric order along each axis (K = 64 before 512), a missing lookup projection first."""
+    values = (getattr(model, axis) for axis in SWEEP_AXES)
+    return [(value is not None, value if value is not None else 0) for value in values]
+
+
 def summarise(runs: Sequence[SweepRun], beta: float) -> list[dict[str, Any]]:
     """Per variant: final validation figures and training time as mean ± 95% CI over seeds, per-epoch curves."""
     rows = []
-    for model in sorted({r.model for r in runs}, key=lambda m: [str(getattr(m, a)) for a in SWEEP_AXES]):
+    for model in sorted({r.model for r in runs}, key=_axis_order):
         group = [r for r in runs if r.model == model]
         row: dict[str, Any] = {"variant": variant_name(model), **model.to_dict(), "seeds": len(group)}
         for key in SUMMARY_KEYS:

@@ -204,4 +204,5 @@ class OnnxRuntimeRunner:
         note = f" ({', '.join(fell_back)} listed but could not start)" if fell_back else ""
         if self.provider == TRT_PROVIDER and os.environ.get(TF32_OVERRIDE) != "0":
             note += f" (TF32 may be on: {TF32_OVERRIDE} is {os.environ.get(TF32_OVERRIDE)!r}, not '0')"
-        return f"ONNX Runtime {self.version} on {self.provider}{note}"
+        lanes = f", {self.lanes} lanes" if self.lanes > 1 else ""
+        return f"ONNX Runtime {self.version} on {self.provider}{lanes}{note}"

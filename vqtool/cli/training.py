@@ -146,6 +146,18 @@ WarmupOption = Annotated[
 RestartOption = Annotated[
     int | None, typer.Option(help="Re-seed codes unused for this many steps from recent encoder outputs.")
 ]
+RotationOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--rotation-trick/--straight-through",
+        help="How the gradient passes the quantizer: rotated onto each code (Fifty et al., 2024) or straight "
+        "through (the article's; the default unless a preset says otherwise).",
+        show_default=False,
+    ),
+]
+AdamBeta2Option = Annotated[
+    float | None, typer.Option(help="Adam's second-moment decay (default 0.999, PyTorch's).", show_default=False)
+]
 
 
 def _load_training_set(
@@ -194,6 +206,8 @@ def train(
     ema_decay: EmaDecayOption = 0.99,
     kmeans_init: KmeansOption = None,
     restart_dead: RestartOption = None,
+    rotation_trick: RotationOption = None,
+    adam_beta2: AdamBeta2Option = None,
     steps_per_epoch: StepsPerEpochOption = None,
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
     skip_bad: SkipBadOption = False,
@@ -232,6 +246,8 @@ def train(
                 "ema": ema,
                 "kmeans_init": kmeans_init,
                 "restart_dead": restart_dead,
+                "rotation_trick": rotation_trick,
+                "adam_beta2": adam_beta2,
                 "lr_schedule": lr_schedule.value if lr_schedule is not None else None,
                 "warmup_steps": warmup_steps,
             }
@@ -358,6 +374,8 @@ def sweep(
     ema: EmaOption = None,
     kmeans_init: KmeansOption = None,
     restart_dead: RestartOption = None,
+    rotation_trick: RotationOption = None,
+    adam_beta2: AdamBeta2Option = None,
     title: Annotated[
         str | None, typer.Option(help="Heading of the summary (default: the axes swept).", show_default=False)
     ] = None,
@@ -401,6 +419,8 @@ def sweep(
         "ema": ema,
         "kmeans_init": kmeans_init,
         "restart_dead": restart_dead,
+        "rotation_trick": rotation_trick,
+        "adam_beta2": adam_beta2,
         "lr_schedule": lr_schedule.value if lr_schedule is not None else None,
         "warmup_steps": warmup_steps,
     }
