@@ -365,7 +365,8 @@ def test_sweep_summarises_with_confidence_intervals_and_skips_finished_runs(tmp_
     report = (tmp_path / "docs" / "results.md").read_text()
     assert "Lowest validation MSE" in report and "](figures/sweep/curves_K8.png)" in report
     assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == ["figures", "results.md"]  # no temporary left
-    assert first.stdout.startswith("| K | D | seeds |") and first.stdout.index("| 8 | 8 | 2 |") < first.stdout.index("| 32 | 8 | 2 |")
+    assert first.stdout.startswith("| K | D | seeds |")
+    assert first.stdout.index("| 8 | 8 | 2 |") < first.stdout.index("| 32 | 8 | 2 |")
     again = run_cli(*args)
     assert again.returncode == 0 and again.stderr.count("finished earlier, skipped") == 4
 

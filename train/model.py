@@ -50,8 +50,9 @@ def l2_normalize(vectors: torch.Tensor) -> torch.Tensor:
 def rotate_onto(latents: torch.Tensor, codes: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """The rotation trick (Fifty et al., 2024): `codes` in the forward pass, while the gradient reaching them
     goes back to `latents` through the rotation and rescaling that take each latent onto its code (held
-    constant), rather than unchanged as with the straight-through estimator. The gradient then keeps its
-    angle to the code: it tells the encoder how to move within the code's cell, not only towards it.
+    constant), rather than unchanged as with the straight-through estimator: the angle the gradient makes
+    with the code becomes the angle it makes with the latent, so latents sharing a code get different
+    gradients depending on where they sit relative to it.
 
     With u = z/|z|, q = e/|e| and w = (u + q)/|u + q|, R = I - 2ww^T + 2qu^T is the rotation with Ru = q,
     so (|e|/|z|) R z = e.
