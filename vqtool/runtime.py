@@ -118,7 +118,7 @@ class OnnxRuntimeRunner:
         spin: bool = False,
     ) -> None:
         ort = _onnxruntime()
-        self.path, self.threads, self.spin = path, threads, spin
+        self.path, self.threads = path, threads
         # One intra-op thread: the CPU's parallelism comes from lanes (see the class docstring); on a GPU
         # the CPU runs only the few operators the device provider leaves it.
         options = _session_options(ort, threads=1, spin=False)

@@ -160,6 +160,28 @@ AdamBeta2Option = Annotated[
 ]
 
 
+def _training_overrides(
+    *,
+    ema: bool | None,
+    kmeans_init: bool | None,
+    restart_dead: int | None,
+    rotation_trick: bool | None,
+    adam_beta2: float | None,
+    lr_schedule: LrSchedule | None,
+    warmup_steps: int | None,
+) -> dict[str, Any]:
+    """The training options a preset may set, as `train` and `sweep` were given them (None: not given)."""
+    return {
+        "ema": ema,
+        "kmeans_init": kmeans_init,
+        "restart_dead": restart_dead,
+        "rotation_trick": rotation_trick,
+        "adam_beta2": adam_beta2,
+        "lr_schedule": lr_schedule.value if lr_schedule is not None else None,
+        "warmup_steps": warmup_steps,
+    }
+
+
 def _load_training_set(
     source: Path | None, image_size: int, max_pixels: int, skip_bad: bool, val_data: str | None = None
 ) -> Any:
@@ -243,13 +265,15 @@ def train(
                 "res_blocks": res_blocks,
                 "lookup_dim": lookup_dim,
                 "l2_codes": l2_codes,
-                "ema": ema,
-                "kmeans_init": kmeans_init,
-                "restart_dead": restart_dead,
-                "rotation_trick": rotation_trick,
-                "adam_beta2": adam_beta2,
-                "lr_schedule": lr_schedule.value if lr_schedule is not None else None,
-                "warmup_steps": warmup_steps,
+                **_training_overrides(
+                    ema=ema,
+                    kmeans_init=kmeans_init,
+                    restart_dead=restart_dead,
+                    rotation_trick=rotation_trick,
+                    adam_beta2=adam_beta2,
+                    lr_schedule=lr_schedule,
+                    warmup_steps=warmup_steps,
+                ),
             }
             model_fields, train_fields = preset_settings(preset.value, explicit)
             model_config = ModelConfig(image_size=image_size, **model_fields)
@@ -415,15 +439,15 @@ def sweep(
         "lookup_dim": [d or None for d in _int_list(lookup_dim, "--lookup-dim")] if lookup_dim else None,
         "l2_codes": _flag_list(l2_codes, "--l2-codes") if l2_codes else None,
     }
-    explicit = {
-        "ema": ema,
-        "kmeans_init": kmeans_init,
-        "restart_dead": restart_dead,
-        "rotation_trick": rotation_trick,
-        "adam_beta2": adam_beta2,
-        "lr_schedule": lr_schedule.value if lr_schedule is not None else None,
-        "warmup_steps": warmup_steps,
-    }
+    explicit = _training_overrides(
+        ema=ema,
+        kmeans_init=kmeans_init,
+        restart_dead=restart_dead,
+        rotation_trick=rotation_trick,
+        adam_beta2=adam_beta2,
+        lr_schedule=lr_schedule,
+        warmup_steps=warmup_steps,
+    )
     try:
         model_fields, train_fields = preset_settings(preset.value, explicit)
         base = TrainConfig(
