@@ -141,21 +141,30 @@ def test_presets_set_the_family_and_explicit_options_win(tmp_path: Path) -> None
     assert checkpoint.model_config.downsample == 8 and checkpoint.model_config.codes == 64
     assert checkpoint.model_config.l2_codes and checkpoint.model_config.lookup_dim == 8
     assert checkpoint.train_config.restart_dead == 100
-    assert checkpoint.train_config.rotation_trick and checkpoint.train_config.adam_beta2 == 0.95
-    # The two training options change the weights a run reaches, and an explicit value beats the preset's.
-    weights = {}
-    for name, extra in (("preset", ()), ("straight", ("--straight-through",)), ("beta2", ("--adam-beta2", "0.999"))):
+    preset_training = {
+        "rotation_trick": True,
+        "adam_beta2": 0.95,
+        "lr": 2e-3,
+        "average_weights": 0.99,
+        "usage_loss": 0.003,
+    }
+    assert {k: getattr(checkpoint.train_config, k) for k in preset_training} == preset_training
+    # Each training option the preset sets changes the weights a run reaches, and an explicit value beats the preset's.
+    preset_weights = checkpoint.model.encoder[0].weight.detach()
+    overrides = {
+        "rotation_trick": ("--straight-through",),
+        "adam_beta2": ("--adam-beta2", "0.999"),
+        "lr": ("--lr", "1e-3"),
+        "average_weights": ("--average-weights", "0"),
+        "usage_loss": ("--usage-loss", "0"),
+    }
+    for name, extra in overrides.items():
         out = tmp_path / name
-        if name != "preset":
-            assert run_cli("train", *args, *extra, "--seed", "0", "--out", str(out)).returncode == 0
-        saved = load_checkpoint((run if name == "preset" else out) / "checkpoint.pt")
-        weights[name] = saved.model.encoder[0].weight.detach()
-        if name == "straight":
-            assert not saved.train_config.rotation_trick and saved.train_config.adam_beta2 == 0.95
-        if name == "beta2":
-            assert saved.train_config.rotation_trick and saved.train_config.adam_beta2 == 0.999
-    assert not torch.equal(weights["preset"], weights["straight"])
-    assert not torch.equal(weights["preset"], weights["beta2"])
+        assert run_cli("train", *args, *extra, "--seed", "0", "--out", str(out)).returncode == 0
+        saved = load_checkpoint(out / "checkpoint.pt")
+        given = {k: getattr(saved.train_config, k) for k in preset_training}
+        assert given == {**preset_training, name: given[name]} and given[name] != preset_training[name], name
+        assert not torch.equal(saved.model.encoder[0].weight.detach(), preset_weights), name
     refused = run_cli("train", "--preset", "f3", "--steps", "1", "--out", str(tmp_path / "x"))
     assert refused.returncode == 2 and "f3" in refused.stderr  # a typo is refused before any work
     bad = run_cli("train", "--downsample", "3", "--steps", "1", "--out", str(tmp_path / "y"))

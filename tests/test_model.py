@@ -123,3 +123,29 @@ def test_the_rotation_trick_changes_only_the_encoders_gradient() -> None:
         assert model.quantizer.codebook.weight.grad is None  # as straight-through: the codebook term moves codes
         grads.append(model.encoder[0].weight.grad.clone())
     assert not torch.allclose(grads[0], grads[1])
+
+
+def test_the_usage_term_is_zero_for_an_even_spread_and_its_gradient_spreads_a_crowded_batch() -> None:
+    from vqtool.train.codebook import usage_divergence
+    from vqtool.train.model import soft_assignment_sums
+
+    codes = 8
+    even, crowded = torch.full((codes,), 4.0), torch.zeros(codes)
+    crowded[0] = 32.0
+    assert usage_divergence(even, 32).item() == pytest.approx(0.0, abs=1e-6)
+    assert usage_divergence(crowded, 32).item() == pytest.approx(torch.log(torch.tensor(8.0)).item(), rel=1e-5)
+    # Latents crowded around code 0: descending the term moves them toward the other codes.
+    book = F.normalize(torch.randn(codes, 4, generator=torch.Generator().manual_seed(0)), dim=-1)
+    latents = (book[0] + 0.05 * torch.randn(64, 4, generator=torch.Generator().manual_seed(1))).requires_grad_()
+    before = usage_divergence(soft_assignment_sums(latents, book, 0.1), 64)
+    before.backward()
+    with torch.no_grad():
+        moved = latents - 0.5 * latents.grad
+    after = usage_divergence(soft_assignment_sums(moved, book, 0.1), 64)
+    assert after < before - 1e-3
+    # The model hands the sums over only when asked, one assignment per latent.
+    model = VQVAE(ModelConfig(codes=16, dim=8, downsample=8, lookup_dim=4, l2_codes=True))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert model(x).assignment_sums is None
+    sums = model(x, usage_temperature=0.01).assignment_sums
+    assert sums is not None and sums.shape == (16,) and sums.sum().item() == pytest.approx(2 * 4 * 4, rel=1e-5)

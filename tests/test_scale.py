@@ -263,3 +263,55 @@ def test_cpu_lanes_split_a_batch_without_changing_its_results(export_dir: Path) 
 
 def photo_crops_at_32(count: int) -> list[np.ndarray]:
     return [np.asarray(Image.fromarray(c).resize((32, 32))) for c in photo_crops(count, seed=3)]
+
+
+def test_the_sidecar_is_written_while_images_are_encoded_and_renamed_only_at_the_end(
+    png_folder: Path, export_dir: Path, tmp_path: Path
+) -> None:
+    from vqtool.encode import encode_files
+    from vqtool.manifest import read_manifest
+    from vqtool.runtime import OnnxRuntimeRunner
+
+    runner = OnnxRuntimeRunner(export_dir / "encoder.onnx", "cpu", threads=1)
+    out = tmp_path / "codes.npy"
+    staged: list[str] = []
+
+    class Watching:
+        """The encoder, looking for the sidecar being written beside the output while it codes batches."""
+
+        backend, provider = runner.backend, runner.provider
+
+        def __call__(self, batch: np.ndarray) -> np.ndarray:
+            if not (tmp_path / "codes.json").exists():
+                staged.extend(p.name for p in tmp_path.glob(".codes.json.*.tmp"))
+            return runner(batch)
+
+        def describe(self) -> str:
+            return runner.describe()
+
+    files = sorted(png_folder.rglob("*.png"))
+    encode_files(files, read_manifest(export_dir), export_dir, Watching(), out, batch_size=8, log=lambda _: None)
+    assert staged  # begun before the last batch was coded, and renamed into place only at the end
+    assert json.loads((tmp_path / "codes.json").read_text())["files"] == [str(f) for f in files]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["codes.json", "codes.npy"]
+
+
+def test_a_staged_output_replaces_the_old_file_only_on_commit(tmp_path: Path) -> None:
+    from vqtool.atomic import StagedOutput
+
+    final = tmp_path / "out.json"
+    final.write_text("old")
+    with StagedOutput(final, lambda: b"new") as staged:
+        assert final.read_text() == "old"
+        staged.commit()
+    assert final.read_text() == "new"
+    with StagedOutput(final, lambda: b"newer"):
+        pass  # left without commit, as when encoding fails
+    assert final.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+    def broken() -> bytes:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"), StagedOutput(final, broken) as failing:
+        failing.commit()
+    assert final.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out.json"]

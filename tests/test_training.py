@@ -18,9 +18,11 @@ import torch
 
 from tests.conftest import REPO, interrupted_then_resumed, run_cli, start_cli, write_photo_folder
 from vqtool.errors import VqtoolError
+from vqtool.train.checkpoint import load_checkpoint
 from vqtool.train.config import ModelConfig, TrainConfig
 from vqtool.train.data import default_training_set
 from vqtool.train.loop import fit
+from vqtool.train.metrics import evaluate
 
 SMALL = ModelConfig(codes=512, dim=64)
 
@@ -104,7 +106,9 @@ def test_restarts_are_counted_in_the_metrics(photos, tmp_path: Path) -> None:  #
     assert records[-1]["restarts"] > 0 and records[-1]["restarts"] >= records[0]["restarts"]
 
 
-@pytest.mark.parametrize("options", [{}, {"ema": True, "kmeans_init": True, "restart_dead": 2}])
+@pytest.mark.parametrize(
+    "options", [{}, {"ema": True, "kmeans_init": True, "restart_dead": 2}, {"average_weights": 0.8}]
+)
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(photos, tmp_path: Path, options) -> None:  # noqa: ANN001
     model = ModelConfig(codes=32, dim=16)
     config = TrainConfig(steps=10, batch_size=16, device="cpu", steps_per_epoch=3, seed=4, **options)
@@ -126,6 +130,39 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(photos, tmp_pat
     b = torch.load(resumed.checkpoint, weights_only=True)
     for key in a["model"]:
         assert torch.allclose(a["model"][key], b["model"][key], atol=1e-6), key
+
+
+def test_averaged_weights_are_what_the_checkpoint_holds_and_validates(photos, tmp_path: Path) -> None:  # noqa: ANN001
+    model = ModelConfig(codes=32, dim=16)
+    config = TrainConfig(steps=1, batch_size=16, device="cpu", steps_per_epoch=1, average_weights=0.75)
+    run = tmp_path / "run"
+    fit(model, config, photos, run, data_source=None, show_progress=False, log_epochs=False)
+    first = load_checkpoint(run / "checkpoint.pt")
+    trained_first = first.extra["trained_weights"]
+    # The average starts from the weights after the first step.
+    assert all(torch.equal(first.model.state_dict()[k], trained_first[k]) for k in trained_first)
+    result = fit(
+        model,
+        replace(config, steps=2),
+        photos,
+        run,
+        data_source=None,
+        resume=True,
+        show_progress=False,
+        log_epochs=False,
+    )
+    second = load_checkpoint(run / "checkpoint.pt")
+    trained_second, averaged = second.extra["trained_weights"], second.model.state_dict()
+    assert second.extra["averaged_steps"] == 2
+    for key in trained_second:
+        assert not torch.equal(averaged[key], trained_second[key]), key  # the file's model is not the trained one
+        expected = 0.75 * trained_first[key] + 0.25 * trained_second[key]
+        assert torch.allclose(averaged[key], expected, atol=1e-6), key
+    # The figures recorded for the run are those of the model in the file, which export and parity read.
+    val = torch.from_numpy(photos.val)
+    assert evaluate(second.model, val)[0]["val_mse"] == pytest.approx(result.final["val_mse"], rel=1e-5)
+    with pytest.raises(ValueError, match="--average-weights"):
+        TrainConfig(average_weights=1.0)
 
 
 def test_the_cosine_schedule_decays_to_zero_after_its_warm_up_and_constant_stays_the_article_rate() -> None:
@@ -230,8 +267,9 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path
 
 @pytest.mark.parametrize("source", ["array", "folder"])
 def test_two_processes_match_one_on_the_same_global_batch(tmp_path: Path, source: str) -> None:
-    """torchrun with gloo on CPU; codebook statistics (EMA, restarts) are all-reduced across processes. From a
-    folder, each process's reader decodes only that process's slice of every global batch."""
+    """torchrun with gloo on CPU; codebook statistics (EMA, restarts) and the usage term's soft assignments are
+    all-reduced across processes. From a folder, each process's reader decodes only that process's slice of every
+    global batch."""
     if source == "array":
         data = _tiny_array(tmp_path)
     else:
@@ -251,6 +289,10 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path: Path, source
         "--ema",
         "--restart-dead",
         "2",
+        "--usage-loss",
+        "0.1",
+        "--average-weights",
+        "0.5",
         "--device",
         "cpu",
     ]

@@ -7,6 +7,7 @@ takes the same decision and a resumed run repeats an uninterrupted one.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -54,6 +55,15 @@ def kmeans(
             refill = torch.randint(len(vectors), (int(empty.sum()),), generator=generator)
             centres[empty] = vectors[refill]
     return centres
+
+
+def usage_divergence(assignment_sums: torch.Tensor, count: int) -> torch.Tensor:
+    """log K minus the entropy of the mean soft assignment: the KL divergence from the batch's code usage to an even
+    use of all K codes, 0 when the batch spreads evenly. LlamaGen's entropy loss has this batch term and a
+    per-latent one that sharpens assignments; the latter cost reconstruction here (see the README), so it is left out.
+    """
+    mean = assignment_sums / count
+    return math.log(len(mean)) + (mean * mean.clamp_min(1e-12).log()).sum()
 
 
 class CodebookHealth:

@@ -21,13 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from vqtool.atomic import atomic_output
 from vqtool.errors import VqtoolError
 from vqtool.images import SkippedFile
 from vqtool.train.board import Board
 from vqtool.train.checkpoint import load_checkpoint, save_checkpoint
-from vqtool.train.codebook import CodebookHealth
+from vqtool.train.codebook import CodebookHealth, usage_divergence
 from vqtool.train.config import ModelConfig, TrainConfig, lr_factor
 from vqtool.train.data import Batch, TrainingData
 from vqtool.train.figures import save_loss_curves, save_reconstruction_grid
@@ -100,6 +101,16 @@ def _start_distributed(device_name: str) -> tuple[Distributed, torch.device]:
     return Distributed(dist.get_rank(), dist.get_world_size()), device
 
 
+def _weight_average(model: VQVAE, decay: float) -> AveragedModel | None:
+    """PyTorch's exponential moving average of `model`'s weights, updated after each step (None when decay is 0).
+
+    Codes re-seeded by --restart-dead join the average gradually, like every other weight.
+    """
+    if not decay:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+
+
 @contextmanager
 def _deferred_interrupt() -> Iterator[dict[str, bool]]:
     """Turn Ctrl-C into a flag checked between steps, so a checkpoint is never saved mid-update."""
@@ -157,8 +168,14 @@ class _Run:
         self.sums = {"recon": 0.0, "codebook": 0.0, "commit": 0.0, "count": 0}
         self.started = time.perf_counter()
         self.trainer: torch.nn.Module = model
+        self.averaged = _weight_average(model, config.average_weights)
         if config.batch_size % world.world:
             raise TrainingStopped(f"--batch-size {config.batch_size} must divide evenly over {world.world} processes")
+
+    @property
+    def evaluated(self) -> VQVAE:
+        """The model validation, figures and the checkpoint see: the averaged weights where there are any."""
+        return self.model if self.averaged is None else self.averaged.module
 
     @property
     def checkpoint_path(self) -> Path:
@@ -178,7 +195,11 @@ class _Run:
 
     def restore(self) -> None:
         saved = load_checkpoint(self.checkpoint_path, map_location=self.device)
-        self.model.load_state_dict(saved.model.state_dict())
+        # With averaging, the file's model is the average and the weights being trained are kept beside it.
+        self.model.load_state_dict(saved.extra.get("trained_weights", saved.model.state_dict()))
+        if self.averaged is not None and "averaged_steps" in saved.extra:
+            self.averaged.module.load_state_dict(saved.model.state_dict())
+            self.averaged.n_averaged.fill_(int(saved.extra["averaged_steps"]))
         if saved.optimizer_state is not None:
             self.optimizer.load_state_dict(saved.optimizer_state)
         self.step = saved.step
@@ -197,9 +218,12 @@ class _Run:
             "stream": self.stream_state,
             "skipped": [s.to_dict() for s in self.skipped.values()],
         }
+        if self.averaged is not None:
+            extra["trained_weights"] = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+            extra["averaged_steps"] = int(self.averaged.n_averaged)
         save_checkpoint(
             self.checkpoint_path,
-            self.model,
+            self.evaluated,
             self.config,
             step=self.step,
             epoch=self.epoch,
@@ -267,9 +291,12 @@ class _Run:
     def train_step(self, stop_requested: bool) -> tuple[dict[str, float], bool]:
         """One optimisation step; returns its losses and whether any process asked to stop."""
         x = images_to_input(torch.from_numpy(self.read_step()).to(self.device))
-        result = self.trainer(x, rotation_trick=self.config.rotation_trick)
+        temperature = self.config.usage_temperature if self.config.usage_loss else None
+        result = self.trainer(x, rotation_trick=self.config.rotation_trick, usage_temperature=temperature)
         codebook_term = 0.0 if self.config.ema else result.codebook_loss
         loss = result.recon_loss + codebook_term + self.config.beta * result.commit_loss
+        if result.assignment_sums is not None:
+            loss = loss + self.config.usage_loss * self.usage_term(result.assignment_sums, result.codes.numel())
         losses = {
             "recon": result.recon_loss.item(),
             "codebook": result.codebook_loss.item(),
@@ -294,6 +321,8 @@ class _Run:
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.lr * factor
         self.optimizer.step()
+        if self.averaged is not None:
+            self.averaged.update_parameters(self.model)
         self.health.after_step(result.latents, result.codes, self.step)
         self.step += 1
         for key, value in losses.items():
@@ -303,10 +332,19 @@ class _Run:
             self.trace.append({"step": float(self.step), **losses})
         return losses, bool(flags[0] > 0)
 
+    def usage_term(self, assignment_sums: torch.Tensor, local_count: int) -> torch.Tensor:
+        """usage_divergence of the global batch: under torchrun the sums are all-reduced with a reduction that
+        carries gradients, so with DDP's averaging every process gets the gradient one process would."""
+        if not self.world.active:
+            return usage_divergence(assignment_sums, local_count)
+        from torch.distributed.nn.functional import all_reduce
+
+        return usage_divergence(all_reduce(assignment_sums), local_count * self.world.world)
+
     def end_epoch(self) -> dict[str, Any]:
         """Validate, log, checkpoint and draw; called at each epoch's end and at the run's end (rank 0)."""
         count = max(1, int(self.sums["count"]))
-        validation, codes = evaluate(self.model, self.val)
+        validation, codes = evaluate(self.evaluated, self.val)
         record: dict[str, Any] = {
             "step": self.step,
             "epoch": self.step / self.steps_per_epoch,
@@ -330,11 +368,12 @@ class _Run:
 
     @torch.no_grad()
     def snapshot(self) -> None:
-        was_training = self.model.training
-        self.model.eval()
+        model = self.evaluated
+        was_training = model.training
+        model.eval()
         inputs = self.val[:GRID_IMAGES]
-        reconstruction = output_to_images(self.model(images_to_input(inputs)).reconstruction)
-        self.model.train(was_training)
+        reconstruction = output_to_images(model(images_to_input(inputs)).reconstruction)
+        model.train(was_training)
         path = self.run_dir / FIGURES_DIR / f"recon_step{self.step:07d}.png"
         grid = save_reconstruction_grid(path, inputs.cpu().numpy(), reconstruction.cpu().numpy())
         if self.board is not None:

@@ -47,6 +47,15 @@ def l2_normalize(vectors: torch.Tensor) -> torch.Tensor:
     return vectors / norm.clamp_min(L2_EPSILON)
 
 
+def soft_assignment_sums(latents: torch.Tensor, codebook: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Sum over the latents (..., d) of their soft assignments softmax(-distance / temperature) to the K codes -> (K,).
+
+    Differentiable in latents and codes, unlike the argmin; what --usage-loss spreads over the codebook.
+    """
+    flat = latents.reshape(-1, latents.shape[-1])
+    return torch.softmax(-code_distances(flat, codebook) / temperature, dim=-1).sum(dim=0)
+
+
 def rotate_onto(latents: torch.Tensor, codes: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """The rotation trick (Fifty et al., 2024): `codes` in the forward pass, while the gradient reaching them
     goes back to `latents` through the rotation and rescaling that take each latent onto its code (held
@@ -148,6 +157,7 @@ class ForwardResult:
     recon_loss: torch.Tensor
     codebook_loss: torch.Tensor
     commit_loss: torch.Tensor
+    assignment_sums: torch.Tensor | None = None  # soft_assignment_sums, when forward was given a usage temperature
 
 
 class VQVAE(nn.Module):
@@ -190,7 +200,9 @@ class VQVAE(nn.Module):
         """Integer codes N x h x w -> model-scale images."""
         return self.decode_latents(self.quantizer.lookup(codes))
 
-    def forward(self, x: torch.Tensor, rotation_trick: bool = False) -> ForwardResult:
+    def forward(
+        self, x: torch.Tensor, rotation_trick: bool = False, usage_temperature: float | None = None
+    ) -> ForwardResult:
         z_e = self.encode_latents(x)
         codes = self.quantizer.nearest(z_e.detach())
         e = self.quantizer.lookup(codes)
@@ -203,4 +215,9 @@ class VQVAE(nn.Module):
         z_q = rotate_onto(z_e, e) if rotation_trick else z_e + (e - z_e).detach()
         reconstruction = self.decode_latents(z_q)
         recon_loss = F.mse_loss(reconstruction, x)
-        return ForwardResult(reconstruction, codes, z_e.detach(), recon_loss, codebook_loss, commit_loss)
+        sums = (
+            soft_assignment_sums(z_e, self.quantizer.search_codebook(), usage_temperature)
+            if usage_temperature
+            else None
+        )
+        return ForwardResult(reconstruction, codes, z_e.detach(), recon_loss, codebook_loss, commit_loss, sums)

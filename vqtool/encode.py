@@ -8,6 +8,7 @@ complete result.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import mmap
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vqtool.atomic import partial_path, usual_mode, write_json
+from vqtool.atomic import StagedOutput, json_bytes, partial_path, usual_mode, write_json
 from vqtool.codes import CodesSidecar, sidecar_path
 from vqtool.cores import reader_count, shared_buffer, worker_buffer, worker_pool
 from vqtool.errors import VqtoolError
@@ -351,62 +352,73 @@ def encode_files(
     finished, written, skipped = progress.done, progress.written, list(progress.skipped)
     synced_at = time.monotonic()
 
+    def sidecar_of(left_out: list[SkippedFile]) -> CodesSidecar:
+        names = {s.file for s in left_out}
+        return CodesSidecar(
+            files=[str(f) for f in files if str(f) not in names],
+            grid=list(grid),
+            codes=manifest.codes,
+            dtype=dtype.name,
+            manifest_sha256=str(signature["manifest_sha256"]),
+            checkpoint_sha256=manifest.checkpoint_sha256,
+            shard=shard_info,
+            precision=precision,
+            skipped=[s.to_dict() for s in left_out] if skip_bad else None,
+            backend=encoder.backend,
+        )
+
     def record_progress(rows: np.memmap) -> None:
         """Rows on disk first, then the record that says so; at most every SYNC_SECONDS, and on interrupt."""
         rows.flush()
         record = {**signature, "done": finished, "written": written, "skipped": [s.to_dict() for s in skipped]}
         write_json(progress_path(out), record)
 
-    try:
-        for batch in read_batches(files, options, batch_size, workers, shape, start=progress.done):
-            resized += batch.resized
-            if len(batch.pixels):
-                codes_out[written : written + len(batch.pixels)] = encoder(batch.pixels)
-            written += len(batch.pixels)
-            skipped.extend(batch.skipped)
-            finished = batch.first + batch.files
-            if time.monotonic() - synced_at > SYNC_SECONDS:
-                record_progress(codes_out)
-                synced_at = time.monotonic()
-    except VqtoolError:
-        # Bad input changes the file list, so these rows could never be resumed: drop them.
+    # Without --skip-bad the sidecar is known before the first image is read (a file that cannot be read stops
+    # the run), so it is written and synced while the images are encoded, and only renamed into place at the end.
+    early_sidecar = None if skip_bad else StagedOutput(sidecar_path(out), lambda: json_bytes(sidecar_of([]).to_dict()))
+    with early_sidecar or contextlib.nullcontext():
+        try:
+            for batch in read_batches(files, options, batch_size, workers, shape, start=progress.done):
+                resized += batch.resized
+                if len(batch.pixels):
+                    codes_out[written : written + len(batch.pixels)] = encoder(batch.pixels)
+                written += len(batch.pixels)
+                skipped.extend(batch.skipped)
+                finished = batch.first + batch.files
+                if time.monotonic() - synced_at > SYNC_SECONDS:
+                    record_progress(codes_out)
+                    synced_at = time.monotonic()
+        except VqtoolError:
+            # Bad input changes the file list, so these rows could never be resumed: drop them.
+            del codes_out
+            partial.unlink(missing_ok=True)
+            progress_path(out).unlink(missing_ok=True)
+            raise
+        except KeyboardInterrupt:
+            record_progress(codes_out)
+            raise EncodeInterrupted(
+                f"interrupted after {finished} of {len(files)} images; the finished rows are kept: "
+                "run the same command with --resume to continue",
+                out,
+            ) from None
+        codes_out.flush()
         del codes_out
-        partial.unlink(missing_ok=True)
-        progress_path(out).unlink(missing_ok=True)
-        raise
-    except KeyboardInterrupt:
-        record_progress(codes_out)
-        raise EncodeInterrupted(
-            f"interrupted after {finished} of {len(files)} images; the finished rows are kept: "
-            "run the same command with --resume to continue",
-            out,
-        ) from None
-    codes_out.flush()
-    del codes_out
-    if not written:
-        partial.unlink(missing_ok=True)
-        progress_path(out).unlink(missing_ok=True)
-        raise VqtoolError(f"none of the {len(files)} files could be read, so nothing was written: {skipped[0].reason}")
-    if written < len(files):
-        shrink_rows(partial, written)
-    left_out = {s.file for s in skipped}
-    sidecar = CodesSidecar(
-        files=[str(f) for f in files if str(f) not in left_out],
-        grid=list(grid),
-        codes=manifest.codes,
-        dtype=dtype.name,
-        manifest_sha256=str(signature["manifest_sha256"]),
-        checkpoint_sha256=manifest.checkpoint_sha256,
-        shard=shard_info,
-        precision=precision,
-        skipped=[s.to_dict() for s in skipped] if skip_bad else None,
-        backend=encoder.backend,
-    )
-    # The sidecar is renamed into place before the codes: a crash between leaves old codes with a
-    # sidecar whose file count no longer matches, which decode reports, never a silent mismatch.
-    write_json(sidecar_path(out), sidecar.to_dict())
-    usual_mode(partial)
-    os.replace(partial, out)
+        if not written:
+            partial.unlink(missing_ok=True)
+            progress_path(out).unlink(missing_ok=True)
+            raise VqtoolError(
+                f"none of the {len(files)} files could be read, so nothing was written: {skipped[0].reason}"
+            )
+        if written < len(files):
+            shrink_rows(partial, written)
+        # The sidecar is renamed into place before the codes: a crash between leaves old codes with a
+        # sidecar whose file count no longer matches, which decode reports, never a silent mismatch.
+        if early_sidecar is not None:
+            early_sidecar.commit()
+        else:
+            write_json(sidecar_path(out), sidecar_of(skipped).to_dict())
+        usual_mode(partial)
+        os.replace(partial, out)
     progress_path(out).unlink(missing_ok=True)
     if skipped:
         log(describe_skipped(skipped, len(files)))

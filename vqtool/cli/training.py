@@ -155,28 +155,53 @@ RotationOption = Annotated[
         show_default=False,
     ),
 ]
+LrOption = Annotated[
+    float | None, typer.Option(help="Adam learning rate (default 1e-3, or the preset's).", show_default=False)
+]
 AdamBeta2Option = Annotated[
     float | None, typer.Option(help="Adam's second-moment decay (default 0.999, PyTorch's).", show_default=False)
+]
+UsageLossOption = Annotated[
+    float | None,
+    typer.Option(
+        help="Weight of a term that spreads each batch over all K codes (log K minus the entropy of its mean soft "
+        "assignment, temperature 0.01; 0: none, the default unless a preset says otherwise).",
+        show_default=False,
+    ),
+]
+AverageWeightsOption = Annotated[
+    float | None,
+    typer.Option(
+        help="Keep an exponential moving average of the weights with this decay (e.g. 0.99; 0: none, the default "
+        "unless a preset says otherwise); validation, checkpoints and exports use the averaged weights.",
+        show_default=False,
+    ),
 ]
 
 
 def _training_overrides(
     *,
+    lr: float | None,
     ema: bool | None,
     kmeans_init: bool | None,
     restart_dead: int | None,
     rotation_trick: bool | None,
     adam_beta2: float | None,
+    average_weights: float | None,
+    usage_loss: float | None,
     lr_schedule: LrSchedule | None,
     warmup_steps: int | None,
 ) -> dict[str, Any]:
     """The training options a preset may set, as `train` and `sweep` were given them (None: not given)."""
     return {
+        "lr": lr,
         "ema": ema,
         "kmeans_init": kmeans_init,
         "restart_dead": restart_dead,
         "rotation_trick": rotation_trick,
         "adam_beta2": adam_beta2,
+        "average_weights": average_weights,
+        "usage_loss": usage_loss,
         "lr_schedule": lr_schedule.value if lr_schedule is not None else None,
         "warmup_steps": warmup_steps,
     }
@@ -217,7 +242,7 @@ def train(
     epochs: EpochsOption = None,
     steps: StepsOption = None,
     batch_size: BatchOption = 128,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    lr: LrOption = None,
     lr_schedule: LrScheduleOption = None,
     warmup_steps: WarmupOption = None,
     beta: Annotated[float, typer.Option(help="Commitment loss weight β.")] = 0.25,
@@ -230,6 +255,8 @@ def train(
     restart_dead: RestartOption = None,
     rotation_trick: RotationOption = None,
     adam_beta2: AdamBeta2Option = None,
+    average_weights: AverageWeightsOption = None,
+    usage_loss: UsageLossOption = None,
     steps_per_epoch: StepsPerEpochOption = None,
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
     skip_bad: SkipBadOption = False,
@@ -266,11 +293,14 @@ def train(
                 "lookup_dim": lookup_dim,
                 "l2_codes": l2_codes,
                 **_training_overrides(
+                    lr=lr,
                     ema=ema,
                     kmeans_init=kmeans_init,
                     restart_dead=restart_dead,
                     rotation_trick=rotation_trick,
                     adam_beta2=adam_beta2,
+                    average_weights=average_weights,
+                    usage_loss=usage_loss,
                     lr_schedule=lr_schedule,
                     warmup_steps=warmup_steps,
                 ),
@@ -281,7 +311,6 @@ def train(
                 epochs=TrainConfig.epochs if epochs is None else epochs,
                 steps=steps,
                 batch_size=batch_size,
-                lr=lr,
                 beta=beta,
                 seed=seed,
                 device=device.value,
@@ -391,7 +420,7 @@ def sweep(
     steps: StepsOption = None,
     steps_per_epoch: StepsPerEpochOption = None,
     batch_size: BatchOption = 128,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    lr: LrOption = None,
     lr_schedule: LrScheduleOption = None,
     warmup_steps: WarmupOption = None,
     device: DeviceOption = Device.auto,
@@ -400,6 +429,8 @@ def sweep(
     restart_dead: RestartOption = None,
     rotation_trick: RotationOption = None,
     adam_beta2: AdamBeta2Option = None,
+    average_weights: AverageWeightsOption = None,
+    usage_loss: UsageLossOption = None,
     title: Annotated[
         str | None, typer.Option(help="Heading of the summary (default: the axes swept).", show_default=False)
     ] = None,
@@ -440,11 +471,14 @@ def sweep(
         "l2_codes": _flag_list(l2_codes, "--l2-codes") if l2_codes else None,
     }
     explicit = _training_overrides(
+        lr=lr,
         ema=ema,
         kmeans_init=kmeans_init,
         restart_dead=restart_dead,
         rotation_trick=rotation_trick,
         adam_beta2=adam_beta2,
+        average_weights=average_weights,
+        usage_loss=usage_loss,
         lr_schedule=lr_schedule,
         warmup_steps=warmup_steps,
     )
@@ -455,7 +489,6 @@ def sweep(
             steps=steps,
             steps_per_epoch=steps_per_epoch,
             batch_size=batch_size,
-            lr=lr,
             device=device.value,
             **train_fields,
         )
