@@ -23,7 +23,14 @@ from vqtool.atomic import usual_mode, write_json
 from vqtool.backends import BF16, INT8, PRECISIONS, PYTORCH_FILE, graph_key
 from vqtool.errors import VqtoolError, missing_extra
 from vqtool.export.graphs import DecoderGraph, EncoderGraph
-from vqtool.export.quantize import CALIBRATION_IMAGES, calibration_images, write_int8_encoder
+from vqtool.export.quantize import (
+    AGREEMENT_IMAGES,
+    AGREEMENT_SEED,
+    CALIBRATION_IMAGES,
+    calibration_images,
+    code_agreement,
+    write_checked_int8_encoder,
+)
 from vqtool.export.tensorrt_build import EngineProfile
 from vqtool.export.verify import Verification, verify_export
 from vqtool.limits import DEFAULT_MAX_PIXELS
@@ -278,7 +285,10 @@ def export_model(
             else:
                 data, source = own_data(), checkpoint.data or "the embedded default data"
             images = calibration_images(data, calibration_count, source, log)
-            int8_entry = write_int8_encoder(staging, entries[graph_key("encoder", "fp32")], images)
+            agreement = code_agreement(checkpoint.model, data.batch(0, AGREEMENT_IMAGES, seed=AGREEMENT_SEED))
+            int8_entry = write_checked_int8_encoder(
+                staging, entries[graph_key("encoder", "fp32")], images, agreement, log
+            )
         # A slim copy of the weights travels with the graphs: parity and --backend torch need no other file.
         save_checkpoint(
             staging / PYTORCH_FILE,

@@ -178,6 +178,18 @@ def test_the_cosine_schedule_decays_to_zero_after_its_warm_up_and_constant_stays
         TrainConfig(lr_schedule="linear")
 
 
+def test_a_cool_down_lowers_a_constant_rate_linearly_over_the_last_steps() -> None:
+    from vqtool.train.config import lr_factor
+
+    assert [lr_factor("constant", s, 100, 0, 4) for s in (0, 95, 96, 97, 98, 99)] == [1.0, 1.0, 1.0, 0.75, 0.5, 0.25]
+    # Warm-up and cool-down together: the warm-up still starts the run.
+    assert [lr_factor("constant", s, 10, 2, 3) for s in range(10)] == pytest.approx([0.5] + [1.0] * 7 + [2 / 3, 1 / 3])
+    with pytest.raises(ValueError, match="cooldown"):
+        TrainConfig(cooldown_steps=-1)
+    with pytest.raises(ValueError, match="cosine"):
+        TrainConfig(lr_schedule="cosine", cooldown_steps=10)
+
+
 def test_a_cosine_run_interrupted_and_resumed_follows_the_same_schedule(photos, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     from vqtool.train import loop
 

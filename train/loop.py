@@ -317,7 +317,13 @@ class _Run:
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        factor = lr_factor(self.config.lr_schedule, self.step, self.total_steps, self.config.warmup_steps)
+        factor = lr_factor(
+            self.config.lr_schedule,
+            self.step,
+            self.total_steps,
+            self.config.warmup_steps,
+            self.config.cooldown_steps,
+        )
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.lr * factor
         self.optimizer.step()

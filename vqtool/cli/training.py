@@ -143,6 +143,13 @@ LrScheduleOption = Annotated[
 WarmupOption = Annotated[
     int | None, typer.Option(help="Raise the rate linearly over this many first steps (default 0).", show_default=False)
 ]
+CooldownOption = Annotated[
+    int | None,
+    typer.Option(
+        help="End a constant rate by lowering it linearly to 0 over this many last steps (default 0, or the preset's).",
+        show_default=False,
+    ),
+]
 RestartOption = Annotated[
     int | None, typer.Option(help="Re-seed codes unused for this many steps from recent encoder outputs.")
 ]
@@ -191,6 +198,7 @@ def _training_overrides(
     usage_loss: float | None,
     lr_schedule: LrSchedule | None,
     warmup_steps: int | None,
+    cooldown_steps: int | None,
 ) -> dict[str, Any]:
     """The training options a preset may set, as `train` and `sweep` were given them (None: not given)."""
     return {
@@ -204,6 +212,7 @@ def _training_overrides(
         "usage_loss": usage_loss,
         "lr_schedule": lr_schedule.value if lr_schedule is not None else None,
         "warmup_steps": warmup_steps,
+        "cooldown_steps": cooldown_steps,
     }
 
 
@@ -245,6 +254,7 @@ def train(
     lr: LrOption = None,
     lr_schedule: LrScheduleOption = None,
     warmup_steps: WarmupOption = None,
+    cooldown_steps: CooldownOption = None,
     beta: Annotated[float, typer.Option(help="Commitment loss weight β.")] = 0.25,
     seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = 0,
     device: DeviceOption = Device.auto,
@@ -303,6 +313,7 @@ def train(
                     usage_loss=usage_loss,
                     lr_schedule=lr_schedule,
                     warmup_steps=warmup_steps,
+                    cooldown_steps=cooldown_steps,
                 ),
             }
             model_fields, train_fields = preset_settings(preset.value, explicit)
@@ -423,6 +434,7 @@ def sweep(
     lr: LrOption = None,
     lr_schedule: LrScheduleOption = None,
     warmup_steps: WarmupOption = None,
+    cooldown_steps: CooldownOption = None,
     device: DeviceOption = Device.auto,
     ema: EmaOption = None,
     kmeans_init: KmeansOption = None,
@@ -481,6 +493,7 @@ def sweep(
         usage_loss=usage_loss,
         lr_schedule=lr_schedule,
         warmup_steps=warmup_steps,
+        cooldown_steps=cooldown_steps,
     )
     try:
         model_fields, train_fields = preset_settings(preset.value, explicit)
