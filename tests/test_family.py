@@ -205,6 +205,9 @@ def test_presets_set_the_family_and_explicit_options_win(tmp_path: Path) -> None
             assert _restarts(out) > _restarts(run), name
         else:
             assert not torch.equal(saved.model.encoder[0].weight.detach(), preset_weights), name
+    cosine = run_cli("train", *args, "--lr-schedule", "cosine", "--out", str(tmp_path / "cosine"))
+    assert cosine.returncode == 0, cosine.stderr  # the preset's cool-down yields to a schedule given instead
+    assert load_checkpoint(tmp_path / "cosine" / "checkpoint.pt").train_config.cooldown_steps == 0
     refused = run_cli("train", "--preset", "f3", "--steps", "1", "--out", str(tmp_path / "x"))
     assert refused.returncode == 2 and "f3" in refused.stderr  # a typo is refused before any work
     bad = run_cli("train", "--downsample", "3", "--steps", "1", "--out", str(tmp_path / "y"))

@@ -233,6 +233,10 @@ def preset_settings(name: str, explicit: dict[str, Any]) -> tuple[dict[str, Any]
     """(ModelConfig fields, TrainConfig fields) of a preset, overridden by the options given explicitly (not None)."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    merged = {**PRESETS[name], **{k: v for k, v in explicit.items() if v is not None}}
+    given = {k: v for k, v in explicit.items() if v is not None}
+    preset = dict(PRESETS[name])
+    if given.get("lr_schedule", "constant") != "constant":
+        preset.pop("cooldown_steps", None)  # a preset's cool-down ends its constant rate, not a schedule given instead
+    merged = {**preset, **given}
     model = {k: v for k, v in merged.items() if k in MODEL_FIELDS}
     return model, {k: v for k, v in merged.items() if k not in MODEL_FIELDS}
