@@ -38,13 +38,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
-    import onnx
     import onnxruntime as ort
     import torch
 
     from vqtool.export.onnx_export import training_set_of, write_graphs
     from vqtool.export.parity import ParityReport, check_parity, torch_reference
-    from vqtool.export.quantize import CALIBRATION_IMAGES, calibration_images, write_int8_encoder
+    from vqtool.export.quantize import CALIBRATION_IMAGES, calibration_images, convolutions_of, write_int8_encoder
     from vqtool.train.checkpoint import load_checkpoint
     from vqtool.train.model import output_to_images
 
@@ -63,7 +62,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vqtool-int8-layers-") as scratch:
         work = Path(scratch)
         fp32 = write_graphs(model, "benchmark", work, "fp32")["encoder"]
-        convolutions = [node.name for node in onnx.load(str(work / fp32.file)).graph.node if node.op_type == "Conv"]
+        convolutions = convolutions_of(work / fp32.file)
         variants: dict[str, list[str]] = {"all INT8": []}
         for index, name in enumerate(convolutions):
             variants[f"only conv {index} INT8"] = [other for other in convolutions if other != name]
