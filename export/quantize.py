@@ -59,11 +59,18 @@ def calibration_images(data: TrainingData, count: int, source: str, log: Callabl
 
 
 def write_int8_encoder(
-    folder: Path, fp32: GraphEntry, images: np.ndarray, *, keep_fp32: Sequence[str] = ()
+    folder: Path,
+    fp32: GraphEntry,
+    images: np.ndarray,
+    *,
+    keep_fp32: Sequence[str] = (),
+    fold_relus: bool = True,
 ) -> GraphEntry:
     """Quantize the FP32 encoder in `folder` to encoder.int8.onnx, calibrated on `images` (N x H x W x 3 uint8).
 
-    `keep_fp32` names convolutions (ONNX node names) left in FP32 (benchmarks/int8_layers.py measures them)."""
+    `keep_fp32` names convolutions (ONNX node names) left in FP32 (benchmarks/int8_layers.py measures them);
+    `fold_relus=False` is the previous set-up, each convolution's output calibrated before its ReLU, kept for
+    benchmarks/int8_errors.py to measure against."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -100,7 +107,7 @@ def write_int8_encoder(
                 # clamps at the zero point, which is the ReLU. On the f8 preset, with every convolution INT8,
                 # that takes identical codes from 84.4% to 93.0% and runs faster (fewer nodes).
                 # MatMul is the distance: it stays FP32.
-                op_types_to_quantize=["Conv", "Relu"],
+                op_types_to_quantize=["Conv", "Relu"] if fold_relus else ["Conv"],
                 nodes_to_exclude=list(keep_fp32),
                 per_channel=True,
                 activation_type=QuantType.QUInt8,
