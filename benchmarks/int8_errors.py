@@ -31,17 +31,13 @@ def main() -> None:
     import torch
     from onnx import numpy_helper
 
-    from vqtool.export.onnx_export import training_set_of, write_graphs
-    from vqtool.export.parity import torch_reference
-    from vqtool.export.quantize import CALIBRATION_IMAGES, calibration_images, code_agreement, write_int8_encoder
-    from vqtool.train.checkpoint import load_checkpoint
+    from benchmarks.int8_layers import quantizable
+    from vqtool.export.onnx_export import write_graphs
+    from vqtool.export.quantize import code_agreement, write_int8_encoder
     from vqtool.train.model import images_to_input
 
-    checkpoint = load_checkpoint(args.checkpoint)
-    model = checkpoint.model.eval()
-    data = training_set_of(checkpoint, print)
-    reference = torch_reference(model, data.val).codes
-    calibration = calibration_images(data, CALIBRATION_IMAGES, str(checkpoint.data or "the embedded data"), print)
+    start = quantizable(args.checkpoint)
+    model, data, calibration, reference = start.model, start.data, start.calibration, start.reference.codes
     with tempfile.TemporaryDirectory(prefix="vqtool-int8-errors-") as scratch:
         work = Path(scratch)
         fp32 = write_graphs(model, "benchmark", work, "fp32")["encoder"]

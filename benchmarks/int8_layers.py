@@ -17,11 +17,41 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from vqtool.export.parity import Reference
+    from vqtool.train.checkpoint import Checkpoint
+    from vqtool.train.data import TrainingData
+    from vqtool.train.model import VQVAE
+
 BATCH = 256
 REPEATS = 10
+
+
+class Quantizable(NamedTuple):
+    """What measuring a checkpoint's INT8 encoder starts from (this benchmark and benchmarks/int8_errors.py)."""
+
+    checkpoint: Checkpoint
+    model: VQVAE  # in eval mode
+    data: TrainingData  # what the checkpoint was trained on
+    reference: Reference  # PyTorch's codes and reconstructions of data.val
+    calibration: np.ndarray  # the crops `vqtool export --int8` calibrates on
+
+
+def quantizable(path: Path) -> Quantizable:
+    from vqtool.export.onnx_export import training_set_of
+    from vqtool.export.parity import torch_reference
+    from vqtool.export.quantize import CALIBRATION_IMAGES, calibration_images
+    from vqtool.train.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(path)
+    model = checkpoint.model.eval()
+    data = training_set_of(checkpoint, print)
+    calibration = calibration_images(data, CALIBRATION_IMAGES, str(checkpoint.data or "the embedded data"), print)
+    return Quantizable(checkpoint, model, data, torch_reference(model, data.val), calibration)
 
 
 def _images_per_s(session, name: str, batch: np.ndarray) -> float:  # noqa: ANN001
@@ -41,17 +71,12 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from vqtool.export.onnx_export import training_set_of, write_graphs
-    from vqtool.export.parity import ParityReport, check_parity, torch_reference
-    from vqtool.export.quantize import CALIBRATION_IMAGES, calibration_images, convolutions_of, write_int8_encoder
-    from vqtool.train.checkpoint import load_checkpoint
+    from vqtool.export.onnx_export import write_graphs
+    from vqtool.export.parity import ParityReport, check_parity
+    from vqtool.export.quantize import convolutions_of, write_int8_encoder
     from vqtool.train.model import output_to_images
 
-    checkpoint = load_checkpoint(args.checkpoint)
-    model = checkpoint.model.eval()
-    data = training_set_of(checkpoint, print)
-    reference = torch_reference(model, data.val)
-    calibration = calibration_images(data, CALIBRATION_IMAGES, str(checkpoint.data or "the embedded data"), print)
+    checkpoint, model, data, reference, calibration = quantizable(args.checkpoint)
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
 
