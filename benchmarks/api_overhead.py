@@ -41,7 +41,7 @@ def bare_session(graph: Path):  # type: ignore[no-untyped-def]
 
 def measure(tok, stage, graph, api, data, feed, batch, args) -> None:  # type: ignore[no-untyped-def]
     """One table row: the API against the bare session, in alternating rounds."""
-    from vqtool.bench import time_interleaved
+    from vqtool.bench.timing import time_interleaved
 
     session = bare_session(graph)
     name = session.get_inputs()[0].name

@@ -1,13 +1,12 @@
 """Where an INT8 encoder's code changes come from: input, weight or output rounding, convolution by convolution.
 
-    python -m benchmarks.int8_errors CHECKPOINT [--relu-apart]
+    python -m benchmarks.int8_errors CHECKPOINT
 
 Quantizes the checkpoint's encoder with every convolution INT8, as `vqtool export --int8` calibrates it, then
 replays its rounding in PyTorch with the graph's own scales and zero points, one source at a time: each
 convolution's input activations, its per-channel weights, its output. For each it prints the share of the
 validation images' codes left identical to PyTorch's. The rounding of all sources together comes within a few
 tenths of a percent of what ONNX Runtime gives (printed above it), so the sources can be compared.
-`--relu-apart` quantizes as the previous version did, each convolution's output calibrated before its ReLU.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ import numpy as np
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("--relu-apart", action="store_true", help="calibrate outputs before the ReLUs (previous)")
     args = parser.parse_args()
 
     import onnx
@@ -32,16 +30,16 @@ def main() -> None:
     from onnx import numpy_helper
 
     from benchmarks.int8_layers import quantizable
-    from vqtool.export.onnx_export import write_graphs
+    from vqtool.export.graphs import write_graphs
     from vqtool.export.quantize import code_agreement, write_int8_encoder
-    from vqtool.train.model import images_to_input
+    from vqtool.model.vqvae import images_to_input
 
     start = quantizable(args.checkpoint)
     model, data, calibration, reference = start.model, start.data, start.calibration, start.reference.codes
     with tempfile.TemporaryDirectory(prefix="vqtool-int8-errors-") as scratch:
         work = Path(scratch)
         fp32 = write_graphs(model, "benchmark", work, "fp32")["encoder"]
-        entry = write_int8_encoder(work, fp32, calibration, fold_relus=not args.relu_apart)
+        entry = write_int8_encoder(work, fp32, calibration)
         onnx_runtime = code_agreement(model, data.val)(work / entry.file)
         graph = onnx.load(str(work / entry.file)).graph
 
@@ -108,8 +106,7 @@ def main() -> None:
         return float((codes.numpy() == reference).mean())
 
     every = frozenset(range(len(convs)))
-    setup = "outputs calibrated before each ReLU" if args.relu_apart else "each ReLU folded into its convolution"
-    print(f"\n{len(data.val)} validation images; every convolution INT8, {setup}")
+    print(f"\n{len(data.val)} validation images; every convolution INT8, each ReLU folded into its convolution")
     print(f"ONNX Runtime's INT8 graph: {onnx_runtime:.1%} identical codes")
     print("| rounding replayed in PyTorch | identical codes |")
     print("|---|---|")

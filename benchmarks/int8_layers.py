@@ -23,9 +23,9 @@ import numpy as np
 
 if TYPE_CHECKING:
     from vqtool.export.parity import Reference
-    from vqtool.train.checkpoint import Checkpoint
-    from vqtool.train.data import TrainingData
-    from vqtool.train.model import VQVAE
+    from vqtool.model.checkpoint import Checkpoint
+    from vqtool.model.vqvae import VQVAE
+    from vqtool.train.data.memory import TrainingData
 
 BATCH = 256
 REPEATS = 10
@@ -42,10 +42,10 @@ class Quantizable(NamedTuple):
 
 
 def quantizable(path: Path) -> Quantizable:
-    from vqtool.export.onnx_export import training_set_of
     from vqtool.export.parity import torch_reference
     from vqtool.export.quantize import CALIBRATION_IMAGES, calibration_images
-    from vqtool.train.checkpoint import load_checkpoint
+    from vqtool.model.checkpoint import load_checkpoint
+    from vqtool.train.data.run_data import training_set_of
 
     checkpoint = load_checkpoint(path)
     model = checkpoint.model.eval()
@@ -71,10 +71,10 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from vqtool.export.onnx_export import write_graphs
+    from vqtool.export.graphs import write_graphs
     from vqtool.export.parity import ParityReport, check_parity
     from vqtool.export.quantize import convolutions_of, write_int8_encoder
-    from vqtool.train.model import output_to_images
+    from vqtool.model.vqvae import output_to_images
 
     checkpoint, model, data, reference, calibration = quantizable(args.checkpoint)
     options = ort.SessionOptions()

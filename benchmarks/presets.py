@@ -61,10 +61,10 @@ def draw_figure(runs: dict[str, Path], figure: Path) -> None:
     """Inputs on top, then one row per preset, the same validation images in each."""
     import torch
 
-    from vqtool.train.checkpoint import load_checkpoint
-    from vqtool.train.data import default_training_set
+    from vqtool.model.checkpoint import load_checkpoint
+    from vqtool.model.vqvae import images_to_input, output_to_images
+    from vqtool.train.data.memory import default_training_set
     from vqtool.train.figures import save_image_rows
-    from vqtool.train.model import images_to_input, output_to_images
 
     inputs = default_training_set(32).val[:: 448 // FIGURE_IMAGES][:FIGURE_IMAGES]
     rows, labels = [inputs], ["input"]

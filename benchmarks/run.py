@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vqtool.manifest import Manifest
+from vqtool.formats.manifest import Manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def vqtool(*args: str) -> subprocess.CompletedProcess[str]:
 
 def png_folder(root: Path, count: int) -> Path:
     """`count` PNG files of 32x32 crops, 1,000 per subfolder; reused if already there."""
-    from vqtool.train.data import default_training_set
+    from vqtool.train.data.memory import default_training_set
 
     folder = root / f"png{count}"
     if len(list(folder.rglob("*.png"))) == count:
@@ -70,8 +70,8 @@ def peak_rss_mib(*args: str) -> tuple[float, float]:
 
 def _decoder_images_per_s(export: Path, manifest: Manifest, grids: np.ndarray) -> float:
     """The decoder alone, without spinning threads as in the pipeline; its session is closed on return."""
-    from vqtool.backends import open_runner
-    from vqtool.bench import time_calls
+    from vqtool.bench.timing import time_calls
+    from vqtool.runtime.select import open_runner
 
     decoder = open_runner(export, manifest, "decoder").runner
     return time_calls(lambda: decoder(grids), len(grids), min_seconds=2.0).images_per_s
@@ -109,10 +109,10 @@ def main() -> None:
     print("== decode to PNG files vs the decoder alone ==", flush=True)
     codes = args.work / "codes.npy"
     vqtool("encode", str(folder), "--model", str(export), "--out", str(codes), "--batch-size", "256")
-    from vqtool.backends import open_runner
-    from vqtool.cores import writer_count
-    from vqtool.decode import decode_file
-    from vqtool.manifest import read_manifest
+    from vqtool.formats.manifest import read_manifest
+    from vqtool.pipeline.decode import decode_file
+    from vqtool.runtime.select import open_runner
+    from vqtool.runtime.workers import writer_count
 
     manifest = read_manifest(export)
     writers = writer_count()

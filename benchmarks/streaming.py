@@ -33,7 +33,7 @@ BATCH = 128
 
 
 def _crops(count: int, size: int, seed: int) -> np.ndarray:
-    from vqtool.train.data import default_training_set
+    from vqtool.train.data.memory import default_training_set
 
     return default_training_set(size).batch(0, count, seed=seed)
 
@@ -44,7 +44,7 @@ def _photo_crops(count: int, height: int, width: int, seed: int) -> list[np.ndar
 
     from PIL import Image
 
-    from vqtool.train.data import DEFAULT_PHOTOS
+    from vqtool.train.data.memory import DEFAULT_PHOTOS
 
     photos = []
     for name in DEFAULT_PHOTOS:
@@ -61,7 +61,7 @@ def _photo_crops(count: int, height: int, width: int, seed: int) -> list[np.ndar
 
 
 def make_png_folder(folder: Path, count: int) -> Path:
-    from vqtool.images import write_pngs
+    from vqtool.images.writing import write_pngs
 
     if (folder / "done").exists():
         return folder
@@ -75,7 +75,7 @@ def make_png_folder(folder: Path, count: int) -> Path:
 
 
 def make_shards(folder: Path, count: int) -> Path:
-    from vqtool.images import png_bytes
+    from vqtool.images.writing import png_bytes
 
     if (folder / "done").exists():
         return folder
@@ -116,7 +116,7 @@ def peak_rss_mib(data: Path, out: Path) -> float:
 
 
 def names_mib(folder: Path) -> float:
-    from vqtool.images import list_image_names
+    from vqtool.images.reading import list_image_names
 
     names = list_image_names([folder])
     return (sys.getsizeof(names) + sum(sys.getsizeof(n) for n in names)) / 2**20
@@ -124,7 +124,7 @@ def names_mib(folder: Path) -> float:
 
 def start_up_seconds(folder: Path) -> float:
     """From opening the folder (listing, split, validation reads) to the first training batch in hand."""
-    from vqtool.train.sources import default_workers, load_training_set
+    from vqtool.train.data.streaming import default_workers, load_training_set
 
     started = time.perf_counter()
     data = load_training_set(folder, 32, log=lambda _: None)
@@ -136,10 +136,10 @@ def training_rates(folder: Path, rounds: int, steps: int, workers: int) -> tuple
     """Steps/s of the default model from the folder and from the same images in memory, in alternating rounds."""
     import torch
 
-    from vqtool.train.config import ModelConfig
-    from vqtool.train.data import TrainingSet
-    from vqtool.train.model import VQVAE, images_to_input
-    from vqtool.train.sources import IndexedSet, load_training_set
+    from vqtool.model.config import ModelConfig
+    from vqtool.model.vqvae import VQVAE, images_to_input
+    from vqtool.train.data.memory import TrainingSet
+    from vqtool.train.data.streaming import IndexedSet, load_training_set
 
     streamed = load_training_set(folder, 32, log=lambda _: None)
     assert isinstance(streamed, IndexedSet)
@@ -174,9 +174,9 @@ def jpeg_rates(folder: Path, count: int, batches: int) -> tuple[float, float]:
     import torch
     from PIL import Image
 
-    from vqtool.train.config import ModelConfig
-    from vqtool.train.model import VQVAE, images_to_input
-    from vqtool.train.sources import default_workers, load_training_set
+    from vqtool.model.config import ModelConfig
+    from vqtool.model.vqvae import VQVAE, images_to_input
+    from vqtool.train.data.streaming import default_workers, load_training_set
 
     if not (folder / "done").exists():
         folder.mkdir(parents=True, exist_ok=True)
@@ -203,7 +203,7 @@ def jpeg_rates(folder: Path, count: int, batches: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    from vqtool.train.sources import default_workers
+    from vqtool.train.data.streaming import default_workers
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / "work" / "streaming")

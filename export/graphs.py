@@ -1,4 +1,4 @@
-"""The two deployable graphs as PyTorch modules: images -> codes, and codes -> images.
+"""The two deployable graphs as PyTorch modules (images -> codes, codes -> images), and writing them as ONNX.
 
 Pre- and post-processing, the distance, the ArgMin and the codebook lookup all live inside them,
 so a runtime needs nothing but the graph. `precision` decides where FP16 is used:
@@ -9,26 +9,41 @@ so a runtime needs nothing but the graph. `precision` decides where FP16 is used
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import json
+import logging
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from vqtool.train.model import VQVAE, code_distances, images_to_input, l2_normalize, output_to_images
+import vqtool
+from vqtool.errors import VqtoolError, missing_extra
+from vqtool.formats.manifest import GraphEntry, graph_key, sha256_file
+from vqtool.model.vqvae import VQVAE, code_distances, images_to_input, l2_normalize, output_to_images
 
-PRECISIONS = ("fp32", "fp16", "fp16-naive")
+# Each graph precision's (dtype of the convolutions, dtype of the codebook and distances).
+GRAPH_DTYPES = {
+    "fp32": (torch.float32, torch.float32),
+    "fp16": (torch.float16, torch.float32),
+    "fp16-naive": (torch.float16, torch.float16),
+}
+# TensorRT 10's ONNX parser reads opsets 9..20; 18 is well inside what every runtime we target reads.
+OPSET = 18
+ENCODER_INPUT, ENCODER_OUTPUT = "images", "codes"
+DECODER_INPUT, DECODER_OUTPUT = "codes", "images"
 
 
 def _dtypes(precision: str) -> tuple[torch.dtype, torch.dtype]:
     """(dtype of the convolutions, dtype of the codebook and distances)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    return {
-        "fp32": (torch.float32, torch.float32),
-        "fp16": (torch.float16, torch.float32),
-        "fp16-naive": (torch.float16, torch.float16),
-    }[precision]
+    if precision not in GRAPH_DTYPES:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(GRAPH_DTYPES)}")
+    return GRAPH_DTYPES[precision]
 
 
 class EncoderGraph(nn.Module):
@@ -93,10 +108,9 @@ class FourPhaseConvTranspose(nn.Module):
         return F.pixel_shuffle(phased.reshape(n, c * 4, h, w), 2)
 
 
-# ONNX Runtime's CPU ConvTranspose is slow on deep, low-resolution layers (measured on the default model:
-# the 2x2 -> 4x4 layer alone took 41% of decode); as four convolutions they take its fast NCHWc path.
-# Three of the four layers: against two, decode at batch 32/256 ran 5-15% faster; all four was slower
-# than three (the last layer has 3 output channels, a poor fit for NCHWc blocks).
+# ONNX Runtime's CPU ConvTranspose is slow on deep, low-resolution layers; as four convolutions they take its
+# fast NCHWc path. Three of the four layers: the last has 3 output channels, a poor fit for NCHWc blocks, and
+# ran slower so (docs/design-measurements.md, "Decoder graph").
 FOUR_PHASE_LAYERS = 3
 
 
@@ -130,3 +144,81 @@ class DecoderGraph(nn.Module):
             latents = self.project_out(latents)
         output = self.decoder(self.after_quantize(latents.to(self.conv_dtype).permute(0, 3, 1, 2)))
         return output_to_images(output)
+
+
+# ---- writing them as ONNX ----------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[io.StringIO]:
+    """torch.onnx narrates each stage on stdout and logs; keep the narration for error messages only."""
+    captured = io.StringIO()
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)  # e.g. "torchvision is not installed. Skipping ..."
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(captured):
+            warnings.simplefilter("ignore")
+            yield captured
+    finally:
+        exporter_log.setLevel(level)
+
+
+def _export_graph(
+    module: torch.nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    names: tuple[str, str],
+    spatial_scale: int,
+    metadata: dict[str, str],
+) -> None:
+    """torch.onnx (dynamo) export with dynamic batch and spatial size, then the full ONNX checker."""
+    try:
+        import onnx
+    except ModuleNotFoundError:
+        raise missing_extra("vqtool export", "onnx", "train") from None
+    batch, height, width = torch.export.Dim("batch", min=1), torch.export.Dim("h", min=1), torch.export.Dim("w", min=1)
+    dims = {0: batch, 1: spatial_scale * height, 2: spatial_scale * width}
+    with _quiet_exporter() as narration:
+        try:
+            torch.onnx.export(
+                module.eval(),
+                (example,),
+                str(path),
+                input_names=[names[0]],
+                output_names=[names[1]],
+                opset_version=OPSET,
+                dynamic_shapes={names[0]: dims},
+                external_data=False,
+                dynamo=True,
+            )
+        except Exception as exc:
+            raise VqtoolError(f"torch.onnx could not export {path.name}: {exc}\n{narration.getvalue()}") from None
+    graph = onnx.load(str(path))
+    for key, value in metadata.items():
+        graph.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(graph, full_check=True)
+    onnx.save(graph, str(path))
+
+
+def write_graphs(model: VQVAE, checkpoint_sha: str, out_dir: Path, precision: str) -> dict[str, GraphEntry]:
+    """Export the encoder and decoder at one precision into `out_dir`; returns their manifest entries."""
+    model, config = model.eval(), model.config
+    size, grid = config.image_size, config.grid
+    examples = torch.zeros(2, size, size, 3, dtype=torch.uint8), torch.zeros(2, grid, grid, dtype=torch.int32)
+    meta = {
+        "vqtool.model_config": json.dumps(config.to_dict()),
+        "vqtool.checkpoint_sha256": checkpoint_sha,
+        "vqtool.precision": precision,
+        "vqtool.version": vqtool.__version__,
+    }
+    entries = {}
+    encoder_name, decoder_name = graph_key("encoder", precision), graph_key("decoder", precision)
+    for name, module, example, names, scale in (
+        (encoder_name, EncoderGraph(model, precision), examples[0], (ENCODER_INPUT, ENCODER_OUTPUT), config.downsample),
+        (decoder_name, DecoderGraph(model, precision), examples[1], (DECODER_INPUT, DECODER_OUTPUT), 1),
+    ):
+        path = out_dir / f"{name}.onnx"
+        _export_graph(module, example, path, names, scale, {**meta, "vqtool.role": name.split(".")[0]})
+        entries[name] = GraphEntry(path.name, sha256_file(path), precision, names[0], names[1])
+    return entries

@@ -9,15 +9,30 @@ error is measured apart from encoder disagreements.
 
 from __future__ import annotations
 
-import math
+import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from vqtool.train.model import VQVAE, images_to_input, output_to_images
+from vqtool.errors import VqtoolError
+from vqtool.export.graphs import write_graphs
+from vqtool.formats.atomic import write_json
+from vqtool.formats.manifest import PARITY_NAME, PYTORCH_FILE, Manifest, graph_key, read_manifest, verify_graph
+from vqtool.formats.records import ParityReport, read_parity_reports
+from vqtool.images.collections import read_image_set
+from vqtool.images.limits import DEFAULT_MAX_PIXELS
+from vqtool.images.quality import psnr
+from vqtool.model.checkpoint import CheckpointError, load_checkpoint
+from vqtool.model.vqvae import VQVAE, images_to_input, output_to_images
+from vqtool.runtime.base import BF16, PRECISIONS, REFERENCE, RUNTIMES, decoder_precision, runs
+from vqtool.runtime.onnxruntime import OnnxRuntimeRunner
+from vqtool.runtime.openvino import OpenVinoRunner
+from vqtool.runtime.select import open_runner
+from vqtool.train.data.run_data import held_out_images
 
 BATCH = 256
 
@@ -48,49 +63,10 @@ TOLERANCES = {
     # INT8 rounds each activation to 1/255 of its calibrated range, enough to flip codes that lie within a
     # few percent of each other. It is judged by how often it agrees and by what its codes decode to:
     # how much closer to the input images PyTorch's reconstructions are than those from INT8 codes.
-    # Measured on a K = 512 model using 254 codes: 95.0% identical, no measurable drop
-    # (< 0.01 dB), although its reconstructions are 38 dB from PyTorch's.
     "int8": Tolerance(
         tie_rtol=1e-2, max_unexplained=None, min_identical=0.90, max_quality_drop_db=0.5, end_to_end=True
     ),
 }
-
-
-@dataclass(frozen=True)
-class ParityReport:
-    """Agreement of one runtime (backend + precision) with the PyTorch model."""
-
-    runtime: str
-    provider: str
-    precision: str
-    images: int
-    codes: int
-    identical: int
-    near_ties: int
-    unexplained: int
-    max_gap_rtol: float
-    recon_max_abs: int
-    recon_mean_abs: float
-    recon_psnr: float
-    quality_drop_db: float  # PSNR against the input images: PyTorch's reconstructions minus these
-    decoded: str  # whose codes the reconstructions come from: "pytorch" or "own"
-    failures: tuple[str, ...]
-
-    @property
-    def identical_fraction(self) -> float:
-        return self.identical / self.codes
-
-    @property
-    def passed(self) -> bool:
-        return not self.failures
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["failures"] = list(self.failures)
-        out["identical_fraction"] = self.identical_fraction
-        out["passed"] = self.passed
-        out["recon_psnr"] = None if math.isinf(self.recon_psnr) else self.recon_psnr
-        return out
 
 
 @dataclass(frozen=True)
@@ -162,8 +138,7 @@ def check_parity(
     codebook = model.quantizer.search_codebook().detach().cpu()
     ties, unexplained, max_gap = classify_mismatches(reference, codebook, codes, tolerance.tie_rtol)
     diff = np.abs(recons.astype(np.int16) - reference.reconstructions.astype(np.int16))
-    mse = float((diff.astype(np.float64) ** 2).mean())
-    quality_drop = _psnr(reference.reconstructions, images) - _psnr(recons, images)
+    quality_drop = psnr(reference.reconstructions, images) - psnr(recons, images)
     report = dict(
         runtime=runtime,
         provider=provider,
@@ -176,16 +151,11 @@ def check_parity(
         max_gap_rtol=max_gap,
         recon_max_abs=int(diff.max()),
         recon_mean_abs=float(diff.mean()),
-        recon_psnr=math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse),
+        recon_psnr=psnr(recons, reference.reconstructions),
         quality_drop_db=quality_drop,
         decoded="own" if tolerance.end_to_end else "pytorch",
     )
     return ParityReport(**report, failures=tuple(_failures(report, tolerance)))  # type: ignore[arg-type]
-
-
-def _psnr(images: np.ndarray, target: np.ndarray) -> float:
-    mse = float(((images.astype(np.float64) - target.astype(np.float64)) ** 2).mean())
-    return 10 * math.log10(255.0**2 / max(mse, 1e-12))
 
 
 def _failures(report: dict[str, Any], tolerance: Tolerance) -> list[str]:
@@ -205,3 +175,166 @@ def _failures(report: dict[str, Any], tolerance: Tolerance) -> list[str]:
     if drop is not None and report["quality_drop_db"] > drop:
         failures.append(f"reconstructions {report['quality_drop_db']:.2f} dB further from the images (> {drop} dB)")
     return failures
+
+
+# ---- every runtime of an export ----------------------------------------------------------------------------------
+
+NAIVE_FP16 = "fp16-naive"
+NAIVE_BF16 = "bf16-naive"
+
+
+@dataclass(frozen=True)
+class Verification:
+    """Reports for what ran, reasons for what could not, and the naive FP16 comparison if asked."""
+
+    reports: tuple[ParityReport, ...]
+    skipped: tuple[str, ...]
+    naive: ParityReport | None
+    naive_bf16: ParityReport | None = None
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.reports) and all(r.passed for r in self.reports)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "passed": self.passed,
+            "reports": [r.to_dict() for r in self.reports],
+            "skipped": list(self.skipped),
+            "naive_fp16_for_comparison": self.naive.to_dict() if self.naive else None,
+            "naive_bf16_for_comparison": self.naive_bf16.to_dict() if self.naive_bf16 else None,
+        }
+
+
+def naive_fp16_report(model: VQVAE, images: np.ndarray, reference: Reference) -> ParityReport:
+    """Export an all-FP16 pair of graphs aside and measure them, to show what the FP32 island buys."""
+    with tempfile.TemporaryDirectory(prefix="vqtool-naive-fp16-") as folder:
+        entries = write_graphs(model, "", Path(folder), NAIVE_FP16)
+        encoder = OnnxRuntimeRunner(Path(folder) / entries[graph_key("encoder", NAIVE_FP16)].file, "cpu")
+        decoder = OnnxRuntimeRunner(Path(folder) / entries[graph_key("decoder", NAIVE_FP16)].file, "cpu")
+        return check_parity(
+            model,
+            images,
+            encoder,
+            decoder,
+            runtime="onnxruntime",
+            provider=encoder.provider,
+            precision=NAIVE_FP16,
+            reference=reference,
+        )
+
+
+def naive_bf16_report(
+    model: VQVAE, export_dir: Path, manifest: Manifest, images: np.ndarray, reference: Reference
+) -> ParityReport:
+    """OpenVINO BF16 over the whole graphs, quantizer included: what the FP32 island buys, measured."""
+    encoder = OpenVinoRunner(verify_graph(export_dir, manifest, "encoder"), "encoder", BF16, island=False)
+    decoder = OpenVinoRunner(verify_graph(export_dir, manifest, "decoder"), "decoder", BF16, island=False)
+    return check_parity(
+        model, images, encoder, decoder, runtime="openvino", provider="CPU", precision=NAIVE_BF16, reference=reference
+    )
+
+
+def verify_export(
+    model: VQVAE,
+    export_dir: Path,
+    manifest: Manifest,
+    images: np.ndarray,
+    *,
+    backends: tuple[str, ...] | None = None,
+    naive_fp16: bool = False,
+    naive_bf16: bool = False,
+    precisions: tuple[str, ...] = PRECISIONS,
+    log: Callable[[str], None] = print,
+) -> Verification:
+    """Parity for each runtime in the table (but the reference) and each precision it runs that starts here;
+    `backends` and `precisions` limit which."""
+    reference = torch_reference(model, images)
+    reports, skipped = [], []
+    for runtime in RUNTIMES:
+        backend, device = runtime.backend, runtime.device
+        if backend == REFERENCE or (backends is not None and backend not in backends):
+            continue
+        for precision in precisions:
+            if graph_key("encoder", precision) not in manifest.graphs or not runs(backend, precision, device):
+                continue
+            try:
+                encoder = open_runner(
+                    export_dir, manifest, "encoder", backend=backend, device=device, precision=precision
+                ).runner
+                # An encoder-only precision's codes are decoded by the FP32 decoder on the same provider.
+                decoder = open_runner(
+                    export_dir,
+                    manifest,
+                    "decoder",
+                    backend=backend,
+                    device=device,
+                    precision=decoder_precision(precision),
+                ).runner
+            except VqtoolError as exc:
+                skipped.append(f"{backend} on {device} ({precision}): {str(exc).split('; ')[0]}")
+                continue
+            log(f"parity: {backend} on {encoder.provider} ({precision})")
+            reports.append(
+                check_parity(
+                    model,
+                    images,
+                    encoder,
+                    decoder,
+                    runtime=backend,
+                    provider=encoder.provider,
+                    precision=precision,
+                    reference=reference,
+                )
+            )
+            encoder.close()
+            decoder.close()
+    naive = naive_fp16_report(model, images, reference) if naive_fp16 else None
+    bf16_whole = naive_bf16_report(model, export_dir, manifest, images, reference) if naive_bf16 else None
+    return Verification(tuple(reports), tuple(skipped), naive, bf16_whole)
+
+
+def check_export(
+    export_dir: Path,
+    *,
+    images: Path | None = None,
+    backends: tuple[str, ...] | None = None,
+    precisions: tuple[str, ...] = PRECISIONS,
+    naive_fp16: bool = False,
+    naive_bf16: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    log: Callable[[str], None] = print,
+) -> Verification:
+    """What `vqtool parity` does: compare an export's PyTorch model (model.pt) with every runtime that starts
+    here, on `images` (default: the validation split of the checkpoint's training data); writes parity.json.
+
+    The result's `passed` says whether every runtime held its tolerance; `reports` is empty when none started.
+    Reports of runtimes not checked this time (e.g. export's, when only --backend openvino ran) are kept.
+    """
+    manifest = read_manifest(export_dir)
+    try:
+        checkpoint = load_checkpoint(export_dir / (manifest.pytorch_file or PYTORCH_FILE))
+    except CheckpointError as exc:
+        raise VqtoolError(str(exc)) from None
+    if images is not None:
+        pixels = read_image_set(images, manifest.image_size, max_pixels=max_pixels)[0]
+    else:
+        pixels = held_out_images(checkpoint, log)
+    verification = verify_export(
+        checkpoint.model,
+        export_dir,
+        manifest,
+        pixels,
+        backends=backends,
+        naive_fp16=naive_fp16,
+        naive_bf16=naive_bf16,
+        precisions=precisions,
+        log=log,
+    )
+    checked = {(r.runtime, r.precision) for r in verification.reports}
+    kept = [r for r in read_parity_reports(export_dir) if (r.runtime, r.precision) not in checked]
+    reports = [*kept, *verification.reports]
+    record: dict[str, Any] = {**verification.to_dict(), "reports": [r.to_dict() for r in reports]}
+    record["passed"] = bool(reports) and all(r.passed for r in reports)
+    write_json(export_dir / PARITY_NAME, record)
+    return verification

@@ -21,16 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
-from vqtool.backends import INT8, graph_key
-from vqtool.manifest import GraphEntry, sha256_file
-from vqtool.train.data import TrainingData
-from vqtool.train.model import VQVAE
+from vqtool.formats.manifest import GraphEntry, graph_key, sha256_file
+from vqtool.model.vqvae import VQVAE
+from vqtool.runtime.base import INT8
+from vqtool.train.data.memory import TrainingData
 
 CALIBRATION_IMAGES = 2048
 CALIBRATION_BATCH = 256
 CALIBRATION_SEED = 7
-# Percentile calibration ignores the rarest 0.001% of activations at each end: measured on a K = 512
-# model with 254 codes in use, 95.0% identical codes against 94.1% with plain min/max ranges.
+# Percentile calibration ignores the rarest 0.001% of activations at each end, which keeps more codes identical
+# than plain min/max ranges (docs/design-measurements.md, "INT8").
 PERCENTILE = 99.999
 # Parity's INT8 rule asks 90% identical codes on the validation images; the export aims higher on its own
 # held-out training crops, so that the rule still holds on images unlike them.
@@ -64,13 +64,10 @@ def write_int8_encoder(
     images: np.ndarray,
     *,
     keep_fp32: Sequence[str] = (),
-    fold_relus: bool = True,
 ) -> GraphEntry:
     """Quantize the FP32 encoder in `folder` to encoder.int8.onnx, calibrated on `images` (N x H x W x 3 uint8).
 
-    `keep_fp32` names convolutions (ONNX node names) left in FP32 (benchmarks/int8_layers.py measures them);
-    `fold_relus=False` is the previous set-up, each convolution's output calibrated before its ReLU, kept for
-    benchmarks/int8_errors.py to measure against."""
+    `keep_fp32` names convolutions (ONNX node names) left in FP32 (benchmarks/int8_layers.py measures them)."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -104,10 +101,10 @@ def write_int8_encoder(
                 quant_format=QuantFormat.QDQ,
                 # Relu: the tool removes a ReLU that follows a quantized convolution and calibrates the
                 # convolution's output on the ReLU's output (QDQRemovableActivation); the integer convolution
-                # clamps at the zero point, which is the ReLU. On the f8 preset, with every convolution INT8,
-                # that takes identical codes from 84.4% to 93.0% and runs faster (fewer nodes).
+                # clamps at the zero point, which is the ReLU. Calibrated before the ReLU instead, most of an
+                # output's 256 levels would hold values the ReLU zeroes (docs/experiments.md has the figures).
                 # MatMul is the distance: it stays FP32.
-                op_types_to_quantize=["Conv", "Relu"] if fold_relus else ["Conv"],
+                op_types_to_quantize=["Conv", "Relu"],
                 nodes_to_exclude=list(keep_fp32),
                 per_channel=True,
                 activation_type=QuantType.QUInt8,
@@ -127,7 +124,7 @@ def write_int8_encoder(
 def code_agreement(model: VQVAE, images: np.ndarray) -> Callable[[Path], float]:
     """A measure of an encoder graph: the share of its codes for `images` that are PyTorch's."""
     from vqtool.export.parity import BATCH, torch_reference
-    from vqtool.runtime import OnnxRuntimeRunner
+    from vqtool.runtime.onnxruntime import OnnxRuntimeRunner
 
     reference = torch_reference(model, images).codes
 
@@ -159,8 +156,7 @@ def write_checked_int8_encoder(
     Why the first ones: with codes looked up in a few l2-normalised dimensions, neighbouring codes lie close, and
     the early, full-resolution convolutions move the most codes across their boundaries. The first one most of
     all: its input is the image, whose normalised pixels ((p - 127.5) / 127.5) fall halfway between UINT8 levels,
-    and with three input channels it runs no faster in INT8 (benchmarks/int8_layers.py: on the f4 preset, 90.2%
-    identical codes with every convolution INT8, 92.1% with the first FP32, both at 2.35x the FP32 graph's speed).
+    and with three input channels it runs no faster in INT8 (benchmarks/int8_layers.py measures each one's cost).
     Keeping a prefix leaves one INT8 section, with no FP32 island between quantized layers. At most half of them
     are kept: beyond that INT8 gains too little, and parity judges what is left.
     """

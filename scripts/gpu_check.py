@@ -42,7 +42,7 @@ class Report:
 
 def _run(command: list[str], limit: float, cwd: Path | None = None) -> tuple[bool, str, float]:
     """A subprocess with the working tree on PYTHONPATH: (succeeded, output, seconds)."""
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": f"{os.environ.get('PYTHONPATH', '')}{os.pathsep}{REPO}", "PYTHONUNBUFFERED": "1"}
     started = time.monotonic()
     try:
         done = subprocess.run(command, cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=limit)
@@ -71,7 +71,7 @@ def environment() -> str:
     except ModuleNotFoundError:
         lines.append("- ONNX Runtime: not installed")
     try:
-        from vqtool.trt_runtime import import_tensorrt
+        from vqtool.runtime.tensorrt import import_tensorrt
 
         lines.append(f"- TensorRT {import_tensorrt().__version__}")
     except Exception as exc:  # noqa: BLE001 - the reason is what the report wants
@@ -93,11 +93,12 @@ def cuda_vs_onnxruntime_cpu(export_dir: Path, device: str = "cuda") -> tuple[boo
     """Codes from PyTorch on CUDA (TF32 off) against ONNX Runtime on the CPU, on the held-out images."""
     import numpy as np
 
-    from vqtool.backends import TorchRunner, open_runner
-    from vqtool.export.onnx_export import held_out_images
     from vqtool.export.parity import TOLERANCES, classify_mismatches, torch_reference
-    from vqtool.manifest import read_manifest
-    from vqtool.train.checkpoint import load_checkpoint
+    from vqtool.formats.manifest import read_manifest
+    from vqtool.model.checkpoint import load_checkpoint
+    from vqtool.runtime.pytorch import TorchRunner
+    from vqtool.runtime.select import open_runner
+    from vqtool.train.data.run_data import held_out_images
 
     manifest = read_manifest(export_dir)
     checkpoint = load_checkpoint(export_dir / "model.pt")

@@ -8,4 +8,8 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q -e '.[train,dev,fast-png,openvino]' -c constraints/ci.txt
 # The stubs' metadata requires the real tensorrt wheel, which cannot install without a GPU index.
 .venv/bin/python -m pip install -q --no-deps tensorrt-stubs==10.13.0.35.1
+# The dependency direction (pyproject's [tool.importlinter]), checked on the package as installed.
+site=$(bash scripts/installed-layout.sh)
+(cd "$site" && PYTHONPATH="$site" "$OLDPWD/.venv/bin/lint-imports" "$OLDPWD/pyproject.toml")
+rm -rf "$site"
 .venv/bin/python -m pytest "$@"

@@ -87,7 +87,9 @@ def interrupted_then_resumed(monkeypatch: pytest.MonkeyPatch, at_step: int, trai
 
 
 def _cli_env(env: dict[str, str] | None) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    # The checkout after whatever PYTHONPATH already holds (scripts/gpu-check.sh lays out an install there).
+    paths = [os.environ.get("PYTHONPATH", ""), str(REPO)]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), **(env or {})}
 
 
 def run_cli(
@@ -132,8 +134,8 @@ def mixed_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The reference model (K = D = 256) trained for a few hundred steps on the embedded data."""
-    from vqtool.train.config import ModelConfig, TrainConfig
-    from vqtool.train.data import default_training_set
+    from vqtool.model.config import ModelConfig, TrainConfig
+    from vqtool.train.data.memory import default_training_set
     from vqtool.train.loop import fit
 
     run_dir = tmp_path_factory.mktemp("run")
@@ -144,7 +146,7 @@ def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def export_dir(trained_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vqtool.export.onnx_export import export_model
+    from vqtool.export.pipeline import export_model
 
     out = tmp_path_factory.mktemp("exports") / "model"
     export_model(trained_checkpoint, out, fp16=True, int8=True, calibration_count=512, log=lambda _: None)
@@ -161,7 +163,7 @@ def _gpu_missing() -> str | None:
 
 def _tensorrt_missing() -> str | None:
     from vqtool.errors import VqtoolError
-    from vqtool.trt_runtime import import_tensorrt
+    from vqtool.runtime.tensorrt import import_tensorrt
 
     try:
         import_tensorrt()

@@ -15,10 +15,9 @@ import torch
 
 import vqtool
 from tests.conftest import REPO, photo_crops, run_cli, write_mixed_folder
-from vqtool import tensors
-from vqtool.backends import BACKENDS, PRECISIONS
-from vqtool.cli.common import Backend, Device, Precision, Preset
-from vqtool.runtime import DEVICES
+from vqtool.cli.common import Preset
+from vqtool.runtime import tensors
+from vqtool.runtime.base import BACKENDS, DEVICES, PRECISIONS, Backend, Device, Precision
 
 
 def photos(count: int, seed: int = 0) -> np.ndarray:
@@ -80,8 +79,8 @@ def test_api_codes_equal_the_cli_codes_byte_for_byte(export_dir: Path, mixed_fol
 
 
 def test_encode_and_decode_match_pytorch(export_dir: Path) -> None:
-    from vqtool.train.checkpoint import load_checkpoint
-    from vqtool.train.model import images_to_input, output_to_images
+    from vqtool.model.checkpoint import load_checkpoint
+    from vqtool.model.vqvae import images_to_input, output_to_images
 
     images = photos(48, seed=5)
     tok = vqtool.load(export_dir)
@@ -238,7 +237,7 @@ def test_fixed_choices_are_typer_choices_refused_before_any_work(export_dir: Pat
     assert [b.value for b in Backend] == list(BACKENDS)
     assert [d.value for d in Device] == list(DEVICES)
     assert [p.value for p in Precision] == list(PRECISIONS)
-    from vqtool.train.config import PRESETS
+    from vqtool.model.presets import PRESETS
 
     assert [p.value for p in Preset] == list(PRESETS)
     helped = run_cli("encode", "--help", env={"COLUMNS": "300"})

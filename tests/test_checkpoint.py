@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from vqtool.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from vqtool.train.config import ModelConfig, TrainConfig
-from vqtool.train.model import VQVAE
+from vqtool.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from vqtool.model.config import ModelConfig, TrainConfig
+from vqtool.model.vqvae import VQVAE
 
 
 def test_model_is_rebuilt_from_the_file_alone(tmp_path: Path) -> None:

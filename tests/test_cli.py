@@ -184,3 +184,38 @@ def test_invalid_training_options_are_refused_not_replaced(tmp_path: Path) -> No
     result = run_cli("train", "--epochs", "0", "--out", str(tmp_path / "run"))
     _one_error_line(result, "epochs must be at least 1")
     assert not (tmp_path / "run").exists()
+
+
+def test_encode_and_decode_open_only_the_sessions_they_run(
+    export_dir: Path, mixed_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`vqtool encode` starts the encoder's session and nothing else (no decoder, no second copy of the encoder for
+    small batches); `vqtool decode` the decoder's. The Python API, which serves both verbs, starts both graphs,
+    and a small in-memory batch adds the encoder's session for small batches: the count sees every session."""
+    import onnxruntime
+    from typer.testing import CliRunner
+
+    import vqtool
+    from vqtool.cli import app
+
+    opened: list[str] = []
+
+    class Counted(onnxruntime.InferenceSession):  # type: ignore[misc]
+        def __init__(self, path: str, *args: object, **kwargs: object) -> None:
+            opened.append(Path(path).name)
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", Counted)
+    cli = CliRunner()
+    codes = tmp_path / "codes.npy"
+    encoded = cli.invoke(app, ["encode", str(mixed_folder), "--model", str(export_dir), "--out", str(codes)])
+    assert encoded.exit_code == 0, encoded.output
+    assert opened == ["encoder.onnx"]
+    opened.clear()
+    decoded = cli.invoke(app, ["decode", str(codes), "--model", str(export_dir), "--out", str(tmp_path / "png")])
+    assert decoded.exit_code == 0, decoded.output
+    assert opened == ["decoder.onnx"]
+    opened.clear()
+    with vqtool.load(export_dir, "onnxruntime", "cpu", threads=2) as tok:
+        tok.encode(np.zeros((1, 32, 32, 3), np.uint8))
+    assert opened == ["encoder.onnx", "decoder.onnx", "encoder.onnx"]

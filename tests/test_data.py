@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from vqtool.errors import VqtoolError
-from vqtool.imagesets import read_image_set
-from vqtool.train.data import default_training_set, split_training_set
-from vqtool.train.sources import load_training_set
+from vqtool.images.collections import read_image_set
+from vqtool.train.data.memory import default_training_set, split_training_set
+from vqtool.train.data.streaming import load_training_set
 
 
 def test_default_set_is_offline_and_its_validation_split_is_fixed() -> None:

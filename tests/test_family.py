@@ -14,15 +14,16 @@ import pytest
 import torch
 
 from tests.conftest import run_cli
-from vqtool.export.onnx_export import export_model, write_graphs
+from vqtool.export.graphs import write_graphs
 from vqtool.export.parity import check_parity
-from vqtool.export.trt_compat import trt_problems
-from vqtool.runtime import OnnxRuntimeRunner
-from vqtool.train.checkpoint import load_checkpoint
-from vqtool.train.config import ModelConfig, TrainConfig
-from vqtool.train.data import default_training_set
+from vqtool.export.pipeline import export_model
+from vqtool.export.tensorrt_ops import trt_problems
+from vqtool.model.checkpoint import load_checkpoint
+from vqtool.model.config import ModelConfig, TrainConfig
+from vqtool.model.vqvae import VQVAE
+from vqtool.runtime.onnxruntime import OnnxRuntimeRunner
+from vqtool.train.data.memory import default_training_set
 from vqtool.train.loop import fit
-from vqtool.train.model import VQVAE
 
 SMALL = {"codes": 64, "dim": 32, "channels": (16, 32, 64)}
 ALONE = {

@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,12 +21,12 @@ from PIL import Image
 
 from tests.conftest import one_error_line, run_cli
 from tests.damaged import write_damaged_corpus
-from vqtool.codes import read_codes, read_sidecar, sidecar_path
-from vqtool.encode import EncodeInterrupted, encode_files
 from vqtool.errors import VqtoolError
-from vqtool.images import read_rgb
-from vqtool.manifest import MANIFEST_NAME, read_manifest
-from vqtool.runtime import OnnxRuntimeRunner
+from vqtool.formats.codes import read_codes, read_sidecar, sidecar_path
+from vqtool.formats.manifest import MANIFEST_NAME, read_manifest
+from vqtool.images.reading import read_rgb
+from vqtool.pipeline.encode import EncodeInterrupted, EncodeResult, plan_encode, run_encode
+from vqtool.runtime.onnxruntime import OnnxRuntimeRunner
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def test_every_damaged_image_is_read_or_refused_in_one_line(verdicts: dict[Path,
 
 def test_max_pixels_refuses_from_the_header_before_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.damaged import _png_with_size
-    from vqtool.images import allow_pixels
+    from vqtool.images.reading import allow_pixels
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 120, 3), dtype=np.uint8))
     for name in ("a.png", "a.jpg", "a.webp", "a.bmp"):
@@ -174,6 +175,12 @@ class _StopAfter:
 
     def describe(self) -> str:
         return self.runner.describe()
+
+
+def encode_files(files: Any, manifest: Any, export_dir: Path, encoder: Any, out: Path, **options: Any) -> EncodeResult:
+    """The library's encode of a file list (plan, then run) with the given encoder in place of a tokenizer's."""
+    resume, log = options.pop("resume", False), options.pop("log")
+    return run_encode(plan_encode(files, manifest, export_dir, out, **options), encoder, resume=resume, log=log)
 
 
 def test_skip_bad_resumes_to_the_uninterrupted_result(export_dir: Path, damaged: list[Path], tmp_path: Path) -> None:

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 
 from tests.conftest import run_cli
-from vqtool.backends import TorchRunner, open_runner
 from vqtool.errors import VqtoolError
-from vqtool.export.onnx_export import held_out_images
 from vqtool.export.parity import TOLERANCES, classify_mismatches, torch_reference
-from vqtool.manifest import read_manifest
-from vqtool.train.checkpoint import load_checkpoint
+from vqtool.formats.manifest import read_manifest
+from vqtool.model.checkpoint import load_checkpoint
+from vqtool.runtime.pytorch import TorchRunner
+from vqtool.runtime.select import open_runner
+from vqtool.train.data.run_data import held_out_images
 
 
 @pytest.mark.gpu

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from vqtool.errors import VqtoolError
-from vqtool.images import fit_to_size, list_images, read_rgb
+from vqtool.images.reading import fit_to_size, list_images, read_rgb
 
 
 def test_every_mode_becomes_uint8_rgb(mixed_folder: Path) -> None:
@@ -80,7 +80,7 @@ def test_resize_and_no_resize() -> None:
 
 
 def test_written_png_reads_back_exactly(tmp_path: Path) -> None:
-    from vqtool.images import write_png
+    from vqtool.images.writing import write_png
 
     pixels = np.random.default_rng(3).integers(0, 256, (48, 80, 3), dtype=np.uint8)
     write_png(tmp_path / "x.png", pixels)
@@ -92,7 +92,7 @@ def test_written_png_reads_back_exactly(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("side", [8, 32, 64])  # rows stored uncompressed below 4 KiB, deflated above
 def test_batches_of_pngs_read_back_exactly(tmp_path: Path, side: int) -> None:
-    from vqtool.images import STORE_BELOW_BYTES, write_pngs
+    from vqtool.images.writing import STORE_BELOW_BYTES, write_pngs
 
     images = np.random.default_rng(side).integers(0, 256, (5, side, side, 3), dtype=np.uint8)
     images[:, : side // 2] = 40  # half flat, so deflate has something to remove
@@ -109,7 +109,7 @@ def test_batches_of_pngs_read_back_exactly(tmp_path: Path, side: int) -> None:
 
 def test_fast_png_path_reads_exactly_what_pillow_reads(mixed_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("pyspng", reason="the fast-png extra is not installed")
-    from vqtool import images
+    from vqtool.images import reading as images
 
     pngs = [p for p in list_images([mixed_folder]) if p.suffix == ".png"]
     fast = {p.name: images._read_rgb8_png(p) for p in pngs}
@@ -123,7 +123,7 @@ def test_fast_png_path_reads_exactly_what_pillow_reads(mixed_folder: Path, monke
 
 def test_fast_png_path_leaves_exif_and_broken_files_to_pillow(tmp_path: Path) -> None:
     pytest.importorskip("pyspng", reason="the fast-png extra is not installed")
-    from vqtool.images import _read_rgb8_png
+    from vqtool.images.reading import _read_rgb8_png
 
     pixels = np.random.default_rng(0).integers(0, 256, (8, 16, 3), dtype=np.uint8)
     exif = Image.Exif()

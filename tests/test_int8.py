@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from tests.conftest import run_cli
-from vqtool.backends import open_runner
 from vqtool.errors import VqtoolError
-from vqtool.manifest import read_manifest
+from vqtool.formats.manifest import read_manifest
+from vqtool.runtime.select import open_runner
 
 
 def test_int8_graph_quantizes_the_convolutions_and_keeps_the_quantizer_fp32(export_dir: Path) -> None:
@@ -71,8 +71,8 @@ def test_int8_encode_of_image_files_agrees_with_what_parity_measured(
 ) -> None:
     """The held-out images as PNG files, encoded by the CLI in FP32 and INT8, agree exactly as often as parity
     measured on the same images in memory: the INT8 path through files is the one parity vouched for."""
-    from vqtool.export.onnx_export import held_out_images
-    from vqtool.train.checkpoint import load_checkpoint
+    from vqtool.model.checkpoint import load_checkpoint
+    from vqtool.train.data.run_data import held_out_images
 
     images = held_out_images(load_checkpoint(trained_checkpoint), log=lambda _: None)
     folder = tmp_path / "held-out"

@@ -11,10 +11,10 @@ import onnx
 import pytest
 import torch
 
-from vqtool.export.onnx_export import held_out_images
-from vqtool.export.trt_compat import trt_problems
-from vqtool.train.checkpoint import load_checkpoint
-from vqtool.train.model import images_to_input
+from vqtool.export.tensorrt_ops import trt_problems
+from vqtool.model.checkpoint import load_checkpoint
+from vqtool.model.vqvae import images_to_input
+from vqtool.train.data.run_data import held_out_images
 
 
 @pytest.mark.parametrize("graph", ["encoder.onnx", "decoder.onnx", "encoder.fp16.onnx", "decoder.fp16.onnx"])

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from vqtool.train.config import ModelConfig
-from vqtool.train.model import VQVAE, code_distances, images_to_input, output_to_images, rotate_onto
+from vqtool.model.config import ModelConfig
+from vqtool.model.vqvae import VQVAE, code_distances, images_to_input, output_to_images, rotate_onto
 
 
 @pytest.mark.parametrize(("size", "grid"), [(32, 2), (64, 4)])
@@ -126,8 +126,8 @@ def test_the_rotation_trick_changes_only_the_encoders_gradient() -> None:
 
 
 def test_the_usage_term_is_zero_for_an_even_spread_and_its_gradient_spreads_a_crowded_batch() -> None:
+    from vqtool.model.vqvae import soft_assignment_sums
     from vqtool.train.codebook import usage_divergence
-    from vqtool.train.model import soft_assignment_sums
 
     codes = 8
     even, crowded = torch.full((codes,), 4.0), torch.zeros(codes)

@@ -83,7 +83,7 @@ def test_the_bf16_island_keeps_the_quantizer_in_fp32(export_dir: Path) -> None:
     found = in_subprocess(f"""
 import json
 from pathlib import Path
-from vqtool.openvino_runtime import OpenVinoRunner
+from vqtool.runtime.openvino import OpenVinoRunner
 found = {{}}
 for role, island in (("encoder", False), ("encoder", True), ("decoder", True)):
     runner = OpenVinoRunner(Path({str(export_dir)!r}) / f"{{role}}.onnx", role, "bf16", island=island)

@@ -36,7 +36,7 @@ def test_cli_runs_from_a_folder_with_its_own_train_py_and_export(trained_checkpo
 
 def test_the_install_puts_only_vqtool_at_the_top_level(tmp_path: Path) -> None:
     probe = (
-        "import importlib.util as u, vqtool.train.model, vqtool.export.graphs; "
+        "import importlib.util as u, vqtool.train.loop, vqtool.export.graphs; "
         "print(u.find_spec('train'), u.find_spec('export'))"
     )
     result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -85,6 +85,10 @@ def test_the_wheel_holds_every_module_and_the_type_marker(tmp_path: Path) -> Non
     (wheel,) = tmp_path.glob("vqtool-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     expected = {f"vqtool/{p.relative_to(REPO / 'vqtool').as_posix()}" for p in (REPO / "vqtool").rglob("*.py")}
-    expected |= {f"vqtool/{folder}/{p.name}" for folder in ("train", "export") for p in (REPO / folder).glob("*.py")}
+    expected |= {
+        f"vqtool/{folder}/{p.relative_to(REPO / folder).as_posix()}"
+        for folder in ("train", "export")
+        for p in (REPO / folder).rglob("*.py")
+    }
     assert expected - names == set()
     assert "vqtool/py.typed" in names

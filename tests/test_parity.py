@@ -12,11 +12,13 @@ import pytest
 import torch
 
 from vqtool.export import parity
-from vqtool.export.onnx_export import ParityFailed, export_model, held_out_images, write_graphs
+from vqtool.export.graphs import write_graphs
 from vqtool.export.parity import Reference, check_parity, classify_mismatches, torch_reference
-from vqtool.manifest import read_manifest, sha256_file
-from vqtool.runtime import OnnxRuntimeRunner
-from vqtool.train.checkpoint import load_checkpoint
+from vqtool.export.pipeline import ParityFailed, export_model
+from vqtool.formats.manifest import read_manifest, sha256_file
+from vqtool.model.checkpoint import load_checkpoint
+from vqtool.runtime.onnxruntime import OnnxRuntimeRunner
+from vqtool.train.data.run_data import held_out_images
 
 
 def test_fp32_parity_report_passes(export_dir: Path) -> None:
@@ -35,7 +37,7 @@ def test_onnx_runtime_codes_equal_pytorch_codes(export_dir: Path, trained_checkp
     decoder = OnnxRuntimeRunner(export_dir / "decoder.onnx", "cpu")
     ours = encoder(images)
     with torch.no_grad():
-        from vqtool.train.model import images_to_input, output_to_images
+        from vqtool.model.vqvae import images_to_input, output_to_images
 
         theirs = checkpoint.model.encode(images_to_input(torch.from_numpy(images))).numpy()
         recon = output_to_images(checkpoint.model.decode(torch.from_numpy(theirs))).numpy()

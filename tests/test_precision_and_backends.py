@@ -11,9 +11,9 @@ import onnx
 import pytest
 
 from tests.conftest import one_error_line, run_cli
-from vqtool.backends import open_runner
 from vqtool.errors import VqtoolError
-from vqtool.manifest import read_manifest
+from vqtool.formats.manifest import read_manifest
+from vqtool.runtime.select import open_runner
 
 
 def _tensor_types(path: Path) -> dict[str, str]:
@@ -136,15 +136,18 @@ def _gpu_present() -> bool:
 def test_onnxruntime_trt_gets_the_export_profile_and_says_why_it_cannot_start(
     export_dir: Path, mixed_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from vqtool.backends import trt_profile
+    from vqtool.runtime.onnxruntime import TrtOptions
 
     manifest = read_manifest(export_dir)
-    assert trt_profile(export_dir, manifest, "encoder", "fp32").options() == {
+    assert TrtOptions.for_export(export_dir, manifest, "encoder", "fp32").profile_options() == {
         "trt_profile_min_shapes": "images:1x32x32x3",
         "trt_profile_opt_shapes": "images:64x32x32x3",
         "trt_profile_max_shapes": "images:256x32x32x3",
     }
-    assert trt_profile(export_dir, manifest, "decoder", "fp16").options()["trt_profile_max_shapes"] == "codes:256x2x2"
+    assert (
+        TrtOptions.for_export(export_dir, manifest, "decoder", "fp16").profile_options()["trt_profile_max_shapes"]
+        == "codes:256x2x2"
+    )
     if _trt_provider_starts():
         pytest.skip("ONNX Runtime's TensorRT provider starts here")
     # ONNX Runtime prints the failed start on stdout, where results go; vqtool makes it the reason instead.

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import photo_crops, run_cli, start_cli
-from vqtool.train.data import default_training_set
+from vqtool.train.data.memory import default_training_set
 
 
 def _png_folder(root: Path, count: int) -> Path:
@@ -171,15 +171,15 @@ def test_encoder_flop_count_matches_pytorchs_flop_counter(trained_checkpoint: Pa
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from vqtool.bench import encoder_flops_per_image
-    from vqtool.manifest import read_manifest
-    from vqtool.train.checkpoint import load_checkpoint
+    from vqtool.bench.model_only import encoder_flops_per_image
+    from vqtool.formats.manifest import read_manifest
+    from vqtool.model.checkpoint import load_checkpoint
 
     model = load_checkpoint(trained_checkpoint).model.eval()
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model.encode(torch.zeros(1, 3, 32, 32))
-    assert encoder_flops_per_image(read_manifest(export_dir)) == counter.get_total_flops()
+    assert encoder_flops_per_image(export_dir, read_manifest(export_dir)) == counter.get_total_flops()
 
 
 def test_worker_and_thread_counts_change_speed_not_results(png_folder: Path, export_dir: Path, tmp_path: Path) -> None:
@@ -208,7 +208,7 @@ def test_worker_and_thread_counts_change_speed_not_results(png_folder: Path, exp
 def test_read_batches_keep_file_order_across_reader_parts_and_skipped_files(
     shared: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from vqtool import encode
+    from vqtool.pipeline import reading as encode
 
     if not shared:  # what platforms that spawn rather than fork get
         monkeypatch.setattr(encode, "shared_buffer", lambda size: None)
@@ -239,7 +239,7 @@ def test_read_batches_keep_file_order_across_reader_parts_and_skipped_files(
 
 
 def test_cpu_lanes_split_a_batch_without_changing_its_results(export_dir: Path) -> None:
-    from vqtool.runtime import OnnxRuntimeRunner
+    from vqtool.runtime.onnxruntime import OnnxRuntimeRunner
 
     images = np.stack(photo_crops_at_32(37))
     whole = OnnxRuntimeRunner(export_dir / "encoder.onnx", "cpu", threads=1)
@@ -257,7 +257,7 @@ def test_cpu_lanes_split_a_batch_without_changing_its_results(export_dir: Path) 
     difference = np.abs(decoder(codes).astype(int) - single(codes).astype(int))
     assert difference.max() <= 1
     spinning = OnnxRuntimeRunner(export_dir / "encoder.onnx", "cpu", threads=2, spin=True)
-    assert spinning.without_spinning() is not spinning and lanes.without_spinning() is lanes
+    assert spinning.pipelined() is not spinning and lanes.pipelined() is lanes
     assert (spinning(images[:5]) == whole(images[:5])).mean() >= 0.99  # small batches: the spinning session
 
 
@@ -268,9 +268,9 @@ def photo_crops_at_32(count: int) -> list[np.ndarray]:
 def test_the_sidecar_is_written_while_images_are_encoded_and_renamed_only_at_the_end(
     png_folder: Path, export_dir: Path, tmp_path: Path
 ) -> None:
-    from vqtool.encode import encode_files
-    from vqtool.manifest import read_manifest
-    from vqtool.runtime import OnnxRuntimeRunner
+    from vqtool.formats.manifest import read_manifest
+    from vqtool.pipeline.encode import plan_encode, run_encode
+    from vqtool.runtime.onnxruntime import OnnxRuntimeRunner
 
     runner = OnnxRuntimeRunner(export_dir / "encoder.onnx", "cpu", threads=1)
     out = tmp_path / "codes.npy"
@@ -290,14 +290,15 @@ def test_the_sidecar_is_written_while_images_are_encoded_and_renamed_only_at_the
             return runner.describe()
 
     files = sorted(png_folder.rglob("*.png"))
-    encode_files(files, read_manifest(export_dir), export_dir, Watching(), out, batch_size=8, log=lambda _: None)
+    plan = plan_encode(files, read_manifest(export_dir), export_dir, out, batch_size=8)
+    run_encode(plan, Watching(), log=lambda _: None)
     assert staged  # begun before the last batch was coded, and renamed into place only at the end
     assert json.loads((tmp_path / "codes.json").read_text())["files"] == [str(f) for f in files]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["codes.json", "codes.npy"]
 
 
 def test_a_staged_output_replaces_the_old_file_only_on_commit(tmp_path: Path) -> None:
-    from vqtool.atomic import StagedOutput
+    from vqtool.formats.atomic import StagedOutput
 
     final = tmp_path / "out.json"
     final.write_text("old")

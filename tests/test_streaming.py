@@ -19,10 +19,10 @@ from PIL import Image
 
 from tests.conftest import interrupted_then_resumed, photo, photo_crops, run_cli, write_photo_folder
 from vqtool.errors import VqtoolError
-from vqtool.train.config import ModelConfig, TrainConfig
-from vqtool.train.data import split_training_set
+from vqtool.model.config import ModelConfig, TrainConfig
+from vqtool.train.data.memory import split_training_set
+from vqtool.train.data.streaming import ArrayImages, IndexedSet, ShardSet, load_training_set, train_view, val_view
 from vqtool.train.loop import fit
-from vqtool.train.sources import ArrayImages, IndexedSet, ShardSet, load_training_set, train_view, val_view
 
 TINY = ModelConfig(codes=16, dim=8, channels=(8, 16, 32))
 QUIET = {"data_source": None, "show_progress": False, "log_epochs": False}
@@ -46,7 +46,7 @@ def _write_shards(folder: Path, colours: list[list[int]]) -> list[Path]:
 
 
 def test_views_take_a_square_of_the_short_side_resized_to_the_model_size() -> None:
-    from vqtool.images import fit_to_size
+    from vqtool.images.reading import fit_to_size
 
     pixels = np.asarray(photo("astronaut.png"))[:90, :60]
     crop = train_view(pixels, 32, np.random.default_rng(0), flip=False)
@@ -174,7 +174,7 @@ def test_every_source_trains_end_to_end_through_the_cli(tmp_path: Path) -> None:
 def test_tensorboard_holds_the_metrics_the_grids_and_the_code_histogram(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from vqtool.train.data import default_training_set
+    from vqtool.train.data.memory import default_training_set
 
     config = TrainConfig(steps=4, batch_size=8, device="cpu", steps_per_epoch=2)
     fit(TINY, config, default_training_set(32), tmp_path / "run", **QUIET)
@@ -192,7 +192,7 @@ def test_a_bad_file_stops_the_run_in_one_line_unless_skipped_and_counted(tmp_pat
     bad = paths[5]
     bad.write_bytes(bad.read_bytes()[:60])  # truncated
     with pytest.raises(VqtoolError):  # the fault bites: this file cannot be read
-        from vqtool.images import read_rgb
+        from vqtool.images.reading import read_rgb
 
         read_rgb(bad)
     write_photo_folder(tmp_path / "val", 4, seed=3)

@@ -18,9 +18,9 @@ import pytest
 from tests.conftest import REPO, run_cli
 from tests.trt_stubs import repaired_stubs, stubs_installed
 from vqtool.errors import VqtoolError
-from vqtool.trt_runtime import EngineMetadata, GpuIdentity, check_engine_matches
+from vqtool.runtime.tensorrt import EngineMetadata, GpuIdentity, check_engine_matches
 
-TRT_MODULES = ["export/tensorrt_build.py", "vqtool/trt_runtime.py"]
+TRT_MODULES = ["export/tensorrt.py", "vqtool/runtime/tensorrt.py"]
 
 
 def _mypy(paths: list[str], stubs: Path) -> subprocess.CompletedProcess[str]:
@@ -95,7 +95,7 @@ def test_tensorrt_backend_without_tensorrt_says_what_is_missing(
 
 
 def _trt_available() -> bool:
-    from vqtool.trt_runtime import import_tensorrt
+    from vqtool.runtime.tensorrt import import_tensorrt
 
     try:
         import_tensorrt()

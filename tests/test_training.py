@@ -18,9 +18,9 @@ import torch
 
 from tests.conftest import REPO, interrupted_then_resumed, run_cli, start_cli, write_photo_folder
 from vqtool.errors import VqtoolError
-from vqtool.train.checkpoint import load_checkpoint
-from vqtool.train.config import ModelConfig, TrainConfig
-from vqtool.train.data import default_training_set
+from vqtool.model.checkpoint import load_checkpoint
+from vqtool.model.config import ModelConfig, TrainConfig
+from vqtool.train.data.memory import default_training_set
 from vqtool.train.loop import fit
 from vqtool.train.metrics import evaluate
 
@@ -49,8 +49,8 @@ def test_kmeans_init_starts_with_the_codebook_spread_over_the_latents(photos) ->
     """As printed, the codebook starts as uniform(-1/K, 1/K), far from the encoder's outputs, so a few codes take
     every latent; k-means on the latents puts codes where the latents are. Measured right at initialisation:
     a property of the method, not of how two short training runs happen to round on this CPU."""
+    from vqtool.model.vqvae import VQVAE, images_to_input
     from vqtool.train.codebook import CodebookHealth
-    from vqtool.train.model import VQVAE, images_to_input
 
     torch.manual_seed(0)
     model = VQVAE(SMALL).eval()
@@ -76,8 +76,8 @@ def test_ema_moves_each_used_code_to_the_mean_of_its_latents_and_the_optimizer_n
     """The EMA update itself, on latents whose assignment is known: each used code converges to the mean of
     the latents assigned to it (how much that raises usage at 512 codes is measured by
     benchmarks/codebook_health.py over 1,500 steps: 97 against 69 codes)."""
+    from vqtool.model.vqvae import Quantizer
     from vqtool.train.codebook import CodebookHealth
-    from vqtool.train.model import Quantizer
 
     quantizer = Quantizer(4, 2)
     health = CodebookHealth(quantizer, TrainConfig(ema=True, ema_decay=0.5, ema_epsilon=1e-9))
@@ -166,7 +166,7 @@ def test_averaged_weights_are_what_the_checkpoint_holds_and_validates(photos, tm
 
 
 def test_the_cosine_schedule_decays_to_zero_after_its_warm_up_and_constant_stays_the_article_rate() -> None:
-    from vqtool.train.config import lr_factor
+    from vqtool.train.schedule import lr_factor
 
     assert [lr_factor("constant", s, 100, 0) for s in (0, 50, 99)] == [1.0, 1.0, 1.0]
     assert [lr_factor("constant", s, 100, 4) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
@@ -179,7 +179,7 @@ def test_the_cosine_schedule_decays_to_zero_after_its_warm_up_and_constant_stays
 
 
 def test_a_cool_down_lowers_a_constant_rate_linearly_over_the_last_steps() -> None:
-    from vqtool.train.config import lr_factor
+    from vqtool.train.schedule import lr_factor
 
     assert [lr_factor("constant", s, 100, 0, 4) for s in (0, 95, 96, 97, 98, 99)] == [1.0, 1.0, 1.0, 0.75, 0.5, 0.25]
     # Warm-up and cool-down together: the warm-up still starts the run.
@@ -331,7 +331,7 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path: Path, source
 def test_a_file_one_process_cannot_read_stops_every_process(tmp_path: Path) -> None:
     """Under torchrun a bad file lands in one process's slice of a batch; the others must stop too, not wait
     for it in the gradient reduction until the process group times out (30 minutes)."""
-    from vqtool.images import read_rgb
+    from vqtool.images.reading import read_rgb
 
     files = write_photo_folder(tmp_path / "photos", 16)
     write_photo_folder(tmp_path / "val", 4, seed=5)
@@ -356,7 +356,7 @@ def test_cifar_batches_folder_trains_with_its_test_batch_as_validation(tmp_path:
     for name, count in [*((f"data_batch_{i}", 20) for i in range(1, 6)), ("test_batch", 12)]:
         batch = {b"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8), b"labels": [0] * count}
         (folder / name).write_bytes(pickle.dumps(batch))
-    from vqtool.train.sources import load_training_set
+    from vqtool.train.data.streaming import load_training_set
 
     data = load_training_set(folder, 32)
     assert len(data.train) == 100 and data.val.shape == (12, 32, 32, 3)
@@ -484,3 +484,27 @@ def test_sweep_takes_lists_of_the_family_options_and_shares_one_report_page(tmp_
     assert report.read_text().count("## Results:") == 2
     bad = run_cli("sweep", "--l2-codes", "maybe", "--out", str(tmp_path / "bad"))
     assert bad.returncode == 1 and "--l2-codes takes comma-separated yes/no values" in bad.stderr
+
+
+def test_python_users_plan_train_and_resume_runs_as_the_cli_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vqtool.train.run: a preset overridden by the options given, the next free run folder, resume with the run's
+    own plan, and the refusal to start a new run over an old one."""
+    from vqtool.errors import VqtoolError
+    from vqtool.train.run import new_run, next_run_dir, resume_run, train
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "run-001").mkdir(parents=True)
+    assert next_run_dir() == Path("runs/run-002")
+    plan = new_run(preset="f8", codes=64, steps=2, batch_size=8, steps_per_epoch=2, device="cpu")
+    assert plan.run_dir == Path("runs/run-002") and not plan.resume
+    assert (plan.model_config.codes, plan.model_config.downsample, plan.train_config.lr) == (64, 8, 2e-3)
+    said: list[str] = []
+    first = train(plan, log=said.append)
+    assert first.steps == 2 and any(line.startswith("data: embedded default photographs") for line in said)
+    with pytest.raises(VqtoolError, match="already holds a run"):
+        new_run(out=plan.run_dir)
+    again = resume_run(plan.run_dir, steps=4)
+    assert again.resume and again.model_config == plan.model_config and again.train_config.lr == 2e-3
+    assert train(again, log=said.append).steps == 4

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from vqtool.train.config import TrainConfig
-from vqtool.train.model import Quantizer, code_distances
+from vqtool.model.config import TrainConfig
+from vqtool.model.vqvae import Quantizer, code_distances
 
 KMEANS_ITERATIONS = 20
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vqtool.atomic import atomic_output
+from vqtool.formats.atomic import atomic_output
 
 
 def _save_png_atomically(path: Path, save: Any) -> None:

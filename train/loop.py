@@ -23,17 +23,18 @@ import torch
 import torch.distributed as dist
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from vqtool.atomic import atomic_output
 from vqtool.errors import VqtoolError
-from vqtool.images import SkippedFile
+from vqtool.formats.atomic import atomic_output
+from vqtool.images.reading import SkippedFile
+from vqtool.model.checkpoint import load_checkpoint, save_checkpoint
+from vqtool.model.config import ModelConfig, TrainConfig
+from vqtool.model.vqvae import VQVAE, images_to_input, output_to_images
 from vqtool.train.board import Board
-from vqtool.train.checkpoint import load_checkpoint, save_checkpoint
 from vqtool.train.codebook import CodebookHealth, usage_divergence
-from vqtool.train.config import ModelConfig, TrainConfig, lr_factor
-from vqtool.train.data import Batch, TrainingData
+from vqtool.train.data.memory import Batch, TrainingData
 from vqtool.train.figures import save_loss_curves, save_reconstruction_grid
 from vqtool.train.metrics import evaluate
-from vqtool.train.model import VQVAE, images_to_input, output_to_images
+from vqtool.train.schedule import lr_factor, steps_per_epoch, total_steps
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -183,11 +184,11 @@ class _Run:
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.config.steps_per_epoch or self.data.steps_per_epoch(self.config.batch_size)
+        return steps_per_epoch(self.config, self.data)
 
     @property
     def total_steps(self) -> int:
-        return self.config.steps if self.config.steps is not None else self.config.epochs * self.steps_per_epoch
+        return total_steps(self.config, self.data)
 
     @property
     def epoch(self) -> int:
@@ -386,21 +387,29 @@ class _Run:
             self.board.image("reconstructions (inputs above)", grid, self.step)
 
 
-def fit(
+def _progress_bar(show: bool) -> Any:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (
+        TextColumn("[bold]train[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[losses]}"),
+        TimeRemainingColumn(),
+    )
+    return Progress(*columns, console=Console(stderr=True, soft_wrap=True), disable=not show, transient=False)
+
+
+def _start_run(
     model_config: ModelConfig,
     config: TrainConfig,
     data: TrainingData,
     run_dir: Path,
-    *,
     data_source: str | None,
-    resume: bool = False,
-    show_progress: bool = True,
-    log_epochs: bool = True,
-) -> RunResult:
-    """Train (or continue training) a VQ-VAE in `run_dir`; returns where its outputs are."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
+    resume: bool,
+) -> _Run:
+    """The model on its device, restored or initialised, with its board and, under torchrun, its DDP wrapper."""
     world, device = _start_distributed(config.device)
     torch.manual_seed(config.seed)
     model = VQVAE(model_config).to(device).train()
@@ -417,44 +426,52 @@ def fit(
         from torch.nn.parallel import DistributedDataParallel
 
         run.trainer = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    total = run.total_steps
-    columns = (
-        TextColumn("[bold]train[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[losses]}"),
-        TimeRemainingColumn(),
-    )
-    interrupted = False
+    return run
+
+
+def _train_until_done(run: _Run, bar: Any, log_epochs: bool) -> bool:
+    """Step until the last step or an interrupt (then True), validating and saving at each epoch's end."""
+    total, main = run.total_steps, run.world.main
     smooth: dict[str, float] = {}
-    bar = Progress(
-        *columns,
-        console=Console(stderr=True, soft_wrap=True),
-        disable=not (show_progress and world.main),
-        transient=False,
-    )
+    with _deferred_interrupt() as stop, bar:
+        task = bar.add_task("train", total=total, completed=run.step, losses="")
+        while run.step < total:
+            losses, stopping = run.train_step(stop["stop"])
+            smooth = {k: v if k not in smooth else 0.9 * smooth[k] + 0.1 * v for k, v in losses.items()}
+            bar.update(task, advance=1, losses="  ".join(f"{k} {v:.4f}" for k, v in smooth.items()))
+            if main and run.step in SNAPSHOT_STEPS:
+                run.snapshot()
+            if main and run.step % run.steps_per_epoch == 0 and run.step < total:
+                record = run.end_epoch()
+                if log_epochs:
+                    # print, not log: log lays out a fixed-width time column and wraps on pipes.
+                    bar.console.print(
+                        f"epoch {run.epoch} (step {run.step}, {record['elapsed_s']:.0f} s): "
+                        f"val_mse {record['val_mse']:.4f}  val_psnr {record['val_psnr']:.2f} dB"
+                        f"  usage {record['usage']:.1%}  perplexity {record['perplexity']:.1f}",
+                        highlight=False,
+                    )
+            if stopping:
+                return True
+    return False
+
+
+def fit(
+    model_config: ModelConfig,
+    config: TrainConfig,
+    data: TrainingData,
+    run_dir: Path,
+    *,
+    data_source: str | None,
+    resume: bool = False,
+    show_progress: bool = True,
+    log_epochs: bool = True,
+) -> RunResult:
+    """Train (or continue training) a VQ-VAE in `run_dir`; returns where its outputs are."""
+    run = _start_run(model_config, config, data, run_dir, data_source, resume)
+    world = run.world
     try:
-        with _deferred_interrupt() as stop, bar:
-            task = bar.add_task("train", total=total, completed=run.step, losses="")
-            while run.step < total:
-                losses, stopping = run.train_step(stop["stop"])
-                smooth = {k: v if k not in smooth else 0.9 * smooth[k] + 0.1 * v for k, v in losses.items()}
-                bar.update(task, advance=1, losses="  ".join(f"{k} {v:.4f}" for k, v in smooth.items()))
-                if world.main and run.step in SNAPSHOT_STEPS:
-                    run.snapshot()
-                if world.main and run.step % run.steps_per_epoch == 0 and run.step < total:
-                    record = run.end_epoch()
-                    if log_epochs:
-                        # print, not log: log lays out a fixed-width time column and wraps on pipes.
-                        bar.console.print(
-                            f"epoch {run.epoch} (step {run.step}, {record['elapsed_s']:.0f} s): "
-                            f"val_mse {record['val_mse']:.4f}  val_psnr {record['val_psnr']:.2f} dB"
-                            f"  usage {record['usage']:.1%}  perplexity {record['perplexity']:.1f}",
-                            highlight=False,
-                        )
-                if stopping:
-                    interrupted = True
-                    break
+        interrupted = _train_until_done(run, _progress_bar(show_progress and world.main), log_epochs)
         final: dict[str, Any] = {}
         if world.main:
             done = run.records and run.records[-1]["step"] == run.step

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import torch
 
-from vqtool.train.model import VQVAE, images_to_input, output_to_images
+from vqtool.images.quality import psnr
+from vqtool.model.vqvae import VQVAE, images_to_input, output_to_images
 
 
 def code_usage(codes: torch.Tensor, num_codes: int) -> dict[str, float]:
@@ -17,12 +18,6 @@ def code_usage(codes: torch.Tensor, num_codes: int) -> dict[str, float]:
     entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum().item()
     used = int((counts > 0).sum().item())
     return {"usage": used / num_codes, "codes_used": float(used), "perplexity": math.exp(entropy)}
-
-
-def psnr_uint8(reference: torch.Tensor, test: torch.Tensor) -> float:
-    """PSNR in dB between uint8 images, peak 255; infinite when identical."""
-    mse = (reference.to(torch.float64) - test.to(torch.float64)).pow(2).mean().item()
-    return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
 
 
 def mean_ssim(reference: np.ndarray, test: np.ndarray) -> float:
@@ -58,11 +53,12 @@ def evaluate(model: VQVAE, images: torch.Tensor, batch_size: int = 512) -> tuple
         all_codes.append(result.codes)
         all_pixels.append(output_to_images(result.reconstruction))
     model.train(was_training)
-    pixels, codes = torch.cat(all_pixels), torch.cat(all_codes)
+    codes = torch.cat(all_codes)
+    reference, reconstructed = images.cpu().numpy(), torch.cat(all_pixels).cpu().numpy()
     metrics = {
         **totals,
-        "val_psnr": psnr_uint8(images, pixels),
-        "val_ssim": mean_ssim(images.cpu().numpy(), pixels.cpu().numpy()),
+        "val_psnr": psnr(reference, reconstructed),
+        "val_ssim": mean_ssim(reference, reconstructed),
         **code_usage(codes, model.config.codes),
     }
     return metrics, codes

@@ -13,11 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from vqtool.atomic import atomic_output
-from vqtool.train.checkpoint import load_checkpoint
-from vqtool.train.config import ModelConfig, TrainConfig
-from vqtool.train.data import TrainingData
+from vqtool.formats.atomic import atomic_output
+from vqtool.model.checkpoint import load_checkpoint
+from vqtool.model.config import ModelConfig, TrainConfig
+from vqtool.train.data.memory import TrainingData
 from vqtool.train.loop import CHECKPOINT_NAME, fit
+from vqtool.train.schedule import total_steps
 
 # Two-sided 97.5% quantiles of Student's t for n - 1 degrees of freedom (n seeds); normal beyond.
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -109,8 +110,7 @@ def run_sweep(
     for index, (model, seed) in enumerate((m, s) for m in variants for s in range(seeds)):
         run_dir = run_dir_for(out, model, seed)
         config = replace(base, seed=seed)
-        steps_per_epoch = config.steps_per_epoch or data.steps_per_epoch(config.batch_size)
-        total = config.steps if config.steps is not None else config.epochs * steps_per_epoch
+        total = total_steps(config, data)
         checkpoint = run_dir / CHECKPOINT_NAME
         saved = load_checkpoint(checkpoint) if checkpoint.exists() else None
         label = f"[{index + 1}/{total_runs}] {variant_name(model)} seed={seed}"
@@ -346,7 +346,7 @@ def report_markdown(
     lines = [
         f"## Results: {title}",
         "",
-        f"Made by `{command}`; the runs trained for {seconds / 60:.0f} min in all on a 2-core CPU. "
+        f"Made by `{command}`; the runs trained for {seconds / 60:.0f} min in all on {_machine()}. "
         "Final validation figures and training times are "
         "mean ± 95% CI over seeds (Student's t); curves are per epoch with 95% bands.",
         "",
@@ -385,6 +385,15 @@ def report_markdown(
     return "\n".join(lines)
 
 
+def _machine() -> str:
+    """The machine the runs trained on, as a report names it: the CPU and its cores."""
+    import os
+
+    from vqtool.runtime.workers import cpu_description
+
+    return f"{cpu_description()} with {os.cpu_count()} cores"
+
+
 def _section_markers(key: str) -> tuple[str, str]:
     return f"<!-- vqtool sweep {key}: begin -->", f"<!-- vqtool sweep {key}: end -->"
 
@@ -406,3 +415,33 @@ def publish_report(text: str, figures: Sequence[Path], report: Path, key: str) -
         updated = existing.rstrip("\n") + "\n\n" + section
     with atomic_output(report) as temp:
         temp.write_text(updated)
+
+
+def publish_sweep(
+    runs: Sequence[SweepRun],
+    beta: float,
+    out: Path,
+    command: str,
+    *,
+    title: str | None = None,
+    report: Path | None = None,
+) -> list[dict[str, Any]]:
+    """Summarise the runs into OUT/summary.json, OUT/summary.md and OUT/figures/, and with `report` into that
+    markdown file as a section of its own; returns the summary's rows."""
+    from vqtool.formats.atomic import write_bytes, write_json
+
+    rows = summarise(runs, beta)
+    figures = draw_figures(rows, out / "figures")
+    # The runs' own training time, so a re-run that only re-summarises still reports what training cost.
+    training_seconds = sum(float(run.final.get("elapsed_s", 0.0)) for run in runs)
+    text = report_markdown(rows, figures, command, training_seconds, title=title)
+    write_json(out / "summary.json", {"command": command, "rows": rows})
+    write_bytes(out / "summary.md", text.encode())
+    if report is not None:
+        # One section per sweep folder, or per title: two summaries of one folder's runs keep both sections.
+        key = out.resolve().name
+        if title:
+            key += "-" + "-".join("".join(c if c.isalnum() else " " for c in title.lower()).split())[:24]
+        published = report_markdown(rows, figures, command, training_seconds, f"figures/{key}/", title=title)
+        publish_report(published, figures, report, key)
+    return rows

@@ -12,22 +12,12 @@ Every user error raises vqtool.VqtoolError, whose message names the file it conc
 
 from __future__ import annotations
 
-import os as _os
 from typing import TYPE_CHECKING, Any
 
 from vqtool.errors import VqtoolError
 
 __version__ = "0.1.0"
 __all__ = ["DecodeResult", "EncodeResult", "Tokenizer", "VqtoolError", "load"]
-
-# The repository keeps train/ and export/ beside vqtool/, and the wheel installs them as vqtool.train and
-# vqtool.export (pyproject's package-dir), so nothing but `vqtool` lands at the top of site-packages.
-# Run from a checkout with PYTHONPATH instead of an install, the same names resolve through this path entry.
-_checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "train")) and _os.path.isfile(
-    _os.path.join(_checkout, "train", "model.py")
-):
-    __path__.append(_checkout)
 
 if TYPE_CHECKING:
     from vqtool.api import DecodeResult, EncodeResult, Tokenizer, load

@@ -14,24 +14,25 @@ import logging
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from vqtool import tensors
-from vqtool.backends import BF16, INT8, Opened, check_bf16, open_runner
-from vqtool.cores import inference_threads
-from vqtool.decode import DecodeResult
-from vqtool.decode import decode_file as _decode_file
-from vqtool.encode import EncodeResult
-from vqtool.encode import encode_files as _encode_files
 from vqtool.errors import VqtoolError
-from vqtool.images import fast_png_available, fit_to_size, list_image_names, read_rgb
-from vqtool.limits import DEFAULT_MAX_PIXELS
-from vqtool.manifest import Manifest, code_dtype_for, read_manifest
-from vqtool.runtime import CUDA_PROVIDERS, TRT_PROVIDER, Runner
-from vqtool.shards import Shard
+from vqtool.formats.manifest import ROLES, Manifest, code_dtype_for, read_manifest
+from vqtool.images.limits import DEFAULT_MAX_PIXELS
+from vqtool.images.reading import fast_png_available, fit_to_size, list_image_names, read_rgb
+from vqtool.pipeline.decode import DecodeResult
+from vqtool.pipeline.decode import decode_file as _decode_file
+from vqtool.pipeline.encode import EncodeResult, plan_encode, run_encode
+from vqtool.pipeline.shards import Shard
+from vqtool.runtime import tensors
+from vqtool.runtime.base import BF16, Runner, decoder_precision
+from vqtool.runtime.onnxruntime import CUDA_PROVIDERS, TRT_PROVIDER
+from vqtool.runtime.select import Opened, check_bf16, open_runner
+from vqtool.runtime.workers import inference_threads
 
 __all__ = ["DecodeResult", "EncodeResult", "Tokenizer", "load"]
 
@@ -48,6 +49,7 @@ def load(
     precision: str = "fp32",
     *,
     threads: int | None = None,
+    lazy: bool = False,
 ) -> Tokenizer:
     """Open an export folder made by `vqtool export` and start its encoder and decoder.
 
@@ -57,23 +59,39 @@ def load(
     missed its rule) or int8 (export --int8; an encoder precision, so the decoder runs fp32). With auto, a GPU
     runtime if one starts, else the CPU runtime bench.json measured fastest among those parity.json shows
     exact; `describe()` says which ran and why. `threads` caps the CPU threads (default: a core each).
+    With `lazy`, each graph starts on its first use instead (a job that only encodes never starts the decoder).
     Raises VqtoolError, naming the file, for anything wrong with the export.
     """
     folder = Path(export_dir)
     manifest = read_manifest(folder)
     note = check_bf16(folder) if precision == BF16 else ""
-    # Spinning intra-op threads answer small in-memory batches sooner than lanes (encoder, batch 1: 17.5k against
-    # 10.9k images/s on 2 cores); the file pipelines, whose readers and writers need the cores, run lanes only.
-    options = {"backend": backend, "device": device, "threads": inference_threads(threads), "spin": True}
-    encoder = open_runner(folder, manifest, "encoder", precision=precision, **options)  # type: ignore[arg-type]
-    decoder = open_runner(
-        folder,
-        manifest,
-        "decoder",
-        precision="fp32" if precision == INT8 else precision,
-        **options,  # type: ignore[arg-type]
-    )
-    return Tokenizer(folder, manifest, encoder, decoder, precision, note)
+    tok = Tokenizer(folder, manifest, _Starter(backend, device, inference_threads(threads)), precision, note)
+    if not lazy:
+        tok.start()
+    return tok
+
+
+@dataclass(frozen=True)
+class _Starter:
+    """How a Tokenizer starts its graphs: the backend and device asked for, and the CPU threads."""
+
+    backend: str
+    device: str
+    threads: int | None
+
+    def open(self, export_dir: Path, manifest: Manifest, role: str, precision: str) -> Opened:
+        # In-memory calls run small batches on spinning threads, which answer them sooner; the file pipelines run
+        # the same sessions without them (Runner.pipelined), since their readers and writers need the cores.
+        return open_runner(
+            export_dir,
+            manifest,
+            role,
+            backend=self.backend,
+            device=self.device,
+            precision=precision,
+            spin=True,
+            threads=self.threads,
+        )
 
 
 class Tokenizer:
@@ -84,19 +102,37 @@ class Tokenizer:
     Made by `vqtool.load`.
     """
 
-    def __init__(
-        self, export_dir: Path, manifest: Manifest, encoder: Opened, decoder: Opened, precision: str, note: str = ""
-    ) -> None:
+    def __init__(self, export_dir: Path, manifest: Manifest, starter: _Starter, precision: str, note: str = "") -> None:
         self._note = f" ({note})" if note else ""  # appended to every line that says what runs
         self.export_dir = export_dir
         self.manifest = manifest
         self.precision = precision
-        self._encoder = encoder
-        self._decoder = decoder
+        self._starter = starter
         self.code_dtype = code_dtype_for(manifest.codes)
-        self._decode_precision = "fp32" if precision == INT8 else precision
-        self._pipeline_runners: dict[str, Runner] = {}
-        self._pipeline_lock = threading.Lock()
+        self._decode_precision = decoder_precision(precision)
+        self._opened: dict[str, Opened] = {}
+        self._start_lock = threading.Lock()
+
+    def start(self, *roles: str) -> None:
+        """Start these graphs ("encoder", "decoder"; default both) now rather than on first use, so that a graph
+        that cannot run says so here (what `load` does unless lazy)."""
+        for role in roles or ROLES:
+            self._runner_of(role)
+
+    def _runner_of(self, role: str) -> Opened:
+        with self._start_lock:
+            if role not in self._opened:
+                precision = self.precision if role == "encoder" else self._decode_precision
+                self._opened[role] = self._starter.open(self.export_dir, self.manifest, role, precision)
+            return self._opened[role]
+
+    @property
+    def _encoder(self) -> Opened:
+        return self._runner_of("encoder")
+
+    @property
+    def _decoder(self) -> Opened:
+        return self._runner_of("decoder")
 
     @property
     def num_codes(self) -> int:
@@ -212,26 +248,24 @@ class Tokenizer:
         chosen = Shard.parse(shard) if isinstance(shard, str) else shard
         log = log or _log.info
         files = list_image_names([inputs] if isinstance(inputs, str | Path) else inputs)
-        if not fast_png_available() and any(name.lower().endswith(".png") for name in files[:1000]):
-            log("reading PNG files with Pillow; pip install 'vqtool[fast-png]' reads them about twice as fast")
-        part = f" (shard {chosen.index}/{chosen.count})" if chosen else ""
-        log(f"encoding {len(files)} images{part} in {self.precision} with {self._encoder.describe()}{self._note}")
-        return _encode_files(
+        plan = plan_encode(
             files,
             self.manifest,
             self.export_dir,
-            self._pipeline("encoder"),
             Path(out),
             batch_size=batch_size,
             resize=resize,
             shard=chosen,
-            resume=resume,
             workers=readers,
             precision=self.precision,
             max_pixels=max_pixels,
             skip_bad=skip_bad,
-            log=log,
         )
+        if not fast_png_available() and any(name.lower().endswith(".png") for name in files[:1000]):
+            log("reading PNG files with Pillow; pip install 'vqtool[fast-png]' reads them about twice as fast")
+        part = f" (shard {chosen.index}/{chosen.count})" if chosen else ""
+        log(f"encoding {len(files)} images{part} in {self.precision} with {self._encoder.describe()}{self._note}")
+        return run_encode(plan, self._encoder.runner.pipelined(), resume=resume, log=log)
 
     def decode_file(
         self,
@@ -248,22 +282,12 @@ class Tokenizer:
         return _decode_file(
             Path(codes),
             self.manifest,
-            self._pipeline("decoder"),
+            self._decoder.runner.pipelined(),
             Path(out),
             batch_size=batch_size,
             workers=writers,
             log=log,
         )
-
-    def _pipeline(self, role: str) -> Runner:
-        """The runner the file pipelines use: for ONNX Runtime on the CPU, the same graph without the spinning session
-        for small batches, so that reader and writer processes get the cores (opened on first use, then kept)."""
-        with self._pipeline_lock:
-            if role not in self._pipeline_runners:
-                runner = (self._encoder if role == "encoder" else self._decoder).runner
-                quiet = getattr(runner, "without_spinning", None)
-                self._pipeline_runners[role] = quiet() if quiet is not None else runner
-            return self._pipeline_runners[role]
 
     def _image_batch(self, images: ImageInput, resize: bool, max_pixels: int) -> np.ndarray:
         """Whatever encode was given -> one uint8 N x H x W x 3 array at the size the graph will see."""
@@ -330,10 +354,9 @@ class Tokenizer:
 
     def close(self) -> None:
         """Release the sessions (and GPU memory); the tokenizer cannot run afterwards."""
-        for runner in (self._encoder.runner, self._decoder.runner, *self._pipeline_runners.values()):
-            closer = getattr(runner, "close", None)
-            if closer is not None:
-                closer()
+        with self._start_lock:
+            for opened in self._opened.values():
+                opened.runner.close()
 
     def __enter__(self) -> Tokenizer:
         return self

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import enum
 import functools
+import inspect
 import sys
+import typing
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
@@ -13,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from vqtool.errors import VqtoolError, missing_extra
+from vqtool.runtime.base import Device
 
 app = typer.Typer(
     help="Train a VQ-VAE image tokenizer, export it to ONNX (and TensorRT), and run it with verified parity.",
@@ -59,50 +62,15 @@ def require_torch(command: str) -> None:
 
 
 # Options with a fixed set of values are choices: --help lists them and a typo is refused before any work.
-# Each mirrors a tuple the library checks against (tests/test_cli.py holds them equal).
-class Backend(str, enum.Enum):
-    """vqtool.backends.BACKENDS"""
-
-    auto = "auto"
-    onnxruntime = "onnxruntime"
-    onnxruntime_trt = "onnxruntime-trt"
-    tensorrt = "tensorrt"
-    openvino = "openvino"
-    torch = "torch"
-
-
-class Device(str, enum.Enum):
-    """vqtool.runtime.DEVICES"""
-
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-class Precision(str, enum.Enum):
-    """vqtool.backends.PRECISIONS"""
-
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
-    int8 = "int8"
+# Backends, devices and precisions are the runtime table's own (vqtool.runtime.base).
 
 
 class Preset(str, enum.Enum):
-    """vqtool.train.config.PRESETS (which holds what each sets)."""
+    """vqtool.model.presets.PRESETS (which holds what each sets)."""
 
     seed = "seed"
     f8 = "f8"
     f4 = "f4"
-
-
-class CheckedBackend(str, enum.Enum):
-    """The backends parity compares with PyTorch (torch itself is the reference)."""
-
-    onnxruntime = "onnxruntime"
-    onnxruntime_trt = "onnxruntime-trt"
-    tensorrt = "tensorrt"
-    openvino = "openvino"
 
 
 DeviceOption = Annotated[Device, typer.Option(help="Where to run: a CUDA GPU if one starts (auto), cpu or cuda.")]
@@ -124,7 +92,33 @@ SkipBadOption = Annotated[
 
 
 def pixel_limit(max_pixels: int) -> int:
-    from vqtool.images import allow_pixels
+    from vqtool.images.reading import allow_pixels
 
     allow_pixels(max_pixels)
     return max_pixels
+
+
+def shared_options(options: dict[str, tuple[Any, Any]]) -> Callable[[F], F]:
+    """Declare options once for several commands: `options` maps each parameter's name to its (Annotated type,
+    default); the command takes them together as its keyword `options`, a dict, and Typer sees them as its own."""
+
+    def decorate(command: F) -> F:
+        signature = inspect.signature(command)
+        hints = typing.get_type_hints(command, include_extras=True)
+        own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in signature.parameters.values()]
+        added = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+            for name, (annotation, default) in options.items()
+        ]
+
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            given = {name: kwargs.pop(name) for name in options if name in kwargs}
+            return command(*args, options=given, **kwargs)
+
+        parameters = [p for p in own if p.name != "options"] + added
+        wrapper.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+        return wrapper  # type: ignore[return-value]
+
+    return decorate

@@ -8,9 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from vqtool.cli.common import (
-    CheckedBackend,
     MaxPixelsOption,
-    Precision,
     app,
     out,
     pixel_limit,
@@ -20,11 +18,12 @@ from vqtool.cli.common import (
     user_errors,
 )
 from vqtool.errors import VqtoolError
-from vqtool.limits import DEFAULT_MAX_PIXELS
+from vqtool.images.limits import DEFAULT_MAX_PIXELS
+from vqtool.runtime.base import CheckedBackend, Precision
 
 
 def _show_verification(verification: dict[str, Any]) -> None:
-    from vqtool.tables import parity_table
+    from vqtool.cli.tables import parity_table
 
     reports = verification["reports"]
     naive = verification.get("naive_fp16_for_comparison")
@@ -89,12 +88,13 @@ def export_command(
 ) -> None:
     """Export encoder/decoder ONNX graphs (and TensorRT engines), and verify parity against PyTorch."""
     if trt:  # before torch is even imported: a missing TensorRT or GPU costs the user nothing
-        from vqtool.trt_runtime import require_tensorrt_gpu
+        from vqtool.runtime.tensorrt import require_tensorrt_gpu
 
         require_tensorrt_gpu()
     require_torch("export")
-    from vqtool.export.onnx_export import PARITY_NAME, ParityFailed, export_model
-    from vqtool.export.tensorrt_build import EngineProfile
+    from vqtool.export.pipeline import ParityFailed, export_model
+    from vqtool.export.tensorrt import EngineProfile
+    from vqtool.formats.manifest import PARITY_NAME
 
     target = out_dir or checkpoint.parent / "export"
     profile = EngineProfile(batch_min, batch_opt, batch_max, workspace)
@@ -151,9 +151,9 @@ def parity(
 ) -> None:
     """Compare the PyTorch model with every available backend and precision; writes parity.json."""
     require_torch("parity")
-    from vqtool.backends import PRECISIONS
-    from vqtool.export.onnx_export import PARITY_NAME
-    from vqtool.export.verify import check_export
+    from vqtool.export.parity import check_export
+    from vqtool.formats.manifest import PARITY_NAME
+    from vqtool.runtime.base import PRECISIONS
 
     verification = check_export(
         export_dir,

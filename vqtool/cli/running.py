@@ -9,12 +9,8 @@ from typing import Annotated, Any
 import typer
 
 from vqtool.cli.common import (
-    Backend,
-    CheckedBackend,
-    Device,
     DeviceOption,
     MaxPixelsOption,
-    Precision,
     SkipBadOption,
     app,
     out,
@@ -24,7 +20,8 @@ from vqtool.cli.common import (
     say,
     user_errors,
 )
-from vqtool.limits import DEFAULT_MAX_PIXELS
+from vqtool.images.limits import DEFAULT_MAX_PIXELS
+from vqtool.runtime.base import Backend, CheckedBackend, Device, Precision
 
 BackendOption = Annotated[
     Backend,
@@ -77,7 +74,8 @@ def encode(
 
     from vqtool.api import load
 
-    tok = load(model, backend.value, device.value, precision.value, threads=threads)
+    tok = load(model, backend.value, device.value, precision.value, threads=threads, lazy=True)
+    tok.start("encoder")  # the one graph encode runs: a backend that cannot start says so before any file is read
 
     def stop(signum: int, frame: Any) -> None:  # schedulers preempt with SIGTERM: keep what is done
         raise KeyboardInterrupt
@@ -108,7 +106,7 @@ def merge(
     out_path: Annotated[Path, typer.Option("--out", help="Merged codes .npy (its sidecar is written beside it).")],
 ) -> None:
     """Join shard outputs into one codes.npy + sidecar, identical to a single pass."""
-    from vqtool.shards import merge_shards
+    from vqtool.pipeline.shards import merge_shards
 
     merged = merge_shards(shards, out_path)
     print_result(f"merged {len(shards)} shards into {out_path} ({len(merged.files)} images)")
@@ -132,7 +130,8 @@ def decode(
     """Decode integer codes back to images (one PNG per code grid)."""
     from vqtool.api import load
 
-    tok = load(model, backend.value, device.value, precision.value, threads=threads)
+    tok = load(model, backend.value, device.value, precision.value, threads=threads, lazy=True)
+    tok.start("decoder")
     result = tok.decode_file(codes, out_dir, batch_size=batch_size, writers=writers, log=say)
     print_result(f"wrote {result.count} PNG files to {result.out_dir} in {result.seconds:.2f}s")
 
@@ -157,7 +156,8 @@ def bench(
 ) -> None:
     """Benchmark encode/decode per backend against PyTorch eager; with --images, a folder end to end."""
     require_torch("bench")
-    from vqtool.bench import BATCH_SIZES, run_bench
+    from vqtool.bench.model_only import BATCH_SIZES
+    from vqtool.bench.report import run_bench
 
     _, target = run_bench(
         export_dir,
@@ -168,6 +168,12 @@ def bench(
         max_pixels=pixel_limit(max_pixels),
         out=out_path,
         log=say,
-        show=out.print,
+        show=_show_bench_part,
     )
     print_result(f"wrote {target}")
+
+
+def _show_bench_part(part: str, rows: list[dict[str, Any]]) -> None:
+    from vqtool.cli.tables import bench_table, folder_table
+
+    out.print(bench_table(rows) if part == "model_only" else folder_table(rows))

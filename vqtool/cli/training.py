@@ -24,20 +24,11 @@ from vqtool.cli.common import (
     print_result,
     require_torch,
     say,
+    shared_options,
     user_errors,
 )
 from vqtool.errors import VqtoolError
-from vqtool.limits import DEFAULT_MAX_PIXELS
-
-
-def next_run_dir(root: Path) -> Path:
-    """runs/run-001, runs/run-002, ...: a new run never lands on an old one."""
-    taken = {p.name for p in root.glob("run-*")} if root.is_dir() else set()
-    number = 1
-    while f"run-{number:03d}" in taken:
-        number += 1
-    return root / f"run-{number:03d}"
-
+from vqtool.images.limits import DEFAULT_MAX_PIXELS
 
 DataOption = Annotated[
     Path | None,
@@ -186,60 +177,45 @@ AverageWeightsOption = Annotated[
 ]
 
 
-def _training_overrides(
-    *,
-    lr: float | None,
-    ema: bool | None,
-    kmeans_init: bool | None,
-    restart_dead: int | None,
-    rotation_trick: bool | None,
-    adam_beta2: float | None,
-    average_weights: float | None,
-    usage_loss: float | None,
-    lr_schedule: LrSchedule | None,
-    warmup_steps: int | None,
-    cooldown_steps: int | None,
-) -> dict[str, Any]:
-    """The training options a preset may set, as `train` and `sweep` were given them (None: not given)."""
+# Options `train` and `sweep` share, declared once: each command takes them as its `options` dict.
+TRAINING_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "preset": (PresetOption, Preset.seed),
+    "data": (DataOption, None),
+    "epochs": (EpochsOption, None),
+    "steps": (StepsOption, None),
+    "steps_per_epoch": (StepsPerEpochOption, None),
+    "batch_size": (BatchOption, 128),
+    "lr": (LrOption, None),
+    "lr_schedule": (LrScheduleOption, None),
+    "warmup_steps": (WarmupOption, None),
+    "cooldown_steps": (CooldownOption, None),
+    "device": (DeviceOption, Device.auto),
+    "ema": (EmaOption, None),
+    "kmeans_init": (KmeansOption, None),
+    "restart_dead": (RestartOption, None),
+    "rotation_trick": (RotationOption, None),
+    "adam_beta2": (AdamBeta2Option, None),
+    "average_weights": (AverageWeightsOption, None),
+    "usage_loss": (UsageLossOption, None),
+}
+
+
+def _run_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The shared options as TrainConfig fields (choices as their values), the preset and data left out."""
     return {
-        "lr": lr,
-        "ema": ema,
-        "kmeans_init": kmeans_init,
-        "restart_dead": restart_dead,
-        "rotation_trick": rotation_trick,
-        "adam_beta2": adam_beta2,
-        "average_weights": average_weights,
-        "usage_loss": usage_loss,
-        "lr_schedule": lr_schedule.value if lr_schedule is not None else None,
-        "warmup_steps": warmup_steps,
-        "cooldown_steps": cooldown_steps,
+        key: value.value if isinstance(value, enum.Enum) else value
+        for key, value in options.items()
+        if key not in ("preset", "data")
     }
-
-
-def _load_training_set(
-    source: Path | None, image_size: int, max_pixels: int, skip_bad: bool, val_data: str | None = None
-) -> Any:
-    from vqtool.train.sources import collection_exists, load_training_set
-
-    for path in (source, val_data):
-        if path is not None and not collection_exists(path):
-            raise VqtoolError("no such file or folder", path)
-    try:
-        return load_training_set(
-            source, image_size, max_pixels=pixel_limit(max_pixels), skip_bad=skip_bad, val_data=val_data, log=say
-        )
-    except RuntimeError as exc:  # the default data's missing scikit-image
-        raise VqtoolError(str(exc)) from None
 
 
 @app.command()
 @user_errors
+@shared_options(TRAINING_OPTIONS)
 def train(
-    data: DataOption = None,
     val_data: ValDataOption = None,
     workers: WorkersOption = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (default: a new runs/run-NNN).")] = None,
-    preset: PresetOption = Preset.seed,
     codes: Annotated[int | None, typer.Option(help="Codebook size K (default 256, or the preset's).")] = None,
     dim: Annotated[int | None, typer.Option(help="Latent dimension D (default 256, or the preset's).")] = None,
     image_size: Annotated[int, typer.Option(help="Training image side, a multiple of --downsample.")] = 32,
@@ -248,137 +224,73 @@ def train(
     res_blocks: ResBlocksOption = None,
     lookup_dim: LookupDimOption = None,
     l2_codes: L2CodesOption = None,
-    epochs: EpochsOption = None,
-    steps: StepsOption = None,
-    batch_size: BatchOption = 128,
-    lr: LrOption = None,
-    lr_schedule: LrScheduleOption = None,
-    warmup_steps: WarmupOption = None,
-    cooldown_steps: CooldownOption = None,
     beta: Annotated[float, typer.Option(help="Commitment loss weight β.")] = 0.25,
     seed: Annotated[int, typer.Option(help="Seed for initialisation and data order.")] = 0,
-    device: DeviceOption = Device.auto,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory from its checkpoint.")] = None,
-    ema: EmaOption = None,
     ema_decay: EmaDecayOption = 0.99,
-    kmeans_init: KmeansOption = None,
-    restart_dead: RestartOption = None,
-    rotation_trick: RotationOption = None,
-    adam_beta2: AdamBeta2Option = None,
-    average_weights: AverageWeightsOption = None,
-    usage_loss: UsageLossOption = None,
-    steps_per_epoch: StepsPerEpochOption = None,
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
     skip_bad: SkipBadOption = False,
+    *,
+    options: dict[str, Any],
 ) -> None:
     """Train the VQ-VAE; writes checkpoint.pt, metrics.jsonl and figures/ to the run directory."""
     require_torch("train")
-    from vqtool.train.checkpoint import CheckpointError, load_checkpoint
-    from vqtool.train.config import ModelConfig, TrainConfig, preset_settings
-    from vqtool.train.loop import CHECKPOINT_NAME, TrainingStopped, fit
+    from vqtool.train.run import new_run, resume_run
+    from vqtool.train.run import train as run_training
 
-    try:
-        if resume is not None:
-            if val_data is not None:
-                raise VqtoolError(
-                    "--val-data cannot change on --resume: the run keeps the validation set it began with"
-                )
-            saved = load_checkpoint(resume / CHECKPOINT_NAME)
-            model_config, run_dir = saved.model_config, resume
-            # The run's own plan stands unless --epochs/--steps say otherwise.
-            changes: dict[str, int | None] = {
-                k: v for k, v in (("epochs", epochs), ("steps", steps), ("workers", workers)) if v is not None
-            }
-            if "epochs" in changes and "steps" not in changes:
-                changes["steps"] = None
-            config = TrainConfig.from_dict({**saved.train_config.to_dict(), **changes})
-            source = Path(saved.data) if saved.data else None
-        else:
-            explicit = {
-                "codes": codes,
-                "dim": dim,
-                "downsample": downsample,
-                "channels": _int_list(channels, "--channels") if channels is not None else None,
-                "res_blocks": res_blocks,
-                "lookup_dim": lookup_dim,
-                "l2_codes": l2_codes,
-                **_training_overrides(
-                    lr=lr,
-                    ema=ema,
-                    kmeans_init=kmeans_init,
-                    restart_dead=restart_dead,
-                    rotation_trick=rotation_trick,
-                    adam_beta2=adam_beta2,
-                    average_weights=average_weights,
-                    usage_loss=usage_loss,
-                    lr_schedule=lr_schedule,
-                    warmup_steps=warmup_steps,
-                    cooldown_steps=cooldown_steps,
-                ),
-            }
-            model_fields, train_fields = preset_settings(preset.value, explicit)
-            model_config = ModelConfig(image_size=image_size, **model_fields)
-            config = TrainConfig(
-                epochs=TrainConfig.epochs if epochs is None else epochs,
-                steps=steps,
-                batch_size=batch_size,
-                beta=beta,
-                seed=seed,
-                device=device.value,
-                ema_decay=ema_decay,
-                steps_per_epoch=steps_per_epoch,
-                max_pixels=max_pixels,
-                skip_bad=skip_bad,
-                val_data=str(val_data) if val_data is not None else None,
-                workers=workers,
-                **train_fields,
-            )
-            run_dir, source = out_dir or next_run_dir(Path("runs")), data
-            if (run_dir / CHECKPOINT_NAME).exists():
-                raise VqtoolError(
-                    f"already holds a run; continue it with --resume {run_dir} or pick another --out", run_dir
-                )
-    except (ValueError, CheckpointError) as exc:
-        raise VqtoolError(str(exc)) from None
-    training_set = _load_training_set(
-        source, model_config.image_size, config.max_pixels, config.skip_bad, config.val_data
-    )
-    held_out = f"from {config.val_data}" if config.val_data else "held out"
-    say(f"data: {source or 'embedded default photographs'} — {len(training_set.val)} validation images {held_out}")
-    try:
-        result = fit(
-            model_config,
-            config,
-            training_set,
-            run_dir,
-            data_source=str(source) if source else None,
-            resume=resume is not None,
-            show_progress=err.is_terminal,
+    pixel_limit(max_pixels)
+    if resume is not None:
+        if val_data is not None:
+            raise VqtoolError("--val-data cannot change on --resume: the run keeps the validation set it began with")
+        plan = resume_run(resume, epochs=options["epochs"], steps=options["steps"], workers=workers)
+    else:
+        plan = new_run(
+            preset=options["preset"].value,
+            data=options["data"],
+            out=out_dir,
+            image_size=image_size,
+            codes=codes,
+            dim=dim,
+            downsample=downsample,
+            channels=_int_list(channels, "--channels") if channels is not None else None,
+            res_blocks=res_blocks,
+            lookup_dim=lookup_dim,
+            l2_codes=l2_codes,
+            beta=beta,
+            seed=seed,
+            ema_decay=ema_decay,
+            max_pixels=max_pixels,
+            skip_bad=skip_bad,
+            val_data=str(val_data) if val_data is not None else None,
+            workers=workers,
+            **_run_options(options),
         )
-    except (TrainingStopped, CheckpointError) as exc:
-        raise VqtoolError(str(exc)) from None
+    result = run_training(plan, show_progress=err.is_terminal, log=say)
     if not result.is_main:  # other torchrun processes: rank 0 reports
         return
-    if result.skipped:
-        from vqtool.images import describe_skipped
+    _print_run(result, plan.model_config.codes)
+    if result.interrupted:
+        raise typer.Exit(130)  # the shell's code for Ctrl-C, after a clean save
 
-        say(f"{source}: training {describe_skipped(result.skipped, getattr(training_set, 'epoch_size', None))}")
+
+def _print_run(result: Any, codes: int) -> None:
     final = result.final
     minutes, seconds = divmod(int(result.seconds), 60)
     board_dir = result.run_dir / "tensorboard"
     board = f"tensorboard: {board_dir}/ (tensorboard --logdir {board_dir})\n" if board_dir.is_dir() else ""
     if result.interrupted:
-        say(f"interrupted: checkpoint saved at step {result.steps}; continue with: vqtool train --resume {run_dir}")
+        say(
+            f"interrupted: checkpoint saved at step {result.steps}; "
+            f"continue with: vqtool train --resume {result.run_dir}"
+        )
     print_result(
         f"trained {result.steps} steps in {minutes}m{seconds:02d}s: val PSNR {final['val_psnr']:.2f} dB, "
         f"val MSE {final['val_mse']:.4f}, codebook usage {final['usage']:.1%} "
-        f"({int(final['codes_used'])}/{model_config.codes} codes), perplexity {final['perplexity']:.1f}\n"
+        f"({int(final['codes_used'])}/{codes} codes), perplexity {final['perplexity']:.1f}\n"
         f"checkpoint: {result.checkpoint}\nmetrics:    {result.metrics}\n"
         f"figures:    {result.figures}/ (loss.png, recon_step*.png)\n{board}"
         f"next:       vqtool export {result.checkpoint}"
     )
-    if result.interrupted:
-        raise typer.Exit(130)  # the shell's code for Ctrl-C, after a clean save
 
 
 def _int_list(text: str, option: str) -> tuple[int, ...]:
@@ -401,6 +313,7 @@ def _flag_list(text: str, option: str) -> tuple[bool, ...]:
 
 @app.command()
 @user_errors
+@shared_options(TRAINING_OPTIONS)
 def sweep(
     codes: Annotated[
         str | None, typer.Option(help="Codebook sizes K, comma-separated (default 64,128,256,512, or the preset's K).")
@@ -409,7 +322,6 @@ def sweep(
         str | None, typer.Option(help="Latent sizes D, comma-separated (default 64,128,256,512, or the preset's D).")
     ] = None,
     seeds: Annotated[int, typer.Option(help="Repeated runs (seeds 0..N-1) per variant.")] = 3,
-    preset: PresetOption = Preset.seed,
     downsample: Annotated[str | None, typer.Option(help="Downsampling factors, comma-separated (16,8,4,2).")] = None,
     channels: Annotated[
         list[str] | None,
@@ -423,26 +335,9 @@ def sweep(
         str | None, typer.Option(help="Lookup dimensions, comma-separated; 0 looks codes up in D itself.")
     ] = None,
     l2_codes: Annotated[str | None, typer.Option(help="l2-normalised codes: no, yes or no,yes.")] = None,
-    data: DataOption = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Sweep folder: one run directory per (variant, seed).")] = Path(
         "runs/sweep"
     ),
-    epochs: EpochsOption = None,
-    steps: StepsOption = None,
-    steps_per_epoch: StepsPerEpochOption = None,
-    batch_size: BatchOption = 128,
-    lr: LrOption = None,
-    lr_schedule: LrScheduleOption = None,
-    warmup_steps: WarmupOption = None,
-    cooldown_steps: CooldownOption = None,
-    device: DeviceOption = Device.auto,
-    ema: EmaOption = None,
-    kmeans_init: KmeansOption = None,
-    restart_dead: RestartOption = None,
-    rotation_trick: RotationOption = None,
-    adam_beta2: AdamBeta2Option = None,
-    average_weights: AverageWeightsOption = None,
-    usage_loss: UsageLossOption = None,
     title: Annotated[
         str | None, typer.Option(help="Heading of the summary (default: the axes swept).", show_default=False)
     ] = None,
@@ -453,24 +348,20 @@ def sweep(
             "--out replaces it), with its figures in figures/SWEEP_FOLDER_NAME/ beside it."
         ),
     ] = None,
+    *,
+    options: dict[str, Any],
 ) -> None:
     """Train every combination of the listed values over several seeds; summary table, curves with 95% CIs."""
     require_torch("sweep")
     import shlex
 
-    from vqtool.atomic import write_bytes, write_json
-    from vqtool.train.config import ModelConfig, TrainConfig, preset_settings
-    from vqtool.train.sweep import (
-        draw_figures,
-        publish_report,
-        report_markdown,
-        run_sweep,
-        summarise,
-        summary_table,
-        sweep_variants,
-    )
+    from vqtool.model.config import ModelConfig, TrainConfig
+    from vqtool.model.presets import preset_settings
+    from vqtool.train.run import read_training_set
+    from vqtool.train.sweep import publish_sweep, run_sweep, summary_table, sweep_variants
 
     # Without a preset, K and D default to the article's sweep; with one, to the preset's own values.
+    preset, data = options["preset"], options["data"]
     codes = codes or ("64,128,256,512" if preset is Preset.seed else None)
     dim = dim or ("64,128,256,512" if preset is Preset.seed else None)
     lists: dict[str, Any] = {
@@ -482,48 +373,15 @@ def sweep(
         "lookup_dim": [d or None for d in _int_list(lookup_dim, "--lookup-dim")] if lookup_dim else None,
         "l2_codes": _flag_list(l2_codes, "--l2-codes") if l2_codes else None,
     }
-    explicit = _training_overrides(
-        lr=lr,
-        ema=ema,
-        kmeans_init=kmeans_init,
-        restart_dead=restart_dead,
-        rotation_trick=rotation_trick,
-        adam_beta2=adam_beta2,
-        average_weights=average_weights,
-        usage_loss=usage_loss,
-        lr_schedule=lr_schedule,
-        warmup_steps=warmup_steps,
-        cooldown_steps=cooldown_steps,
-    )
     try:
-        model_fields, train_fields = preset_settings(preset.value, explicit)
-        base = TrainConfig(
-            epochs=TrainConfig.epochs if epochs is None else epochs,
-            steps=steps,
-            steps_per_epoch=steps_per_epoch,
-            batch_size=batch_size,
-            device=device.value,
-            **train_fields,
-        )
+        model_fields, train_fields = preset_settings(preset.value, _run_options(options))
+        base = TrainConfig(**train_fields)
         variants = sweep_variants(ModelConfig(**model_fields), {k: v for k, v in lists.items() if v is not None})
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:
         raise VqtoolError(str(exc)) from None
-    training_set = _load_training_set(data, variants[0].image_size, base.max_pixels, base.skip_bad)
+    training_set = read_training_set(data, variants[0].image_size, base, log=say)
     runs = run_sweep(variants, seeds, base, training_set, str(data) if data else None, out_dir, log=say)
-    rows = summarise(runs, base.beta)
-    figures = draw_figures(rows, out_dir / "figures")
     command = "vqtool " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    # The runs' own training time, so a re-run that only re-summarises still reports what training cost.
-    training_seconds = sum(float(run.final.get("elapsed_s", 0.0)) for run in runs)
-    text = report_markdown(rows, figures, command, training_seconds, title=title)
-    write_json(out_dir / "summary.json", {"command": command, "rows": rows})
-    write_bytes(out_dir / "summary.md", text.encode())
-    if report is not None:
-        # One section per sweep folder, or per title: two summaries of one folder's runs keep both sections.
-        key = out_dir.resolve().name
-        if title:
-            key += "-" + "-".join("".join(c if c.isalnum() else " " for c in title.lower()).split())[:24]
-        published = report_markdown(rows, figures, command, training_seconds, f"figures/{key}/", title=title)
-        publish_report(published, figures, report, key)
+    rows = publish_sweep(runs, base.beta, out_dir, command, title=title, report=report)
     print_result("\n".join(summary_table(rows)))
     print_result(f"summary: {out_dir / 'summary.md'} (figures in {out_dir / 'figures'})")

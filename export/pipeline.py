@@ -1,0 +1,264 @@
+"""`vqtool export`, step by step: graphs, INT8, manifest, TensorRT engines, parity, then the folder published whole.
+
+Everything is written to a staging folder beside the target and renamed into place at the end, so readers see
+the old export or the new one, never a mix; a failed parity keeps the graphs aside for inspection.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import vqtool
+from vqtool.errors import VqtoolError
+from vqtool.export.graphs import DECODER_INPUT, ENCODER_INPUT, OPSET, write_graphs
+from vqtool.export.parity import Verification, verify_export
+from vqtool.export.quantize import (
+    AGREEMENT_IMAGES,
+    AGREEMENT_SEED,
+    CALIBRATION_IMAGES,
+    calibration_images,
+    code_agreement,
+    write_checked_int8_encoder,
+)
+from vqtool.export.tensorrt import EngineProfile
+from vqtool.export.tensorrt_ops import trt_problems
+from vqtool.formats.atomic import usual_mode, write_json
+from vqtool.formats.manifest import (
+    MANIFEST_NAME,
+    PARITY_NAME,
+    PYTORCH_FILE,
+    GraphEntry,
+    Manifest,
+    code_dtype_for,
+    graph_key,
+    sha256_file,
+)
+from vqtool.images.limits import DEFAULT_MAX_PIXELS
+from vqtool.model.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from vqtool.model.config import ModelConfig
+from vqtool.runtime.base import BF16, CHECKED_BACKENDS, FP16, FP32, INT8, PRECISIONS
+from vqtool.train.data.memory import TrainingData
+from vqtool.train.data.run_data import training_set_of
+
+# The runtimes export's parity runs on (where they start). OpenVINO (and its BF16, no graph but a choice made
+# when running) is checked by `vqtool parity --backend openvino` instead: a process that has run OpenVINO crashes
+# when it later forks PyTorch DataLoader workers (torch 2.13, OpenVINO 2026.4), and export runs inside training
+# scripts.
+EXPORT_RUNTIMES = tuple(b for b in CHECKED_BACKENDS if b != "openvino")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    export_dir: Path
+    manifest: Manifest
+    verification: Verification
+
+
+class ParityFailed(VqtoolError):
+    """Export finished but a runtime disagrees with PyTorch beyond tolerance."""
+
+    def __init__(self, message: str, verification: Verification) -> None:
+        super().__init__(message)
+        self.verification = verification
+
+
+def load_for_export(path: Path) -> Checkpoint:
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as exc:
+        raise VqtoolError(str(exc)) from None
+
+
+def _check_trt_compatible(
+    out_dir: Path, entries: dict[str, GraphEntry], *, strict: bool, log: Callable[[str], None]
+) -> None:
+    import onnx
+
+    for entry in entries.values():
+        problems = trt_problems(onnx.load(str(out_dir / entry.file)))
+        if problems and strict:
+            raise VqtoolError(f"outside what TensorRT's parser supports: {'; '.join(problems)}", out_dir / entry.file)
+        for problem in problems:
+            log(f"warning: {entry.file}: {problem} (TensorRT will not build it)")
+
+
+def _build_engines(
+    out_dir: Path,
+    entries: dict[str, GraphEntry],
+    config: ModelConfig,
+    profile: EngineProfile,
+    timing_cache: Path | None,
+    log: Callable[[str], None],
+) -> None:
+    from vqtool.export.tensorrt import build_engine, default_timing_cache
+    from vqtool.runtime.tensorrt import current_gpu, import_tensorrt
+
+    gpu = current_gpu()
+    cache = timing_cache or default_timing_cache(str(import_tensorrt().__version__), gpu)
+    tails = {ENCODER_INPUT: (config.image_size, config.image_size, 3), DECODER_INPUT: (config.grid, config.grid)}
+    for name, entry in entries.items():
+        log(f"building TensorRT engine {name}.engine ({entry.precision}) on {gpu.name}")
+        build_engine(
+            gpu,
+            out_dir / entry.file,
+            out_dir / f"{name}.engine",
+            input_name=entry.input,
+            output_name=entry.output,
+            input_tail=tails[entry.input],
+            precision=entry.precision,
+            profile=profile,
+            timing_cache=cache,
+            log=log,
+        )
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    """Replace `out_dir` with `staging` so that readers see the old export or the new one, never a mix."""
+    if out_dir.exists():
+        backup = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        out_dir.rename(backup)
+        staging.rename(out_dir)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        staging.rename(out_dir)
+
+
+def _write_int8(
+    staging: Path,
+    checkpoint: Checkpoint,
+    fp32_encoder: GraphEntry,
+    calibration: Path | None,
+    count: int,
+    max_pixels: int,
+    own_data: Callable[[], TrainingData],
+    log: Callable[[str], None],
+) -> GraphEntry:
+    """The INT8 encoder, calibrated on `calibration` (default: the checkpoint's own data) and checked against
+    PyTorch's codes on held-out crops of the checkpoint's data."""
+    if calibration is not None:
+        from vqtool.train.data.streaming import load_training_set
+
+        size = checkpoint.model_config.image_size
+        data, source = load_training_set(calibration, size, max_pixels=max_pixels), str(calibration)
+    else:
+        data, source = own_data(), checkpoint.data or "the embedded default data"
+    images = calibration_images(data, count, source, log)
+    agreement = code_agreement(checkpoint.model, data.batch(0, AGREEMENT_IMAGES, seed=AGREEMENT_SEED))
+    return write_checked_int8_encoder(staging, fp32_encoder, images, agreement, log)
+
+
+def _write_manifest(
+    staging: Path, checkpoint: Checkpoint, checkpoint_sha: str, graphs: dict[str, GraphEntry]
+) -> Manifest:
+    """The slim PyTorch checkpoint that travels with the graphs (parity and --backend torch need no other file),
+    and manifest.json over everything written."""
+    save_checkpoint(
+        staging / PYTORCH_FILE,
+        checkpoint.model,
+        checkpoint.train_config,
+        step=checkpoint.step,
+        epoch=checkpoint.epoch,
+        data=checkpoint.data,
+    )
+    config = checkpoint.model_config
+    manifest = Manifest(
+        model_config=config.to_dict(),
+        image_size=config.image_size,
+        grid=config.grid,
+        codes=config.codes,
+        code_dtype=code_dtype_for(config.codes).name,
+        opset=OPSET,
+        checkpoint_sha256=checkpoint_sha,
+        graphs=graphs,
+        vqtool_version=vqtool.__version__,
+        torch_version=str(torch.__version__),
+        pytorch_file=PYTORCH_FILE,
+        pytorch_sha256=sha256_file(staging / PYTORCH_FILE),
+    )
+    write_json(staging / MANIFEST_NAME, manifest.to_dict())
+    return manifest
+
+
+def _check_target(out_dir: Path, int8: bool, calibration_count: int, trt: bool) -> None:
+    if trt:
+        from vqtool.runtime.tensorrt import require_tensorrt_gpu
+
+        require_tensorrt_gpu()  # before any work: a missing TensorRT or GPU is one sentence, not a half export
+    if int8 and calibration_count < 1:
+        raise VqtoolError(f"--calibration-images must be at least 1, got {calibration_count}")
+    if out_dir.exists() and not (out_dir / MANIFEST_NAME).is_file():
+        if not out_dir.is_dir() or any(out_dir.iterdir()):
+            raise VqtoolError("exists and is not a vqtool export folder; choose another --out", out_dir)
+
+
+def _fail_parity(staging: Path, out_dir: Path, verification: Verification) -> ParityFailed:
+    """Keep the graphs that failed parity beside the target for inspection; the error that says where."""
+    kept = out_dir.with_name(f"{out_dir.name}.failed-parity")
+    shutil.rmtree(kept, ignore_errors=True)
+    staging.rename(kept)
+    failed = [r for r in verification.reports if not r.passed]
+    reasons = "; ".join(f"{r.runtime} {r.precision}: {', '.join(r.failures)}" for r in failed)
+    return ParityFailed(f"parity failed ({reasons}); graphs kept for inspection in {kept}", verification)
+
+
+def export_model(
+    checkpoint_path: Path,
+    out_dir: Path,
+    *,
+    fp16: bool = False,
+    int8: bool = False,
+    calibration: Path | None = None,
+    calibration_count: int = CALIBRATION_IMAGES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    trt: bool = False,
+    profile: EngineProfile | None = None,
+    timing_cache: Path | None = None,
+    parity_images: np.ndarray | None = None,
+    log: Callable[[str], None] = print,
+) -> ExportResult:
+    """Write graphs (+ engines), manifest and parity.json to `out_dir`; a failed parity fails the export."""
+    _check_target(out_dir, int8, calibration_count, trt)
+    checkpoint = load_for_export(checkpoint_path)
+    checkpoint_sha = sha256_file(checkpoint_path)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    usual_mode(staging)
+    try:
+        entries: dict[str, GraphEntry] = {}
+        for precision in (FP32, FP16) if fp16 else (FP32,):
+            entries.update(write_graphs(checkpoint.model, checkpoint_sha, staging, precision))
+        _check_trt_compatible(staging, entries, strict=trt, log=log)
+        # The checkpoint's own data is read (and its skipped files reported) once, for calibration and parity.
+        own_data = functools.cache(lambda: training_set_of(checkpoint, log))
+        graphs = dict(entries)
+        if int8:
+            # After the TensorRT check: the INT8 graph is for the CPU runtimes, not TensorRT.
+            fp32_encoder = entries[graph_key("encoder", FP32)]
+            graphs[graph_key("encoder", INT8)] = _write_int8(
+                staging, checkpoint, fp32_encoder, calibration, calibration_count, max_pixels, own_data, log
+            )
+        manifest = _write_manifest(staging, checkpoint, checkpoint_sha, graphs)
+        if trt:
+            _build_engines(staging, entries, checkpoint.model_config, profile or EngineProfile(), timing_cache, log)
+        images = own_data().val if parity_images is None else parity_images
+        written = tuple(p for p in PRECISIONS if p != BF16)
+        verification = verify_export(
+            checkpoint.model, staging, manifest, images, backends=EXPORT_RUNTIMES, precisions=written, log=log
+        )
+        write_json(staging / PARITY_NAME, verification.to_dict())
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if not verification.passed:
+        raise _fail_parity(staging, out_dir, verification)
+    _publish(staging, out_dir)
+    return ExportResult(out_dir, manifest, verification)

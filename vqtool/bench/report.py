@@ -1,0 +1,86 @@
+"""`vqtool bench`: model-only timings against PyTorch eager, the fastest runtime per stage, and with images a
+folder end to end; written to bench.json.
+
+Every ratio is against a baseline measured in the same run on the same machine: PyTorch eager for
+the model, and for a folder the script a user would otherwise write (a Pillow loop + batched eager).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from vqtool.bench.folder import folder_encode
+from vqtool.bench.model_only import BATCH_SIZES, fastest_runtimes, fp32_roofline, model_only
+from vqtool.errors import VqtoolError
+from vqtool.formats.atomic import write_json
+from vqtool.formats.manifest import BENCH_NAME, read_manifest
+from vqtool.images.limits import DEFAULT_MAX_PIXELS
+from vqtool.images.reading import list_images, read_rgb
+from vqtool.runtime.workers import cpu_description
+
+
+def run_bench(
+    export_dir: Path,
+    *,
+    images: Path | None = None,
+    batch_sizes: Sequence[int] = BATCH_SIZES,
+    backends: Sequence[str] | None = None,
+    seconds: float = 1.0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    out: Path | None = None,
+    log: Callable[[str], None] = print,
+    show: Callable[[str, list[dict[str, Any]]], None] | None = None,
+) -> tuple[dict[str, Any], Path]:
+    """What `vqtool bench` does: model-only timings against eager (and a folder end to end with `images`).
+
+    `show` receives each part of the report ("model_only", then "folder_encode") as it is ready. Returns the
+    report and where it was written (`out`, default EXPORT_DIR/bench.json).
+    """
+    manifest = read_manifest(export_dir)
+    if min(batch_sizes) < 1:
+        raise VqtoolError(f"--batch must be at least 1, got {min(batch_sizes)}")
+    if not seconds > 0:
+        raise VqtoolError(f"--seconds must be positive, got {seconds}")
+    files = list_images([images]) if images is not None else []
+    for path in files:  # the naive script reads with plain Pillow: check every file before timing anything
+        read_rgb(path, max_pixels)
+    rows, skipped = model_only(
+        export_dir, manifest, batch_sizes=batch_sizes, backends=backends, seconds=seconds, log=log
+    )
+    report: dict[str, Any] = {
+        "cpu": cpu_description(),
+        "cpu_count": os.cpu_count(),
+        "model_only": [vars(r) for r in rows],
+        "skipped": skipped,
+        "fastest": fastest_runtimes(rows),
+    }
+    if show is not None:
+        show("model_only", report["model_only"])
+    _log_fastest(report, skipped, max(batch_sizes), log)
+    roofline = fp32_roofline(export_dir, manifest, rows, seconds)
+    log(roofline.describe())
+    report["fp32_roofline"] = roofline.to_dict()
+    if files:
+        with tempfile.TemporaryDirectory(prefix="vqtool-bench-") as scratch:
+            folder = folder_encode(files, export_dir, manifest, Path(scratch), backends=backends, log=log)
+        report["folder_encode"] = [result.to_dict() for result in folder]
+        if show is not None:
+            show("folder_encode", report["folder_encode"])
+    target = out or export_dir / BENCH_NAME
+    write_json(target, report)
+    return report, target
+
+
+def _log_fastest(report: dict[str, Any], skipped: list[str], batch: int, log: Callable[[str], None]) -> None:
+    for reason in skipped:
+        log(f"not measured: {reason}")
+    log(f"fastest here, at batch {batch} (CPU: {report['cpu']}):")
+    for entry in report["fastest"]:
+        log(
+            f"  {entry['stage']} {entry['precision']}: {entry['backend']} {entry['images_per_s']:,.0f} images/s"
+            + (f" ({entry['vs_baseline']:.2f}x eager)" if entry["vs_baseline"] else "")
+        )

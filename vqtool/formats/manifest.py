@@ -1,0 +1,170 @@
+"""manifest.json: what an export directory holds, enough to run and verify it without the checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vqtool.errors import VqtoolError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "vqtool.export"
+FORMAT_VERSION = 1
+# The other files of an export folder: the slim PyTorch checkpoint that parity and --backend torch run, and the
+# records `vqtool parity` and `vqtool bench` keep (vqtool.formats.records).
+PYTORCH_FILE = "model.pt"
+PARITY_NAME = "parity.json"
+BENCH_NAME = "bench.json"
+ROLES = ("encoder", "decoder")
+# Precisions whose graphs are files of their own; BF16 runs the FP32 graph. fp16-naive is the all-FP16 graph that
+# parity builds aside for comparison and never exports.
+GRAPH_PRECISIONS = ("fp32", "fp16", "int8", "fp16-naive")
+SHARED_GRAPH = {"bf16": "fp32"}
+
+
+def graph_key(role: str, precision: str) -> str:
+    """Manifest key and file stem: encoder, decoder, encoder.fp16, decoder.fp16, encoder.int8 (and *.fp16-naive)."""
+    precision = SHARED_GRAPH.get(precision, precision)
+    if role not in ROLES or precision not in GRAPH_PRECISIONS:
+        raise VqtoolError(f"unknown graph {role}/{precision}")
+    return role if precision == "fp32" else f"{role}.{precision}"
+
+
+def engine_path(export_dir: Path, role: str, precision: str) -> Path:
+    """The TensorRT engine `vqtool export --trt` builds from a graph: its file stem with .engine."""
+    return export_dir / f"{graph_key(role, precision)}.engine"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def code_dtype_for(num_codes: int) -> np.dtype:
+    """The smallest unsigned integer type that holds codes 0..K-1."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if num_codes - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise ValueError(f"{num_codes} codes do not fit in 32 bits")
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    """One exported graph: file name, checksum, precision and tensor names."""
+
+    file: str
+    sha256: str
+    precision: str
+    input: str
+    output: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The export's model configuration, graphs and provenance."""
+
+    model_config: dict[str, Any]
+    image_size: int
+    grid: int
+    codes: int
+    code_dtype: str
+    opset: int
+    checkpoint_sha256: str
+    graphs: dict[str, GraphEntry]
+    vqtool_version: str
+    torch_version: str
+    pytorch_file: str = ""
+    pytorch_sha256: str = ""
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def downsample(self) -> int:
+        """Image side / code-grid side: 16 for the reference design, 8, 4 or 2 for the family's others."""
+        return self.image_size // self.grid
+
+    def graph_path(self, export_dir: Path, name: str) -> Path:
+        if name not in self.graphs:
+            raise VqtoolError(f"export has no '{name}' graph (it has: {', '.join(sorted(self.graphs))})", export_dir)
+        return export_dir / self.graphs[name].file
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_manifest(export_dir: Path) -> Manifest:
+    """Load and check EXPORT_DIR/manifest.json, with one-line errors naming the file."""
+    path = export_dir / MANIFEST_NAME
+    if not export_dir.is_dir():
+        raise VqtoolError("no such export folder (make one with: vqtool export CHECKPOINT --out DIR)", export_dir)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise VqtoolError("no manifest.json here; is this an export folder made by vqtool export?", path) from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise VqtoolError(f"corrupt manifest ({exc})", path) from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise VqtoolError(f"not a vqtool export manifest (no '{FORMAT}' format field)", path)
+    if type(raw.get("format_version", 0)) is not int:
+        raise VqtoolError("incomplete or damaged manifest ('format_version' must be an integer); re-export", path)
+    if raw.get("format_version", 0) > FORMAT_VERSION:
+        raise VqtoolError(f"written by a newer vqtool (format {raw['format_version']}); upgrade vqtool", path)
+    problem = _manifest_problem(raw)
+    if problem:
+        raise VqtoolError(f"incomplete or damaged manifest ({problem}); re-export", path)
+    try:
+        raw["graphs"] = {name: GraphEntry(**entry) for name, entry in raw["graphs"].items()}
+        return Manifest(**raw)
+    except (KeyError, TypeError) as exc:
+        raise VqtoolError(f"incomplete manifest ({exc})", path) from None
+
+
+def _manifest_problem(raw: dict[str, Any]) -> str | None:
+    """What is wrong with a parsed manifest's fields, or None; each later use relies on these types."""
+    for name in ("image_size", "grid", "codes", "opset"):
+        if type(raw.get(name)) is not int or raw[name] < 1:
+            return f"'{name}' must be a positive integer"
+    if raw["codes"] < 2:
+        return "'codes' must be at least 2"
+    if raw.get("code_dtype") not in ("uint8", "uint16", "uint32"):
+        return "'code_dtype' must be uint8, uint16 or uint32"
+    if not isinstance(raw.get("model_config"), dict):
+        return "'model_config' must be an object"
+    for name in ("checkpoint_sha256", "vqtool_version", "torch_version", "pytorch_file", "pytorch_sha256"):
+        if not isinstance(raw.get(name, ""), str):
+            return f"'{name}' must be a string"
+    graphs = raw.get("graphs")
+    if not isinstance(graphs, dict) or "encoder" not in graphs or "decoder" not in graphs:
+        return "'graphs' must list at least the encoder and the decoder"
+    entry_fields = ("file", "sha256", "precision", "input", "output")
+    for name, entry in graphs.items():
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in entry_fields):
+            return f"graph '{name}' must give {', '.join(entry_fields)} as strings"
+        if os.path.basename(entry["file"]) != entry["file"]:
+            return f"graph '{name}' must name a file inside the export folder"
+    return None
+
+
+def verify_graph(export_dir: Path, manifest: Manifest, name: str) -> Path:
+    """The graph's path, after checking that its bytes are the ones the manifest recorded."""
+    path = manifest.graph_path(export_dir, name)
+    if not path.is_file():
+        raise VqtoolError("graph file listed in manifest.json is missing", path)
+    if sha256_file(path) != manifest.graphs[name].sha256:
+        raise VqtoolError(
+            "graph file does not match the checksum in manifest.json (changed or corrupt); re-export", path
+        )
+    return path
+
+
+def manifest_checksum(export_dir: Path) -> str:
+    return sha256_file(export_dir / MANIFEST_NAME)

@@ -1,0 +1,136 @@
+"""parity.json and bench.json: the records an export folder keeps of how its runtimes compare and how fast they run.
+
+`vqtool export` and `vqtool parity` write parity.json, `vqtool bench` writes bench.json; `auto` and BF16's check
+read them back here, as typed records. A file that is missing or unreadable reads as no record, and a field a
+record lacks (written by hand, or by an older vqtool) takes its default.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from vqtool.formats.manifest import BENCH_NAME, PARITY_NAME
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """Agreement of one runtime (backend + precision) with the PyTorch model, on a set of images."""
+
+    runtime: str
+    provider: str = ""
+    precision: str = ""
+    images: int = 0
+    codes: int = 0
+    identical: int = 0
+    near_ties: int = 0
+    unexplained: int = 0
+    max_gap_rtol: float = 0.0
+    recon_max_abs: int = 0
+    recon_mean_abs: float = 0.0
+    recon_psnr: float = math.inf  # against PyTorch's reconstructions; stored as null when they are equal
+    quality_drop_db: float = 0.0  # PSNR against the input images: PyTorch's reconstructions minus these
+    decoded: str = "pytorch"  # whose codes the reconstructions come from: "pytorch" or "own"
+    failures: tuple[str, ...] = ()
+    # Kept as read where `codes` is unknown (a record written by hand); computed otherwise.
+    recorded_identical_fraction: float | None = None
+
+    @property
+    def identical_fraction(self) -> float:
+        if self.codes:
+            return self.identical / self.codes
+        return self.recorded_identical_fraction or 0.0
+
+    @property
+    def exact(self) -> bool:
+        """Every code identical to PyTorch's."""
+        return self.passed and self.codes > 0 and self.identical == self.codes
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        del out["recorded_identical_fraction"]
+        out["failures"] = list(self.failures)
+        out["identical_fraction"] = self.identical_fraction
+        out["passed"] = self.passed
+        out["recon_psnr"] = None if math.isinf(self.recon_psnr) else self.recon_psnr
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ParityReport:
+        values = _known(cls, raw)
+        values["failures"] = tuple(str(f) for f in raw.get("failures") or ())
+        if raw.get("passed") is False and not values["failures"]:
+            values["failures"] = ("failed",)
+        if values.get("recon_psnr") is None:
+            values["recon_psnr"] = math.inf
+        values["recorded_identical_fraction"] = raw.get("identical_fraction")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """One model-only timing of bench.json: a stage of one runtime at one precision and batch."""
+
+    stage: str
+    backend: str
+    provider: str = ""
+    precision: str = ""
+    batch: int = 0
+    images_per_s: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    vs_baseline: float | None = None
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelRow:
+        return cls(**_known(cls, raw))
+
+
+def _known(cls: type[R], raw: dict[str, Any]) -> dict[str, Any]:
+    return {f.name: raw[f.name] for f in fields(cls) if f.name in raw}  # type: ignore[arg-type]
+
+
+def _read_object(path: Path) -> dict[str, Any]:
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _entries(cls: Any, items: Any) -> list[Any]:
+    """The well-formed entries of a record's list; a malformed one is passed over, as a missing one would be."""
+    out = []
+    for item in items if isinstance(items, list) else []:
+        try:
+            out.append(cls.from_dict(item))
+        except (TypeError, ValueError, AttributeError):
+            continue
+    return out
+
+
+def read_parity_reports(export_dir: Path) -> list[ParityReport]:
+    """Every report of the export's parity.json, or none where it is missing or unreadable."""
+    return _entries(ParityReport, _read_object(export_dir / PARITY_NAME).get("reports"))
+
+
+def parity_report(export_dir: Path, runtime: str, precision: str) -> ParityReport | None:
+    """This runtime's report in parity.json (written by export and by `vqtool parity`), if any."""
+    for report in read_parity_reports(export_dir):
+        if (report.runtime, report.precision) == (runtime, precision):
+            return report
+    return None
+
+
+def read_bench_rows(export_dir: Path) -> list[ModelRow]:
+    """The model-only timings of the export's bench.json, or none where it is missing or unreadable."""
+    return _entries(ModelRow, _read_object(export_dir / BENCH_NAME).get("model_only"))

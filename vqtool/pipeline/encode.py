@@ -1,0 +1,261 @@
+"""Images -> codes.npy, streaming: files are decoded by reader processes while the graph runs.
+
+Memory stays flat in the number of images: codes go straight into a memory-mapped .npy under a
+temporary name, and only a few batches of pixels are ever in flight. Progress is recorded as the
+run goes, so an interrupted run continues with --resume; the final name only ever holds a
+complete result. Three steps: `plan_encode` checks everything it can before any work, `run_encode`
+encodes the batches into the partial file, and finishing puts the result in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vqtool.errors import VqtoolError
+from vqtool.formats.atomic import StagedOutput, json_bytes, partial_path, usual_mode, write_json
+from vqtool.formats.codes import CodesSidecar, sidecar_path
+from vqtool.formats.manifest import Manifest, code_dtype_for, manifest_checksum
+from vqtool.images.limits import DEFAULT_MAX_PIXELS
+from vqtool.images.reading import SkippedFile, describe_skipped
+from vqtool.pipeline.reading import ReadOptions, first_shape, read_batches
+from vqtool.pipeline.resume import Progress, progress_path, resume_point, shrink_rows
+from vqtool.pipeline.shards import Shard, list_checksum
+from vqtool.runtime.base import Runner
+from vqtool.runtime.workers import reader_count
+
+# Progress is made durable this often (and on interrupt), not per batch: each sync is an msync + fsync.
+SYNC_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class EncodeResult:
+    """What one encode of image files wrote: the codes and their sidecar, how many rows, and what ran."""
+
+    codes_path: Path
+    sidecar_path: Path
+    count: int
+    grid: tuple[int, int]
+    runtime: str
+    resized: int
+    seconds: float
+    resumed_from: int
+    # Files left out under --skip-bad (None without it); `count` is the rows written, files read.
+    skipped: tuple[SkippedFile, ...] | None = None
+
+
+class EncodeInterrupted(VqtoolError):
+    """Stopped part way; the finished rows are kept for --resume."""
+
+    exit_code = 130  # the shell's code for an interrupt, as train uses
+
+
+@dataclass(frozen=True)
+class EncodePlan:
+    """One encode, checked before any work: the files (of the shard), the options, and what the output will hold."""
+
+    files: Sequence[str | Path]
+    out: Path
+    options: ReadOptions
+    shape: tuple[int, int]  # the size every image is brought to
+    grid: tuple[int, int]
+    dtype: np.dtype
+    batch_size: int
+    workers: int
+    manifest: Manifest
+    precision: str
+    shard: dict[str, int | str] | None
+    # What a resumed run must share with the interrupted one.
+    signature: dict[str, object]
+
+    def sidecar(self, backend: str, skipped: Sequence[SkippedFile]) -> CodesSidecar:
+        names = {s.file for s in skipped}
+        return CodesSidecar(
+            files=[str(f) for f in self.files if str(f) not in names],
+            grid=list(self.grid),
+            codes=self.manifest.codes,
+            dtype=self.dtype.name,
+            manifest_sha256=str(self.signature["manifest_sha256"]),
+            checkpoint_sha256=self.manifest.checkpoint_sha256,
+            shard=self.shard,
+            precision=self.precision,
+            skipped=[s.to_dict() for s in skipped] if self.options.skip_bad else None,
+            backend=backend,
+        )
+
+
+def plan_encode(
+    files: Sequence[str | Path],
+    manifest: Manifest,
+    export_dir: Path,
+    out: Path,
+    *,
+    batch_size: int = 64,
+    resize: bool = True,
+    shard: Shard | None = None,
+    workers: int | None = None,
+    precision: str = "fp32",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    skip_bad: bool = False,
+) -> EncodePlan:
+    """Every check an encode can make before it reads an image: files, batch size, shard, the first size."""
+    if not files:
+        raise VqtoolError("no images to encode")
+    if batch_size < 1:
+        raise VqtoolError(f"--batch-size must be at least 1, got {batch_size}")
+    shard_info: dict[str, int | str] | None = None
+    if shard is not None:
+        begin, stop = shard.bounds(len(files))
+        shard_info = {
+            "index": shard.index,
+            "count": shard.count,
+            "start": begin,
+            "stop": stop,
+            "total": len(files),
+            "list_sha256": list_checksum(files),
+        }
+        files = files[begin:stop]
+        if not files:
+            raise VqtoolError(f"shard {shard.index}/{shard.count} of {shard_info['total']} files is empty")
+    options = ReadOptions(manifest.image_size, manifest.downsample, resize, max_pixels, skip_bad)
+    shape = first_shape(files, options)
+    grid = (shape[0] // manifest.downsample, shape[1] // manifest.downsample)
+    dtype = code_dtype_for(manifest.codes)
+    signature = {
+        "list_sha256": list_checksum(files),
+        "manifest_sha256": manifest_checksum(export_dir),
+        "rows": len(files),
+        "grid": list(grid),
+        "dtype": dtype.name,
+        "precision": precision,
+        "skip_bad": skip_bad,
+        "max_pixels": max_pixels,
+    }
+    workers = reader_count(workers)
+    return EncodePlan(
+        files, out, options, shape, grid, dtype, batch_size, workers, manifest, precision, shard_info, signature
+    )
+
+
+def run_encode(
+    plan: EncodePlan, encoder: Runner, *, resume: bool = False, log: Callable[[str], None] = print
+) -> EncodeResult:
+    """Encode the plan's files into its output plus sidecar, continuing an interrupted run with `resume`.
+
+    With skip_bad, files that cannot be read (or are larger than max_pixels) are left out: the codes hold a
+    row per file read, and the sidecar lists those files and, under "skipped", the others.
+    """
+    started = time.perf_counter()
+    out, total = plan.out, len(plan.files)
+    progress = resume_point(out, plan.signature, resume, log)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if progress.done:
+        codes_out = np.lib.format.open_memmap(partial_path(out), mode="r+")
+        log(f"resuming {out} after {progress.done} of {total} images")
+    else:
+        progress_path(out).unlink(missing_ok=True)
+        codes_out = np.lib.format.open_memmap(partial_path(out), mode="w+", dtype=plan.dtype, shape=(total, *plan.grid))
+    # Without skip_bad the sidecar is known before the first image is read (a file that cannot be read stops
+    # the run), so it is written and synced while the images are encoded, and only renamed into place at the end.
+    early = None
+    if not plan.options.skip_bad:
+        early = StagedOutput(sidecar_path(out), lambda: json_bytes(plan.sidecar(encoder.backend, []).to_dict()))
+    with early or contextlib.nullcontext():
+        done = _encode_batches(plan, encoder, codes_out, progress)
+        del codes_out
+        _finish(plan, encoder, done, early)
+    if done.skipped:
+        log(describe_skipped(done.skipped, total))
+    if done.resized:
+        keep = f"use --no-resize to keep sizes that are multiples of {plan.manifest.downsample}"
+        size = plan.options.size
+        log(f"resized {done.resized} of {done.written} images to {size}x{size} ({keep})")
+    return EncodeResult(
+        out,
+        sidecar_path(out),
+        done.written,
+        plan.grid,
+        encoder.describe(),
+        done.resized,
+        time.perf_counter() - started,
+        progress.done,
+        tuple(done.skipped) if plan.options.skip_bad else None,
+    )
+
+
+@dataclass
+class _Done:
+    """How far the batches got: files consumed, rows written, files resized and skipped."""
+
+    finished: int
+    written: int
+    resized: int
+    skipped: list[SkippedFile]
+
+
+def _encode_batches(plan: EncodePlan, encoder: Runner, codes_out: np.memmap, progress: Progress) -> _Done:
+    """Run the graph over every batch after the resume point, recording progress as it goes."""
+    out = plan.out
+    done = _Done(progress.done, progress.written, 0, list(progress.skipped))
+    synced_at = time.monotonic()
+
+    def record_progress() -> None:
+        """Rows on disk first, then the record that says so; at most every SYNC_SECONDS, and on interrupt."""
+        codes_out.flush()
+        record = {**plan.signature, "done": done.finished, "written": done.written}
+        write_json(progress_path(out), {**record, "skipped": [s.to_dict() for s in done.skipped]})
+
+    try:
+        batches = read_batches(plan.files, plan.options, plan.batch_size, plan.workers, plan.shape, progress.done)
+        for batch in batches:
+            done.resized += batch.resized
+            if len(batch.pixels):
+                codes_out[done.written : done.written + len(batch.pixels)] = encoder(batch.pixels)
+            done.written += len(batch.pixels)
+            done.skipped.extend(batch.skipped)
+            done.finished = batch.first + batch.files
+            if time.monotonic() - synced_at > SYNC_SECONDS:
+                record_progress()
+                synced_at = time.monotonic()
+    except VqtoolError:
+        # Bad input changes the file list, so these rows could never be resumed: drop them.
+        partial_path(out).unlink(missing_ok=True)
+        progress_path(out).unlink(missing_ok=True)
+        raise
+    except KeyboardInterrupt:
+        record_progress()
+        raise EncodeInterrupted(
+            f"interrupted after {done.finished} of {len(plan.files)} images; the finished rows are kept: "
+            "run the same command with --resume to continue",
+            out,
+        ) from None
+    codes_out.flush()
+    return done
+
+
+def _finish(plan: EncodePlan, encoder: Runner, done: _Done, early_sidecar: StagedOutput | None) -> None:
+    """Put the codes and their sidecar in place under their final names, or nothing if no file could be read."""
+    out, partial = plan.out, partial_path(plan.out)
+    if not done.written:
+        partial.unlink(missing_ok=True)
+        progress_path(out).unlink(missing_ok=True)
+        raise VqtoolError(
+            f"none of the {len(plan.files)} files could be read, so nothing was written: {done.skipped[0].reason}"
+        )
+    if done.written < len(plan.files):
+        shrink_rows(partial, done.written)
+    # The sidecar is renamed into place before the codes: a crash between leaves old codes with a
+    # sidecar whose file count no longer matches, which decode reports, never a silent mismatch.
+    if early_sidecar is not None:
+        early_sidecar.commit()
+    else:
+        write_json(sidecar_path(out), plan.sidecar(encoder.backend, done.skipped).to_dict())
+    usual_mode(partial)
+    os.replace(partial, out)
+    progress_path(out).unlink(missing_ok=True)

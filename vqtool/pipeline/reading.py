@@ -1,0 +1,174 @@
+"""Image files -> batches of model inputs, decoded ahead by reader processes while the graph runs."""
+
+from __future__ import annotations
+
+import mmap
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vqtool.errors import VqtoolError
+from vqtool.images.limits import DEFAULT_MAX_PIXELS
+from vqtool.images.reading import SkippedFile, fit_to_size, read_each, read_rgb
+from vqtool.runtime.workers import shared_buffer, worker_buffer, worker_pool
+
+PREFETCH_BATCHES = 2
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How image files become model inputs, the same in every reader process."""
+
+    size: int
+    downsample: int = 16  # with --no-resize, sides must be multiples of it
+    resize: bool = True
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    # Leave unreadable files out (reported) instead of stopping at the first one.
+    skip_bad: bool = False
+
+
+def _load(path: str | Path, options: ReadOptions) -> tuple[np.ndarray, bool]:
+    pixels = read_rgb(path, options.max_pixels)
+    fitted = fit_to_size(pixels, options.size, resize=options.resize, multiple=options.downsample, path=path)
+    return fitted, fitted.shape != pixels.shape
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch as read: `pixels` holds the files that were read, in order; `skipped` the others."""
+
+    first: int  # index of the batch's first file in the list
+    files: int  # files this batch covers, read or skipped
+    pixels: np.ndarray
+    resized: int
+    skipped: tuple[SkippedFile, ...]
+
+
+def _slot(buffer: mmap.mmap, offset: int, rows: int, shape: tuple[int, int]) -> np.ndarray:
+    """rows x H x W x 3 uint8 pixels in the shared buffer, starting `offset` bytes in."""
+    return np.frombuffer(buffer, np.uint8, rows * shape[0] * shape[1] * 3, offset).reshape(rows, *shape, 3)
+
+
+def _decode_files(
+    rows: np.ndarray, first: int, paths: list[str], options: ReadOptions, shape: tuple[int, int]
+) -> Batch:
+    """Decode `paths` into the leading rows of `rows`; the Batch's `pixels` are those rows, the files read."""
+
+    def load(name: str) -> tuple[np.ndarray, bool]:
+        image, was_resized = _load(name, options)
+        if image.shape[:2] != shape:
+            raise VqtoolError(
+                f"is {image.shape[1]}x{image.shape[0]} but earlier images are {shape[1]}x{shape[0]}; "
+                "with --no-resize all images must share one size",
+                name,
+            )
+        return image, was_resized
+
+    resized, kept, skipped = 0, 0, list[SkippedFile]()
+    for _, (image, was_resized) in read_each(paths, load, skipped if options.skip_bad else None):
+        rows[kept] = image
+        kept += 1
+        resized += was_resized
+    return Batch(first, len(paths), rows[:kept], resized, tuple(skipped))
+
+
+def _load_batch(
+    first: int, paths: list[str], options: ReadOptions, shape: tuple[int, int], offset: int | None = None
+) -> Batch:
+    """One part of a batch decoded in a reader process: into the shared buffer at `offset` (then `pixels` comes
+    back empty, with the row count its only content), or, without one, into an array returned pickled."""
+    if offset is None:
+        return _decode_files(np.empty((len(paths), *shape, 3), np.uint8), first, paths, options, shape)
+    batch = _decode_files(_slot(worker_buffer(), offset, len(paths), shape), first, paths, options, shape)
+    return Batch(first, batch.files, np.empty((len(batch.pixels), 0, 0, 0), np.uint8), batch.resized, batch.skipped)
+
+
+def read_batches(
+    files: Sequence[str | Path],
+    options: ReadOptions,
+    batch_size: int,
+    workers: int,
+    shape: tuple[int, int],
+    start: int = 0,
+) -> Iterator[Batch]:
+    """Batches of decoded files, in order, read ahead by reader processes.
+
+    Processes, not threads: for small images per-file Python work dominates and holds the GIL, so
+    threads measured slower than one thread; processes scale for small and large images alike.
+    Each batch is split between the readers, so the first arrives after 1/readers of its decoding
+    time, and inference waiting for a batch waits for all readers, not for one. Where workers are forked
+    they decode into slots of a shared buffer, and a batch's `pixels` is a view of its slot, valid until
+    the next batch is asked for: pickling the pixels back would cost the parent a sizeable share of INT8
+    inference's time.
+    """
+    in_flight = workers + PREFETCH_BATCHES
+    row_bytes = shape[0] * shape[1] * 3
+    # One slot more than batches in flight: the one the caller holds while the others are read.
+    shared = shared_buffer(batch_size * row_bytes * (in_flight + 1))
+    free = deque(range(in_flight + 1))
+    starts = iter(range(start, len(files), batch_size))
+    pool = worker_pool(workers, shared)
+    pending: deque[tuple[int, list[Future[Batch]]]] = deque()
+
+    def submit_next() -> None:
+        first = next(starts, None)
+        if first is None:
+            return
+        names = [str(f) for f in files[first : first + batch_size]]
+        slot, parts = free.popleft(), []
+        step = -(-len(names) // workers)
+        for begin in range(0, len(names), step):
+            offset = (slot * batch_size + begin) * row_bytes if shared is not None else None
+            parts.append(pool.submit(_load_batch, first + begin, names[begin : begin + step], options, shape, offset))
+        pending.append((slot, parts))
+
+    try:
+        for _ in range(in_flight):
+            submit_next()
+        while pending:
+            slot, futures = pending.popleft()
+            yield _joined([future.result() for future in futures], shared, slot * batch_size, shape)
+            free.append(slot)
+            submit_next()
+    finally:
+        # Not waiting for the readers to exit lets the caller finish its output meanwhile; none has work left
+        # unless the caller stopped early, and then they stop after their current part.
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _joined(parts: list[Batch], shared: mmap.mmap | None, slot_row: int, shape: tuple[int, int]) -> Batch:
+    """One batch from the parts its readers decoded; in the shared buffer, rows after a skipped file move up."""
+    kept = sum(len(part.pixels) for part in parts)
+    if shared is None:
+        pixels = np.concatenate([part.pixels for part in parts])
+    else:
+        row_bytes = shape[0] * shape[1] * 3
+        pixels = _slot(shared, slot_row * row_bytes, sum(part.files for part in parts), shape)
+        row = 0
+        for part in parts:
+            here = part.first - parts[0].first
+            if here != row:
+                pixels[row : row + len(part.pixels)] = pixels[here : here + len(part.pixels)]
+            row += len(part.pixels)
+        pixels = pixels[:kept]
+    return Batch(
+        parts[0].first,
+        sum(part.files for part in parts),
+        pixels,
+        sum(part.resized for part in parts),
+        tuple(skip for part in parts for skip in part.skipped),
+    )
+
+
+def first_shape(files: Sequence[str | Path], options: ReadOptions) -> tuple[int, int]:
+    """The size every image is brought to: the model's, or with --no-resize the first readable file's."""
+    if options.resize:
+        return options.size, options.size
+    for _, (image, _) in read_each(files, lambda name: _load(name, options), [] if options.skip_bad else None):
+        height, width = image.shape[:2]
+        return height, width
+    raise VqtoolError(f"none of the {len(files)} files could be read")

@@ -1,0 +1,192 @@
+"""Choosing and starting a runtime for an export: `open_runner`, and the `auto` policy.
+
+`auto` tries the GPU runtimes first (RUNTIMES' auto_rank) and keeps the first that actually starts, remembering
+why the others did not, so every command can say what really ran. On the CPU it chooses by measurement: the
+fastest runtime in the export's bench.json among those whose codes parity.json shows exact (FP32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from vqtool.errors import VqtoolError
+from vqtool.formats.manifest import Manifest, engine_path, graph_key, verify_graph
+from vqtool.formats.records import parity_report, read_bench_rows
+from vqtool.runtime.base import (
+    BACKENDS,
+    BF16,
+    DEVICES,
+    FP32,
+    LABELS,
+    PRECISIONS,
+    REFERENCE,
+    RUNTIMES,
+    Backend,
+    Device,
+    Runner,
+    backends_running,
+    refusal,
+)
+from vqtool.runtime.workers import nvidia_gpu_present
+
+
+@dataclass(frozen=True)
+class Opened:
+    """A started runner and, for auto, why it was chosen and why faster backends were passed over."""
+
+    runner: Runner
+    skipped: tuple[str, ...]
+    chosen: str = ""
+
+    def describe(self) -> str:
+        note = f" ({self.chosen})" if self.chosen else ""
+        note += f" (passed over: {'; '.join(self.skipped)})" if self.skipped else ""
+        return f"{self.runner.backend}: {self.runner.describe()}{note}"
+
+
+def check_bf16(export_dir: Path) -> str:
+    """Refuse BF16 where parity.json records that it missed its rule; say so where it was never checked."""
+    report = parity_report(export_dir, Backend.openvino.value, BF16)
+    if report is None:
+        return "bf16 not yet checked on this export: vqtool parity EXPORT_DIR --precision bf16"
+    if not report.passed:
+        raise VqtoolError(
+            f"bf16 failed parity on this export here ({report.failures[0]}); use fp32 or int8",
+            export_dir / "parity.json",
+        )
+    return f"bf16 passed parity: {report.identical_fraction:.2%} identical codes"
+
+
+def cpu_choice(export_dir: Path, role: str, precision: str) -> tuple[list[str], str]:
+    """The CPU runtimes auto tries, best first, and the reason, from what this export has measured.
+
+    Exact first: a runtime is a candidate at fp32 only if parity.json shows every one of its codes identical to
+    PyTorch's (ONNX Runtime always is: export checks it), and at other precisions only if it passed their rule.
+    Among those, bench.json (written by `vqtool bench` on this machine) decides by speed at its largest batch.
+    """
+    candidates = [b for b in backends_running(precision, Device.cpu.value) if b != REFERENCE]
+    if len(candidates) == 1:
+        return candidates, f"{precision} runs on {LABELS[candidates[0]]} only"
+    default = Backend.onnxruntime.value  # export's own parity always covers it
+    exact = {default}
+    for backend in candidates:
+        report = parity_report(export_dir, backend, precision)
+        if report is not None and report.passed and (precision != FP32 or report.exact):
+            exact.add(backend)
+    stage = "encode" if role == "encoder" else "decode"
+    rows = [r for r in read_bench_rows(export_dir) if r.stage == stage and r.precision == precision]
+    largest = max((r.batch for r in rows), default=0)
+    speeds = {r.backend: r.images_per_s for r in rows if r.batch == largest}
+    measured = [name for name in candidates if name in speeds]
+    if exact != set(candidates) or len(measured) < len(candidates):
+        why = "bench.json measures no race" if exact == set(candidates) else "parity.json shows no exact OpenVINO codes"
+        ordered = [default, *(b for b in candidates if b != default)]
+        return ordered, f"on the CPU: ONNX Runtime by default, {why}"
+    order = sorted(candidates, key=lambda name: -speeds[name])
+    figures = " against ".join(f"{name} {speeds[name]:,.0f}" for name in order)
+    exactness = "identical codes" if precision == FP32 else "passed parity"
+    return order, f"fastest on the CPU with {exactness}: {figures} images/s at batch {largest} in bench.json"
+
+
+def _open(
+    export_dir: Path,
+    manifest: Manifest,
+    role: str,
+    backend: str,
+    device: str,
+    precision: str,
+    spin: bool,
+    threads: int | None,
+) -> Runner:
+    """Start one named backend on one device (auto: the backend's own); refused in one sentence where it cannot."""
+    reason = refusal(role, backend, device, precision)
+    if reason is not None:
+        raise VqtoolError(reason)
+    if backend == Backend.openvino.value:
+        from vqtool.runtime.openvino import OpenVinoRunner
+
+        return OpenVinoRunner(verify_graph(export_dir, manifest, graph_key(role, precision)), role, precision, threads)
+    if backend == REFERENCE:
+        from vqtool.runtime.pytorch import TorchRunner
+
+        return TorchRunner(export_dir, manifest, role, device)
+    if backend == Backend.tensorrt.value:
+        from vqtool.runtime.tensorrt import TensorRTRunner, import_tensorrt
+
+        path = engine_path(export_dir, role, precision)
+        if not path.is_file():
+            import_tensorrt()  # a missing TensorRT is the more useful message
+            raise VqtoolError(
+                f"no {precision} TensorRT engine here; build one with vqtool export CHECKPOINT --trt", path
+            )
+        return TensorRTRunner(path)
+    if graph_key(role, precision) not in manifest.graphs and precision != FP32:
+        raise VqtoolError(f"export has no {precision} {role} graph (export again with --{precision})", export_dir)
+    graph = verify_graph(export_dir, manifest, graph_key(role, precision))
+    from vqtool.runtime.onnxruntime import OnnxRuntimeRunner, TrtOptions
+
+    if backend == Backend.onnxruntime_trt.value:
+        options = TrtOptions.for_export(export_dir, manifest, role, precision)
+        return OnnxRuntimeRunner(graph, Device.cuda.value, spin=spin, tensorrt=options)
+    return OnnxRuntimeRunner(graph, device, threads=threads, spin=spin)
+
+
+def _check_names(backend: str, device: str, precision: str) -> None:
+    for kind, value, choices in (("backend", backend, BACKENDS), ("precision", precision, PRECISIONS)):
+        if value not in choices:
+            raise VqtoolError(f"unknown {kind} {value!r}; choose one of {', '.join(choices)}")
+    if device not in DEVICES:
+        raise VqtoolError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+
+
+def open_runner(
+    export_dir: Path,
+    manifest: Manifest,
+    role: str,
+    *,
+    backend: str = "auto",
+    device: str = "auto",
+    precision: str = "fp32",
+    spin: bool = False,
+    threads: int | None = None,
+) -> Opened:
+    """Start the requested backend, or with auto the fastest one that starts here.
+
+    `spin` keeps ONNX Runtime's idle threads spinning for small batches: faster alone, slower beside readers and
+    writers. `threads` caps the CPU threads (default: one per core).
+    """
+    backend, device, precision = (
+        str(getattr(backend, "value", backend)),
+        str(getattr(device, "value", device)),
+        str(getattr(precision, "value", precision)),
+    )
+    _check_names(backend, device, precision)
+    reason = refusal(role, backend, device, precision)
+    if reason is not None:
+        raise VqtoolError(reason)
+    devices = {r.device for r in RUNTIMES if precision in r.precisions}
+    if device == Device.auto.value and len(devices) == 1:
+        device = devices.pop()  # INT8 graphs are built for the CPU: no GPU provider is tried for them
+    if backend != Backend.auto.value:
+        return Opened(_open(export_dir, manifest, role, backend, device, precision, spin, threads), ())
+    skipped: list[str] = []
+    cpu_order, why = cpu_choice(export_dir, role, precision)
+    gpus = sorted(
+        (r for r in RUNTIMES if r.device == Device.cuda.value and r.auto_rank and precision in r.precisions),
+        key=lambda r: r.auto_rank or 0,
+    )
+    tries = [*((r.backend, r.device) for r in gpus), *((name, Device.cpu.value) for name in cpu_order)]
+    for name, where in tries:
+        if device != Device.auto.value and where != device:
+            continue
+        if where == Device.cuda.value and device == Device.auto.value and not nvidia_gpu_present():
+            skipped.append(f"{name} on {where}: no NVIDIA GPU here")
+            continue
+        try:
+            runner = _open(export_dir, manifest, role, name, where, precision, spin, threads)
+        except VqtoolError as exc:
+            skipped.append(f"{name} on {where}: {str(exc).split('; ')[0]}")
+            continue
+        return Opened(runner, tuple(skipped), why if where == Device.cpu.value else "")
+    raise VqtoolError(f"no backend could start: {'; '.join(skipped)}")
