@@ -134,10 +134,14 @@ def read_batches(
             yield _joined([future.result() for future in futures], shared, slot * batch_size, shape)
             free.append(slot)
             submit_next()
-    finally:
-        # Not waiting for the readers to exit lets the caller finish its output meanwhile; none has work left
-        # unless the caller stopped early, and then they stop after their current part.
-        pool.shutdown(wait=False, cancel_futures=True)
+    except BaseException:
+        # A run that ends in an error or an interrupt waits for its readers to stop: a process that exits while
+        # the pool's manager thread still runs can hit its closed wake-up pipe at exit (CPython 3.11), and print
+        # a traceback after the one-line error.
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    # Not waiting for the readers to exit lets the caller finish its output meanwhile: none has work left.
+    pool.shutdown(wait=False)
 
 
 def _joined(parts: list[Batch], shared: mmap.mmap | None, slot_row: int, shape: tuple[int, int]) -> Batch:
