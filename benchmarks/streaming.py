@@ -40,16 +40,10 @@ def _crops(count: int, size: int, seed: int) -> np.ndarray:
 
 def _photo_crops(count: int, height: int, width: int, seed: int) -> list[np.ndarray]:
     """Crops of the embedded photographs at their own resolution (the default data is downscaled to 256)."""
-    from importlib.resources import files
 
-    from PIL import Image
+    from vqtool.images.embedded import EMBEDDED_PHOTOS, read_embedded_photo
 
-    from vqtool.train.data.memory import DEFAULT_PHOTOS
-
-    photos = []
-    for name in DEFAULT_PHOTOS:
-        with Image.open(files("skimage.data") / name) as image:
-            photos.append(np.asarray(image.convert("RGB")))
+    photos = [read_embedded_photo(name, 10**6) for name in EMBEDDED_PHOTOS]
     photos = [p for p in photos if p.shape[0] >= height and p.shape[1] >= width]
     rng = np.random.default_rng(seed)
     crops = []

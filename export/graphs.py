@@ -25,6 +25,8 @@ from torch.nn import functional as F
 import vqtool
 from vqtool.errors import VqtoolError, missing_extra
 from vqtool.formats.manifest import GraphEntry, graph_key, sha256_file
+from vqtool.model.checkpoint import TokenizerModel
+from vqtool.model.imported import ImportedVQ
 from vqtool.model.vqvae import VQVAE, code_distances, images_to_input, l2_normalize, output_to_images
 
 # Each graph precision's (dtype of the convolutions, dtype of the codebook and distances).
@@ -146,6 +148,78 @@ class DecoderGraph(nn.Module):
         return output_to_images(output)
 
 
+# Layers an imported model's FP16 graphs keep in FP32: normalisation (its variance of FP16 activations loses
+# the small differences codes are decided by) and attention (its softmax over a whole feature map).
+FP32_LAYERS = ("GroupNorm", "Attention", "JanusVQVAEAttnBlock")
+
+
+class _InFP32(nn.Module):
+    """One layer run in FP32 inside an FP16 graph: its tensor inputs cast up, its output cast back."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer.float()
+
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        cast = [a.float() if isinstance(a, torch.Tensor) else a for a in args]
+        out: torch.Tensor = self.layer(x.float(), *cast, **kwargs)
+        return out.to(x.dtype)
+
+
+def _at_precision(body: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of `body` in `dtype`; in FP16, with FP32_LAYERS kept in FP32."""
+    body = copy.deepcopy(body).to(dtype)
+    if dtype == torch.float32:
+        return body
+
+    def keep(module: nn.Module) -> None:
+        for name, child in module.named_children():
+            if type(child).__name__ in FP32_LAYERS:
+                setattr(module, name, _InFP32(child))
+            else:
+                keep(child)
+
+    keep(body)
+    return body
+
+
+class ImportedEncoderGraph(nn.Module):
+    """An imported model's encoder: uint8 N x H x W x 3 -> int32 codes, its body at the graph's precision and the
+    search (normalisation, distances in the expanded form, ArgMin) in FP32. Never an exported cdist: its ONNX form
+    is slow or missing, and the expanded form is one matrix product."""
+
+    def __init__(self, model: ImportedVQ, precision: str = "fp32") -> None:
+        super().__init__()
+        self.conv_dtype, self.code_dtype = _dtypes(precision)
+        self.body = _at_precision(model.encoder_body(), self.conv_dtype)
+        self.cosine = model.cosine
+        codebook = model.search_codebook().detach().float()
+        self.register_buffer("codebook", codebook.to(self.code_dtype).clone())
+        self.register_buffer("code_sq", (codebook * codebook).sum(dim=-1).to(self.code_dtype))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        latents = self.body(images_to_input(images).to(self.conv_dtype)).to(self.code_dtype)
+        if self.cosine:
+            latents = l2_normalize(latents)
+        distances = code_distances(latents, self.codebook, self.code_sq)
+        return torch.argmin(distances, dim=-1).to(torch.int32)
+
+
+class ImportedDecoderGraph(nn.Module):
+    """An imported model's decoder: int32 codes -> uint8 images; the lookup in FP32, the body at the graph's
+    precision."""
+
+    def __init__(self, model: ImportedVQ, precision: str = "fp32") -> None:
+        super().__init__()
+        self.conv_dtype, self.code_dtype = _dtypes(precision)
+        self.register_buffer("codebook", model.decode_codebook().detach().float().to(self.code_dtype).clone())
+        self.body = _at_precision(model.decoder_body(), self.conv_dtype)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        vectors = F.embedding(codes, self.codebook)
+        return output_to_images(self.body(vectors.to(self.conv_dtype)))
+
+
 # ---- writing them as ONNX ----------------------------------------------------------------------------------------
 
 
@@ -169,16 +243,17 @@ def _export_graph(
     example: torch.Tensor,
     path: Path,
     names: tuple[str, str],
-    spatial_scale: int,
+    spatial_scale: int | None,
     metadata: dict[str, str],
 ) -> None:
-    """torch.onnx (dynamo) export with dynamic batch and spatial size, then the full ONNX checker."""
+    """torch.onnx (dynamo) export with a dynamic batch and, given a `spatial_scale`, dynamic sides (multiples of
+    it); then the full ONNX checker."""
     try:
         import onnx
     except ModuleNotFoundError:
         raise missing_extra("vqtool export", "onnx", "train") from None
     batch, height, width = torch.export.Dim("batch", min=1), torch.export.Dim("h", min=1), torch.export.Dim("w", min=1)
-    dims = {0: batch, 1: spatial_scale * height, 2: spatial_scale * width}
+    dims = {0: batch} if spatial_scale is None else {0: batch, 1: spatial_scale * height, 2: spatial_scale * width}
     with _quiet_exporter() as narration:
         try:
             torch.onnx.export(
@@ -201,8 +276,11 @@ def _export_graph(
     onnx.save(graph, str(path))
 
 
-def write_graphs(model: VQVAE, checkpoint_sha: str, out_dir: Path, precision: str) -> dict[str, GraphEntry]:
-    """Export the encoder and decoder at one precision into `out_dir`; returns their manifest entries."""
+def write_graphs(model: TokenizerModel, checkpoint_sha: str, out_dir: Path, precision: str) -> dict[str, GraphEntry]:
+    """Export the encoder and decoder at one precision into `out_dir`; returns their manifest entries.
+
+    vqtool's own model takes any image side that is a multiple of its factor; an imported one runs at its own
+    size (its attention and normalisation layers are exported for the shapes they were traced with)."""
     model, config = model.eval(), model.config
     size, grid = config.image_size, config.grid
     examples = torch.zeros(2, size, size, 3, dtype=torch.uint8), torch.zeros(2, grid, grid, dtype=torch.int32)
@@ -212,11 +290,14 @@ def write_graphs(model: VQVAE, checkpoint_sha: str, out_dir: Path, precision: st
         "vqtool.precision": precision,
         "vqtool.version": vqtool.__version__,
     }
+    if isinstance(model, ImportedVQ):
+        graphs, scales = (ImportedEncoderGraph(model, precision), ImportedDecoderGraph(model, precision)), (None, None)
+    else:
+        graphs, scales = (EncoderGraph(model, precision), DecoderGraph(model, precision)), (config.downsample, 1)
     entries = {}
-    encoder_name, decoder_name = graph_key("encoder", precision), graph_key("decoder", precision)
     for name, module, example, names, scale in (
-        (encoder_name, EncoderGraph(model, precision), examples[0], (ENCODER_INPUT, ENCODER_OUTPUT), config.downsample),
-        (decoder_name, DecoderGraph(model, precision), examples[1], (DECODER_INPUT, DECODER_OUTPUT), 1),
+        (graph_key("encoder", precision), graphs[0], examples[0], (ENCODER_INPUT, ENCODER_OUTPUT), scales[0]),
+        (graph_key("decoder", precision), graphs[1], examples[1], (DECODER_INPUT, DECODER_OUTPUT), scales[1]),
     ):
         path = out_dir / f"{name}.onnx"
         _export_graph(module, example, path, names, scale, {**meta, "vqtool.role": name.split(".")[0]})

@@ -24,15 +24,18 @@ from vqtool.formats.atomic import write_json
 from vqtool.formats.manifest import PARITY_NAME, PYTORCH_FILE, Manifest, graph_key, read_manifest, verify_graph
 from vqtool.formats.records import ParityReport, read_parity_reports
 from vqtool.images.collections import read_image_set
+from vqtool.images.embedded import embedded_photographs
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.images.quality import psnr
-from vqtool.model.checkpoint import CheckpointError, load_checkpoint
+from vqtool.model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from vqtool.model.imported import ImportedConfig
 from vqtool.model.vqvae import VQVAE, images_to_input, output_to_images
 from vqtool.runtime.base import BF16, PRECISIONS, REFERENCE, RUNTIMES, decoder_precision, runs
 from vqtool.runtime.onnxruntime import OnnxRuntimeRunner
 from vqtool.runtime.openvino import OpenVinoRunner
 from vqtool.runtime.select import open_runner
-from vqtool.train.data.run_data import held_out_images
+from vqtool.train.data.memory import TrainingData
+from vqtool.train.data.run_data import training_set_of
 
 BATCH = 256
 
@@ -177,6 +180,14 @@ def _failures(report: dict[str, Any], tolerance: Tolerance) -> list[str]:
     return failures
 
 
+def default_parity_images(checkpoint: Checkpoint, own_data: Callable[[], TrainingData]) -> np.ndarray:
+    """What parity compares on unless told: the held-out part of the data a vqtool model was trained on; for an
+    imported model, the embedded photographs at its own size (the data it was trained on is not here)."""
+    if isinstance(checkpoint.model_config, ImportedConfig):
+        return embedded_photographs(checkpoint.model_config.image_size)
+    return own_data().val
+
+
 # ---- every runtime of an export ----------------------------------------------------------------------------------
 
 NAIVE_FP16 = "fp16-naive"
@@ -303,6 +314,7 @@ def check_export(
     naive_fp16: bool = False,
     naive_bf16: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    crop: str = "resize",
     log: Callable[[str], None] = print,
 ) -> Verification:
     """What `vqtool parity` does: compare an export's PyTorch model (model.pt) with every runtime that starts
@@ -317,9 +329,9 @@ def check_export(
     except CheckpointError as exc:
         raise VqtoolError(str(exc)) from None
     if images is not None:
-        pixels = read_image_set(images, manifest.image_size, max_pixels=max_pixels)[0]
+        pixels = read_image_set(images, manifest.image_size, max_pixels=max_pixels, crop=crop)[0]
     else:
-        pixels = held_out_images(checkpoint, log)
+        pixels = default_parity_images(checkpoint, lambda: training_set_of(checkpoint, log))
     verification = verify_export(
         checkpoint.model,
         export_dir,

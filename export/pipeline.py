@@ -20,7 +20,7 @@ import torch
 import vqtool
 from vqtool.errors import VqtoolError
 from vqtool.export.graphs import DECODER_INPUT, ENCODER_INPUT, OPSET, write_graphs
-from vqtool.export.parity import Verification, verify_export
+from vqtool.export.parity import Verification, default_parity_images, verify_export
 from vqtool.export.quantize import (
     AGREEMENT_IMAGES,
     AGREEMENT_SEED,
@@ -45,6 +45,7 @@ from vqtool.formats.manifest import (
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.model.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from vqtool.model.config import ModelConfig
+from vqtool.model.imported import ImportedConfig
 from vqtool.runtime.base import BF16, CHECKED_BACKENDS, FP16, FP32, INT8, PRECISIONS
 from vqtool.train.data.memory import TrainingData
 from vqtool.train.data.run_data import training_set_of
@@ -94,7 +95,7 @@ def _check_trt_compatible(
 def _build_engines(
     out_dir: Path,
     entries: dict[str, GraphEntry],
-    config: ModelConfig,
+    config: ModelConfig | ImportedConfig,
     profile: EngineProfile,
     timing_cache: Path | None,
     log: Callable[[str], None],
@@ -222,13 +223,22 @@ def export_model(
     trt: bool = False,
     profile: EngineProfile | None = None,
     timing_cache: Path | None = None,
+    images: Path | None = None,
     parity_images: np.ndarray | None = None,
     log: Callable[[str], None] = print,
 ) -> ExportResult:
-    """Write graphs (+ engines), manifest and parity.json to `out_dir`; a failed parity fails the export."""
+    """Write graphs (+ engines), manifest and parity.json to `out_dir`; a failed parity fails the export.
+
+    Parity compares on `images` (a collection, read at the model's size), or `parity_images` (an array), or by
+    default on the held-out data the checkpoint was trained on (an imported model: the embedded photographs)."""
     _check_target(out_dir, int8, calibration_count, trt)
     checkpoint = load_for_export(checkpoint_path)
     checkpoint_sha = sha256_file(checkpoint_path)
+    if images is not None:  # before any work: a folder that cannot be read stops the export in one line
+        from vqtool.images.collections import read_image_set
+
+        size = checkpoint.model_config.image_size
+        parity_images = read_image_set(images, size, max_pixels=max_pixels)[0]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
     usual_mode(staging)
@@ -249,10 +259,10 @@ def export_model(
         manifest = _write_manifest(staging, checkpoint, checkpoint_sha, graphs)
         if trt:
             _build_engines(staging, entries, checkpoint.model_config, profile or EngineProfile(), timing_cache, log)
-        images = own_data().val if parity_images is None else parity_images
+        compared = parity_images if parity_images is not None else default_parity_images(checkpoint, own_data)
         written = tuple(p for p in PRECISIONS if p != BF16)
         verification = verify_export(
-            checkpoint.model, staging, manifest, images, backends=EXPORT_RUNTIMES, precisions=written, log=log
+            checkpoint.model, staging, manifest, compared, backends=EXPORT_RUNTIMES, precisions=written, log=log
         )
         write_json(staging / PARITY_NAME, verification.to_dict())
     except BaseException:

@@ -23,7 +23,7 @@ import numpy as np
 from vqtool.errors import VqtoolError
 from vqtool.formats.manifest import ROLES, Manifest, code_dtype_for, read_manifest
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
-from vqtool.images.reading import fast_png_available, fit_to_size, list_image_names, read_rgb
+from vqtool.images.reading import CROPS, fast_png_available, fit_to_size, list_image_names, read_rgb
 from vqtool.pipeline.decode import DecodeResult
 from vqtool.pipeline.decode import decode_file as _decode_file
 from vqtool.pipeline.encode import EncodeResult, plan_encode, run_encode
@@ -180,14 +180,16 @@ class Tokenizer:
         resize: bool = True,
         batch_size: int = DEFAULT_BATCH,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        crop: str = "resize",
     ) -> Any:
         """Images -> codes N x h x w in the smallest unsigned dtype that holds K codes.
 
         `images`: a uint8 N x H x W x 3 array or torch tensor, or a list of H x W x 3 arrays, tensors or
         image file paths. With `resize` (as `vqtool encode`), images not of the model's size are resized
-        to it (bicubic, Pillow); without it, sides must be multiples of the model's factor and, in a list,
-        equal. A torch tensor gives a torch tensor: CPU tensors share memory both ways; CUDA tensors stay
-        on the GPU when ONNX Runtime's CUDA provider runs (else they are copied through the host).
+        to it (bicubic, Pillow; with crop="center", the centre square of the short side first); without it,
+        sides must be multiples of the model's factor and, in a list, equal. A torch tensor gives a torch
+        tensor: CPU tensors share memory both ways; CUDA tensors stay on the GPU when ONNX Runtime's CUDA
+        provider runs (else they are copied through the host).
         """
         _check_batch_size(batch_size)
         if tensors.is_tensor(images) and images.is_cuda and _on_cuda(self._encoder.runner):
@@ -195,7 +197,9 @@ class Tokenizer:
             out_shape = (batch.shape[0], *self.grid(batch.shape[1], batch.shape[2]))
             codes = _chunked_cuda(self._encoder.runner, batch, out_shape, np.dtype(np.int32), batch_size)
             return codes.to(tensors.torch_dtype(self.code_dtype))
-        pixels = self._image_batch(images, resize, max_pixels)
+        if crop not in CROPS:
+            raise VqtoolError(f"crop takes {' or '.join(CROPS)}, got {crop!r}")
+        pixels = self._image_batch(images, resize, max_pixels, crop)
         grid = self.grid(pixels.shape[1], pixels.shape[2])
         codes = _chunked(self._encoder.runner, pixels, (*grid,), self.code_dtype, batch_size)
         return tensors.like(codes, images) if tensors.is_tensor(images) else codes
@@ -238,6 +242,7 @@ class Tokenizer:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         skip_bad: bool = False,
         log: Callable[[str], None] | None = None,
+        crop: str = "resize",
     ) -> EncodeResult:
         """What `vqtool encode` does: image files and folders (recursive, sorted) -> `out` (.npy) + sidecar.
 
@@ -260,6 +265,7 @@ class Tokenizer:
             precision=self.precision,
             max_pixels=max_pixels,
             skip_bad=skip_bad,
+            crop=crop,
         )
         if not fast_png_available() and any(name.lower().endswith(".png") for name in files[:1000]):
             log("reading PNG files with Pillow; pip install 'vqtool[fast-png]' reads them about twice as fast")
@@ -289,7 +295,7 @@ class Tokenizer:
             log=log,
         )
 
-    def _image_batch(self, images: ImageInput, resize: bool, max_pixels: int) -> np.ndarray:
+    def _image_batch(self, images: ImageInput, resize: bool, max_pixels: int, crop: str) -> np.ndarray:
         """Whatever encode was given -> one uint8 N x H x W x 3 array at the size the graph will see."""
         if tensors.is_tensor(images):
             images = tensors.to_numpy(images)
@@ -302,7 +308,7 @@ class Tokenizer:
             if not resize or images.shape[1:3] == (self.image_size, self.image_size):
                 self.grid(images.shape[1], images.shape[2])
                 return images
-            return np.stack([self._fit(image, True, f"images[{i}]") for i, image in enumerate(images)])
+            return np.stack([self._fit(image, True, f"images[{i}]", crop) for i, image in enumerate(images)])
         if isinstance(images, str | Path) or not isinstance(images, Sequence):
             raise VqtoolError(
                 "images must be a uint8 N x H x W x 3 array or tensor, or a list of arrays, tensors or paths; "
@@ -311,7 +317,7 @@ class Tokenizer:
         fitted = []
         for index, item in enumerate(images):
             if isinstance(item, str | Path):
-                fitted.append(self._fit(read_rgb(item, max_pixels), resize, item))
+                fitted.append(self._fit(read_rgb(item, max_pixels), resize, item, crop))
                 continue
             pixels = tensors.to_numpy(item) if tensors.is_tensor(item) else item
             if (
@@ -321,7 +327,7 @@ class Tokenizer:
                 or pixels.shape[-1] != 3
             ):
                 raise VqtoolError(f"images[{index}] must be a path or a uint8 H x W x 3 array, got {_kind(pixels)}")
-            fitted.append(self._fit(pixels, resize, f"images[{index}]"))
+            fitted.append(self._fit(pixels, resize, f"images[{index}]", crop))
         if not fitted:
             return np.empty((0, self.image_size, self.image_size, 3), dtype=np.uint8)
         shapes = {image.shape for image in fitted}
@@ -329,8 +335,8 @@ class Tokenizer:
             raise VqtoolError(f"without resize all images must share one size; got {sorted(shapes)}")
         return np.stack(fitted)
 
-    def _fit(self, pixels: np.ndarray, resize: bool, name: str | Path) -> np.ndarray:
-        return fit_to_size(pixels, self.image_size, resize=resize, multiple=self.downsample, path=name)
+    def _fit(self, pixels: np.ndarray, resize: bool, name: str | Path, crop: str) -> np.ndarray:
+        return fit_to_size(pixels, self.image_size, resize=resize, multiple=self.downsample, path=name, crop=crop)
 
     def _cuda_images(self, images: Any, resize: bool) -> Any:
         if str(images.dtype) != "torch.uint8" or images.dim() != 4 or images.shape[-1] != 3:

@@ -5,24 +5,14 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib.resources import files
 from typing import Any, Protocol
 
 import numpy as np
 
 from vqtool.errors import VqtoolError
+from vqtool.images.embedded import EMBEDDED_PHOTOS, read_embedded_photo
 from vqtool.images.reading import SkippedFile
 
-# Natural RGB photographs shipped inside the scikit-image wheel (never fetched).
-DEFAULT_PHOTOS = (
-    "astronaut.png",
-    "chelsea.png",
-    "coffee.png",
-    "rocket.jpg",
-    "motorcycle_left.png",
-    "hubble_deep_field.jpg",
-    "retina.jpg",
-)
 # Downscaled so a 32x32 crop holds a recognisable part of the scene, as in CIFAR-like data.
 DEFAULT_SHORT_SIDE = 256
 # The right-hand share of each photo that only validation crops come from.
@@ -152,25 +142,9 @@ def random_crops(
     return out
 
 
-def _read_default_photo(name: str) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(files("skimage.data") / name) as image:
-        rgb = image.convert("RGB")
-        scale = DEFAULT_SHORT_SIDE / min(rgb.size)
-        if scale < 1:
-            rgb = rgb.resize((round(rgb.width * scale), round(rgb.height * scale)), Image.Resampling.LANCZOS)
-        return np.asarray(rgb, dtype=np.uint8)
-
-
 def default_training_set(size: int = 32) -> TrainingSet:
     """Random crops of the photographs bundled with scikit-image; validation crops come from a held-out strip."""
-    try:
-        photos = [_read_default_photo(name) for name in DEFAULT_PHOTOS]
-    except ModuleNotFoundError:
-        raise RuntimeError(
-            "the embedded default data needs scikit-image, which is not installed: pip install 'vqtool[train]'"
-        ) from None
+    photos = [read_embedded_photo(name, DEFAULT_SHORT_SIDE) for name in EMBEDDED_PHOTOS]
     train_parts, val_parts = [], []
     rng = np.random.default_rng(SPLIT_SEED)
     for photo in photos:

@@ -23,8 +23,9 @@ BATCH_SIZES = (1, 32, 256)
 def encoder_flops_per_image(export_dir: Path, manifest: Manifest) -> float:
     """Floating-point operations (multiply-adds x 2) of the encoder graph for one image, counted on the model."""
     from vqtool.model.checkpoint import load_checkpoint
+    from vqtool.model.vqvae import encoder_macs
 
-    return 2.0 * load_checkpoint(export_dir / manifest.pytorch_file).model.encoder_macs()
+    return 2.0 * encoder_macs(load_checkpoint(export_dir / manifest.pytorch_file).model)
 
 
 def fp32_matmul_flops(seconds: float = 1.0, size: int = 1024, rounds: int = 5) -> float:

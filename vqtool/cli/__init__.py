@@ -5,6 +5,7 @@ train/export reach the `train` and `export` packages inside the commands that ne
 """
 
 from vqtool.cli import training  # noqa: F401, I001  (each module registers its commands, in this order)
+from vqtool.cli import importing  # noqa: F401
 from vqtool.cli import exporting  # noqa: F401
 from vqtool.cli import running  # noqa: F401
 from vqtool.cli.common import app

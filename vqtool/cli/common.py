@@ -81,6 +81,22 @@ MaxPixelsOption = Annotated[
         "(decompression bombs). Default: Pillow's warning threshold."
     ),
 ]
+
+
+class Crop(str, enum.Enum):
+    """vqtool.images.reading.CROPS"""
+
+    resize = "resize"
+    center = "center"
+
+
+CropOption = Annotated[
+    Crop,
+    typer.Option(
+        help="How images not of the model's size reach it: resize the whole image, or center: resize the short side "
+        "and cut the centre square (the preprocessing most published tokenizers were trained with)."
+    ),
+]
 SkipBadOption = Annotated[
     bool,
     typer.Option(

@@ -8,6 +8,8 @@ from typing import Annotated, Any
 import typer
 
 from vqtool.cli.common import (
+    Crop,
+    CropOption,
     MaxPixelsOption,
     app,
     out,
@@ -70,6 +72,13 @@ def export_command(
         ),
     ] = None,
     calibration_images: Annotated[int, typer.Option(help="How many images (crops) to calibrate on.")] = 2048,
+    images: Annotated[
+        Path | None,
+        typer.Option(
+            help="Images to check parity on: a folder, .npy/.npz or CIFAR folder (default: the validation split of "
+            "the training data; for an imported model, the embedded photographs at its size)."
+        ),
+    ] = None,
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
     trt: Annotated[
         bool, typer.Option("--trt", help="Also build TensorRT engines (needs TensorRT >= 10 and a GPU).")
@@ -110,6 +119,7 @@ def export_command(
             trt=trt,
             profile=profile,
             timing_cache=timing_cache,
+            images=images,
             log=say,
         )
     except ParityFailed as failed:
@@ -148,6 +158,7 @@ def parity(
         typer.Option(help="Also measure OpenVINO BF16 over the whole graphs, to show what the FP32 island buys."),
     ] = False,
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
+    crop: CropOption = Crop.resize,
 ) -> None:
     """Compare the PyTorch model with every available backend and precision; writes parity.json."""
     require_torch("parity")
@@ -163,6 +174,7 @@ def parity(
         naive_bf16=naive_bf16,
         precisions=tuple(p.value for p in precision) if precision else PRECISIONS,
         max_pixels=pixel_limit(max_pixels),
+        crop=crop.value,
         log=say,
     )
     _show_verification(verification.to_dict())

@@ -9,6 +9,8 @@ from typing import Annotated, Any
 import typer
 
 from vqtool.cli.common import (
+    Crop,
+    CropOption,
     DeviceOption,
     MaxPixelsOption,
     SkipBadOption,
@@ -68,6 +70,7 @@ def encode(
     threads: ThreadsOption = None,
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
     skip_bad: SkipBadOption = False,
+    crop: CropOption = Crop.resize,
 ) -> None:
     """Encode images to integer codes with the exported encoder."""
     import signal
@@ -92,6 +95,7 @@ def encode(
         max_pixels=pixel_limit(max_pixels),
         skip_bad=skip_bad,
         log=say,
+        crop=crop.value,
     )
     print_result(
         f"wrote {result.codes_path} ({result.count} x {result.grid[0]} x {result.grid[1]} codes) and "

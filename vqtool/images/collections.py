@@ -131,11 +131,13 @@ def _resize_all(images: np.ndarray, size: int, path: Path) -> np.ndarray:
     return np.stack([fit_to_size(im, size, resize=True, multiple=1, path=path) for im in images])
 
 
-def _read_folder(path: Path, size: int, max_pixels: int, skipped: list[SkippedFile] | None) -> np.ndarray:
+def _read_folder(
+    path: Path, size: int, max_pixels: int, skipped: list[SkippedFile] | None, crop: str = "resize"
+) -> np.ndarray:
     """Every image under `path`, resized; a bad file stops the read, unless `skipped` collects it instead."""
 
     def read(name: Path) -> np.ndarray:
-        return fit_to_size(read_rgb(name, max_pixels), size, resize=True, multiple=1, path=name)
+        return fit_to_size(read_rgb(name, max_pixels), size, resize=True, multiple=1, path=name, crop=crop)
 
     images = [pixels for _, pixels in read_each(list_images([path]), read, skipped)]
     if not images:
@@ -149,6 +151,7 @@ def read_image_set(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     skipped: list[SkippedFile] | None = None,
+    crop: str = "resize",
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Images N x size x size x 3 from `path`, and the collection's own validation images if it has them.
 
@@ -162,4 +165,4 @@ def read_image_set(
         return _resize_all(train, size, path), None if val is None else _resize_all(val, size, path)
     if path.is_file() and path.suffix.lower() in (".npy", ".npz"):
         return _resize_all(read_array(path), size, path), None
-    return _read_folder(path, size, max_pixels, skipped), None
+    return _read_folder(path, size, max_pixels, skipped, crop), None

@@ -10,9 +10,14 @@ from typing import Any
 
 import torch
 
+from vqtool.errors import VqtoolError
 from vqtool.formats.atomic import atomic_output
 from vqtool.model.config import ModelConfig, TrainConfig
+from vqtool.model.imported import IMPORTED, ImportedConfig, ImportedVQ, build_imported
 from vqtool.model.vqvae import VQVAE
+
+# What a checkpoint holds: vqtool's own VQ-VAE, or a model imported from another library.
+TokenizerModel = VQVAE | ImportedVQ
 
 FORMAT = "vqtool.checkpoint"
 FORMAT_VERSION = 1
@@ -26,8 +31,8 @@ class CheckpointError(ValueError):
 class Checkpoint:
     """Everything a checkpoint holds, with the model rebuilt from its stored configuration."""
 
-    model: VQVAE
-    model_config: ModelConfig
+    model: TokenizerModel
+    model_config: ModelConfig | ImportedConfig
     train_config: TrainConfig
     step: int
     epoch: int
@@ -38,7 +43,7 @@ class Checkpoint:
 
 def save_checkpoint(
     path: Path,
-    model: VQVAE,
+    model: TokenizerModel,
     train_config: TrainConfig,
     *,
     step: int,
@@ -74,6 +79,15 @@ def _short_reason(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def _rebuild(raw: dict[str, Any]) -> tuple[ModelConfig | ImportedConfig, TokenizerModel]:
+    """The model a stored configuration describes, its weights not yet loaded."""
+    if raw.get("family") == IMPORTED:
+        imported = ImportedConfig.from_dict(raw)
+        return imported, build_imported(imported)
+    config = ModelConfig.from_dict(raw)
+    return config, VQVAE(config)
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Rebuild the model from the file alone; weights_only=True, so a checkpoint cannot run code."""
     if not path.is_file():
@@ -88,9 +102,10 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Che
     if payload.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path}: written by a newer vqtool (format {payload['format_version']}); upgrade vqtool")
     try:
-        model_config = ModelConfig.from_dict(payload["model_config"])
-        model = VQVAE(model_config)
+        model_config, model = _rebuild(payload["model_config"])
         model.load_state_dict(payload["model"])
+    except VqtoolError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: checkpoint weights do not match its configuration ({exc})") from None
     model.eval()

@@ -195,29 +195,6 @@ class VQVAE(nn.Module):
         images: torch.Tensor = self.decoder(self.after_quantize(latents.permute(0, 3, 1, 2)))
         return images
 
-    @torch.no_grad()
-    def encoder_macs(self) -> int:
-        """Multiply-adds of encoding one image of the model's size: each convolution and projection as it runs
-        (from its output's shape), then the distances to all K codes."""
-        macs = 0
-
-        def count(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            nonlocal macs
-            if isinstance(module, nn.Conv2d):
-                fan_in = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-            else:
-                fan_in = module.in_features  # type: ignore[assignment]
-            macs += output.numel() * fan_in
-
-        hooks = [m.register_forward_hook(count) for m in self.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
-        try:
-            size = self.config.image_size
-            latents = self.encode_latents(torch.zeros(1, 3, size, size))
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return macs + latents[..., 0].numel() * self.config.codes * self.config.search_dim
-
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Model-scale images -> integer codes N x h x w."""
         return self.quantizer.nearest(self.encode_latents(x))
@@ -247,3 +224,28 @@ class VQVAE(nn.Module):
             else None
         )
         return ForwardResult(reconstruction, codes, z_e.detach(), recon_loss, codebook_loss, commit_loss, sums)
+
+
+@torch.no_grad()
+def encoder_macs(model: nn.Module) -> int:
+    """Multiply-adds of encoding one image of the model's size: each convolution and projection as it runs
+    (from its output's shape), then the distances to all K codes. Any model with `encode_latents` and a config
+    holding `image_size` and `codes` (vqtool's own, or an imported one)."""
+    macs = 0
+
+    def count(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        nonlocal macs
+        if isinstance(module, nn.Conv2d):
+            fan_in = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        else:
+            fan_in = module.in_features  # type: ignore[assignment]
+        macs += output.numel() * fan_in
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    try:
+        size = model.config.image_size
+        latents = model.encode_latents(torch.zeros(1, 3, size, size))  # type: ignore[operator]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return macs + latents[..., 0].numel() * model.config.codes * latents.shape[-1]

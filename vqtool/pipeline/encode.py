@@ -23,7 +23,7 @@ from vqtool.formats.atomic import StagedOutput, json_bytes, partial_path, usual_
 from vqtool.formats.codes import CodesSidecar, sidecar_path
 from vqtool.formats.manifest import Manifest, code_dtype_for, manifest_checksum
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
-from vqtool.images.reading import SkippedFile, describe_skipped
+from vqtool.images.reading import CROPS, SkippedFile, describe_skipped
 from vqtool.pipeline.reading import ReadOptions, first_shape, read_batches
 from vqtool.pipeline.resume import Progress, progress_path, resume_point, shrink_rows
 from vqtool.pipeline.shards import Shard, list_checksum
@@ -103,6 +103,7 @@ def plan_encode(
     precision: str = "fp32",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     skip_bad: bool = False,
+    crop: str = "resize",
 ) -> EncodePlan:
     """Every check an encode can make before it reads an image: files, batch size, shard, the first size."""
     if not files:
@@ -123,7 +124,9 @@ def plan_encode(
         files = files[begin:stop]
         if not files:
             raise VqtoolError(f"shard {shard.index}/{shard.count} of {shard_info['total']} files is empty")
-    options = ReadOptions(manifest.image_size, manifest.downsample, resize, max_pixels, skip_bad)
+    if crop not in CROPS:
+        raise VqtoolError(f"--crop takes {' or '.join(CROPS)}, got {crop!r}")
+    options = ReadOptions(manifest.image_size, manifest.downsample, resize, max_pixels, skip_bad, crop)
     shape = first_shape(files, options)
     grid = (shape[0] // manifest.downsample, shape[1] // manifest.downsample)
     dtype = code_dtype_for(manifest.codes)
@@ -136,6 +139,8 @@ def plan_encode(
         "precision": precision,
         "skip_bad": skip_bad,
         "max_pixels": max_pixels,
+        # Only where it is not the default: progress records written before the option resume as they were.
+        **({"crop": crop} if crop != "resize" else {}),
     }
     workers = reader_count(workers)
     return EncodePlan(

@@ -29,11 +29,14 @@ class ReadOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     # Leave unreadable files out (reported) instead of stopping at the first one.
     skip_bad: bool = False
+    crop: str = "resize"  # or "center" (vqtool.images.reading.CROPS)
 
 
 def _load(path: str | Path, options: ReadOptions) -> tuple[np.ndarray, bool]:
     pixels = read_rgb(path, options.max_pixels)
-    fitted = fit_to_size(pixels, options.size, resize=options.resize, multiple=options.downsample, path=path)
+    fitted = fit_to_size(
+        pixels, options.size, resize=options.resize, multiple=options.downsample, path=path, crop=options.crop
+    )
     return fitted, fitted.shape != pixels.shape
 
 

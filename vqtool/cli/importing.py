@@ -1,0 +1,59 @@
+"""`vqtool import`: a diffusers or transformers VQ model into a vqtool checkpoint."""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vqtool.cli.common import app, print_result, require_torch, say, user_errors
+
+
+class Quantizer(str, enum.Enum):
+    """vqtool.model.imported.QUANTIZERS"""
+
+    library = "library"
+    original = "original"
+
+
+@app.command("import")
+@user_errors
+def import_command(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="A local folder in the library's own layout (config.json and safetensors weights, as save_pretrained "
+            "writes and a hub snapshot holds), or a pipeline folder with the model in a subfolder."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="The checkpoint to write (e.g. movq.pt).")],
+    subfolder: Annotated[
+        str | None,
+        typer.Option(
+            help="The pipeline's subfolder holding the model (vqvae, movq, ...); found by itself when there is one."
+        ),
+    ] = None,
+    image_size: Annotated[
+        int | None, typer.Option(help="The image side to run at (default: the model's own, from its config).")
+    ] = None,
+    quantizer: Annotated[
+        Quantizer,
+        typer.Option(
+            help="library: codes as the library's own quantizer picks them; original: as the model's original design "
+            "does, where the two differ (transformers' Janus: l2-normalised latents and codes, as LlamaGen)."
+        ),
+    ] = Quantizer.library,
+) -> None:
+    """Import a VQ model from diffusers (VQModel) or transformers (JanusVQVAE) as a vqtool checkpoint."""
+    require_torch("import")
+    from vqtool.model.importing import import_model
+
+    result = import_model(source, out, subfolder=subfolder, image_size=image_size, quantizer=quantizer.value, log=say)
+    config = result.config
+    print_result(
+        f"imported {config.library} {config.class_name} from {result.folder}: {config.codes} codes, "
+        f"{config.image_size}x{config.image_size} images -> {config.grid}x{config.grid} codes\n"
+        f"checkpoint: {out}\nnext:       vqtool export {out}"
+    )

@@ -1,0 +1,160 @@
+"""`vqtool import`: a diffusers or transformers VQ model, from a local folder in the library's own layout, into a
+vqtool checkpoint that every other command takes like one of vqtool's own. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vqtool.errors import VqtoolError, first_line
+from vqtool.images.embedded import embedded_photographs
+from vqtool.model.checkpoint import save_checkpoint
+from vqtool.model.config import TrainConfig
+from vqtool.model.imported import QUANTIZERS, ImportedConfig, ImportedVQ, build_imported, library_class
+from vqtool.model.vqvae import code_distances, images_to_input, l2_normalize
+
+# The library and class a config.json names: diffusers writes `_class_name`, transformers `model_type`.
+DIFFUSERS_CLASSES = ("VQModel",)
+TRANSFORMERS_TYPES = {"janus_vqgan": "JanusVQVAE"}
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    checkpoint: Path
+    config: ImportedConfig
+    folder: Path  # where the model was read from (SOURCE or its subfolder)
+    note: str  # one line on the quantizer, where the library and the original design disagree
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise VqtoolError(f"not a readable config.json ({first_line(exc)})", folder / "config.json") from None
+    if not isinstance(raw, dict):
+        raise VqtoolError("config.json does not hold an object", folder / "config.json")
+    return raw
+
+
+def _library_of(raw: dict[str, Any], folder: Path) -> tuple[str, str]:
+    """(library, class name) of the model a config.json describes."""
+    if raw.get("_class_name") in DIFFUSERS_CLASSES:
+        return "diffusers", str(raw["_class_name"])
+    if raw.get("model_type") in TRANSFORMERS_TYPES:
+        return "transformers", TRANSFORMERS_TYPES[str(raw["model_type"])]
+    named = raw.get("_class_name") or raw.get("model_type") or "no model class"
+    known = ", ".join(
+        [*(f"diffusers {c}" for c in DIFFUSERS_CLASSES), *(f"transformers {t}" for t in TRANSFORMERS_TYPES)]
+    )
+    raise VqtoolError(f"describes {named}; vqtool imports {known}", folder / "config.json")
+
+
+def find_model_folder(source: Path, subfolder: str | None) -> Path:
+    """SOURCE itself, its --subfolder, or in a pipeline folder the one subfolder holding an importable model."""
+    if not source.is_dir():
+        raise VqtoolError("no such folder (vqtool import reads a local folder; nothing is downloaded)", source)
+    if subfolder is not None:
+        folder = source / subfolder
+        if not (folder / "config.json").is_file():
+            raise VqtoolError(f"no config.json in its subfolder {subfolder!r}", source)
+        return folder
+    if (source / "config.json").is_file():
+        return source
+    found = []
+    for child in sorted(p for p in source.iterdir() if (p / "config.json").is_file()):
+        try:
+            _library_of(_read_config(child), child)
+        except VqtoolError:
+            continue
+        found.append(child)
+    if len(found) != 1:
+        names = ", ".join(p.name for p in found) or "none"
+        raise VqtoolError(f"holds no config.json; pass --subfolder (importable subfolders: {names})", source)
+    return found[0]
+
+
+def _load_library_model(library: str, class_name: str, folder: Path) -> Any:
+    cls = library_class(library, class_name)
+    try:
+        # low_cpu_mem_usage off: it needs accelerate, and says so at length where that is not installed.
+        extra = {"low_cpu_mem_usage": False} if library == "diffusers" else {}
+        model = cls.from_pretrained(str(folder), local_files_only=True, **extra)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise VqtoolError(f"{library} cannot load this {class_name} ({first_line(exc)})", folder) from None
+    return model.float().eval()
+
+
+def _native_size(library: str, config: dict[str, Any]) -> int:
+    """The image side the model was made for, from its own configuration."""
+    if library == "diffusers":
+        return int(config.get("sample_size") or 256)
+    downsample = 2 ** (len(config.get("channel_multiplier", (1, 1, 2, 2, 4))) - 1)
+    return int(config.get("num_patches", 32)) * downsample
+
+
+@torch.no_grad()
+def _downsample(model: ImportedVQ, size: int) -> int:
+    """Image side / code-grid side, as the encoder really gives it."""
+    side = model.encoder_body()(torch.zeros(1, 3, size, size)).shape[1]
+    if side < 1 or size % side:
+        raise VqtoolError(f"the encoder turns {size}x{size} images into a {side}-wide grid; pick another --image-size")
+    return size // side
+
+
+@torch.no_grad()
+def _quantizer_disagreement(model: ImportedVQ) -> tuple[int, int]:
+    """(codes that differ, codes) between the library's quantizer and the original design's, on the embedded
+    photographs at the model's size."""
+    images = embedded_photographs(model.config.image_size)
+    latents = model.encoder_body()(images_to_input(torch.from_numpy(np.ascontiguousarray(images))))
+    library = model.library_codes(latents)
+    book = l2_normalize(model.embedding())
+    original = torch.argmin(code_distances(l2_normalize(latents), book), dim=-1)
+    return int((library != original).sum()), int(library.numel())
+
+
+def import_model(
+    source: Path,
+    out: Path,
+    *,
+    subfolder: str | None = None,
+    image_size: int | None = None,
+    quantizer: str = "library",
+    log: Callable[[str], None] = print,
+) -> ImportResult:
+    """Read a diffusers or transformers VQ model from SOURCE and write it to `out` as a vqtool checkpoint."""
+    if quantizer not in QUANTIZERS:
+        raise VqtoolError(f"--quantizer takes {' or '.join(QUANTIZERS)}, got {quantizer!r}")
+    folder = find_model_folder(source, subfolder)
+    library, class_name = _library_of(_read_config(folder), folder)
+    library_model = _load_library_model(library, class_name, folder)
+    # Plain JSON values: a checkpoint is read with weights_only, which unpickles no library's config classes.
+    own = library_model.config
+    config = json.loads(json.dumps(own.to_dict() if hasattr(own, "to_dict") else dict(own)))
+    size = image_size or _native_size(library, config)
+    codes = int(config.get("num_vq_embeddings") or config.get("num_embeddings"))
+    version = __import__(library).__version__
+    draft = ImportedConfig(library, class_name, version, config, size, 1, codes, quantizer)
+    model = build_imported(draft)
+    model.library_model.load_state_dict(library_model.state_dict())
+    imported = ImportedConfig(library, class_name, version, config, size, _downsample(model, size), codes, quantizer)
+    model.config = imported
+    note = ""
+    if class_name == "JanusVQVAE":
+        differ, total = _quantizer_disagreement(model)
+        other = "original" if quantizer == "library" else "library"
+        how = "raw vectors, as transformers does" if quantizer == "library" else "l2-normalised, as LlamaGen does"
+        note = (
+            f"quantizer: {quantizer} ({how}); the {other} one gives {differ} of {total} codes differently on "
+            "the embedded photographs"
+        )
+        log(note)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out, model, TrainConfig(), step=0, epoch=0, data=None, extra={"imported_from": str(folder)})
+    return ImportResult(out, imported, folder, note)
