@@ -122,19 +122,23 @@ class ImportedVQ(nn.Module):
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         vectors = nn.functional.embedding(codes, self.decode_codebook())
-        return self.decoder_body()(vectors)
+        result: torch.Tensor = self.decoder_body()(vectors)
+        return result
 
 
 # ---- diffusers: VQModel ------------------------------------------------------------------------------------------
 
 
-class _DiffusersEncoder(nn.Module):
+class _EncoderThenQuantConv(nn.Module):
+    """The encoder half both libraries share: `encoder`, then the 1x1 `quant_conv` into the codes' dimension."""
+
     def __init__(self, vq: Any) -> None:
         super().__init__()
         self.encoder, self.quant_conv = vq.encoder, vq.quant_conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant_conv(self.encoder(x)).permute(0, 2, 3, 1)
+        result: torch.Tensor = self.quant_conv(self.encoder(x)).permute(0, 2, 3, 1)
+        return result
 
 
 class _DiffusersDecoder(nn.Module):
@@ -146,7 +150,8 @@ class _DiffusersDecoder(nn.Module):
 
     def forward(self, vectors: torch.Tensor) -> torch.Tensor:
         quant = vectors.permute(0, 3, 1, 2)
-        return self.decoder(self.post_quant_conv(quant), quant if self.spatial else None)
+        result: torch.Tensor = self.decoder(self.post_quant_conv(quant), quant if self.spatial else None)
+        return result
 
 
 class DiffusersVQ(ImportedVQ):
@@ -155,10 +160,11 @@ class DiffusersVQ(ImportedVQ):
     library, class_name = "diffusers", "VQModel"
 
     def embedding(self) -> torch.Tensor:
-        return self.library_model.quantize.embedding.weight
+        result: torch.Tensor = self.library_model.quantize.embedding.weight
+        return result
 
     def encoder_body(self) -> nn.Module:
-        return _DiffusersEncoder(self.library_model)
+        return _EncoderThenQuantConv(self.library_model)
 
     def decoder_body(self) -> nn.Module:
         return _DiffusersDecoder(self.library_model)
@@ -166,28 +172,22 @@ class DiffusersVQ(ImportedVQ):
     def library_codes(self, latents: torch.Tensor) -> torch.Tensor:
         quantize = self.library_model.quantize
         indices = quantize(latents.permute(0, 3, 1, 2))[2][2]
-        return indices.reshape(latents.shape[:3])
+        result: torch.Tensor = indices.reshape(latents.shape[:3])
+        return result
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """The library's decode from indices: the codebook entries, then decode without quantizing again."""
         vq = self.library_model
         shape = (*codes.shape, vq.quantize.vq_embed_dim)
         if vq.config.lookup_from_codebook:  # aMUSEd: decode takes the indices and looks them up itself
-            return vq.decode(codes.reshape(-1), force_not_quantize=True, shape=shape).sample
+            looked_up: torch.Tensor = vq.decode(codes.reshape(-1), force_not_quantize=True, shape=shape).sample
+            return looked_up
         quant = vq.quantize.get_codebook_entry(codes.reshape(-1), shape)
-        return vq.decode(quant, force_not_quantize=True).sample
+        images: torch.Tensor = vq.decode(quant, force_not_quantize=True).sample
+        return images
 
 
 # ---- transformers: JanusVQVAE ------------------------------------------------------------------------------------
-
-
-class _JanusEncoder(nn.Module):
-    def __init__(self, vq: Any) -> None:
-        super().__init__()
-        self.encoder, self.quant_conv = vq.encoder, vq.quant_conv
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant_conv(self.encoder(x)).permute(0, 2, 3, 1)
 
 
 class _JanusDecoder(nn.Module):
@@ -196,7 +196,8 @@ class _JanusDecoder(nn.Module):
         self.post_quant_conv, self.decoder = vq.post_quant_conv, vq.decoder
 
     def forward(self, vectors: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(vectors.permute(0, 3, 1, 2)))
+        result: torch.Tensor = self.decoder(self.post_quant_conv(vectors.permute(0, 3, 1, 2)))
+        return result
 
 
 class JanusVQ(ImportedVQ):
@@ -207,7 +208,8 @@ class JanusVQ(ImportedVQ):
     library, class_name = "transformers", "JanusVQVAE"
 
     def embedding(self) -> torch.Tensor:
-        return self.library_model.quantize.embedding.weight
+        result: torch.Tensor = self.library_model.quantize.embedding.weight
+        return result
 
     def decode_codebook(self) -> torch.Tensor:
         return l2_normalize(self.embedding())  # as get_codebook_entry does
@@ -217,18 +219,20 @@ class JanusVQ(ImportedVQ):
         return self.config.quantizer == "original"
 
     def encoder_body(self) -> nn.Module:
-        return _JanusEncoder(self.library_model)
+        return _EncoderThenQuantConv(self.library_model)
 
     def decoder_body(self) -> nn.Module:
         return _JanusDecoder(self.library_model)
 
     def library_codes(self, latents: torch.Tensor) -> torch.Tensor:
         indices = self.library_model.quantize(latents.permute(0, 3, 1, 2))[2]
-        return indices.reshape(latents.shape[:3])
+        result: torch.Tensor = indices.reshape(latents.shape[:3])
+        return result
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """The library's decode from image tokens (it checks their count against the model's patches)."""
-        return self.library_model.decode(codes.reshape(len(codes), -1))
+        result: torch.Tensor = self.library_model.decode(codes.reshape(len(codes), -1))
+        return result
 
 
 FAMILIES: dict[tuple[str, str], type[ImportedVQ]] = {

@@ -95,13 +95,13 @@ def _native_size(library: str, config: dict[str, Any]) -> int:
     if library == "diffusers":
         return int(config.get("sample_size") or 256)
     downsample = 2 ** (len(config.get("channel_multiplier", (1, 1, 2, 2, 4))) - 1)
-    return int(config.get("num_patches", 32)) * downsample
+    return int(config.get("num_patches", 32)) * int(downsample)
 
 
 @torch.no_grad()
 def _downsample(model: ImportedVQ, size: int) -> int:
     """Image side / code-grid side, as the encoder really gives it."""
-    side = model.encoder_body()(torch.zeros(1, 3, size, size)).shape[1]
+    side = int(model.encoder_body()(torch.zeros(1, 3, size, size)).shape[1])
     if side < 1 or size % side:
         raise VqtoolError(f"the encoder turns {size}x{size} images into a {side}-wide grid; pick another --image-size")
     return size // side

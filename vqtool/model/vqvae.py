@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -227,7 +228,7 @@ class VQVAE(nn.Module):
 
 
 @torch.no_grad()
-def encoder_macs(model: nn.Module) -> int:
+def encoder_macs(model: Any) -> int:
     """Multiply-adds of encoding one image of the model's size: each convolution and projection as it runs
     (from its output's shape), then the distances to all K codes. Any model with `encode_latents` and a config
     holding `image_size` and `codes` (vqtool's own, or an imported one)."""
@@ -244,8 +245,8 @@ def encoder_macs(model: nn.Module) -> int:
     hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
     try:
         size = model.config.image_size
-        latents = model.encode_latents(torch.zeros(1, 3, size, size))  # type: ignore[operator]
+        latents = model.encode_latents(torch.zeros(1, 3, size, size))
     finally:
         for hook in hooks:
             hook.remove()
-    return macs + latents[..., 0].numel() * model.config.codes * latents.shape[-1]
+    return int(macs + latents[..., 0].numel() * model.config.codes * latents.shape[-1])
