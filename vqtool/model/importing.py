@@ -81,6 +81,8 @@ def find_model_folder(source: Path, subfolder: str | None) -> Path:
 
 def _load_library_model(library: str, class_name: str, folder: Path) -> Any:
     cls = library_class(library, class_name)
+    # The libraries draw progress bars on stderr while loading: vqtool's own lines say what happened.
+    __import__(f"{library}.utils.logging", fromlist=["disable_progress_bar"]).disable_progress_bar()
     try:
         # low_cpu_mem_usage off: it needs accelerate, and says so at length where that is not installed.
         extra = {"low_cpu_mem_usage": False} if library == "diffusers" else {}
