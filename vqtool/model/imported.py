@@ -126,7 +126,7 @@ class ImportedVQ(nn.Module):
         return result
 
 
-# ---- diffusers: VQModel ------------------------------------------------------------------------------------------
+# ---- the halves both libraries' models share ---------------------------------------------------------------------
 
 
 class _EncoderThenQuantConv(nn.Module):
@@ -141,17 +141,22 @@ class _EncoderThenQuantConv(nn.Module):
         return result
 
 
-class _DiffusersDecoder(nn.Module):
-    def __init__(self, vq: Any) -> None:
+class _PostQuantConvThenDecoder(nn.Module):
+    """The decoder half both libraries share: the 1x1 `post_quant_conv`, then `decoder`; with `spatial` (MoVQ's
+    spatial norm), the decoder's norms are conditioned on the looked-up codes themselves."""
+
+    def __init__(self, vq: Any, spatial: bool = False) -> None:
         super().__init__()
-        self.post_quant_conv, self.decoder = vq.post_quant_conv, vq.decoder
-        # MoVQ's spatial norm conditions every decoder norm on the looked-up codes themselves.
-        self.spatial = vq.config.norm_type == "spatial"
+        self.post_quant_conv, self.decoder, self.spatial = vq.post_quant_conv, vq.decoder, spatial
 
     def forward(self, vectors: torch.Tensor) -> torch.Tensor:
         quant = vectors.permute(0, 3, 1, 2)
-        result: torch.Tensor = self.decoder(self.post_quant_conv(quant), quant if self.spatial else None)
+        conditions = (quant,) if self.spatial else ()
+        result: torch.Tensor = self.decoder(self.post_quant_conv(quant), *conditions)
         return result
+
+
+# ---- diffusers: VQModel ------------------------------------------------------------------------------------------
 
 
 class DiffusersVQ(ImportedVQ):
@@ -167,7 +172,7 @@ class DiffusersVQ(ImportedVQ):
         return _EncoderThenQuantConv(self.library_model)
 
     def decoder_body(self) -> nn.Module:
-        return _DiffusersDecoder(self.library_model)
+        return _PostQuantConvThenDecoder(self.library_model, self.library_model.config.norm_type == "spatial")
 
     def library_codes(self, latents: torch.Tensor) -> torch.Tensor:
         quantize = self.library_model.quantize
@@ -188,16 +193,6 @@ class DiffusersVQ(ImportedVQ):
 
 
 # ---- transformers: JanusVQVAE ------------------------------------------------------------------------------------
-
-
-class _JanusDecoder(nn.Module):
-    def __init__(self, vq: Any) -> None:
-        super().__init__()
-        self.post_quant_conv, self.decoder = vq.post_quant_conv, vq.decoder
-
-    def forward(self, vectors: torch.Tensor) -> torch.Tensor:
-        result: torch.Tensor = self.decoder(self.post_quant_conv(vectors.permute(0, 3, 1, 2)))
-        return result
 
 
 class JanusVQ(ImportedVQ):
@@ -222,7 +217,7 @@ class JanusVQ(ImportedVQ):
         return _EncoderThenQuantConv(self.library_model)
 
     def decoder_body(self) -> nn.Module:
-        return _JanusDecoder(self.library_model)
+        return _PostQuantConvThenDecoder(self.library_model)
 
     def library_codes(self, latents: torch.Tensor) -> torch.Tensor:
         indices = self.library_model.quantize(latents.permute(0, 3, 1, 2))[2]

@@ -16,7 +16,7 @@ from vqtool.errors import VqtoolError, first_line
 from vqtool.images.embedded import embedded_photographs
 from vqtool.model.checkpoint import save_checkpoint
 from vqtool.model.config import TrainConfig
-from vqtool.model.imported import QUANTIZERS, ImportedConfig, ImportedVQ, build_imported, library_class
+from vqtool.model.imported import FAMILIES, QUANTIZERS, ImportedConfig, ImportedVQ, library_class
 from vqtool.model.vqvae import code_distances, images_to_input, l2_normalize
 
 # The library and class a config.json names: diffusers writes `_class_name`, transformers `model_type`.
@@ -143,8 +143,7 @@ def import_model(
     codes = int(config.get("num_vq_embeddings") or config.get("num_embeddings"))
     version = __import__(library).__version__
     draft = ImportedConfig(library, class_name, version, config, size, 1, codes, quantizer)
-    model = build_imported(draft)
-    model.library_model.load_state_dict(library_model.state_dict())
+    model = FAMILIES[(library, class_name)](draft, library_model)  # the loaded model itself, weights and all
     imported = ImportedConfig(library, class_name, version, config, size, _downsample(model, size), codes, quantizer)
     model.config = imported
     note = ""
