@@ -17,6 +17,7 @@ import logging
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ import vqtool
 from vqtool.errors import VqtoolError, missing_extra
 from vqtool.formats.manifest import GraphEntry, graph_key, sha256_file
 from vqtool.model.checkpoint import TokenizerModel
-from vqtool.model.imported import ImportedVQ
+from vqtool.model.imported import ImportedVQ, output_to_pixels, pixels_to_input
 from vqtool.model.vqvae import VQVAE, code_distances, images_to_input, l2_normalize, output_to_images
 
 # Each graph precision's (dtype of the convolutions, dtype of the codebook and distances).
@@ -149,8 +150,14 @@ class DecoderGraph(nn.Module):
 
 
 # Layers an imported model's FP16 graphs keep in FP32: normalisation (its variance of FP16 activations loses
-# the small differences codes are decided by) and attention (its softmax over a whole feature map).
-FP32_LAYERS = ("GroupNorm", "Attention", "JanusVQVAEAttnBlock")
+# the small differences codes are decided by) and attention (its softmax over a whole feature map), known by
+# their class (GroupNorm and the libraries' subclasses) or their name (Attention, AttnBlock, AttentionBlock).
+FP32_NORMS = (nn.GroupNorm,)
+FP32_NAMES = ("Attention", "AttnBlock")
+
+
+def _kept_in_fp32(layer: nn.Module) -> bool:
+    return isinstance(layer, FP32_NORMS) or any(name in type(layer).__name__ for name in FP32_NAMES)
 
 
 class _InFP32(nn.Module):
@@ -160,21 +167,25 @@ class _InFP32(nn.Module):
         super().__init__()
         self.layer = layer.float()
 
-    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        cast = [a.float() if isinstance(a, torch.Tensor) else a for a in args]
-        out: torch.Tensor = self.layer(x.float(), *cast, **kwargs)
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> Any:
+        def up(value: object) -> object:
+            return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+        out = self.layer(x.float(), *map(up, args), **{k: up(v) for k, v in kwargs.items()})
+        if isinstance(out, tuple):  # transformers' attention blocks return (output, weights)
+            return tuple(o.to(x.dtype) if isinstance(o, torch.Tensor) else o for o in out)
         return out.to(x.dtype)
 
 
 def _at_precision(body: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A copy of `body` in `dtype`; in FP16, with FP32_LAYERS kept in FP32."""
+    """A copy of `body` in `dtype`; in FP16, with normalisation and attention kept in FP32 (_kept_in_fp32)."""
     body = copy.deepcopy(body).to(dtype)
     if dtype == torch.float32:
         return body
 
     def keep(module: nn.Module) -> None:
         for name, child in module.named_children():
-            if type(child).__name__ in FP32_LAYERS:
+            if _kept_in_fp32(child):
                 setattr(module, name, _InFP32(child))
             else:
                 keep(child)
@@ -183,14 +194,24 @@ def _at_precision(body: nn.Module, dtype: torch.dtype) -> nn.Module:
     return body
 
 
+def _register_pixel_scaling(graph: nn.Module, model: ImportedVQ) -> None:
+    """The model's input scaling (pixel * gain + bias per channel) as the graph's buffers."""
+    for name, values in (("pixel_gain", model.config.pixel_gain), ("pixel_bias", model.config.pixel_bias)):
+        graph.register_buffer(name, torch.tensor(values, dtype=torch.float32).reshape(1, 3, 1, 1))
+
+
 class ImportedEncoderGraph(nn.Module):
     """An imported model's encoder: uint8 N x H x W x 3 -> int32 codes, its body at the graph's precision and the
     search (normalisation, distances in the expanded form, ArgMin) in FP32. Never an exported cdist: its ONNX form
     is slow or missing, and the expanded form is one matrix product."""
 
+    pixel_gain: torch.Tensor
+    pixel_bias: torch.Tensor
+
     def __init__(self, model: ImportedVQ, precision: str = "fp32") -> None:
         super().__init__()
         self.conv_dtype, self.code_dtype = _dtypes(precision)
+        _register_pixel_scaling(self, model)
         self.body = _at_precision(model.encoder_body(), self.conv_dtype)
         self.cosine = model.cosine
         codebook = model.search_codebook().detach().float()
@@ -198,7 +219,8 @@ class ImportedEncoderGraph(nn.Module):
         self.register_buffer("code_sq", (codebook * codebook).sum(dim=-1).to(self.code_dtype))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        latents = self.body(images_to_input(images).to(self.conv_dtype)).to(self.code_dtype)
+        x = pixels_to_input(images, self.pixel_gain, self.pixel_bias)
+        latents = self.body(x.to(self.conv_dtype)).to(self.code_dtype)
         if self.cosine:
             latents = l2_normalize(latents)
         distances = code_distances(latents, self.codebook, self.code_sq)
@@ -209,15 +231,19 @@ class ImportedDecoderGraph(nn.Module):
     """An imported model's decoder: int32 codes -> uint8 images; the lookup in FP32, the body at the graph's
     precision."""
 
+    pixel_gain: torch.Tensor
+    pixel_bias: torch.Tensor
+
     def __init__(self, model: ImportedVQ, precision: str = "fp32") -> None:
         super().__init__()
         self.conv_dtype, self.code_dtype = _dtypes(precision)
+        _register_pixel_scaling(self, model)
         self.register_buffer("codebook", model.decode_codebook().detach().float().to(self.code_dtype).clone())
         self.body = _at_precision(model.decoder_body(), self.conv_dtype)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         vectors = F.embedding(codes, self.codebook)
-        return output_to_images(self.body(vectors.to(self.conv_dtype)))
+        return output_to_pixels(self.body(vectors.to(self.conv_dtype)), self.pixel_gain, self.pixel_bias)
 
 
 # ---- writing them as ONNX ----------------------------------------------------------------------------------------
@@ -270,6 +296,11 @@ def _export_graph(
         except Exception as exc:
             raise VqtoolError(f"torch.onnx could not export {path.name}: {exc}\n{narration.getvalue()}") from None
     graph = onnx.load(str(path))
+    for tensor in (graph.graph.input[0], graph.graph.output[0]):
+        if not tensor.type.tensor_type.shape.dim[0].dim_param:
+            # torch.onnx falls back to fixed shapes where a model's code pins the batch; a graph that takes one
+            # batch size only would fail at the first other one.
+            raise VqtoolError(f"torch.onnx fixed the batch of {path.name}'s {tensor.name} (the model's code pins it)")
     for key, value in metadata.items():
         graph.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(graph, full_check=True)
@@ -290,16 +321,42 @@ def write_graphs(model: TokenizerModel, checkpoint_sha: str, out_dir: Path, prec
         "vqtool.precision": precision,
         "vqtool.version": vqtool.__version__,
     }
+    graphs: tuple[nn.Module, nn.Module]
+    scales: tuple[int | None, int | None]
     if isinstance(model, ImportedVQ):
-        graphs, scales = (ImportedEncoderGraph(model, precision), ImportedDecoderGraph(model, precision)), (None, None)
+        decoder = ImportedDecoderGraph(model, precision) if model.has_decoder else nn.Identity()
+        graphs, scales = (ImportedEncoderGraph(model, precision), decoder), (None, None)
     else:
         graphs, scales = (EncoderGraph(model, precision), DecoderGraph(model, precision)), (config.downsample, 1)
     entries = {}
-    for name, module, example, names, scale in (
+    written = (
         (graph_key("encoder", precision), graphs[0], examples[0], (ENCODER_INPUT, ENCODER_OUTPUT), scales[0]),
         (graph_key("decoder", precision), graphs[1], examples[1], (DECODER_INPUT, DECODER_OUTPUT), scales[1]),
-    ):
+    )
+    for name, module, example, names, scale in written if model.has_decoder else written[:1]:
         path = out_dir / f"{name}.onnx"
         _export_graph(module, example, path, names, scale, {**meta, "vqtool.role": name.split(".")[0]})
-        entries[name] = GraphEntry(path.name, sha256_file(path), precision, names[0], names[1])
+        largest = largest_activation_bytes(module, example)
+        entries[name] = GraphEntry(path.name, sha256_file(path), precision, names[0], names[1], largest)
     return entries
+
+
+@torch.no_grad()
+def largest_activation_bytes(module: nn.Module, example: torch.Tensor) -> int:
+    """Bytes per image of the largest tensor any layer of `module` outputs for `example`: what batches are sized
+    by (manifest.fitting_batch)."""
+    largest = 0
+
+    def measure(_: nn.Module, __: object, output: object) -> None:
+        nonlocal largest
+        for tensor in output if isinstance(output, tuple) else (output,):
+            if isinstance(tensor, torch.Tensor):
+                largest = max(largest, tensor.element_size() * tensor.numel() // len(example))
+
+    hooks = [layer.register_forward_hook(measure) for layer in module.modules()]
+    try:
+        module(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return largest

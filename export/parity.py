@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,8 @@ from vqtool.images.collections import read_image_set
 from vqtool.images.embedded import embedded_photographs
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.images.quality import psnr
-from vqtool.model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from vqtool.model.checkpoint import Checkpoint, CheckpointError, TokenizerModel, load_checkpoint
 from vqtool.model.imported import ImportedConfig
-from vqtool.model.vqvae import VQVAE, images_to_input, output_to_images
 from vqtool.runtime.base import BF16, PRECISIONS, REFERENCE, RUNTIMES, decoder_precision, runs
 from vqtool.runtime.onnxruntime import OnnxRuntimeRunner
 from vqtool.runtime.openvino import OpenVinoRunner
@@ -78,21 +77,22 @@ class Reference:
 
     latents: torch.Tensor  # N x h x w x D, float32
     codes: np.ndarray  # N x h x w, int64
-    reconstructions: np.ndarray  # N x H x W x 3, uint8
+    reconstructions: np.ndarray | None  # N x H x W x 3, uint8; None for a model with no decoder
 
 
 @torch.no_grad()
-def torch_reference(model: VQVAE, images: np.ndarray) -> Reference:
+def torch_reference(model: TokenizerModel, images: np.ndarray) -> Reference:
     model = model.eval().to("cpu")
     latents, codes, recons = [], [], []
     for start in range(0, len(images), BATCH):
-        x = images_to_input(torch.from_numpy(images[start : start + BATCH]))
-        z = model.encode_latents(x)
+        z = model.encode_latents(model.model_input(torch.from_numpy(images[start : start + BATCH])))
         c = model.quantizer.nearest(z)
         latents.append(z)
         codes.append(c)
-        recons.append(output_to_images(model.decode(c)))
-    return Reference(torch.cat(latents), torch.cat(codes).numpy(), torch.cat(recons).numpy())
+        if model.has_decoder:
+            recons.append(model.model_output(model.decode(c)))
+    reconstructions = torch.cat(recons).numpy() if recons else None
+    return Reference(torch.cat(latents), torch.cat(codes).numpy(), reconstructions)
 
 
 def classify_mismatches(reference: Reference, codebook: torch.Tensor, other: np.ndarray, rtol: float):
@@ -120,29 +120,26 @@ def classify_mismatches(reference: Reference, codebook: torch.Tensor, other: np.
 
 
 def check_parity(
-    model: VQVAE,
+    model: TokenizerModel,
     images: np.ndarray,
     encode: Callable[[np.ndarray], np.ndarray],
-    decode: Callable[[np.ndarray], np.ndarray],
+    decode: Callable[[np.ndarray], np.ndarray] | None,
     *,
     runtime: str,
     provider: str,
     precision: str,
     reference: Reference | None = None,
 ) -> ParityReport:
-    """Compare PyTorch with `encode`/`decode` (uint8 images -> codes, int32 codes -> uint8 images)."""
+    """Compare PyTorch with `encode`/`decode` (uint8 images -> codes, int32 codes -> uint8 images); with no
+    `decode` (a model with no decoder), codes alone."""
     tolerance = TOLERANCES[precision]
     reference = reference or torch_reference(model, images)
     codes = np.concatenate([encode(images[s : s + BATCH]) for s in range(0, len(images), BATCH)])
     if codes.shape != reference.codes.shape:
         raise ValueError(f"{runtime}: codes shaped {codes.shape}, PyTorch gives {reference.codes.shape}")
-    decoded = (codes if tolerance.end_to_end else reference.codes).astype(np.int32)
-    recons = np.concatenate([decode(decoded[s : s + BATCH]) for s in range(0, len(images), BATCH)])
     codebook = model.quantizer.search_codebook().detach().cpu()
     ties, unexplained, max_gap = classify_mismatches(reference, codebook, codes, tolerance.tie_rtol)
-    diff = np.abs(recons.astype(np.int16) - reference.reconstructions.astype(np.int16))
-    quality_drop = psnr(reference.reconstructions, images) - psnr(recons, images)
-    report = dict(
+    report: dict[str, Any] = dict(
         runtime=runtime,
         provider=provider,
         precision=precision,
@@ -152,17 +149,37 @@ def check_parity(
         near_ties=ties,
         unexplained=unexplained,
         max_gap_rtol=max_gap,
+        decoded="none",
+    )
+    if decode is not None and reference.reconstructions is not None:
+        report.update(_reconstruction_report(images, codes, reference, decode, tolerance))
+    return ParityReport(**report, failures=tuple(_failures(report, tolerance)))
+
+
+def _reconstruction_report(
+    images: np.ndarray,
+    codes: np.ndarray,
+    reference: Reference,
+    decode: Callable[[np.ndarray], np.ndarray],
+    tolerance: Tolerance,
+) -> dict[str, Any]:
+    """How the decoder's images compare with PyTorch's, decoding its own codes or PyTorch's (by the rule)."""
+    assert reference.reconstructions is not None
+    decoded = (codes if tolerance.end_to_end else reference.codes).astype(np.int32)
+    recons = np.concatenate([decode(decoded[s : s + BATCH]) for s in range(0, len(images), BATCH)])
+    diff = np.abs(recons.astype(np.int16) - reference.reconstructions.astype(np.int16))
+    return dict(
         recon_max_abs=int(diff.max()),
         recon_mean_abs=float(diff.mean()),
         recon_psnr=psnr(recons, reference.reconstructions),
-        quality_drop_db=quality_drop,
+        quality_drop_db=psnr(reference.reconstructions, images) - psnr(recons, images),
         decoded="own" if tolerance.end_to_end else "pytorch",
     )
-    return ParityReport(**report, failures=tuple(_failures(report, tolerance)))  # type: ignore[arg-type]
 
 
 def _failures(report: dict[str, Any], tolerance: Tolerance) -> list[str]:
     failures = []
+    report = {**asdict(ParityReport(runtime="")), **report}  # an encoder-only report has no reconstruction fields
     if tolerance.max_unexplained is not None and report["unexplained"] > tolerance.max_unexplained:
         failures.append(f"{report['unexplained']} codes differ from PyTorch without a near-tie to explain them")
     identical = report["identical"] / report["codes"]
@@ -217,12 +234,13 @@ class Verification:
         }
 
 
-def naive_fp16_report(model: VQVAE, images: np.ndarray, reference: Reference) -> ParityReport:
+def naive_fp16_report(model: TokenizerModel, images: np.ndarray, reference: Reference) -> ParityReport:
     """Export an all-FP16 pair of graphs aside and measure them, to show what the FP32 island buys."""
     with tempfile.TemporaryDirectory(prefix="vqtool-naive-fp16-") as folder:
         entries = write_graphs(model, "", Path(folder), NAIVE_FP16)
         encoder = OnnxRuntimeRunner(Path(folder) / entries[graph_key("encoder", NAIVE_FP16)].file, "cpu")
-        decoder = OnnxRuntimeRunner(Path(folder) / entries[graph_key("decoder", NAIVE_FP16)].file, "cpu")
+        decoder_key = graph_key("decoder", NAIVE_FP16)
+        decoder = OnnxRuntimeRunner(Path(folder) / entries[decoder_key].file, "cpu") if decoder_key in entries else None
         return check_parity(
             model,
             images,
@@ -236,18 +254,20 @@ def naive_fp16_report(model: VQVAE, images: np.ndarray, reference: Reference) ->
 
 
 def naive_bf16_report(
-    model: VQVAE, export_dir: Path, manifest: Manifest, images: np.ndarray, reference: Reference
+    model: TokenizerModel, export_dir: Path, manifest: Manifest, images: np.ndarray, reference: Reference
 ) -> ParityReport:
     """OpenVINO BF16 over the whole graphs, quantizer included: what the FP32 island buys, measured."""
     encoder = OpenVinoRunner(verify_graph(export_dir, manifest, "encoder"), "encoder", BF16, island=False)
-    decoder = OpenVinoRunner(verify_graph(export_dir, manifest, "decoder"), "decoder", BF16, island=False)
+    decoder = None
+    if "decoder" in manifest.roles:
+        decoder = OpenVinoRunner(verify_graph(export_dir, manifest, "decoder"), "decoder", BF16, island=False)
     return check_parity(
         model, images, encoder, decoder, runtime="openvino", provider="CPU", precision=NAIVE_BF16, reference=reference
     )
 
 
 def verify_export(
-    model: VQVAE,
+    model: TokenizerModel,
     export_dir: Path,
     manifest: Manifest,
     images: np.ndarray,
@@ -274,14 +294,16 @@ def verify_export(
                     export_dir, manifest, "encoder", backend=backend, device=device, precision=precision
                 ).runner
                 # An encoder-only precision's codes are decoded by the FP32 decoder on the same provider.
-                decoder = open_runner(
-                    export_dir,
-                    manifest,
-                    "decoder",
-                    backend=backend,
-                    device=device,
-                    precision=decoder_precision(precision),
-                ).runner
+                decoder = None
+                if "decoder" in manifest.roles:
+                    decoder = open_runner(
+                        export_dir,
+                        manifest,
+                        "decoder",
+                        backend=backend,
+                        device=device,
+                        precision=decoder_precision(precision),
+                    ).runner
             except VqtoolError as exc:
                 skipped.append(f"{backend} on {device} ({precision}): {str(exc).split('; ')[0]}")
                 continue
@@ -299,7 +321,8 @@ def verify_export(
                 )
             )
             encoder.close()
-            decoder.close()
+            if decoder is not None:
+                decoder.close()
     naive = naive_fp16_report(model, images, reference) if naive_fp16 else None
     bf16_whole = naive_bf16_report(model, export_dir, manifest, images, reference) if naive_bf16 else None
     return Verification(tuple(reports), tuple(skipped), naive, bf16_whole)

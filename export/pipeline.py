@@ -42,6 +42,7 @@ from vqtool.formats.manifest import (
     graph_key,
     sha256_file,
 )
+from vqtool.images.embedded import embedded_photographs
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.model.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from vqtool.model.config import ModelConfig
@@ -144,7 +145,13 @@ def _write_int8(
     log: Callable[[str], None],
 ) -> GraphEntry:
     """The INT8 encoder, calibrated on `calibration` (default: the checkpoint's own data) and checked against
-    PyTorch's codes on held-out crops of the checkpoint's data."""
+    PyTorch's codes on held-out crops of the checkpoint's data. An imported model's data is not here: by default
+    it is calibrated and checked on the embedded photographs at its size."""
+    if calibration is None and isinstance(checkpoint.model_config, ImportedConfig):
+        photos = embedded_photographs(checkpoint.model_config.image_size)
+        log(f"calibrating INT8 ranges on the {len(photos)} embedded photographs")
+        agreement = code_agreement(checkpoint.model, photos)
+        return write_checked_int8_encoder(staging, fp32_encoder, photos, agreement, log, "the same photographs")
     if calibration is not None:
         from vqtool.train.data.streaming import load_training_set
 

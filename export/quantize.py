@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from vqtool.formats.manifest import GraphEntry, graph_key, sha256_file
-from vqtool.model.vqvae import VQVAE
+from vqtool.model.checkpoint import TokenizerModel
 from vqtool.runtime.base import INT8
 from vqtool.train.data.memory import TrainingData
 
@@ -118,10 +118,10 @@ def write_int8_encoder(
             prop.value = INT8
     graph.metadata_props.add(key=FP32_CONVOLUTIONS_KEY, value=str(len(keep_fp32)))
     onnx.save(graph, str(out_path))
-    return GraphEntry(out_path.name, sha256_file(out_path), INT8, fp32.input, fp32.output)
+    return GraphEntry(out_path.name, sha256_file(out_path), INT8, fp32.input, fp32.output, fp32.activation_bytes)
 
 
-def code_agreement(model: VQVAE, images: np.ndarray) -> Callable[[Path], float]:
+def code_agreement(model: TokenizerModel, images: np.ndarray) -> Callable[[Path], float]:
     """A measure of an encoder graph: the share of its codes for `images` that are PyTorch's."""
     from vqtool.export.parity import BATCH, torch_reference
     from vqtool.runtime.onnxruntime import OnnxRuntimeRunner
@@ -149,6 +149,7 @@ def write_checked_int8_encoder(
     images: np.ndarray,
     agreement: Callable[[Path], float],
     log: Callable[[str], None],
+    checked_on: str = "held-out training crops",
 ) -> GraphEntry:
     """write_int8_encoder, keeping the first convolutions FP32, one more at a time, until `agreement` (the share
     of codes an INT8 graph gives as PyTorch does, on images other than the calibration's) reaches AGREEMENT_TARGET.
@@ -168,5 +169,5 @@ def write_checked_int8_encoder(
         if share >= AGREEMENT_TARGET:
             break
     how = "every convolution INT8" if not kept else f"the first {kept} of {len(convolutions)} convolutions FP32"
-    log(f"INT8 encoder: {how}, {share:.1%} of codes as PyTorch's on held-out training crops")
+    log(f"INT8 encoder: {how}, {share:.1%} of codes as PyTorch's on {checked_on}")
     return entry

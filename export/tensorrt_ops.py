@@ -44,11 +44,34 @@ TRT_OPS: dict[str, set[str]] = {
     "Constant": _F | _I | {"BOOL"},
     "Pad": _F | _I,
     "DepthToSpace": _F | _I,
+    # What imported models add: GroupNorm (exported as InstanceNormalization), SiLU, attention's Softmax, nearest
+    # upsampling, and Emu3's temporal layers (BatchNorm3d, the repeated frames).
+    "InstanceNormalization": _F,
+    "BatchNormalization": _F,
+    "Sigmoid": _F,
+    "Softmax": _F,
+    "Resize": _F,
+    "Expand": _F | _I | {"BOOL"},
+    "Tile": _F | _I | {"BOOL"},
 }
+# Inputs that are shapes, not data (Resize's roi, scales and sizes): the type list is about the data.
+SHAPE_INPUTS = {"Resize": {1, 2, 3}}
+# Resize's restrictions in the matrix: these modes and coordinate transformations only.
+RESIZE_MODES = {"nearest", "linear"}
+RESIZE_TRANSFORMS = {"half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn", "asymmetric", "align_corners"}
 
 
 def _type_name(elem_type: int) -> str:
     return onnx.TensorProto.DataType.Name(elem_type)
+
+
+def _resize_problems(node: onnx.NodeProto) -> list[str]:
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    mode = attributes.get("mode", b"nearest").decode()
+    transform = attributes.get("coordinate_transformation_mode", b"half_pixel").decode()
+    if mode not in RESIZE_MODES or transform not in RESIZE_TRANSFORMS:
+        return [f"{node.name}: Resize in mode {mode} with {transform} coordinates is not supported by TensorRT"]
+    return []
 
 
 def trt_problems(model: onnx.ModelProto) -> list[str]:
@@ -70,7 +93,11 @@ def trt_problems(model: onnx.ModelProto) -> list[str]:
         if allowed is None:
             problems.append(f"{node.name or node.op_type}: {node.op_type} is not in the TensorRT operator list")
             continue
-        for tensor in (*node.input, *node.output):
+        if node.op_type == "Resize":
+            problems.extend(_resize_problems(node))
+        skipped = SHAPE_INPUTS.get(node.op_type, set())
+        data = [name for index, name in enumerate(node.input) if index not in skipped]
+        for tensor in (*data, *node.output):
             kind = types.get(tensor)
             if not tensor or kind is None:
                 continue

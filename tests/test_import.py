@@ -84,6 +84,71 @@ def make_janus(folder: Path) -> Any:
     return model
 
 
+def make_emu3(folder: Path) -> Any:
+    """A small transformers Emu3VQVAE (factor 2, four frames folded into one as for an image), seeded, saved in
+    its layout with an image processor's settings beside it (CLIP's mean and std, not [-1, 1])."""
+    from transformers import Emu3VQVAE, Emu3VQVAEConfig
+
+    torch.manual_seed(0)
+    config = Emu3VQVAEConfig(
+        codebook_size=96,
+        embed_dim=4,
+        latent_channels=4,
+        base_channels=32,
+        channel_multiplier=[1, 2],
+        num_res_blocks=1,
+        attn_resolutions=[1],
+        hidden_size=64,  # the attention's width: the deepest level's channels
+        num_attention_heads=1,
+    )
+    model = Emu3VQVAE(config).eval()
+    with torch.no_grad():
+        frames = _emu3_input(_photos(48, seed=5)).unsqueeze(1).repeat(1, 4, 1, 1, 1)
+        hidden = model.quant_conv(model.encoder(frames).permute(0, 2, 1, 3, 4))[:, :, 0]
+    _seed_codebook(model.quantize.embedding, hidden.permute(0, 2, 3, 1))
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(EMU3_PROCESSOR))
+    return model
+
+
+EMU3_PROCESSOR = {"rescale_factor": 1 / 255, "image_mean": [0.481, 0.458, 0.408], "image_std": [0.269, 0.261, 0.276]}
+
+
+def _emu3_input(images: np.ndarray) -> torch.Tensor:
+    """What Emu3's image processor gives for these settings: (pixel / 255 - mean) / std."""
+    mean = torch.tensor(EMU3_PROCESSOR["image_mean"]).reshape(1, 3, 1, 1)
+    std = torch.tensor(EMU3_PROCESSOR["image_std"]).reshape(1, 3, 1, 1)
+    return (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std
+
+
+def make_chameleon(folder: Path) -> Any:
+    """A small transformers ChameleonVQVAE (factor 2, an encoder only), seeded, saved in its layout."""
+    from transformers import ChameleonVQVAE, ChameleonVQVAEConfig
+
+    torch.manual_seed(0)
+    config = ChameleonVQVAEConfig(
+        embed_dim=8,
+        num_embeddings=128,
+        latent_channels=8,
+        base_channels=32,
+        channel_multiplier=[1, 2],
+        num_res_blocks=1,
+        resolution=SIZE,
+        attn_resolutions=[SIZE // 2],
+    )
+    model = ChameleonVQVAE(config).eval()
+    with torch.no_grad():
+        hidden = model.quant_conv(model.encoder(_chameleon_input(_photos(48, seed=5))))
+    _seed_codebook(model.quantize.embedding, hidden.permute(0, 2, 3, 1))
+    model.save_pretrained(folder)
+    return model
+
+
+def _chameleon_input(images: np.ndarray) -> torch.Tensor:
+    """ChameleonImageProcessor's scaling: pixel * 0.0078 - 1."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() * 0.0078 - 1.0
+
+
 def _near_ties_only(latents: torch.Tensor, book: torch.Tensor, ours: np.ndarray, theirs: np.ndarray) -> bool:
     """Whether every code that differs is a near-tie: distances within rounding of each other (parity's rule)."""
     where = np.nonzero(ours != theirs)
@@ -92,6 +157,23 @@ def _near_ties_only(latents: torch.Tensor, book: torch.Tensor, ours: np.ndarray,
     gap = (((z - a) ** 2).sum(-1) - ((z - b) ** 2).sum(-1)).abs()
     scale = (z * z).sum(-1) + torch.maximum((a * a).sum(-1), (b * b).sum(-1))
     return bool((gap <= 1e-5 * scale).all())
+
+
+def _batches_shrink_where_activations_are_large(export: Path) -> None:
+    """A 256 x 256 latent-diffusion tokenizer holds ~32 MB per image in one activation: 64 of them at once would
+    take gigabytes, so encode and decode batch fewer; small models keep the batch asked for."""
+    from dataclasses import replace
+
+    from vqtool.formats.manifest import ACTIVATION_BUDGET, LIVE_ACTIVATIONS, fitting_batch, read_manifest
+
+    manifest = read_manifest(export)
+    assert fitting_batch(manifest, "encoder", "fp32", 64) == 64  # 0.13 MB per image
+    large = 128 * 256 * 256 * 4
+    graphs = {name: replace(entry, activation_bytes=large) for name, entry in manifest.graphs.items()}
+    big = replace(manifest, graphs=graphs)
+    expected = ACTIVATION_BUDGET // (large * LIVE_ACTIVATIONS)
+    assert 1 < expected < 64 and fitting_batch(big, "encoder", "fp32", 64) == expected
+    assert fitting_batch(big, "decoder", "fp32", 2) == 2
 
 
 def test_a_diffusers_vqmodel_imports_exports_encodes_and_decodes_as_the_library_does(tmp_path: Path) -> None:
@@ -106,6 +188,9 @@ def test_a_diffusers_vqmodel_imports_exports_encodes_and_decodes_as_the_library_
     assert report["unexplained"] == 0 and report["recon_max_abs"] <= 1 and report["identical_fraction"] >= 0.99
     manifest = json.loads((export / "manifest.json").read_text())
     assert manifest["model_config"]["library"] == "diffusers" and manifest["grid"] == 8
+    # The largest activation, measured at export: the first blocks' 32 channels at full resolution, in FP32.
+    assert manifest["graphs"]["encoder"]["activation_bytes"] == 32 * SIZE * SIZE * 4
+    _batches_shrink_where_activations_are_large(export)
 
     images = _photos(24, seed=9)
     folder = tmp_path / "images"
@@ -194,7 +279,8 @@ def test_janus_imports_with_either_quantizer_and_says_how_many_codes_they_change
     library = import_model(tmp_path / "janus", tmp_path / "library.pt", log=said.append)
     original = import_model(tmp_path / "janus", tmp_path / "original.pt", quantizer="original", log=said.append)
     assert (library.config.grid, original.config.quantizer) == (SIZE // 2, "original")
-    assert said[0].startswith("quantizer: library") and "codes differently" in said[0]
+    assert said[0].startswith("input: pixel x 0.00784314 + -1 per channel")
+    assert said[1].startswith("quantizer: library") and "codes differently" in said[1]
     images = _photos(12, seed=4)
     with torch.no_grad():
         theirs = model.encode(_model_input(images)).image_tokens.reshape(len(images), SIZE // 2, SIZE // 2)
@@ -212,3 +298,63 @@ def test_import_refuses_what_it_cannot_read_in_one_line(tmp_path: Path) -> None:
     refused = run_cli("import", str(tmp_path / "other"), "--out", str(tmp_path / "x.pt"))
     one_error_line(refused, "UNet2DModel", "vqtool imports diffusers VQModel")
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_emu3_imports_with_its_image_processor_scaling_and_encodes_and_decodes_as_the_library(tmp_path: Path) -> None:
+    import vqtool
+
+    model = make_emu3(tmp_path / "emu3")
+    checkpoint, export = tmp_path / "emu3.pt", tmp_path / "export"
+    imported = run_cli("import", str(tmp_path / "emu3"), "--out", str(checkpoint), "--image-size", str(SIZE))
+    assert imported.returncode == 0, imported.stderr
+    assert "preprocessor_config.json" in imported.stdout + imported.stderr
+    exported = run_cli("export", str(checkpoint), "--out", str(export), "--fp16")
+    assert exported.returncode == 0, exported.stderr
+    assert "TensorRT will not build" not in exported.stdout + exported.stderr  # its operators are all in the matrix
+    reports = {r["precision"]: r for r in json.loads((export / "parity.json").read_text())["reports"]}
+    assert reports["fp32"]["unexplained"] == 0 and reports["fp32"]["recon_max_abs"] <= 2
+    assert reports["fp16"]["passed"]
+
+    images = _photos(12, seed=4)
+    with torch.no_grad():
+        sizes = torch.tensor([[SIZE, SIZE]] * len(images))
+        library = torch.stack(model.encode(_emu3_input(images), image_sizes=sizes).image_tokens).numpy()
+        decoded = model.decode(torch.from_numpy(library))
+    mean = torch.tensor(EMU3_PROCESSOR["image_mean"]).reshape(1, 3, 1, 1)
+    std = torch.tensor(EMU3_PROCESSOR["image_std"]).reshape(1, 3, 1, 1)
+    expected = ((decoded * std + mean) * 255).clamp(0, 255).round().permute(0, 2, 3, 1).numpy()
+    with vqtool.load(export, "onnxruntime", "cpu") as tok:
+        codes = tok.encode(images).astype(np.int64)
+        assert (codes == library).mean() >= 0.99
+        assert np.abs(tok.decode(library).astype(int) - expected.astype(int)).max() <= 2
+
+
+def test_chameleon_exports_as_an_encoder_only_and_decode_says_so_in_one_line(tmp_path: Path) -> None:
+    import vqtool
+    from vqtool.errors import VqtoolError
+
+    model = make_chameleon(tmp_path / "chameleon")
+    checkpoint, export = tmp_path / "chameleon.pt", tmp_path / "export"
+    imported = run_cli("import", str(tmp_path / "chameleon"), "--out", str(checkpoint))
+    assert imported.returncode == 0, imported.stderr
+    assert "0.0078 + -1 per channel (ChameleonVQVAE's image processor defaults)" in imported.stdout + imported.stderr
+    exported = run_cli("export", str(checkpoint), "--out", str(export))
+    assert exported.returncode == 0, exported.stderr
+    manifest = json.loads((export / "manifest.json").read_text())
+    assert sorted(manifest["graphs"]) == ["encoder"] and not (export / "decoder.onnx").exists()
+    (report,) = json.loads((export / "parity.json").read_text())["reports"]
+    assert report["passed"] and report["unexplained"] == 0 and report["decoded"] == "none"
+
+    images = _photos(12, seed=4)
+    with torch.no_grad():
+        library = model.encode(_chameleon_input(images)).image_tokens.reshape(len(images), SIZE // 2, SIZE // 2)
+    with vqtool.load(export, "onnxruntime", "cpu") as tok:
+        assert not tok.has_decoder
+        assert (tok.encode(images).astype(np.int64) == library.numpy()).mean() >= 0.99
+        with pytest.raises(VqtoolError, match="ChameleonVQVAE has no decoder"):
+            tok.decode(library.numpy())
+    np.save(tmp_path / "codes.npy", library.numpy().astype(np.uint8))
+    refused = run_cli("decode", str(tmp_path / "codes.npy"), "--model", str(export), "--out", str(tmp_path / "png"))
+    one_error_line(refused, "ChameleonVQVAE has no decoder")
+    checked = run_cli("parity", str(export), "--backend", "onnxruntime")
+    assert checked.returncode == 0, checked.stderr

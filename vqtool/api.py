@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from vqtool.errors import VqtoolError
-from vqtool.formats.manifest import ROLES, Manifest, code_dtype_for, read_manifest
+from vqtool.formats.manifest import Manifest, code_dtype_for, fitting_batch, read_manifest
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.images.reading import CROPS, fast_png_available, fit_to_size, list_image_names, read_rgb
 from vqtool.pipeline.decode import DecodeResult
@@ -114,9 +114,9 @@ class Tokenizer:
         self._start_lock = threading.Lock()
 
     def start(self, *roles: str) -> None:
-        """Start these graphs ("encoder", "decoder"; default both) now rather than on first use, so that a graph
-        that cannot run says so here (what `load` does unless lazy)."""
-        for role in roles or ROLES:
+        """Start these graphs ("encoder", "decoder"; default: those the export has) now rather than on first use, so
+        that a graph that cannot run says so here (what `load` does unless lazy)."""
+        for role in roles or self.manifest.roles:
             self._runner_of(role)
 
     def _runner_of(self, role: str) -> Opened:
@@ -150,17 +150,28 @@ class Tokenizer:
         return self.manifest.downsample
 
     @property
+    def has_decoder(self) -> bool:
+        """Whether codes can be decoded: False for an encoder-only model (ChameleonVQVAE)."""
+        return "decoder" in self.manifest.roles
+
+    @property
     def backend(self) -> str:
         """The backend that runs: onnxruntime, tensorrt or torch (encoder first if the two differ)."""
+        if not self.has_decoder:
+            return self._encoder.runner.backend
         return _joined(self._encoder.runner.backend, self._decoder.runner.backend)
 
     @property
     def provider(self) -> str:
         """What really runs the graphs, e.g. CPUExecutionProvider, or PyTorch/TensorRT with the device."""
+        if not self.has_decoder:
+            return self._encoder.runner.provider
         return _joined(self._encoder.runner.provider, self._decoder.runner.provider)
 
     def describe(self) -> str:
         """One line: what runs each graph, and why faster backends were passed over."""
+        if not self.has_decoder:
+            return f"encoder {self.precision}: {self._encoder.describe()}{self._note}"
         encoder, decoder = self._encoder.describe(), self._decoder.describe()
         if (encoder, self.precision) == (decoder, self._decode_precision):
             return f"{self.precision}: {encoder}{self._note}"
@@ -172,6 +183,12 @@ class Tokenizer:
         if height < factor or width < factor or height % factor or width % factor:
             raise VqtoolError(f"{width}x{height} is not a multiple of the model's factor {factor}")
         return height // factor, width // factor
+
+    def _fitting_batch(self, role: str, batch_size: int) -> int:
+        """`batch_size`, or fewer where that many images' activations would not fit the memory budget."""
+        _check_batch_size(batch_size)
+        precision = self.precision if role == "encoder" else self._decode_precision
+        return fitting_batch(self.manifest, role, precision, batch_size)
 
     def encode(
         self,
@@ -191,7 +208,7 @@ class Tokenizer:
         tensor: CPU tensors share memory both ways; CUDA tensors stay on the GPU when ONNX Runtime's CUDA
         provider runs (else they are copied through the host).
         """
-        _check_batch_size(batch_size)
+        batch_size = self._fitting_batch("encoder", batch_size)
         if tensors.is_tensor(images) and images.is_cuda and _on_cuda(self._encoder.runner):
             batch = self._cuda_images(images, resize)
             out_shape = (batch.shape[0], *self.grid(batch.shape[1], batch.shape[2]))
@@ -209,7 +226,7 @@ class Tokenizer:
 
         A torch tensor gives a torch tensor on its device (CUDA through I/O binding, as for encode).
         """
-        _check_batch_size(batch_size)
+        batch_size = self._fitting_batch("decoder", batch_size)
         if tensors.is_tensor(codes) and codes.is_cuda and _on_cuda(self._decoder.runner):
             grids = self._check_codes(codes, codes.dtype.is_floating_point or codes.dtype.is_complex)
             grids = grids.to(tensors.torch_dtype(np.dtype(np.int32)))
@@ -271,6 +288,8 @@ class Tokenizer:
             log("reading PNG files with Pillow; pip install 'vqtool[fast-png]' reads them about twice as fast")
         part = f" (shard {chosen.index}/{chosen.count})" if chosen else ""
         log(f"encoding {len(files)} images{part} in {self.precision} with {self._encoder.describe()}{self._note}")
+        if plan.batch_size < batch_size:
+            log(f"batches of {plan.batch_size} images, not {batch_size}: the model's activations are large")
         return run_encode(plan, self._encoder.runner.pipelined(), resume=resume, log=log)
 
     def decode_file(

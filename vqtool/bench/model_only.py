@@ -122,6 +122,9 @@ def model_only(
     rows: list[ModelRow] = []
     skipped: list[str] = []
     for stage, role in (("encode", "encoder"), ("decode", "decoder")):
+        if role not in manifest.roles:
+            skipped.append(f"{stage}: the model has no {role}")
+            continue
         runners = _start_runners(export_dir, manifest, role, backends, skipped)
         for batch in batch_sizes:
             if stage == "encode":

@@ -46,7 +46,8 @@ def import_command(
         ),
     ] = Quantizer.library,
 ) -> None:
-    """Import a VQ model from diffusers (VQModel) or transformers (JanusVQVAE) as a vqtool checkpoint."""
+    """Import a VQ model from diffusers (VQModel) or transformers (JanusVQVAE, Emu3VQVAE, ChameleonVQVAE) as a
+    vqtool checkpoint."""
     require_torch("import")
     from vqtool.model.importing import import_model
 

@@ -36,6 +36,22 @@ def graph_key(role: str, precision: str) -> str:
     return role if precision == "fp32" else f"{role}.{precision}"
 
 
+# What a batch's activations may take: a layer's input and output and the runtime's workspace are alive at once
+# (LIVE_ACTIVATIONS of the largest one), and a batch holds as many images as fit ACTIVATION_BUDGET with them.
+ACTIVATION_BUDGET = 768 * 2**20
+LIVE_ACTIVATIONS = 3
+
+
+def fitting_batch(manifest: Manifest, role: str, precision: str, requested: int) -> int:
+    """`requested`, or fewer where that many images' activations would not fit ACTIVATION_BUDGET: a 256 x 256
+    latent-diffusion tokenizer holds ~32 MB per image in one activation, vqtool's own 32 x 32 models ~0.1 MB."""
+    entry = manifest.graphs.get(graph_key(role, precision))
+    per_image = (entry.activation_bytes if entry else 0) * LIVE_ACTIVATIONS
+    if per_image <= 0:
+        return requested
+    return max(1, min(requested, ACTIVATION_BUDGET // per_image))
+
+
 def engine_path(export_dir: Path, role: str, precision: str) -> Path:
     """The TensorRT engine `vqtool export --trt` builds from a graph: its file stem with .engine."""
     return export_dir / f"{graph_key(role, precision)}.engine"
@@ -66,6 +82,8 @@ class GraphEntry:
     precision: str
     input: str
     output: str
+    # Bytes of the largest activation one image makes inside the graph at the model's size (0: not measured).
+    activation_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -91,6 +109,21 @@ class Manifest:
     def downsample(self) -> int:
         """Image side / code-grid side: 16 for the reference design, 8, 4 or 2 for the family's others."""
         return self.image_size // self.grid
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The graphs this export has: both, or "encoder" alone for a model with no decoder."""
+        return tuple(role for role in ROLES if graph_key(role, "fp32") in self.graphs)
+
+    def require(self, export_dir: Path, role: str) -> None:
+        """One sentence where the model has no such graph (an encoder-only import)."""
+        if role not in self.roles:
+            name = self.model_config.get("class_name", "this model")
+            raise VqtoolError(
+                f"{name} has no {role} (its library implements only its {' and '.join(self.roles)}); this export "
+                f"can only {'encode' if role == 'decoder' else 'decode'}",
+                export_dir,
+            )
 
     def graph_path(self, export_dir: Path, name: str) -> Path:
         if name not in self.graphs:
@@ -143,10 +176,15 @@ def _manifest_problem(raw: dict[str, Any]) -> str | None:
         if not isinstance(raw.get(name, ""), str):
             return f"'{name}' must be a string"
     graphs = raw.get("graphs")
-    if not isinstance(graphs, dict) or "encoder" not in graphs or "decoder" not in graphs:
-        return "'graphs' must list at least the encoder and the decoder"
+    # An encoder-only model (an imported one whose library has no decoder) says so in its configuration.
+    needed = ("encoder", "decoder") if raw["model_config"].get("decoder", True) else ("encoder",)
+    if not isinstance(graphs, dict) or any(role not in graphs for role in needed):
+        return f"'graphs' must list at least the {' and the '.join(needed)}"
     entry_fields = ("file", "sha256", "precision", "input", "output")
     for name, entry in graphs.items():
+        activation = entry.get("activation_bytes", 0) if isinstance(entry, dict) else 0
+        if type(activation) is not int or activation < 0:
+            return f"graph '{name}' must have a non-negative integer 'activation_bytes'"
         if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in entry_fields):
             return f"graph '{name}' must give {', '.join(entry_fields)} as strings"
         if os.path.basename(entry["file"]) != entry["file"]:

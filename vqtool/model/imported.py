@@ -1,5 +1,6 @@
 """Tokenizers trained elsewhere, run through their own library's classes: diffusers' `VQModel` (latent diffusion's
-VQ-f4/f8, Kandinsky's MoVQ, aMUSEd's VQGAN) and transformers' `JanusVQVAE` (LlamaGen's VQ-16 as Janus ships it).
+VQ-f4/f8, Kandinsky's MoVQ, aMUSEd's VQGAN), transformers' `JanusVQVAE` (LlamaGen's VQ-16 as Janus ships it),
+`Emu3VQVAE` (its image path) and `ChameleonVQVAE` (an encoder only: transformers has no decoder for it).
 
 `ImportedVQ` gives such a model the face vqtool's export, parity and runtimes use for its own VQ-VAE: latents in
 the space codes are searched in (`encode_latents`), a quantizer with `nearest` and `search_codebook`, `encode`
@@ -20,6 +21,8 @@ from vqtool.model.vqvae import code_distances, l2_normalize
 
 IMPORTED = "imported"  # the `family` of an imported model's configuration, as checkpoints and manifests store it
 QUANTIZERS = ("library", "original")
+# uint8 pixels -> the model's input: x = pixel * gain + bias per channel; [-1, 1] unless the model says otherwise.
+SIGNED_UNIT: tuple[tuple[float, ...], tuple[float, ...]] = ((1 / 127.5,) * 3, (-1.0,) * 3)
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,10 @@ class ImportedConfig:
     codes: int
     # "library": the library's own nearest-code search; "original": the model's original design, where it differs.
     quantizer: str = "library"
+    # The model's input scaling, from its image processor's rescale factor, mean and std (see pixel_scaling).
+    pixel_gain: tuple[float, ...] = SIGNED_UNIT[0]
+    pixel_bias: tuple[float, ...] = SIGNED_UNIT[1]
+    decoder: bool = True  # False where the library implements only the encoder; the export then has no decoder
     family: str = field(default=IMPORTED)
 
     @property
@@ -48,7 +55,30 @@ class ImportedConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ImportedConfig:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in known})
+        values: dict[str, Any] = {k: (tuple(v) if k.startswith("pixel_") else v) for k, v in raw.items() if k in known}
+        return cls(**values)
+
+
+def pixel_scaling(rescale: float, mean: Any, std: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(gain, bias) per channel of an image processor's `(pixel * rescale - mean) / std`."""
+    means = [float(mean)] * 3 if isinstance(mean, int | float) else [float(m) for m in mean]
+    stds = [float(std)] * 3 if isinstance(std, int | float) else [float(s) for s in std]
+    return tuple(rescale / s for s in stds), tuple(-m / s for m, s in zip(means, stds, strict=True))
+
+
+def _channel_view(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=like.device).reshape(1, 3, 1, 1)
+
+
+def pixels_to_input(images: torch.Tensor, gain: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """uint8 N x H x W x 3 -> float N x 3 x H x W at the model's input scale (gain, bias: 1 x 3 x 1 x 1)."""
+    return images.to(torch.float32).permute(0, 3, 1, 2) * gain + bias
+
+
+def output_to_pixels(output: torch.Tensor, gain: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The inverse of pixels_to_input, rounded to the nearest grey level: float N x 3 x H x W -> uint8 NHWC."""
+    pixels = ((output.to(torch.float32) - bias) / gain).clamp(0.0, 255.0).round()
+    return pixels.permute(0, 2, 3, 1).to(torch.uint8)
 
 
 class _LibraryQuantizer:
@@ -69,6 +99,10 @@ class ImportedVQ(nn.Module):
 
     library = ""
     class_name = ""
+    config_type = ""  # what config.json names it by: diffusers' `_class_name`, transformers' `model_type`
+    scaling = SIGNED_UNIT  # the input scaling where the source holds no image processor's settings
+    implements_decoder = True  # whether the library can decode codes
+    quantizers: tuple[str, ...] = ("library",)  # "original" too where the library's search differs from the design
     library_model: Any  # the library's own model class, untyped to mypy
 
     def __init__(self, config: ImportedConfig, library_model: nn.Module) -> None:
@@ -98,12 +132,34 @@ class ImportedVQ(nn.Module):
         """The vectors the library's decode looks codes up in (K x D)."""
         return self.embedding()
 
+    @classmethod
+    def native_size(cls, config: dict[str, Any]) -> int:
+        """The image side the model was made for, from the library's configuration."""
+        downsample = 2 ** (len(config.get("channel_multiplier", (1, 1, 2, 2, 4))) - 1)
+        return int(config.get("resolution") or int(config.get("num_patches", 32)) * downsample)
+
+    @property
+    def has_decoder(self) -> bool:
+        """Whether the library can turn codes back into images (ChameleonVQVAE cannot)."""
+        return self.config.decoder
+
     @property
     def cosine(self) -> bool:
         """Whether codes are searched by cosine similarity (l2-normalised latents and codes)."""
         return False
 
     # ---- the interface export, parity and the torch backend use ----
+    def model_input(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 N x H x W x 3 -> the model's input scale and channel order."""
+        gain, bias = _channel_view(self.config.pixel_gain, images), _channel_view(self.config.pixel_bias, images)
+        return pixels_to_input(images, gain, bias)
+
+    def model_output(self, output: torch.Tensor) -> torch.Tensor:
+        """The decoder's output -> uint8 N x H x W x 3."""
+        config = self.config
+        gain, bias = _channel_view(config.pixel_gain, output), _channel_view(config.pixel_bias, output)
+        return output_to_pixels(output, gain, bias)
+
     def search_codebook(self) -> torch.Tensor:
         book = self.embedding()
         return l2_normalize(book) if self.cosine else book
@@ -162,7 +218,11 @@ class _PostQuantConvThenDecoder(nn.Module):
 class DiffusersVQ(ImportedVQ):
     """diffusers' VQModel: encode(x).latents, then its VectorQuantizer (argmin of torch.cdist to the codebook)."""
 
-    library, class_name = "diffusers", "VQModel"
+    library, class_name, config_type = "diffusers", "VQModel", "VQModel"
+
+    @classmethod
+    def native_size(cls, config: dict[str, Any]) -> int:
+        return int(config.get("sample_size") or 256)
 
     def embedding(self) -> torch.Tensor:
         result: torch.Tensor = self.library_model.quantize.embedding.weight
@@ -200,7 +260,8 @@ class JanusVQ(ImportedVQ):
     raw vectors, while its decode looks up l2-normalised codes; the original design (LlamaGen's
     codebook_l2_norm) normalises both latents and codes before the search: quantizer="original"."""
 
-    library, class_name = "transformers", "JanusVQVAE"
+    library, class_name, config_type = "transformers", "JanusVQVAE", "janus_vqgan"
+    quantizers = QUANTIZERS
 
     def embedding(self) -> torch.Tensor:
         result: torch.Tensor = self.library_model.quantize.embedding.weight
@@ -230,9 +291,121 @@ class JanusVQ(ImportedVQ):
         return result
 
 
+# ---- transformers: Emu3VQVAE -------------------------------------------------------------------------------------
+
+
+class _Emu3Encoder(nn.Module):
+    """Emu3VQVAE's encoder on images: the library repeats an image into `temporal_downsample_factor` frames and
+    encodes each; the frames are equal and its spatial layers see one frame at a time, so the spatial part runs
+    once and its output is repeated before the temporal layers. Then quant_conv, as Emu3VQVAE.encode does."""
+
+    def __init__(self, vq: Any) -> None:
+        super().__init__()
+        self.encoder, self.quant_conv = vq.encoder, vq.quant_conv
+        self.frames = int(vq.config.temporal_downsample_factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        enc = self.encoder
+        hidden = enc.middle_block(enc.down_block(enc.conv_in(x)))
+        hidden = enc.norm_out(hidden)
+        hidden = enc.conv_out(hidden * torch.sigmoid(hidden))
+        hidden = hidden.unsqueeze(2).repeat(1, 1, self.frames, 1, 1)  # N x C x T x h x w
+        for conv in enc.time_conv:
+            hidden = conv(hidden)
+            hidden = hidden * torch.sigmoid(hidden)
+        for layer in enc.time_res_stack:
+            hidden = layer(hidden)
+        result: torch.Tensor = self.quant_conv(hidden)[:, :, 0].permute(0, 2, 3, 1)  # one frame remains
+        return result
+
+
+class _Emu3Decoder(nn.Module):
+    """Emu3VQVAE's decoder on one image: the temporal layers turn the codes into `temporal_downsample_factor`
+    frames and the library decodes them all to keep the first; this decodes only the first."""
+
+    def __init__(self, vq: Any) -> None:
+        super().__init__()
+        self.post_quant_conv, self.decoder = vq.post_quant_conv, vq.decoder
+
+    def forward(self, vectors: torch.Tensor) -> torch.Tensor:
+        quant = vectors.permute(0, 3, 1, 2).unsqueeze(2)  # N x D x 1 x h x w
+        dec = self.decoder
+        both = torch.cat((self.post_quant_conv(quant), quant), dim=0)
+        for layer in dec.time_res_stack:
+            both = layer(both)
+        for layer in dec.time_conv:
+            both = layer(both)
+            both = both * torch.sigmoid(both)
+        # Sliced, not chunked: torch.export reads chunk's rounding as a guard that fixes the batch.
+        first = both[:, :, 0]
+        count = vectors.shape[0]  # not len(): that turns the symbolic batch into a constant
+        hidden, quant_states = first[:count], first[count:]
+        hidden = dec.up_block(dec.middle_block(dec.conv_in(hidden), quant_states), quant_states)
+        hidden = dec.norm_out(hidden, quant_states)
+        result: torch.Tensor = dec.conv_out(hidden * torch.sigmoid(hidden))
+        return result
+
+
+class Emu3VQ(ImportedVQ):
+    """transformers' Emu3VQVAE on images: encode(x, image_sizes).image_tokens, decode(codes)."""
+
+    library, class_name, config_type = "transformers", "Emu3VQVAE", "emu3_vqgan"
+
+    @classmethod
+    def native_size(cls, config: dict[str, Any]) -> int:
+        return 512  # Emu3's image processor works around 512 x 512 (its min_pixels)
+
+    def embedding(self) -> torch.Tensor:
+        result: torch.Tensor = self.library_model.quantize.embedding.weight
+        return result
+
+    def encoder_body(self) -> nn.Module:
+        return _Emu3Encoder(self.library_model)
+
+    def decoder_body(self) -> nn.Module:
+        return _Emu3Decoder(self.library_model)
+
+    def library_codes(self, latents: torch.Tensor) -> torch.Tensor:
+        codes: torch.Tensor = self.library_model.quantize(latents.permute(0, 3, 1, 2).unsqueeze(1))
+        return codes[:, 0]
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        result: torch.Tensor = self.library_model.decode(codes)
+        return result
+
+
+# ---- transformers: ChameleonVQVAE --------------------------------------------------------------------------------
+
+
+class ChameleonVQ(ImportedVQ):
+    """transformers' ChameleonVQVAE: encode(x).image_tokens. transformers has no decoder for it: it is exported
+    as an encoder only."""
+
+    library, class_name, config_type = "transformers", "ChameleonVQVAE", "chameleon_vqgan"
+    scaling = pixel_scaling(0.0078, 1.0, 1.0)  # ChameleonImageProcessor's rescale, mean and std
+
+    implements_decoder = False
+
+    def embedding(self) -> torch.Tensor:
+        result: torch.Tensor = self.library_model.quantize.embedding.weight
+        return result
+
+    def encoder_body(self) -> nn.Module:
+        return _EncoderThenQuantConv(self.library_model)
+
+    def library_codes(self, latents: torch.Tensor) -> torch.Tensor:
+        indices = self.library_model.quantize(latents.permute(0, 3, 1, 2))[2]
+        result: torch.Tensor = indices.reshape(latents.shape[:3])
+        return result
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        raise VqtoolError(NO_DECODER.format(name=self.class_name))
+
+
+NO_DECODER = "{name} has no decoder (transformers implements only its encoder): codes cannot be decoded"
+
 FAMILIES: dict[tuple[str, str], type[ImportedVQ]] = {
-    (DiffusersVQ.library, DiffusersVQ.class_name): DiffusersVQ,
-    (JanusVQ.library, JanusVQ.class_name): JanusVQ,
+    (family.library, family.class_name): family for family in (DiffusersVQ, JanusVQ, Emu3VQ, ChameleonVQ)
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +16,16 @@ from vqtool.errors import VqtoolError, first_line
 from vqtool.images.embedded import embedded_photographs
 from vqtool.model.checkpoint import save_checkpoint
 from vqtool.model.config import TrainConfig
-from vqtool.model.imported import FAMILIES, QUANTIZERS, ImportedConfig, ImportedVQ, library_class
-from vqtool.model.vqvae import code_distances, images_to_input, l2_normalize
+from vqtool.model.imported import FAMILIES, QUANTIZERS, ImportedConfig, ImportedVQ, library_class, pixel_scaling
+from vqtool.model.vqvae import code_distances, l2_normalize
 
-# The library and class a config.json names: diffusers writes `_class_name`, transformers `model_type`.
-DIFFUSERS_CLASSES = ("VQModel",)
-TRANSFORMERS_TYPES = {"janus_vqgan": "JanusVQVAE"}
+# Where an image processor's settings (rescale factor, mean, std) may lie beside a model: the model's folder, the
+# pipeline or hub snapshot above it, or that folder's image processor subfolder.
+PROCESSOR_FILES = (
+    "preprocessor_config.json",
+    "../preprocessor_config.json",
+    "../image_processor/preprocessor_config.json",
+)
 
 
 @dataclass(frozen=True)
@@ -32,27 +36,46 @@ class ImportResult:
     note: str  # one line on the quantizer, where the library and the original design disagree
 
 
-def _read_config(folder: Path) -> dict[str, Any]:
+def _read_config_file(path: Path) -> dict[str, Any]:
     try:
-        raw = json.loads((folder / "config.json").read_text())
+        raw = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise VqtoolError(f"not a readable config.json ({first_line(exc)})", folder / "config.json") from None
+        raise VqtoolError(f"not a readable {path.name} ({first_line(exc)})", path) from None
     if not isinstance(raw, dict):
-        raise VqtoolError("config.json does not hold an object", folder / "config.json")
+        raise VqtoolError(f"{path.name} does not hold an object", path)
     return raw
 
 
+def _read_config(folder: Path) -> dict[str, Any]:
+    return _read_config_file(folder / "config.json")
+
+
 def _library_of(raw: dict[str, Any], folder: Path) -> tuple[str, str]:
-    """(library, class name) of the model a config.json describes."""
-    if raw.get("_class_name") in DIFFUSERS_CLASSES:
-        return "diffusers", str(raw["_class_name"])
-    if raw.get("model_type") in TRANSFORMERS_TYPES:
-        return "transformers", TRANSFORMERS_TYPES[str(raw["model_type"])]
-    named = raw.get("_class_name") or raw.get("model_type") or "no model class"
-    known = ", ".join(
-        [*(f"diffusers {c}" for c in DIFFUSERS_CLASSES), *(f"transformers {t}" for t in TRANSFORMERS_TYPES)]
-    )
-    raise VqtoolError(f"describes {named}; vqtool imports {known}", folder / "config.json")
+    """(library, class name) of the model a config.json describes: diffusers names it by `_class_name`,
+    transformers by `model_type`."""
+    named = raw.get("_class_name") or raw.get("model_type")
+    for family in FAMILIES.values():
+        if named == family.config_type:
+            return family.library, family.class_name
+    known = ", ".join(f"{family.library} {family.class_name}" for family in FAMILIES.values())
+    raise VqtoolError(f"describes {named or 'no model class'}; vqtool imports {known}", folder / "config.json")
+
+
+def _input_scaling(folder: Path, family: type[ImportedVQ]) -> tuple[tuple[float, ...], tuple[float, ...], str]:
+    """(gain, bias, where from) of the model's input scaling: its image processor's settings where the source
+    holds them, else the family's own processor defaults."""
+    for name in PROCESSOR_FILES:
+        path = (folder / name).resolve()
+        if not path.is_file():
+            continue
+        raw = _read_config_file(path)
+        if raw.get("do_normalize", True) is False:
+            gain, bias = pixel_scaling(float(raw.get("rescale_factor", 1 / 255)), 0.0, 1.0)
+        else:
+            mean, std = raw.get("image_mean", 0.5), raw.get("image_std", 0.5)
+            gain, bias = pixel_scaling(float(raw.get("rescale_factor", 1 / 255)), mean, std)
+        return gain, bias, str(path)
+    return (*family.scaling, f"{family.class_name}'s image processor defaults")
 
 
 def find_model_folder(source: Path, subfolder: str | None) -> Path:
@@ -92,12 +115,10 @@ def _load_library_model(library: str, class_name: str, folder: Path) -> Any:
     return model.float().eval()
 
 
-def _native_size(library: str, config: dict[str, Any]) -> int:
-    """The image side the model was made for, from its own configuration."""
-    if library == "diffusers":
-        return int(config.get("sample_size") or 256)
-    downsample = 2 ** (len(config.get("channel_multiplier", (1, 1, 2, 2, 4))) - 1)
-    return int(config.get("num_patches", 32)) * int(downsample)
+def _rounded(values: tuple[float, ...]) -> str:
+    """A channel triple as a short list, one number where all three agree."""
+    shown = [f"{v:.6g}" for v in values]
+    return shown[0] if len(set(shown)) == 1 else f"({', '.join(shown)})"
 
 
 @torch.no_grad()
@@ -114,7 +135,7 @@ def _quantizer_disagreement(model: ImportedVQ) -> tuple[int, int]:
     """(codes that differ, codes) between the library's quantizer and the original design's, on the embedded
     photographs at the model's size."""
     images = embedded_photographs(model.config.image_size)
-    latents = model.encoder_body()(images_to_input(torch.from_numpy(np.ascontiguousarray(images))))
+    latents = model.encoder_body()(model.model_input(torch.from_numpy(np.ascontiguousarray(images))))
     library = model.library_codes(latents)
     book = l2_normalize(model.embedding())
     original = torch.argmin(code_distances(l2_normalize(latents), book), dim=-1)
@@ -135,19 +156,29 @@ def import_model(
         raise VqtoolError(f"--quantizer takes {' or '.join(QUANTIZERS)}, got {quantizer!r}")
     folder = find_model_folder(source, subfolder)
     library, class_name = _library_of(_read_config(folder), folder)
+    family = FAMILIES[(library, class_name)]
+    if quantizer not in family.quantizers:
+        raise VqtoolError(
+            f"--quantizer {quantizer} applies to {family.class_name} only where its library and its "
+            f"original design search codes differently; {class_name} has one quantizer",
+            folder,
+        )
     library_model = _load_library_model(library, class_name, folder)
     # Plain JSON values: a checkpoint is read with weights_only, which unpickles no library's config classes.
     own = library_model.config
     config = json.loads(json.dumps(own.to_dict() if hasattr(own, "to_dict") else dict(own)))
-    size = image_size or _native_size(library, config)
-    codes = int(config.get("num_vq_embeddings") or config.get("num_embeddings"))
+    size = image_size or family.native_size(config)
+    gain, bias, scaling_from = _input_scaling(folder, family)
     version = __import__(library).__version__
-    draft = ImportedConfig(library, class_name, version, config, size, 1, codes, quantizer)
-    model = FAMILIES[(library, class_name)](draft, library_model)  # the loaded model itself, weights and all
-    imported = ImportedConfig(library, class_name, version, config, size, _downsample(model, size), codes, quantizer)
+    decoder = family.implements_decoder
+    draft = ImportedConfig(library, class_name, version, config, size, 1, 0, quantizer, gain, bias, decoder)
+    model = family(draft, library_model)  # the loaded model itself, weights and all
+    codes = int(model.embedding().shape[0])
+    imported = replace(draft, downsample=_downsample(model, size), codes=codes)
     model.config = imported
+    log(f"input: pixel x {_rounded(gain)} + {_rounded(bias)} per channel ({scaling_from})")
     note = ""
-    if class_name == "JanusVQVAE":
+    if len(family.quantizers) > 1:
         differ, total = _quantizer_disagreement(model)
         other = "original" if quantizer == "library" else "library"
         how = "raw vectors, as transformers does" if quantizer == "library" else "l2-normalised, as LlamaGen does"

@@ -186,6 +186,17 @@ class VQVAE(nn.Module):
                 decoder.append(nn.Tanh())
         self.decoder = nn.Sequential(*decoder)
 
+    def model_input(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 N x H x W x 3 -> the model's input scale (the same face an imported model has)."""
+        return images_to_input(images)
+
+    def model_output(self, output: torch.Tensor) -> torch.Tensor:
+        return output_to_images(output)
+
+    @property
+    def has_decoder(self) -> bool:
+        return True
+
     def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
         """Model-scale images N x 3 x H x W -> channels-last latents in the search space, N x h x w x d."""
         return self.quantizer.to_search_space(self.before_quantize(self.encoder(x)).permute(0, 2, 3, 1))

@@ -13,7 +13,7 @@ import numpy as np
 
 from vqtool.errors import VqtoolError
 from vqtool.formats.codes import read_codes
-from vqtool.formats.manifest import Manifest
+from vqtool.formats.manifest import Manifest, fitting_batch
 from vqtool.images.writing import write_pngs
 from vqtool.runtime.base import Runner
 from vqtool.runtime.workers import worker_pool, writer_count
@@ -52,6 +52,7 @@ def decode_file(
     """Decode every grid in `codes_path` into `out_dir`; all input checks run before anything is written."""
     if batch_size < 1:
         raise VqtoolError(f"--batch-size must be at least 1, got {batch_size}")
+    batch_size = fitting_batch(manifest, "decoder", "fp32", batch_size)  # FP32 sizes FP16 too, with room
     started = time.perf_counter()
     codes, sidecar = read_codes(codes_path, manifest)
     if sidecar is None:

@@ -21,7 +21,7 @@ import numpy as np
 from vqtool.errors import VqtoolError
 from vqtool.formats.atomic import StagedOutput, json_bytes, partial_path, usual_mode, write_json
 from vqtool.formats.codes import CodesSidecar, sidecar_path
-from vqtool.formats.manifest import Manifest, code_dtype_for, manifest_checksum
+from vqtool.formats.manifest import Manifest, code_dtype_for, fitting_batch, manifest_checksum
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.images.reading import CROPS, SkippedFile, describe_skipped
 from vqtool.pipeline.reading import ReadOptions, first_shape, read_batches
@@ -110,6 +110,7 @@ def plan_encode(
         raise VqtoolError("no images to encode")
     if batch_size < 1:
         raise VqtoolError(f"--batch-size must be at least 1, got {batch_size}")
+    batch_size = fitting_batch(manifest, "encoder", precision, batch_size)
     shard_info: dict[str, int | str] | None = None
     if shard is not None:
         begin, stop = shard.bounds(len(files))

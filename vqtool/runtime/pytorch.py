@@ -44,15 +44,13 @@ class TorchRunner:
         self.torch = torch
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        from vqtool.model.vqvae import images_to_input, output_to_images
-
         torch = self.torch
         with torch.inference_mode():
             data = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
             if self.role == "encoder":
-                result = self.model.encode(images_to_input(data)).to(torch.int32)
+                result = self.model.encode(self.model.model_input(data)).to(torch.int32)
             else:
-                result = output_to_images(self.model.decode(data.long()))
+                result = self.model.model_output(self.model.decode(data.long()))
             array: np.ndarray = result.cpu().numpy()
             return array
 

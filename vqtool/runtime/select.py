@@ -162,6 +162,7 @@ def open_runner(
         str(getattr(precision, "value", precision)),
     )
     _check_names(backend, device, precision)
+    manifest.require(export_dir, role)
     reason = refusal(role, backend, device, precision)
     if reason is not None:
         raise VqtoolError(reason)
