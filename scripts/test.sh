@@ -5,11 +5,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[train,dev,fast-png,openvino,import]' -c constraints/ci.txt
+.venv/bin/python -m pip install -q -e '.[train,dev,fast-png,openvino,import,docs]' -c constraints/ci.txt
 # The stubs' metadata requires the real tensorrt wheel, which cannot install without a GPU index.
 .venv/bin/python -m pip install -q --no-deps tensorrt-stubs==10.13.0.35.1
 # The dependency direction (pyproject's [tool.importlinter]), checked on the package as installed.
 site=$(bash scripts/installed-layout.sh)
 (cd "$site" && PYTHONPATH="$site" "$OLDPWD/.venv/bin/lint-imports" "$OLDPWD/pyproject.toml")
 rm -rf "$site"
+# The documentation site: a broken link, a missing anchor or a page left out of the navigation fails here.
+NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet --site-dir "$(mktemp -d)"
 .venv/bin/python -m pytest "$@"

@@ -27,19 +27,20 @@ def photos(count: int, seed: int = 0) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(c).resize((32, 32))) for c in photo_crops(count, seed)])
 
 
-def readme_example() -> str:
-    """The python block of the README's 'Python API' section, as written."""
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("### Python API") :]
+def python_block(document: str, heading: str) -> str:
+    """The first python block under `heading` in `document`, as written."""
+    text = (REPO / document).read_text()
+    section = text[text.index(heading) :]
     return re.search(r"```python\n(.*?)```", section, re.DOTALL)[1]  # type: ignore[index]
 
 
-def test_the_readme_example_runs_as_written(export_dir: Path, tmp_path: Path) -> None:
+def run_example(code: str, export_dir: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """Run `code` as a script in a folder holding the quick tour's runs/run-001/export, without PyTorch's help."""
     (tmp_path / "runs" / "run-001").mkdir(parents=True)
     shutil.copytree(export_dir, tmp_path / "runs" / "run-001" / "export")
     script = tmp_path / "example.py"
-    script.write_text(readme_example())
-    result = subprocess.run(
+    script.write_text(code)
+    return subprocess.run(
         [sys.executable, str(script)],
         cwd=tmp_path,
         capture_output=True,
@@ -47,6 +48,18 @@ def test_the_readme_example_runs_as_written(export_dir: Path, tmp_path: Path) ->
         timeout=300,
         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
     )
+
+
+def test_the_readme_example_runs_as_written(export_dir: Path, tmp_path: Path) -> None:
+    code = python_block("README.md", "## A quick tour")
+    assert len(code.strip().splitlines()) <= 5
+    result = run_example(code, export_dir, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "(8, 2, 2) (8, 32, 32, 3)" in result.stdout and "CPUExecutionProvider" in result.stdout
+
+
+def test_the_api_page_example_runs_as_written(export_dir: Path, tmp_path: Path) -> None:
+    result = run_example(python_block("docs/api.md", "# Python API"), export_dir, tmp_path)
     assert result.returncode == 0, result.stderr
     assert "CPUExecutionProvider" in result.stdout
     assert "8 images encoded" in result.stdout

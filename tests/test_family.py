@@ -196,9 +196,18 @@ def test_presets_set_the_family_and_explicit_options_win(tmp_path: Path) -> None
         "average_weights": ("--average-weights", "0"),
         "usage_loss": ("--usage-loss", "0"),
     }
+    # The same option parsing in this process (Typer's runner): a subprocess per run would cost its start-up.
+    from typer.testing import CliRunner
+
+    from vqtool.cli import app
+
+    def train_here(*more: str) -> None:
+        result = CliRunner().invoke(app, ["train", *args, *more])
+        assert result.exit_code == 0, result.output
+
     for name, extra in overrides.items():
         out = tmp_path / name
-        assert run_cli("train", *args, *extra, "--seed", "0", "--out", str(out)).returncode == 0
+        train_here(*extra, "--seed", "0", "--out", str(out))
         saved = load_checkpoint(out / "checkpoint.pt")
         given = {k: getattr(saved.train_config, k) for k in preset_training}
         assert given == {**preset_training, name: given[name]} and given[name] != preset_training[name], name
@@ -206,8 +215,7 @@ def test_presets_set_the_family_and_explicit_options_win(tmp_path: Path) -> None
             assert _restarts(out) > _restarts(run), name
         else:
             assert not torch.equal(saved.model.encoder[0].weight.detach(), preset_weights), name
-    cosine = run_cli("train", *args, "--lr-schedule", "cosine", "--out", str(tmp_path / "cosine"))
-    assert cosine.returncode == 0, cosine.stderr  # the preset's cool-down yields to a schedule given instead
+    train_here("--lr-schedule", "cosine", "--out", str(tmp_path / "cosine"))  # the preset's cool-down yields to it
     assert load_checkpoint(tmp_path / "cosine" / "checkpoint.pt").train_config.cooldown_steps == 0
     refused = run_cli("train", "--preset", "f3", "--steps", "1", "--out", str(tmp_path / "x"))
     assert refused.returncode == 2 and "f3" in refused.stderr  # a typo is refused before any work

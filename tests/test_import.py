@@ -6,6 +6,7 @@ Codes are compared with the library's own encode path, reconstructions with its 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +175,12 @@ def _batches_shrink_where_activations_are_large(export: Path) -> None:
     expected = ACTIVATION_BUDGET // (large * LIVE_ACTIVATIONS)
     assert 1 < expected < 64 and fitting_batch(big, "encoder", "fp32", 64) == expected
     assert fitting_batch(big, "decoder", "fp32", 2) == 2
+    # Such graphs run without ONNX Runtime's memory pattern, which plans one block for all of a run's tensors.
+    from vqtool.runtime.select import _open
+
+    for which, planned in ((manifest, True), (big, False)):
+        runner = _open(export, which, "encoder", "onnxruntime", "cpu", "fp32", spin=False, threads=1)
+        assert runner.session.get_session_options().enable_mem_pattern is planned  # type: ignore[attr-defined]
 
 
 def test_a_diffusers_vqmodel_imports_exports_encodes_and_decodes_as_the_library_does(tmp_path: Path) -> None:
@@ -281,6 +288,14 @@ def test_janus_imports_with_either_quantizer_and_says_how_many_codes_they_change
     assert (library.config.grid, original.config.quantizer) == (SIZE // 2, "original")
     assert said[0].startswith("input: pixel x 0.00784314 + -1 per channel")
     assert said[1].startswith("quantizer: library") and "codes differently" in said[1]
+    assert int(re.search(r"gives (\d+) of", said[1]).group(1)) > 0  # the toy's codes are raw latents
+    # Stored at unit length, the codes rank the same under both searches: the question is settled by the lengths.
+    with torch.no_grad():
+        model.quantize.embedding.weight.copy_(torch.nn.functional.normalize(model.quantize.embedding.weight, dim=-1))
+    model.save_pretrained(tmp_path / "unit")
+    import_model(tmp_path / "unit", tmp_path / "unit.pt", log=said.append)
+    assert "gives 0 of" in said[-1] and "code lengths 1 to 1" in said[-1]
+    model = make_janus(tmp_path / "janus")  # the raw codes again
     images = _photos(12, seed=4)
     with torch.no_grad():
         theirs = model.encode(_model_input(images)).image_tokens.reshape(len(images), SIZE // 2, SIZE // 2)

@@ -107,7 +107,13 @@ def test_restarts_are_counted_in_the_metrics(photos, tmp_path: Path) -> None:  #
 
 
 @pytest.mark.parametrize(
-    "options", [{}, {"ema": True, "kmeans_init": True, "restart_dead": 2}, {"average_weights": 0.8}]
+    "options",
+    [
+        {},
+        # Slow: the plain run above resumes the same way; these add the codebook options' and averaged state.
+        pytest.param({"ema": True, "kmeans_init": True, "restart_dead": 2}, marks=pytest.mark.slow),
+        pytest.param({"average_weights": 0.8}, marks=pytest.mark.slow),
+    ],
 )
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(photos, tmp_path: Path, options) -> None:  # noqa: ANN001
     model = ModelConfig(codes=32, dim=16)
@@ -277,7 +283,7 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path
     assert saved["step"] >= 1
 
 
-@pytest.mark.parametrize("source", ["array", "folder"])
+@pytest.mark.parametrize("source", [pytest.param("array", marks=pytest.mark.slow), "folder"])
 def test_two_processes_match_one_on_the_same_global_batch(tmp_path: Path, source: str) -> None:
     """torchrun with gloo on CPU; codebook statistics (EMA, restarts) and the usage term's soft assignments are
     all-reduced across processes. From a folder, each process's reader decodes only that process's slice of every
@@ -425,6 +431,7 @@ def test_sweep_summarises_with_confidence_intervals_and_skips_finished_runs(tmp_
     assert again.returncode == 0 and again.stderr.count("finished earlier, skipped") == 4
 
 
+@pytest.mark.slow  # the sweep path runs by default in the test above
 def test_sweep_takes_lists_of_the_family_options_and_shares_one_report_page(tmp_path: Path) -> None:
     data, report = str(_tiny_array(tmp_path)), tmp_path / "docs" / "results.md"
     common = ["--seeds", "2", "--steps", "4", "--steps-per-epoch", "2", "--batch-size", "8", "--data", data]

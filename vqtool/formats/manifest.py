@@ -36,10 +36,13 @@ def graph_key(role: str, precision: str) -> str:
     return role if precision == "fp32" else f"{role}.{precision}"
 
 
-# What a batch's activations may take: a layer's input and output and the runtime's workspace are alive at once
-# (LIVE_ACTIVATIONS of the largest one), and a batch holds as many images as fit ACTIVATION_BUDGET with them.
+# What a batch may take: ONNX Runtime's peak per image was ~12 times the graph's largest activation on the
+# latent-diffusion VQ-f4 encoder at 256 x 256 (skip connections, the convolutions' im2col workspace), and a batch
+# holds as many images as fit ACTIVATION_BUDGET at that rate. Graphs whose activations reach
+# LARGE_ACTIVATION_BYTES per image run without ONNX Runtime's memory pattern (see runtime/onnxruntime.py).
 ACTIVATION_BUDGET = 768 * 2**20
-LIVE_ACTIVATIONS = 3
+LIVE_ACTIVATIONS = 12
+LARGE_ACTIVATION_BYTES = 2**20
 
 
 def fitting_batch(manifest: Manifest, role: str, precision: str, requested: int) -> int:

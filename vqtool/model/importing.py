@@ -134,8 +134,9 @@ def _downsample(model: ImportedVQ, size: int) -> int:
 def _quantizer_disagreement(model: ImportedVQ) -> tuple[int, int]:
     """(codes that differ, codes) between the library's quantizer and the original design's, on the embedded
     photographs at the model's size."""
-    images = embedded_photographs(model.config.image_size)
-    latents = model.encoder_body()(model.model_input(torch.from_numpy(np.ascontiguousarray(images))))
+    images = torch.from_numpy(np.ascontiguousarray(embedded_photographs(model.config.image_size)))
+    # A few at a time: at a published model's size one image's activations take tens of megabytes.
+    latents = torch.cat([model.encoder_body()(model.model_input(images[s : s + 4])) for s in range(0, len(images), 4)])
     library = model.library_codes(latents)
     book = l2_normalize(model.embedding())
     original = torch.argmin(code_distances(l2_normalize(latents), book), dim=-1)
@@ -182,9 +183,12 @@ def import_model(
         differ, total = _quantizer_disagreement(model)
         other = "original" if quantizer == "library" else "library"
         how = "raw vectors, as transformers does" if quantizer == "library" else "l2-normalised, as LlamaGen does"
+        # With codes of unit length the two searches agree (|z - e|^2 = |z|^2 + 1 - 2 z.e ranks codes as z.e
+        # does): how far the stored codes are from it says why they differ.
+        norms = model.embedding().detach().norm(dim=-1)
         note = (
             f"quantizer: {quantizer} ({how}); the {other} one gives {differ} of {total} codes differently on "
-            "the embedded photographs"
+            f"the embedded photographs (stored code lengths {norms.min():.3g} to {norms.max():.3g})"
         )
         log(note)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -195,37 +195,44 @@ def run_encode(
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Done:
-    """How far the batches got: files consumed, rows written, files resized and skipped."""
+    """How far the batches got: files consumed, rows written, files resized and skipped.
+
+    Frozen and replaced whole after each batch: an interrupt lands between two bytecodes, and a record that
+    counted a batch's rows but not its files would make the resumed run write one row past the end.
+    """
 
     finished: int
     written: int
     resized: int
-    skipped: list[SkippedFile]
+    skipped: tuple[SkippedFile, ...]
 
 
 def _encode_batches(plan: EncodePlan, encoder: Runner, codes_out: np.memmap, progress: Progress) -> _Done:
     """Run the graph over every batch after the resume point, recording progress as it goes."""
     out = plan.out
-    done = _Done(progress.done, progress.written, 0, list(progress.skipped))
+    done = _Done(progress.done, progress.written, 0, tuple(progress.skipped))
     synced_at = time.monotonic()
 
     def record_progress() -> None:
         """Rows on disk first, then the record that says so; at most every SYNC_SECONDS, and on interrupt."""
         codes_out.flush()
-        record = {**plan.signature, "done": done.finished, "written": done.written}
-        write_json(progress_path(out), {**record, "skipped": [s.to_dict() for s in done.skipped]})
+        mark = done
+        record = {**plan.signature, "done": mark.finished, "written": mark.written}
+        write_json(progress_path(out), {**record, "skipped": [s.to_dict() for s in mark.skipped]})
 
     try:
         batches = read_batches(plan.files, plan.options, plan.batch_size, plan.workers, plan.shape, progress.done)
         for batch in batches:
-            done.resized += batch.resized
             if len(batch.pixels):
                 codes_out[done.written : done.written + len(batch.pixels)] = encoder(batch.pixels)
-            done.written += len(batch.pixels)
-            done.skipped.extend(batch.skipped)
-            done.finished = batch.first + batch.files
+            done = _Done(
+                batch.first + batch.files,
+                done.written + len(batch.pixels),
+                done.resized + batch.resized,
+                (*done.skipped, *batch.skipped),
+            )
             if time.monotonic() - synced_at > SYNC_SECONDS:
                 record_progress()
                 synced_at = time.monotonic()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vqtool.errors import VqtoolError
-from vqtool.formats.manifest import Manifest, engine_path, graph_key, verify_graph
+from vqtool.formats.manifest import LARGE_ACTIVATION_BYTES, Manifest, engine_path, graph_key, verify_graph
 from vqtool.formats.records import parity_report, read_bench_rows
 from vqtool.runtime.base import (
     BACKENDS,
@@ -129,7 +129,9 @@ def _open(
     if backend == Backend.onnxruntime_trt.value:
         options = TrtOptions.for_export(export_dir, manifest, role, precision)
         return OnnxRuntimeRunner(graph, Device.cuda.value, spin=spin, tensorrt=options)
-    return OnnxRuntimeRunner(graph, device, threads=threads, spin=spin)
+    entry = manifest.graphs.get(graph_key(role, precision))
+    large = entry is not None and entry.activation_bytes >= LARGE_ACTIVATION_BYTES
+    return OnnxRuntimeRunner(graph, device, threads=threads, spin=spin, plan_memory=not large)
 
 
 def _check_names(backend: str, device: str, precision: str) -> None:
