@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -42,6 +41,18 @@ GOALS = {"encode": 1.3, "decode": 1.2, "best_encode": 2.0, "memory_mib": 1536}
 
 _LDM_DOWN = "DownEncoderBlock2D"
 _LDM_UP = "UpDecoderBlock2D"
+# Latent diffusion's VQ-f8 layout (its source is under "ldm-vq-f8" below), which Kandinsky's MoVQ shares.
+_LDM_VQ_F8: dict[str, Any] = {
+    "down_block_types": (_LDM_DOWN,) * 3 + ("AttnDownEncoderBlock2D",),
+    "up_block_types": ("AttnUpDecoderBlock2D",) + (_LDM_UP,) * 3,
+    "block_out_channels": (128, 256, 256, 512),
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "vq_embed_dim": 4,
+    "num_vq_embeddings": 16384,
+    "norm_num_groups": 32,
+    "sample_size": 256,
+}
 # The published config.json values, as the libraries' classes take them.
 PUBLISHED: dict[str, dict[str, Any]] = {
     # CompVis/latent-diffusion models/first_stage_models/vq-f4/*.yaml: embed_dim 3, n_embed 8192, ch 128,
@@ -69,17 +80,7 @@ PUBLISHED: dict[str, dict[str, Any]] = {
         "library": "diffusers",
         "class": "VQModel",
         "image_size": 256,
-        "kwargs": {
-            "down_block_types": (_LDM_DOWN,) * 3 + ("AttnDownEncoderBlock2D",),
-            "up_block_types": ("AttnUpDecoderBlock2D",) + (_LDM_UP,) * 3,
-            "block_out_channels": (128, 256, 256, 512),
-            "layers_per_block": 2,
-            "latent_channels": 4,
-            "vq_embed_dim": 4,
-            "num_vq_embeddings": 16384,
-            "norm_num_groups": 32,
-            "sample_size": 256,
-        },
+        "kwargs": _LDM_VQ_F8,
     },
     # kandinsky-community/kandinsky-2-2-decoder movq/config.json: the VQ-f8 layout with spatial norm in the
     # decoder (conditioned on the codes), 16384 codes of 4 dims; MoVQ was trained on 256 x 256 crops.
@@ -87,18 +88,7 @@ PUBLISHED: dict[str, dict[str, Any]] = {
         "library": "diffusers",
         "class": "VQModel",
         "image_size": 256,
-        "kwargs": {
-            "down_block_types": (_LDM_DOWN,) * 3 + ("AttnDownEncoderBlock2D",),
-            "up_block_types": ("AttnUpDecoderBlock2D",) + (_LDM_UP,) * 3,
-            "block_out_channels": (128, 256, 256, 512),
-            "layers_per_block": 2,
-            "latent_channels": 4,
-            "vq_embed_dim": 4,
-            "num_vq_embeddings": 16384,
-            "norm_num_groups": 32,
-            "norm_type": "spatial",
-            "sample_size": 32,
-        },
+        "kwargs": {**_LDM_VQ_F8, "norm_type": "spatial", "sample_size": 32},
     },
     # amused/amused-256 vqvae/config.json (diffusers scripts/convert_amused.py, make_vqvae): five levels,
     # 128-256-256-512-768 channels, 8192 codes of 64 dims, no mid-block attention, lookup_from_codebook.
@@ -339,13 +329,6 @@ def memory(export: Path, work: Path, size: int, counts: list[int]) -> list[dict[
     return rows
 
 
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()}, {len(os.sched_getaffinity(0))} cores"
-    return platform.processor() or platform.machine()
-
-
 def plot_parity(figures: dict[str, Any], path: Path) -> None:
     """Identical codes per model and runtime, the parity rule's line, and each runtime's unexplained mismatches."""
     import matplotlib
@@ -405,7 +388,9 @@ def main() -> None:
     record = args.work / "imported.json"
     # Models measured by an earlier run in the same WORK stay in the record; this run's replace theirs.
     figures: dict[str, Any] = json.loads(record.read_text()) if record.is_file() else {"models": {}}
-    figures["machine"] = _cpu_name()
+    from vqtool.runtime.workers import cpu_description
+
+    figures["machine"] = f"{cpu_description()}, {len(os.sched_getaffinity(0))} cores"
     for index, name in enumerate(names):
         spec = PUBLISHED[name]
         build(name, spec, args.work / name)
