@@ -218,9 +218,8 @@ def _encode_batches(plan: EncodePlan, encoder: Runner, codes_out: np.memmap, pro
     def record_progress() -> None:
         """Rows on disk first, then the record that says so; at most every SYNC_SECONDS, and on interrupt."""
         codes_out.flush()
-        mark = done
-        record = {**plan.signature, "done": mark.finished, "written": mark.written}
-        write_json(progress_path(out), {**record, "skipped": [s.to_dict() for s in mark.skipped]})
+        record = {**plan.signature, "done": done.finished, "written": done.written}
+        write_json(progress_path(out), {**record, "skipped": [s.to_dict() for s in done.skipped]})
 
     try:
         batches = read_batches(plan.files, plan.options, plan.batch_size, plan.workers, plan.shape, progress.done)
