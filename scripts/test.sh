@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[train,dev,fast-png,openvino,import,docs]' -c constraints/ci.txt
+.venv/bin/python -m pip install -q -e '.[train,dev,fast-png,openvino,import,docs,ray]' -c constraints/ci.txt
 # The stubs' metadata requires the real tensorrt wheel, which cannot install without a GPU index.
 .venv/bin/python -m pip install -q --no-deps tensorrt-stubs==10.13.0.35.1
 # The dependency direction (pyproject's [tool.importlinter]), checked on the package as installed.

@@ -199,6 +199,8 @@ def test_skip_bad_resumes_to_the_uninterrupted_result(export_dir: Path, damaged:
     assert json.loads(sidecar_path(out).read_text()) == json.loads(sidecar_path(tmp_path / "whole.npy").read_text())
 
 
+# Slow: tests/test_streaming.py's bad-file test covers the same stop-or-skip path through the command, on one file.
+@pytest.mark.slow
 def test_train_skips_bad_files_only_when_asked(corpus: Path, verdicts: dict[Path, str | None], tmp_path: Path) -> None:
     """Training reads the corpus while it runs: the held-out validation files before the first step, training
     files as batches take them. The first unreadable file met stops the run in one line; with --skip-bad

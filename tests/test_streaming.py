@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import interrupted_then_resumed, photo, photo_crops, run_cli, write_photo_folder
+from tests.conftest import interrupted_then_resumed, photo, run_cli, write_photo_folder
 from vqtool.errors import VqtoolError
 from vqtool.model.config import ModelConfig, TrainConfig
 from vqtool.train.data.memory import split_training_set
@@ -144,18 +144,16 @@ def test_tar_shards_stream_in_sequence_hold_out_the_last_shard_and_resume_at_a_s
         next(data.stream(0, 8, seed=0, workers=4))
 
 
-def test_every_source_trains_end_to_end_through_the_cli(tmp_path: Path) -> None:
+def test_lists_and_tar_shards_train_end_to_end_through_the_cli(tmp_path: Path) -> None:
     write_photo_folder(tmp_path / "photos", 24)
     _write_shards(tmp_path / "shards", [[40 + i for i in range(10)], [90 + i for i in range(10)], [150] * 6])
-    np.save(tmp_path / "images.npy", np.stack([val_view(p, 32) for p in photo_crops(20, seed=1)]))
     listing = tmp_path / "list.txt"
     listing.write_text("\n".join(f"photos/sub0/img{i:04d}.png" for i in range(0, 24, 6)) + "\n")
     common = ["--steps", "3", "--steps-per-epoch", "2", "--batch-size", "8", "--codes", "16", "--dim", "8"]
+    # Folders and .npy arrays reach the command in tests/test_cli.py and the bad-file test below.
     sources = {
-        "folder": [str(tmp_path / "photos")],
         "list": [str(listing), "--val-data", str(tmp_path / "photos" / "sub1")],
         "shards": [str(tmp_path / "shards" / "train-{000000..000002}.tar"), "--workers", "2"],
-        "npy": [str(tmp_path / "images.npy"), "--workers", "0"],
     }
     for name, data in sources.items():
         result = run_cli("train", "--data", *data, *common, "--out", str(tmp_path / name))

@@ -23,7 +23,8 @@ import numpy as np
 from vqtool.errors import VqtoolError
 from vqtool.formats.manifest import Manifest, code_dtype_for, fitting_batch, read_manifest
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
-from vqtool.images.reading import CROPS, fast_png_available, fit_to_size, list_image_names, read_rgb
+from vqtool.images.reading import CROPS, fast_png_available, fit_to_size, read_rgb
+from vqtool.images.sources import image_set
 from vqtool.pipeline.decode import DecodeResult
 from vqtool.pipeline.decode import decode_file as _decode_file
 from vqtool.pipeline.encode import EncodeResult, plan_encode, run_encode
@@ -260,18 +261,25 @@ class Tokenizer:
         skip_bad: bool = False,
         log: Callable[[str], None] | None = None,
         crop: str = "resize",
+        image_column: str | None = None,
+        key_column: str | None = None,
     ) -> EncodeResult:
-        """What `vqtool encode` does: image files and folders (recursive, sorted) -> `out` (.npy) + sidecar.
+        """What `vqtool encode` does: images -> `out`, a codes.npy with its codes.json sidecar or a codes.parquet.
 
+        `inputs`: image files and folders (recursive, sorted), `.txt` lists of paths, WebDataset tar shards (a
+        .tar, a folder of them, a brace pattern) and Parquet files with an image-bytes column (`image_column`,
+        found by itself when it is image, jpg, png or webp; keys from `key_column`, by default `key`).
         Streaming (reader processes decode files while the graph runs), resumable (`resume`), sharded
         (`shard="I/N"`); the options are the command's. Notes (resized or skipped files) go to `log`,
         by default the "vqtool" logger.
         """
         chosen = Shard.parse(shard) if isinstance(shard, str) else shard
         log = log or _log.info
-        files = list_image_names([inputs] if isinstance(inputs, str | Path) else inputs)
+        images = image_set(
+            [inputs] if isinstance(inputs, str | Path) else inputs, image_column=image_column, key_column=key_column
+        )
         plan = plan_encode(
-            files,
+            images,
             self.manifest,
             self.export_dir,
             Path(out),
@@ -284,10 +292,10 @@ class Tokenizer:
             skip_bad=skip_bad,
             crop=crop,
         )
-        if not fast_png_available() and any(name.lower().endswith(".png") for name in files[:1000]):
+        if not fast_png_available() and any(str(name).lower().endswith(".png") for name in images.keys[:1000]):
             log("reading PNG files with Pillow; pip install 'vqtool[fast-png]' reads them about twice as fast")
         part = f" (shard {chosen.index}/{chosen.count})" if chosen else ""
-        log(f"encoding {len(files)} images{part} in {self.precision} with {self._encoder.describe()}{self._note}")
+        log(f"encoding {len(images.keys)} images{part} in {self.precision} with {self._encoder.describe()}{self._note}")
         if plan.batch_size < batch_size:
             log(f"batches of {plan.batch_size} images, not {batch_size}: the model's activations are large")
         return run_encode(plan, self._encoder.runner.pipelined(), resume=resume, log=log)

@@ -28,7 +28,6 @@ from vqtool.errors import VqtoolError, first_line, missing_extra
 from vqtool.images.collections import NpyRows
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.images.reading import (
-    IMAGE_SUFFIXES,
     SkippedFile,
     decode_rgb,
     describe_skipped,
@@ -36,6 +35,13 @@ from vqtool.images.reading import (
     list_image_names,
     read_each,
     read_rgb,
+)
+from vqtool.images.sources import (
+    LIST_SUFFIXES,
+    SHARD_IMAGE_MEMBERS,
+    expand_shards,
+    is_shard_spec,
+    list_file_names,
 )
 from vqtool.runtime.workers import lower_priority
 from vqtool.train.data.memory import (
@@ -55,11 +61,7 @@ SHARD_EPOCH_STEPS = 500
 SHUFFLE_BATCHES = 4
 # Under --skip-bad an unreadable file is replaced by the next readable one in the collection's order.
 REPLACEMENT_TRIES = 64
-# A sample's image member; keys follow WebDataset's convention: a member's key is its name up to the first dot,
-# so `0001.jpg` and `0001.json` are one sample and `0001.seg.png` is not an image member of it.
-SHARD_IMAGE_MEMBERS = ("png", "jpg", "jpeg", "webp")
 EMPTY_PASSES = 3
-LIST_SUFFIXES = frozenset({".txt", ".lst"})
 
 
 def default_workers() -> int:
@@ -285,38 +287,9 @@ def shard_samples(shard: str, max_pixels: int) -> Iterator[tuple[str, np.ndarray
         yield shard, VqtoolError(f"unreadable tar shard ({first_line(exc)})", shard)
 
 
-def expand_shards(spec: str) -> list[str]:
-    """Shard paths from a brace pattern (`train-{000000..000099}.tar`), a folder of .tar files, or one .tar."""
-    try:
-        from braceexpand import braceexpand
-    except ModuleNotFoundError:
-        raise missing_extra("reading tar shards", "braceexpand", "train") from None
-
-    path = Path(spec)
-    if path.is_dir():
-        shards = sorted(str(p) for p in path.glob("*.tar"))
-    else:
-        shards = list(braceexpand(spec)) if "{" in spec else [spec]
-    missing = next((s for s in shards if not os.path.isfile(s)), None)
-    if missing is not None:
-        raise VqtoolError("no such tar shard", missing)
-    if not shards:
-        raise VqtoolError("no .tar shards here", spec)
-    return shards
-
-
 def collection_exists(spec: str | Path) -> bool:
     """Whether --data/--val-data names something on disk; a brace pattern names tar shards checked when expanded."""
     return "{" in str(spec) or Path(spec).exists()
-
-
-def is_shard_spec(spec: str) -> bool:
-    """A .tar file, a brace pattern of them, or a folder holding .tar files and no image files of its own."""
-    path = Path(spec)
-    if path.is_dir():
-        names = [entry.name.lower() for entry in os.scandir(path)]
-        return any(n.endswith(".tar") for n in names) and not any(Path(n).suffix in IMAGE_SUFFIXES for n in names)
-    return path.suffix.lower() == ".tar" or ("{" in spec and ".tar" in spec)
 
 
 class ShardSet:
@@ -435,19 +408,6 @@ def _as_is(batch: Batch) -> Batch:
 # ---- opening --data ---------------------------------------------------------------------------------------
 
 
-def _list_file_names(path: Path) -> list[str]:
-    """Paths listed one per line (blank lines and # comments ignored), relative to the list's folder."""
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise VqtoolError(f"cannot read as a list of image paths ({first_line(exc)})", path) from None
-    folder = path.parent
-    names = [str(folder / line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not names:
-        raise VqtoolError("lists no image paths", path)
-    return names
-
-
 def _read_views(
     items: Iterable[tuple[str, Callable[[], np.ndarray]]], size: int, skipped: list[SkippedFile] | None
 ) -> np.ndarray:
@@ -464,7 +424,7 @@ def _indexed_images(path: Path, max_pixels: int) -> Images:
     if path.suffix.lower() == ".npy":
         return ArrayImages(NpyRows(path))
     if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
-        return FileImages(_list_file_names(path), max_pixels)
+        return FileImages(list_file_names(path), max_pixels)
     return FileImages(list_image_names([path]), max_pixels)
 
 

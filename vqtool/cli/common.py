@@ -87,7 +87,8 @@ class Crop(str, enum.Enum):
     """vqtool.images.reading.CROPS"""
 
     resize = "resize"
-    center = "center"
+    # The option's value as users spell it; as a member name it hides str.center, which nothing here calls.
+    center = "center"  # type: ignore[assignment]
 
 
 CropOption = Annotated[

@@ -3,8 +3,9 @@ library functions behind it. None of them needs PyTorch but bench, whose baselin
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -22,8 +23,12 @@ from vqtool.cli.common import (
     say,
     user_errors,
 )
+from vqtool.errors import VqtoolError
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.runtime.base import Backend, CheckedBackend, Device, Precision
+
+if TYPE_CHECKING:
+    from vqtool.pipeline.encode import EncodeResult
 
 BackendOption = Annotated[
     Backend,
@@ -41,15 +46,38 @@ PrecisionOption = Annotated[
 ReadersOption = Annotated[
     int | None, typer.Option(help="Processes that read image files, at low priority (default: one per core).")
 ]
+
+
+class Engine(str, enum.Enum):
+    """Where encode runs: this machine's reader processes, or Ray Data."""
+
+    local = "local"
+    ray = "ray"
+
+
 ThreadsOption = Annotated[int | None, typer.Option(help="CPU threads for inference (default: one per core).")]
 
 
 @app.command()
 @user_errors
 def encode(
-    images: Annotated[list[Path], typer.Argument(help="Image files and/or folders (searched recursively).")],
+    images: Annotated[
+        list[str],
+        typer.Argument(
+            help="Image files and folders (searched recursively), .txt lists of paths, WebDataset tar shards (a .tar, "
+            "a folder of them or a brace pattern) and Parquet files with an image-bytes column.",
+            show_default=False,
+        ),
+    ],
     model: Annotated[Path, typer.Option(help="Export folder made by vqtool export.")],
-    out_path: Annotated[Path, typer.Option("--out", help="Output .npy of codes N x h x w.")],
+    out_path: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help="Output: codes.npy (N x h x w) with a codes.json sidecar, or codes.parquet (one row per image: key, "
+            "codes, height, width; the sidecar in its metadata).",
+        ),
+    ],
     batch_size: Annotated[int, typer.Option(help="Images per inference batch.")] = 64,
     resize: Annotated[
         bool,
@@ -71,11 +99,50 @@ def encode(
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
     skip_bad: SkipBadOption = False,
     crop: CropOption = Crop.resize,
+    image_column: Annotated[
+        str | None,
+        typer.Option(help="Parquet inputs: the column of image bytes (default: image, jpg, jpeg, png or webp)."),
+    ] = None,
+    key_column: Annotated[
+        str | None, typer.Option(help="Parquet inputs: the column that names each row (default: key, else file#row).")
+    ] = None,
+    engine: Annotated[
+        Engine,
+        typer.Option(help="local: this machine's processes; ray: Ray Data tasks and tokenizer actors."),
+    ] = Engine.local,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="--engine ray: join this Ray cluster (auto, ray://head:10001, ...); default: start one."),
+    ] = None,
 ) -> None:
     """Encode images to integer codes with the exported encoder."""
     import signal
 
     from vqtool.api import load
+
+    if engine is Engine.ray:
+        _encode_on_ray(
+            images,
+            model,
+            out_path,
+            ray_address,
+            backend,
+            device,
+            precision,
+            threads,
+            batch_size,
+            resize,
+            crop,
+            max_pixels,
+            skip_bad,
+            resume,
+            image_column,
+            key_column,
+            shard,
+        )
+        return
+    if ray_address is not None:
+        raise VqtoolError("--ray-address is for --engine ray")
 
     tok = load(model, backend.value, device.value, precision.value, threads=threads, lazy=True)
     tok.start("encoder")  # the one graph encode runs: a backend that cannot start says so before any file is read
@@ -96,11 +163,63 @@ def encode(
         skip_bad=skip_bad,
         log=say,
         crop=crop.value,
+        image_column=image_column,
+        key_column=key_column,
     )
+    _print_encoded(result)
+
+
+def _print_encoded(result: EncodeResult) -> None:
+    beside = "" if result.sidecar_path == result.codes_path else f" and {result.sidecar_path}"
     print_result(
-        f"wrote {result.codes_path} ({result.count} x {result.grid[0]} x {result.grid[1]} codes) and "
-        f"{result.sidecar_path} in {result.seconds:.2f}s ({result.count / result.seconds:.0f} images/s)"
+        f"wrote {result.codes_path} ({result.count} x {result.grid[0]} x {result.grid[1]} codes){beside} "
+        f"in {result.seconds:.2f}s ({result.count / result.seconds:.0f} images/s)"
     )
+
+
+def _encode_on_ray(
+    images: list[str],
+    model: Path,
+    out_path: Path,
+    address: str | None,
+    backend: Backend,
+    device: Device,
+    precision: Precision,
+    threads: int | None,
+    batch_size: int,
+    resize: bool,
+    crop: Crop,
+    max_pixels: int,
+    skip_bad: bool,
+    resume: bool,
+    image_column: str | None,
+    key_column: str | None,
+    shard: str | None,
+) -> None:
+    from vqtool.ray.engine import encode_on_ray
+
+    if shard is not None:
+        raise VqtoolError("--shard splits work between Slurm array tasks; --engine ray spreads it over its cluster")
+    result = encode_on_ray(
+        images,
+        out_path,
+        model,
+        address=address,
+        backend=backend.value,
+        device=device.value,
+        precision=precision.value,
+        threads=threads,
+        batch_size=batch_size,
+        resize=resize,
+        crop=crop.value,
+        max_pixels=pixel_limit(max_pixels),
+        skip_bad=skip_bad,
+        resume=resume,
+        image_column=image_column,
+        key_column=key_column,
+        log=say,
+    )
+    _print_encoded(result)
 
 
 @app.command()
@@ -119,7 +238,7 @@ def merge(
 @app.command()
 @user_errors
 def decode(
-    codes: Annotated[Path, typer.Argument(help="codes.npy written by vqtool encode.")],
+    codes: Annotated[Path, typer.Argument(help="codes.npy or codes.parquet written by vqtool encode.")],
     model: Annotated[Path, typer.Option(help="Export folder made by vqtool export.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the PNG reconstructions.")],
     batch_size: Annotated[int, typer.Option(help="Code grids per inference batch.")] = 64,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,7 @@ def _is_str_list(value: object) -> bool:
     return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
-def _sidecar_problem(raw: dict[str, Any]) -> str | None:
+def sidecar_problem(raw: dict[str, Any]) -> str | None:
     """What is wrong with a parsed sidecar's fields, or None: a hand-edited or half-written file says so here."""
     if not _is_str_list(raw.get("files")):
         return "'files' must be a list of file names"
@@ -95,7 +96,7 @@ def read_sidecar(codes_path: Path) -> CodesSidecar | None:
         if not isinstance(raw, dict) or raw.get("format") != SIDECAR_FORMAT:
             found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
             raise ValueError(f"format is {found!r}, not {SIDECAR_FORMAT!r}")
-        problem = _sidecar_problem(raw)
+        problem = sidecar_problem(raw)
         if problem:
             raise ValueError(problem)
         return CodesSidecar(**raw)
@@ -127,17 +128,30 @@ def read_codes(path: Path, manifest: Manifest) -> tuple[np.ndarray, CodesSidecar
     """Codes N x h x w (memory-mapped), checked against the model that will decode them."""
     codes = load_codes_array(path)
     sidecar = read_sidecar(path)
+    check_codes(path, manifest, sidecar, len(codes), [codes])
+    return codes, sidecar
+
+
+def check_codes(
+    path: Path, manifest: Manifest, sidecar: CodesSidecar | None, count: int, runs: Iterable[np.ndarray]
+) -> None:
+    """Codes made by this model, as many as their file list says, each within 0..K-1 (`runs`: the grids, in parts)."""
     if sidecar is not None and sidecar.checkpoint_sha256 != manifest.checkpoint_sha256:
         raise VqtoolError(
             f"codes were made by another model (sidecar model {sidecar.checkpoint_sha256[:12]}, "
             f"this export {manifest.checkpoint_sha256[:12]}); decode them with the export that made them",
             path,
         )
-    if sidecar is not None and len(sidecar.files) != len(codes):
-        raise VqtoolError(f"sidecar lists {len(sidecar.files)} files but the codes hold {len(codes)} grids", path)
-    low, high = int(codes.min()), int(codes.max())
-    if low < 0 or high >= manifest.codes:
-        bad = low if low < 0 else high
-        index = tuple(int(i) for i in np.argwhere(codes == bad)[0])
-        raise VqtoolError(f"code {bad} at index {index} is outside 0..{manifest.codes - 1} for this model", path)
-    return codes, sidecar
+    if sidecar is not None and len(sidecar.files) != count:
+        raise VqtoolError(f"sidecar lists {len(sidecar.files)} files but the codes hold {count} grids", path)
+    first = 0
+    for codes in runs:
+        if not codes.size:
+            continue
+        low, high = int(codes.min()), int(codes.max())
+        if low < 0 or high >= manifest.codes:
+            bad = low if low < 0 else high
+            index = tuple(int(i) for i in np.argwhere(codes == bad)[0])
+            index = (index[0] + first, *index[1:])
+            raise VqtoolError(f"code {bad} at index {index} is outside 0..{manifest.codes - 1} for this model", path)
+        first += len(codes)

@@ -1,10 +1,11 @@
-"""Images -> codes.npy, streaming: files are decoded by reader processes while the graph runs.
+"""Images -> codes.npy (or codes.parquet), streaming: files are decoded by reader processes while the graph runs.
 
 Memory stays flat in the number of images: codes go straight into a memory-mapped .npy under a
 temporary name, and only a few batches of pixels are ever in flight. Progress is recorded as the
 run goes, so an interrupted run continues with --resume; the final name only ever holds a
 complete result. Three steps: `plan_encode` checks everything it can before any work, `run_encode`
-encodes the batches into the partial file, and finishing puts the result in place.
+encodes the batches into the partial file, and finishing puts the result in place (a codes.parquet is written
+from the finished partial rows, so it resumes the same way).
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ import numpy as np
 from vqtool.errors import VqtoolError
 from vqtool.formats.atomic import StagedOutput, json_bytes, partial_path, usual_mode, write_json
 from vqtool.formats.codes import CodesSidecar, sidecar_path
+from vqtool.formats.codes_parquet import is_parquet, write_codes_parquet
 from vqtool.formats.manifest import Manifest, code_dtype_for, fitting_batch, manifest_checksum
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.images.reading import CROPS, SkippedFile, describe_skipped
+from vqtool.images.sources import ImageSet, as_image_set
 from vqtool.pipeline.reading import ReadOptions, first_shape, read_batches
 from vqtool.pipeline.resume import Progress, progress_path, resume_point, shrink_rows
 from vqtool.pipeline.shards import Shard, list_checksum
@@ -39,7 +42,7 @@ class EncodeResult:
     """What one encode of image files wrote: the codes and their sidecar, how many rows, and what ran."""
 
     codes_path: Path
-    sidecar_path: Path
+    sidecar_path: Path  # for a codes.parquet, the file itself (its metadata holds the sidecar)
     count: int
     grid: tuple[int, int]
     runtime: str
@@ -60,7 +63,7 @@ class EncodeInterrupted(VqtoolError):
 class EncodePlan:
     """One encode, checked before any work: the files (of the shard), the options, and what the output will hold."""
 
-    files: Sequence[str | Path]
+    images: ImageSet  # the images of the shard, in row order
     out: Path
     options: ReadOptions
     shape: tuple[int, int]  # the size every image is brought to
@@ -74,10 +77,17 @@ class EncodePlan:
     # What a resumed run must share with the interrupted one.
     signature: dict[str, object]
 
-    def sidecar(self, backend: str, skipped: Sequence[SkippedFile]) -> CodesSidecar:
+    def kept_keys(self, skipped: Sequence[SkippedFile]) -> list[str]:
+        """The keys of the rows written: every image's but those skipped (named as messages name them)."""
+        if not skipped:
+            return list(self.images.keys)
         names = {s.file for s in skipped}
+        keys = self.images.keys
+        return [keys[i] for i in range(len(keys)) if self.images.name(i) not in names]
+
+    def sidecar(self, backend: str, skipped: Sequence[SkippedFile]) -> CodesSidecar:
         return CodesSidecar(
-            files=[str(f) for f in self.files if str(f) not in names],
+            files=self.kept_keys(skipped),
             grid=list(self.grid),
             codes=self.manifest.codes,
             dtype=self.dtype.name,
@@ -91,7 +101,7 @@ class EncodePlan:
 
 
 def plan_encode(
-    files: Sequence[str | Path],
+    files: ImageSet | Sequence[str | Path],
     manifest: Manifest,
     export_dir: Path,
     out: Path,
@@ -105,36 +115,39 @@ def plan_encode(
     skip_bad: bool = False,
     crop: str = "resize",
 ) -> EncodePlan:
-    """Every check an encode can make before it reads an image: files, batch size, shard, the first size."""
-    if not files:
+    """Every check an encode can make before it reads an image: files, batch size, shard, the first size.
+
+    `files` are image paths, or any ImageSet (tar shards, Parquet rows: vqtool.images.sources.image_set)."""
+    images = as_image_set(files)
+    if not images.keys:
         raise VqtoolError("no images to encode")
     if batch_size < 1:
         raise VqtoolError(f"--batch-size must be at least 1, got {batch_size}")
     batch_size = fitting_batch(manifest, "encoder", precision, batch_size)
     shard_info: dict[str, int | str] | None = None
     if shard is not None:
-        begin, stop = shard.bounds(len(files))
+        begin, stop = shard.bounds(len(images.keys))
         shard_info = {
             "index": shard.index,
             "count": shard.count,
             "start": begin,
             "stop": stop,
-            "total": len(files),
-            "list_sha256": list_checksum(files),
+            "total": len(images.keys),
+            "list_sha256": list_checksum(images.keys),
         }
-        files = files[begin:stop]
-        if not files:
+        images = images.sliced(begin, stop)
+        if not images.keys:
             raise VqtoolError(f"shard {shard.index}/{shard.count} of {shard_info['total']} files is empty")
     if crop not in CROPS:
         raise VqtoolError(f"--crop takes {' or '.join(CROPS)}, got {crop!r}")
     options = ReadOptions(manifest.image_size, manifest.downsample, resize, max_pixels, skip_bad, crop)
-    shape = first_shape(files, options)
+    shape = first_shape(images, options)
     grid = (shape[0] // manifest.downsample, shape[1] // manifest.downsample)
     dtype = code_dtype_for(manifest.codes)
     signature = {
-        "list_sha256": list_checksum(files),
+        "list_sha256": list_checksum(images.keys),
         "manifest_sha256": manifest_checksum(export_dir),
-        "rows": len(files),
+        "rows": len(images.keys),
         "grid": list(grid),
         "dtype": dtype.name,
         "precision": precision,
@@ -145,7 +158,7 @@ def plan_encode(
     }
     workers = reader_count(workers)
     return EncodePlan(
-        files, out, options, shape, grid, dtype, batch_size, workers, manifest, precision, shard_info, signature
+        images, out, options, shape, grid, dtype, batch_size, workers, manifest, precision, shard_info, signature
     )
 
 
@@ -158,7 +171,7 @@ def run_encode(
     row per file read, and the sidecar lists those files and, under "skipped", the others.
     """
     started = time.perf_counter()
-    out, total = plan.out, len(plan.files)
+    out, total = plan.out, len(plan.images.keys)
     progress = resume_point(out, plan.signature, resume, log)
     out.parent.mkdir(parents=True, exist_ok=True)
     if progress.done:
@@ -170,12 +183,12 @@ def run_encode(
     # Without skip_bad the sidecar is known before the first image is read (a file that cannot be read stops
     # the run), so it is written and synced while the images are encoded, and only renamed into place at the end.
     early = None
-    if not plan.options.skip_bad:
+    if not plan.options.skip_bad and not is_parquet(out):
         early = StagedOutput(sidecar_path(out), lambda: json_bytes(plan.sidecar(encoder.backend, []).to_dict()))
     with early or contextlib.nullcontext():
         done = _encode_batches(plan, encoder, codes_out, progress)
         del codes_out
-        _finish(plan, encoder, done, early)
+        finish_codes(plan, encoder.backend, done.written, done.skipped, early)
     if done.skipped:
         log(describe_skipped(done.skipped, total))
     if done.resized:
@@ -184,7 +197,7 @@ def run_encode(
         log(f"resized {done.resized} of {done.written} images to {size}x{size} ({keep})")
     return EncodeResult(
         out,
-        sidecar_path(out),
+        out if is_parquet(out) else sidecar_path(out),
         done.written,
         plan.grid,
         encoder.describe(),
@@ -222,7 +235,7 @@ def _encode_batches(plan: EncodePlan, encoder: Runner, codes_out: np.memmap, pro
         write_json(progress_path(out), {**record, "skipped": [s.to_dict() for s in done.skipped]})
 
     try:
-        batches = read_batches(plan.files, plan.options, plan.batch_size, plan.workers, plan.shape, progress.done)
+        batches = read_batches(plan.images, plan.options, plan.batch_size, plan.workers, plan.shape, progress.done)
         for batch in batches:
             if len(batch.pixels):
                 codes_out[done.written : done.written + len(batch.pixels)] = encoder(batch.pixels)
@@ -243,7 +256,7 @@ def _encode_batches(plan: EncodePlan, encoder: Runner, codes_out: np.memmap, pro
     except KeyboardInterrupt:
         record_progress()
         raise EncodeInterrupted(
-            f"interrupted after {done.finished} of {len(plan.files)} images; the finished rows are kept: "
+            f"interrupted after {done.finished} of {len(plan.images.keys)} images; the finished rows are kept: "
             "run the same command with --resume to continue",
             out,
         ) from None
@@ -251,23 +264,38 @@ def _encode_batches(plan: EncodePlan, encoder: Runner, codes_out: np.memmap, pro
     return done
 
 
-def _finish(plan: EncodePlan, encoder: Runner, done: _Done, early_sidecar: StagedOutput | None) -> None:
-    """Put the codes and their sidecar in place under their final names, or nothing if no file could be read."""
+def finish_codes(
+    plan: EncodePlan,
+    backend: str,
+    written: int,
+    skipped: Sequence[SkippedFile],
+    early_sidecar: StagedOutput | None = None,
+) -> None:
+    """Put the codes (the first `written` rows of the plan's partial file) and their sidecar in place under their
+    final names, or nothing if no file could be read. Both engines, local and Ray, end here."""
     out, partial = plan.out, partial_path(plan.out)
-    if not done.written:
+    if not written:
         partial.unlink(missing_ok=True)
         progress_path(out).unlink(missing_ok=True)
         raise VqtoolError(
-            f"none of the {len(plan.files)} files could be read, so nothing was written: {done.skipped[0].reason}"
+            f"none of the {len(plan.images.keys)} files could be read, so nothing was written: {skipped[0].reason}"
         )
-    if done.written < len(plan.files):
-        shrink_rows(partial, done.written)
+    if written < len(plan.images.keys):
+        shrink_rows(partial, written)
+    if is_parquet(out):
+        codes = np.load(partial, mmap_mode="r")
+        sidecar = plan.sidecar(backend, skipped)
+        write_codes_parquet(out, codes, sidecar.files, sidecar)
+        del codes
+        partial.unlink()
+        progress_path(out).unlink(missing_ok=True)
+        return
     # The sidecar is renamed into place before the codes: a crash between leaves old codes with a
     # sidecar whose file count no longer matches, which decode reports, never a silent mismatch.
     if early_sidecar is not None:
         early_sidecar.commit()
     else:
-        write_json(sidecar_path(out), plan.sidecar(encoder.backend, done.skipped).to_dict())
+        write_json(sidecar_path(out), plan.sidecar(backend, skipped).to_dict())
     usual_mode(partial)
     os.replace(partial, out)
     progress_path(out).unlink(missing_ok=True)

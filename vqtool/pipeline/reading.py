@@ -13,7 +13,8 @@ import numpy as np
 
 from vqtool.errors import VqtoolError
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
-from vqtool.images.reading import SkippedFile, fit_to_size, read_each, read_rgb
+from vqtool.images.reading import SkippedFile, fit_to_size, read_each
+from vqtool.images.sources import ImageSet, Load, as_image_set, load_name, load_pixels
 from vqtool.runtime.workers import shared_buffer, worker_buffer, worker_pool
 
 PREFETCH_BATCHES = 2
@@ -32,12 +33,26 @@ class ReadOptions:
     crop: str = "resize"  # or "center" (vqtool.images.reading.CROPS)
 
 
-def _load(path: str | Path, options: ReadOptions) -> tuple[np.ndarray, bool]:
-    pixels = read_rgb(path, options.max_pixels)
+def _load(load: Load, options: ReadOptions) -> tuple[np.ndarray, bool]:
+    pixels = load_pixels(load, options.max_pixels)
+    size, multiple = options.size, options.downsample
     fitted = fit_to_size(
-        pixels, options.size, resize=options.resize, multiple=options.downsample, path=path, crop=options.crop
+        pixels, size, resize=options.resize, multiple=multiple, path=load_name(load), crop=options.crop
     )
     return fitted, fitted.shape != pixels.shape
+
+
+def fitted_image(load: Load, options: ReadOptions, shape: tuple[int, int]) -> tuple[np.ndarray, bool]:
+    """One image brought to `shape` (the model's size, or with --no-resize the first image's), and whether it was
+    resized; a one-line VqtoolError naming it if it cannot be read or, kept as it is, has another size."""
+    image, was_resized = _load(load, options)
+    if image.shape[:2] != shape:
+        raise VqtoolError(
+            f"is {image.shape[1]}x{image.shape[0]} but earlier images are {shape[1]}x{shape[0]}; "
+            "with --no-resize all images must share one size",
+            load_name(load),
+        )
+    return image, was_resized
 
 
 @dataclass(frozen=True)
@@ -57,22 +72,16 @@ def _slot(buffer: mmap.mmap, offset: int, rows: int, shape: tuple[int, int]) -> 
 
 
 def _decode_files(
-    rows: np.ndarray, first: int, paths: list[str], options: ReadOptions, shape: tuple[int, int]
+    rows: np.ndarray, first: int, paths: list[Load], options: ReadOptions, shape: tuple[int, int]
 ) -> Batch:
     """Decode `paths` into the leading rows of `rows`; the Batch's `pixels` are those rows, the files read."""
 
-    def load(name: str) -> tuple[np.ndarray, bool]:
-        image, was_resized = _load(name, options)
-        if image.shape[:2] != shape:
-            raise VqtoolError(
-                f"is {image.shape[1]}x{image.shape[0]} but earlier images are {shape[1]}x{shape[0]}; "
-                "with --no-resize all images must share one size",
-                name,
-            )
-        return image, was_resized
+    def load(item: Load) -> tuple[np.ndarray, bool]:
+        return fitted_image(item, options, shape)
 
     resized, kept, skipped = 0, 0, list[SkippedFile]()
-    for _, (image, was_resized) in read_each(paths, load, skipped if options.skip_bad else None):
+    skipping = skipped if options.skip_bad else None
+    for _, (image, was_resized) in read_each(paths, load, skipping, file_of=load_name):
         rows[kept] = image
         kept += 1
         resized += was_resized
@@ -80,7 +89,7 @@ def _decode_files(
 
 
 def _load_batch(
-    first: int, paths: list[str], options: ReadOptions, shape: tuple[int, int], offset: int | None = None
+    first: int, paths: list[Load], options: ReadOptions, shape: tuple[int, int], offset: int | None = None
 ) -> Batch:
     """One part of a batch decoded in a reader process: into the shared buffer at `offset` (then `pixels` comes
     back empty, with the row count its only content), or, without one, into an array returned pickled."""
@@ -91,7 +100,7 @@ def _load_batch(
 
 
 def read_batches(
-    files: Sequence[str | Path],
+    files: ImageSet | Sequence[str | Path],
     options: ReadOptions,
     batch_size: int,
     workers: int,
@@ -108,12 +117,14 @@ def read_batches(
     the next batch is asked for: pickling the pixels back would cost the parent a sizeable share of INT8
     inference's time.
     """
+    images = as_image_set(files)
+    total = len(images.keys)
     in_flight = workers + PREFETCH_BATCHES
     row_bytes = shape[0] * shape[1] * 3
     # One slot more than batches in flight: the one the caller holds while the others are read.
     shared = shared_buffer(batch_size * row_bytes * (in_flight + 1))
     free = deque(range(in_flight + 1))
-    starts = iter(range(start, len(files), batch_size))
+    starts = iter(range(start, total, batch_size))
     pool = worker_pool(workers, shared)
     pending: deque[tuple[int, list[Future[Batch]]]] = deque()
 
@@ -121,7 +132,7 @@ def read_batches(
         first = next(starts, None)
         if first is None:
             return
-        names = [str(f) for f in files[first : first + batch_size]]
+        names = images.loads(first, first + batch_size)
         slot, parts = free.popleft(), []
         step = -(-len(names) // workers)
         for begin in range(0, len(names), step):
@@ -171,11 +182,15 @@ def _joined(parts: list[Batch], shared: mmap.mmap | None, slot_row: int, shape: 
     )
 
 
-def first_shape(files: Sequence[str | Path], options: ReadOptions) -> tuple[int, int]:
+def first_shape(files: ImageSet | Sequence[str | Path], options: ReadOptions) -> tuple[int, int]:
     """The size every image is brought to: the model's, or with --no-resize the first readable file's."""
     if options.resize:
         return options.size, options.size
-    for _, (image, _) in read_each(files, lambda name: _load(name, options), [] if options.skip_bad else None):
-        height, width = image.shape[:2]
-        return height, width
-    raise VqtoolError(f"none of the {len(files)} files could be read")
+    images = as_image_set(files)
+    total = len(images.keys)
+    for start in range(0, total, 64):
+        loads = images.loads(start, start + 64)
+        for _, (image, _) in read_each(loads, lambda item: _load(item, options), [] if options.skip_bad else None):
+            height, width = image.shape[:2]
+            return height, width
+    raise VqtoolError(f"none of the {total} files could be read")

@@ -1,0 +1,94 @@
+"""TokenizeBatch: the callable class Ray Data's `map_batches` runs in a pool of actors, one export opened in each."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vqtool.errors import VqtoolError
+from vqtool.images.limits import DEFAULT_MAX_PIXELS
+from vqtool.images.reading import decode_rgb
+
+DEFAULT_BATCH = 64
+
+
+class TokenizeBatch:
+    """A batch of images in, the same batch with its codes added out; the export is opened once per actor.
+
+        ds.map_batches(TokenizeBatch, fn_constructor_kwargs={"model": "export"}, concurrency=4, batch_size=256)
+
+    The batch's `image_column` holds decoded images (uint8 H x W x 3, as `ray.data.read_images(mode="RGB")`
+    gives them: one N x H x W x 3 array, or an array per row when sizes differ) or encoded image files' bytes (a
+    Parquet column of img2dataset's, read with `ray.data.read_parquet`; datasets' {bytes, path} structs too).
+    `codes` (N x h x w, the smallest unsigned type that holds the model's codes) is added under `codes_column`.
+    Images not of the model's size are resized as `vqtool encode` does (`crop="center"`: the centre square of
+    the short side first; `resize=False`: sides must be multiples of the model's factor). `backend`, `device`,
+    `precision` and `threads` are `vqtool.load`'s; `batch_size` is the images per graph call. With
+    `runtime_column`, each row also names the runtime that encoded it (onnxruntime, openvino, ...).
+    """
+
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        image_column: str = "image",
+        codes_column: str = "codes",
+        backend: str = "auto",
+        device: str = "auto",
+        precision: str = "fp32",
+        threads: int | None = None,
+        resize: bool = True,
+        crop: str = "resize",
+        batch_size: int = DEFAULT_BATCH,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        runtime_column: str | None = None,
+    ) -> None:
+        from vqtool.api import load
+
+        self.tokenizer = load(model, backend, device, precision, threads=threads)
+        self.image_column, self.codes_column = image_column, codes_column
+        self.resize, self.crop, self.batch_size, self.max_pixels = resize, crop, batch_size, max_pixels
+        self.runtime_column = runtime_column
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        if self.image_column not in batch:
+            raise VqtoolError(
+                f"the batch has no column {self.image_column!r} (it has {', '.join(batch)}); pass image_column"
+            )
+        column = batch[self.image_column]
+        if len(column) == 0:
+            codes = np.zeros((0, 0, 0), self.tokenizer.code_dtype)
+        else:
+            images = (
+                column if _is_pixel_array(column) else [self._pixels(cell, batch, i) for i, cell in enumerate(column)]
+            )
+            codes = self.tokenizer.encode(
+                images, resize=self.resize, crop=self.crop, batch_size=self.batch_size, max_pixels=self.max_pixels
+            )
+        added = {self.codes_column: codes}
+        if self.runtime_column is not None:
+            added[self.runtime_column] = np.full(len(column), self.tokenizer.backend, dtype=object)
+        return {**batch, **added}
+
+    def _pixels(self, cell: Any, batch: Mapping[str, Any], row: int) -> np.ndarray:
+        """One row's image as uint8 H x W x 3: decoded already, or decoded here from its file's bytes."""
+        if isinstance(cell, Mapping):  # datasets' Image feature: {"bytes": ..., "path": ...}
+            cell = cell.get("bytes")
+        if isinstance(cell, bytes | bytearray | memoryview):
+            paths = batch.get("path")
+            name = str(paths[row]) if paths is not None else f"{self.image_column}[{row}]"
+            return decode_rgb(bytes(cell), name, self.max_pixels)
+        pixels = np.asarray(cell)
+        if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+            raise VqtoolError(
+                f"row {row} of column {self.image_column!r} is {pixels.dtype} {pixels.shape}, not uint8 H x W x 3 "
+                "pixels or an image file's bytes (read images with mode='RGB')"
+            )
+        return pixels
+
+
+def _is_pixel_array(column: Any) -> bool:
+    return isinstance(column, np.ndarray) and column.dtype == np.uint8 and column.ndim == 4 and column.shape[3] == 3

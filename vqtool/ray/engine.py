@@ -1,0 +1,362 @@
+"""`vqtool encode --engine ray`: the encode pipeline on Ray Data, on a local instance or an existing cluster.
+
+The driver plans as the local engine does (the same checks, the same row order and keys) and hands Ray a table
+saying where each image is. A Ray Data map reads and decodes the images (Ray fuses it into the actors when both
+run on CPUs, as tasks of its own otherwise), `TokenizeBatch` actors (one export opened in each) run the encoder,
+and `write_parquet` stores every finished block with its row numbers in a staging folder beside the output.
+The driver then puts each row in its place: a row Ray ran twice (a retried task) is written once, a row missing
+means nothing is put in place, and the result is the local engine's file, byte for byte. An interrupted run
+keeps the staging folder, and `--resume` sends Ray only the rows not yet stored there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vqtool.errors import VqtoolError, first_line, missing_extra
+from vqtool.formats.atomic import partial_path, write_json
+from vqtool.formats.manifest import read_manifest
+from vqtool.images.limits import DEFAULT_MAX_PIXELS
+from vqtool.images.reading import SkippedFile, describe_skipped
+from vqtool.images.sources import image_set, located_loads
+from vqtool.pipeline.encode import EncodePlan, EncodeResult, finish_codes, plan_encode
+from vqtool.pipeline.reading import ReadOptions, fitted_image
+from vqtool.ray.batch import TokenizeBatch
+
+# Rows per block of the table Ray starts from (a decode task's share): as many as fill BLOCK_BYTES of decoded
+# pixels, up to MAX_BLOCK_ROWS. Each block pays a task's and a stored file's overhead, which for small images
+# outweighs their decoding unless blocks hold thousands of them.
+BLOCK_BYTES = 32 * 2**20
+MAX_BLOCK_ROWS = 2048
+
+
+def staging_path(out: Path) -> Path:
+    """The folder beside the output where Ray's workers store finished blocks until the driver joins them."""
+    return out.with_name(f".{out.name}.ray")
+
+
+def _ray() -> Any:
+    try:
+        import ray
+        import ray.data  # noqa: F401  (ray.data below)
+    except ModuleNotFoundError:
+        raise missing_extra("--engine ray", "ray", "ray") from None
+    return ray
+
+
+def encode_on_ray(
+    inputs: Sequence[str | Path],
+    out: Path,
+    model: Path,
+    *,
+    address: str | None = None,
+    backend: str = "auto",
+    device: str = "auto",
+    precision: str = "fp32",
+    threads: int | None = None,
+    actors: int | None = None,
+    batch_size: int = 64,
+    resize: bool = True,
+    crop: str = "resize",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    skip_bad: bool = False,
+    resume: bool = False,
+    image_column: str | None = None,
+    key_column: str | None = None,
+    tokenizer_class: type[TokenizeBatch] = TokenizeBatch,
+    log: Callable[[str], None] = print,
+) -> EncodeResult:
+    """Encode `inputs` into `out` (codes.npy + sidecar, or codes.parquet) on Ray Data; the options are encode's.
+
+    `address` joins an existing cluster (ray.init's address: "auto", "ray://host:10001", ...); without one a
+    local instance starts, with one CPU per core. `actors` is the number of TokenizeBatch actors (default: one
+    per node's worth of CPUs, each with `threads` inference threads). `tokenizer_class` is the actor class,
+    TokenizeBatch or a subclass of it.
+    """
+    ray = _ray()
+    started = time.perf_counter()
+    manifest = read_manifest(model)
+    images = image_set(inputs, image_column=image_column, key_column=key_column)
+    plan = plan_encode(
+        images,
+        manifest,
+        model,
+        out,
+        batch_size=batch_size,
+        resize=resize,
+        precision=precision,
+        max_pixels=max_pixels,
+        skip_bad=skip_bad,
+        crop=crop,
+    )
+    staging = staging_path(out)
+    done_before = _stored_rows(staging, plan.signature, resume, log)
+    with _ray_session(ray, address) as cluster_cpus:
+        # One single-threaded actor per CPU measured faster than fewer actors with more threads each: each actor
+        # decodes its block and then runs the graph, so with several the decoding of one overlaps another's graph.
+        actors = actors or cluster_cpus
+        threads = threads or max(1, cluster_cpus // actors)
+        total = len(plan.images.keys)
+        log(
+            f"encoding {total} images on Ray ({cluster_cpus} CPUs, {actors} tokenizer actor(s) of {threads} threads)"
+            + (f", {len(done_before)} already stored" if done_before else "")
+        )
+        table = _located_table(plan, done_before)
+        if table.num_rows:
+            dataset = _dataset(ray, plan, table, tokenizer_class, model, backend, device, threads, actors)
+            try:
+                dataset.write_parquet(str(staging))
+            except Exception as exc:
+                raise _user_error(exc) from None
+    written, resized, skipped, runtimes = _join(plan, staging)
+    finish_codes(plan, runtimes.pop() if len(runtimes) == 1 else "mixed", written, skipped)
+    shutil.rmtree(staging, ignore_errors=True)
+    if skipped:
+        log(describe_skipped(skipped, len(plan.images.keys)))
+    if resized:
+        keep = f"use --no-resize to keep sizes that are multiples of {plan.manifest.downsample}"
+        log(f"resized {resized} of {written} images to {plan.options.size}x{plan.options.size} ({keep})")
+    sidecar = out if out.suffix.lower() == ".parquet" else out.with_suffix(".json")
+    return EncodeResult(
+        out,
+        sidecar,
+        written,
+        plan.grid,
+        f"Ray Data, {actors} x TokenizeBatch ({backend})",
+        resized,
+        time.perf_counter() - started,
+        len(done_before),
+        tuple(skipped) if skip_bad else None,
+    )
+
+
+@contextlib.contextmanager
+def _ray_session(ray: Any, address: str | None) -> Iterator[int]:
+    """Ray as the caller found it, or started here (and shut down after): a local instance, or a cluster joined."""
+    ours = not ray.is_initialized()
+    # Ray Data logs each execution's plan and progress; the command says what it does in its own lines.
+    data_log = logging.getLogger("ray.data")
+    level = data_log.level
+    data_log.setLevel(logging.ERROR)
+    if ours:
+        ray.init(
+            # "local" starts an instance of our own even where `ray start` left one running on this machine.
+            address=address or "local",
+            num_cpus=None if address else os.cpu_count(),
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
+    try:
+        yield int(ray.cluster_resources().get("CPU", 1))
+    finally:
+        data_log.setLevel(level)
+        if ours:
+            ray.shutdown()
+
+
+def _located_table(plan: EncodePlan, done: set[int]) -> Any:
+    """Row number and locator of every image not yet stored, as an Arrow table."""
+    import pyarrow as pa
+
+    located = plan.images.locators()
+    index = np.arange(len(located.kind), dtype=np.int64)
+    keep = np.ones(len(index), bool)
+    if done:
+        keep[np.fromiter(done, np.int64)] = False
+    chosen = np.flatnonzero(keep)
+    return pa.table(
+        {
+            "index": index[chosen],
+            "kind": located.kind[chosen],
+            "source": pa.array([located.source[i] for i in chosen], pa.string()),
+            "offset": located.offset[chosen],
+            "size": located.size[chosen],
+            "name": pa.array([located.name[i] for i in chosen], pa.string()),
+        }
+    )
+
+
+def _dataset(
+    ray: Any,
+    plan: EncodePlan,
+    table: Any,
+    tokenizer_class: type[TokenizeBatch],
+    model: Path,
+    backend: str,
+    device: str,
+    threads: int,
+    actors: int,
+) -> Any:
+    image_bytes = plan.shape[0] * plan.shape[1] * 3
+    # Enough blocks for every actor to have one, where there are rows enough.
+    block = min(MAX_BLOCK_ROWS, max(plan.batch_size, BLOCK_BYTES // image_bytes), -(-table.num_rows // actors))
+    block = max(block, 1)
+    blocks = -(-table.num_rows // block)
+    actors = min(actors, blocks)
+    image_column = getattr(plan.images, "image_column", None)
+    dataset = ray.data.from_arrow(table, override_num_blocks=blocks)
+    dataset = dataset.map_batches(
+        _decode_rows,
+        fn_kwargs={"options": plan.options, "shape": plan.shape, "image_column": image_column},
+        batch_size=None,
+        batch_format="numpy",
+    )
+    dataset = dataset.map_batches(
+        tokenizer_class,
+        fn_constructor_kwargs={
+            "model": str(model),
+            "image_column": "pixels",
+            "backend": backend,
+            "device": device,
+            "precision": plan.precision,
+            "threads": threads,
+            "resize": False,  # the decode tasks brought every image to the plan's size
+            "batch_size": plan.batch_size,
+            "runtime_column": "runtime",
+        },
+        concurrency=actors,
+        batch_size=plan.batch_size,
+        batch_format="numpy",
+        # Ray hides GPUs from actors that do not ask for one: with --device cuda each actor takes a GPU (and the
+        # decoding then runs in separate tasks, on CPUs, instead of fused into the actors).
+        num_gpus=1 if device == "cuda" else None,
+    )
+    return dataset.drop_columns(["pixels"])
+
+
+def _decode_rows(
+    rows: dict[str, np.ndarray], options: ReadOptions, shape: tuple[int, int], image_column: str | None
+) -> dict[str, np.ndarray]:
+    """A Ray task: the block's images read and brought to the plan's size, as the local engine's readers do. Under
+    --skip-bad a bad one is a row with its reason and blank pixels (the driver leaves it out); without it, it
+    stops the run with its one-line error."""
+    loads = located_loads(rows["kind"], rows["source"], rows["offset"], rows["size"], rows["name"], image_column)
+    pixels = np.zeros((len(loads), *shape, 3), np.uint8)
+    resized = np.zeros(len(loads), bool)
+    reasons = np.full(len(loads), "", dtype=object)
+    for row, load in enumerate(loads):
+        try:
+            pixels[row], resized[row] = fitted_image(load, options, shape)
+        except VqtoolError as error:
+            if not options.skip_bad:
+                raise
+            reasons[row] = error.reason
+    return {"index": rows["index"], "name": rows["name"], "pixels": pixels, "resized": resized, "reason": reasons}
+
+
+def _user_error(exc: Exception) -> Exception:
+    """The VqtoolError a Ray task raised (one line naming the file), or a one-line error for anything else."""
+    seen: Exception | BaseException | None = exc
+    while seen is not None:
+        cause = getattr(seen, "cause", None)
+        if isinstance(seen, VqtoolError):
+            return seen
+        if isinstance(cause, VqtoolError):
+            return cause
+        seen = seen.__cause__ or (cause if isinstance(cause, BaseException) else None)
+    return VqtoolError(f"the Ray run failed ({first_line(exc)})")
+
+
+# ---- the staging folder: what a run stored, and resuming from it -----------------------------------------------
+
+
+def _stored_rows(staging: Path, signature: dict[str, object], resume: bool, log: Callable[[str], None]) -> set[int]:
+    """Rows an interrupted run with the same files, model and options stored, with --resume; else a fresh start."""
+    record = staging / "signature.json"
+    if staging.exists() and resume:
+        try:
+            saved = json.loads(record.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            saved = None
+        if saved != json.loads(json.dumps(signature)):
+            raise VqtoolError(
+                "the interrupted run encoded other files or used another model; rerun without --resume", staging
+            )
+        return {int(i) for part in _parts(staging) for i in part["index"]}
+    if staging.exists():
+        log(f"{staging}: an interrupted earlier run left stored blocks; starting over (use --resume to continue it)")
+        shutil.rmtree(staging)
+    elif resume:
+        log(f"nothing to resume for {staging}; starting from the first image")
+    staging.mkdir(parents=True)
+    write_json(record, signature)
+    return set()
+
+
+def _parts(staging: Path) -> Iterator[dict[str, Any]]:
+    """Each stored block's columns; a file a killed writer left unreadable is removed (its rows run again)."""
+    import pyarrow.parquet as pq
+
+    for path in sorted(staging.glob("*.parquet")):
+        try:
+            table = pq.read_table(path)
+            part = {
+                "index": table.column("index").to_numpy(),
+                "codes": table.column("codes").combine_chunks().to_numpy(),
+                "resized": table.column("resized").to_numpy(),
+                "reason": table.column("reason").to_pylist(),
+                "name": table.column("name").to_pylist(),
+                "runtime": set(table.column("runtime").to_pylist()),
+            }
+        except Exception:  # a truncated or half-written block: its rows were never counted as stored
+            path.unlink(missing_ok=True)
+            continue
+        yield part
+
+
+def _join(plan: EncodePlan, staging: Path) -> tuple[int, int, list[SkippedFile], set[str]]:
+    """Put every stored row in its place in the plan's partial file; (rows written, resized, skipped files, the
+    runtimes that ran the encoder)."""
+    total = len(plan.images.keys)
+    partial = partial_path(plan.out)
+    codes = np.lib.format.open_memmap(partial, mode="w+", dtype=plan.dtype, shape=(total, *plan.grid))
+    seen = np.zeros(total, bool)
+    bad = np.zeros(total, bool)
+    resized = 0
+    reasons: dict[int, SkippedFile] = {}
+    runtimes: set[str] = set()
+    for part in _parts(staging):
+        runtimes |= part["runtime"]
+        index = part["index"]
+        again = seen[index]
+        if again.any():  # a retried task stored these rows twice: they must agree
+            earlier = codes[index[again]]
+            if not np.array_equal(earlier, part["codes"][again]):
+                raise VqtoolError("two Ray tasks gave different codes for the same rows; rerun without --resume")
+        fresh = ~again
+        codes[index[fresh]] = part["codes"][fresh]
+        seen[index[fresh]] = True
+        resized += int(part["resized"][fresh].sum())
+        for row, reason, name in zip(index, part["reason"], part["name"], strict=True):
+            if reason:
+                bad[row] = True
+                reasons[int(row)] = SkippedFile(str(name), str(reason))
+    missing = int((~seen).sum())
+    if missing:
+        del codes
+        partial.unlink(missing_ok=True)
+        raise VqtoolError(f"Ray stored {total - missing} of {total} rows; run the same command with --resume", staging)
+    written = total
+    if bad.any():  # under --skip-bad: the kept rows move up, in order
+        kept = np.flatnonzero(~bad)
+        for start in range(0, len(kept), 65536):
+            rows = kept[start : start + 65536]
+            codes[start : start + len(rows)] = codes[rows]
+        written = len(kept)
+    codes.flush()
+    del codes
+    return written, resized, [reasons[row] for row in sorted(reasons)], runtimes
