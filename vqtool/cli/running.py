@@ -121,25 +121,30 @@ def encode(
     from vqtool.api import load
 
     if engine is Engine.ray:
-        _encode_on_ray(
+        from vqtool.ray.engine import encode_on_ray
+
+        if shard is not None:
+            raise VqtoolError("--shard splits work between Slurm array tasks; --engine ray spreads it over its cluster")
+        on_ray = encode_on_ray(
             images,
-            model,
             out_path,
-            ray_address,
-            backend,
-            device,
-            precision,
-            threads,
-            batch_size,
-            resize,
-            crop,
-            max_pixels,
-            skip_bad,
-            resume,
-            image_column,
-            key_column,
-            shard,
+            model,
+            address=ray_address,
+            backend=backend.value,
+            device=device.value,
+            precision=precision.value,
+            threads=threads,
+            batch_size=batch_size,
+            resize=resize,
+            crop=crop.value,
+            max_pixels=pixel_limit(max_pixels),
+            skip_bad=skip_bad,
+            resume=resume,
+            image_column=image_column,
+            key_column=key_column,
+            log=say,
         )
+        _print_encoded(on_ray)
         return
     if ray_address is not None:
         raise VqtoolError("--ray-address is for --engine ray")
@@ -175,51 +180,6 @@ def _print_encoded(result: EncodeResult) -> None:
         f"wrote {result.codes_path} ({result.count} x {result.grid[0]} x {result.grid[1]} codes){beside} "
         f"in {result.seconds:.2f}s ({result.count / result.seconds:.0f} images/s)"
     )
-
-
-def _encode_on_ray(
-    images: list[str],
-    model: Path,
-    out_path: Path,
-    address: str | None,
-    backend: Backend,
-    device: Device,
-    precision: Precision,
-    threads: int | None,
-    batch_size: int,
-    resize: bool,
-    crop: Crop,
-    max_pixels: int,
-    skip_bad: bool,
-    resume: bool,
-    image_column: str | None,
-    key_column: str | None,
-    shard: str | None,
-) -> None:
-    from vqtool.ray.engine import encode_on_ray
-
-    if shard is not None:
-        raise VqtoolError("--shard splits work between Slurm array tasks; --engine ray spreads it over its cluster")
-    result = encode_on_ray(
-        images,
-        out_path,
-        model,
-        address=address,
-        backend=backend.value,
-        device=device.value,
-        precision=precision.value,
-        threads=threads,
-        batch_size=batch_size,
-        resize=resize,
-        crop=crop.value,
-        max_pixels=pixel_limit(max_pixels),
-        skip_bad=skip_bad,
-        resume=resume,
-        image_column=image_column,
-        key_column=key_column,
-        log=say,
-    )
-    _print_encoded(result)
 
 
 @app.command()

@@ -60,7 +60,8 @@ class TokenizeBatch:
             )
         column = batch[self.image_column]
         if len(column) == 0:
-            codes = np.zeros((0, 0, 0), self.tokenizer.code_dtype)
+            side = self.tokenizer.image_size
+            codes = np.zeros((0, *self.tokenizer.grid(side, side)), self.tokenizer.code_dtype)
         else:
             images = (
                 column if _is_pixel_array(column) else [self._pixels(cell, batch, i) for i, cell in enumerate(column)]
