@@ -16,6 +16,8 @@ import json
 import logging
 import os
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -29,7 +31,7 @@ from vqtool.formats.manifest import read_manifest
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.images.reading import SkippedFile, describe_skipped
 from vqtool.images.sources import image_set, located_loads
-from vqtool.pipeline.encode import EncodePlan, EncodeResult, finish_codes, plan_encode
+from vqtool.pipeline.encode import EncodeInterrupted, EncodePlan, EncodeResult, finish_codes, plan_encode
 from vqtool.pipeline.reading import ReadOptions, fitted_image
 from vqtool.ray.batch import TokenizeBatch
 
@@ -116,6 +118,11 @@ def encode_on_ray(
             dataset = _dataset(ray, plan, table, tokenizer_class, model, backend, device, threads, actors)
             try:
                 dataset.write_parquet(str(staging))
+            except KeyboardInterrupt:
+                raise EncodeInterrupted(
+                    "interrupted; the blocks Ray stored are kept: run the same command with --resume to continue",
+                    out,
+                ) from None
             except Exception as exc:
                 raise _user_error(exc) from None
     written, resized, skipped, runtimes = _join(plan, staging)
@@ -160,12 +167,22 @@ def _ray_session(ray: Any, address: str | None) -> Iterator[int]:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         context.print_on_execution_start = False
+    # Schedulers preempt with SIGTERM, and ray.init installs a handler that exits on the spot: an interrupt
+    # instead keeps the stored blocks and shuts Ray down, and --resume continues.
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
     try:
         yield int(ray.cluster_resources().get("CPU", 1))
     finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
         data_log.setLevel(level)
         if ours:
             ray.shutdown()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _located_table(plan: EncodePlan, done: set[int]) -> Any:
