@@ -56,7 +56,7 @@ def _is_str_list(value: object) -> bool:
     return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
-def sidecar_problem(raw: dict[str, Any]) -> str | None:
+def _sidecar_problem(raw: dict[str, Any]) -> str | None:
     """What is wrong with a parsed sidecar's fields, or None: a hand-edited or half-written file says so here."""
     if not _is_str_list(raw.get("files")):
         return "'files' must be a list of file names"
@@ -87,19 +87,23 @@ def sidecar_problem(raw: dict[str, Any]) -> str | None:
     return None
 
 
+def sidecar_from(raw: object) -> CodesSidecar:
+    """A sidecar from its parsed JSON (codes.json, or a codes.parquet's metadata); ValueError says what is wrong."""
+    if not isinstance(raw, dict) or raw.get("format") != SIDECAR_FORMAT:
+        found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+        raise ValueError(f"format is {found!r}, not {SIDECAR_FORMAT!r}")
+    problem = _sidecar_problem(raw)
+    if problem:
+        raise ValueError(problem)
+    return CodesSidecar(**raw)
+
+
 def read_sidecar(codes_path: Path) -> CodesSidecar | None:
     path = sidecar_path(codes_path)
     if not path.exists():
         return None
     try:
-        raw = json.loads(path.read_text())
-        if not isinstance(raw, dict) or raw.get("format") != SIDECAR_FORMAT:
-            found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
-            raise ValueError(f"format is {found!r}, not {SIDECAR_FORMAT!r}")
-        problem = sidecar_problem(raw)
-        if problem:
-            raise ValueError(problem)
-        return CodesSidecar(**raw)
+        return sidecar_from(json.loads(path.read_text()))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError, TypeError, ValueError) as exc:
         raise VqtoolError(f"corrupt codes sidecar ({exc})", path) from None
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from vqtool.errors import VqtoolError, first_line, missing_extra
 from vqtool.formats.atomic import atomic_output
-from vqtool.formats.codes import SIDECAR_FORMAT, CodesSidecar, sidecar_problem
+from vqtool.formats.codes import CodesSidecar, sidecar_from
 
 METADATA_KEY = b"vqtool.codes"
 ROWS_PER_GROUP = 8192
@@ -64,9 +64,8 @@ def write_codes_parquet(out: Path, codes: np.ndarray, keys: Sequence[str], sidec
 class ParquetCodes:
     """A codes.parquet read as N x h x w grids, a run of rows at a time: big files never sit in memory whole."""
 
-    def __init__(self, path: Path, rows: int, grid: tuple[int, int], dtype: np.dtype) -> None:
-        self.path, self.rows, self.grid, self.dtype = path, rows, grid, dtype
-        self.shape = (rows, *grid)
+    def __init__(self, path: Path, rows: int, grid: tuple[int, int]) -> None:
+        self.path, self.rows, self.grid = path, rows, grid
 
     def __len__(self) -> int:
         return self.rows
@@ -100,16 +99,10 @@ def read_codes_parquet(path: Path) -> tuple[ParquetCodes, CodesSidecar]:
     try:
         raw = json.loads(raw_metadata)
         keys = reader.read(columns=["key"]).column(0).to_pylist()
-        raw = {**raw, "files": [str(key) for key in keys]}
-        if raw.get("format") != SIDECAR_FORMAT:
-            raise ValueError(f"format is {raw.get('format')!r}, not {SIDECAR_FORMAT!r}")
-        problem = sidecar_problem(raw)
-        if problem:
-            raise ValueError(problem)
-        sidecar = CodesSidecar(**raw)
+        sidecar = sidecar_from({**raw, "files": [str(key) for key in keys]} if isinstance(raw, dict) else raw)
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
         raise VqtoolError(f"corrupt vqtool.codes metadata ({first_line(exc)})", path) from None
     except Exception as exc:  # pyarrow's errors reading the key column
         raise VqtoolError(f"unreadable key column ({first_line(exc)})", path) from None
     grid = (int(sidecar.grid[0]), int(sidecar.grid[1]))
-    return ParquetCodes(path, len(sidecar.files), grid, np.dtype(sidecar.dtype)), sidecar
+    return ParquetCodes(path, len(sidecar.files), grid), sidecar

@@ -157,20 +157,17 @@ def _parquet_cells(path: str, rows: Sequence[int], column: str) -> list[bytes]:
     """The image bytes of some rows of one Parquet file, reading only the row groups that hold them."""
     pq = _pyarrow_parquet()
     reader = pq.ParquetFile(path)
-    firsts = np.cumsum([0] + [reader.metadata.row_group(g).num_rows for g in range(reader.metadata.num_row_groups)])
-    groups = sorted({int(np.searchsorted(firsts, row, side="right")) - 1 for row in rows})
+    starts = _group_starts(reader)
+    groups = sorted({_group_of(starts, row) for row in rows})
     table = reader.read_row_groups(groups, columns=[column])
     cells = _image_bytes(table.column(0).combine_chunks(), path, column)
-    # Row numbers in the table read: rows of the groups read, in order.
-    start_of = {}
-    position = 0
-    for group in groups:
-        start_of[group] = position
-        position += int(firsts[group + 1] - firsts[group])
+    # Where each group read begins in the table: the groups' rows, one group after another.
+    sizes = np.diff(starts)[groups]
+    begins = dict(zip(groups, np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist(), strict=True))
     taken = []
     for row in rows:
-        group = int(np.searchsorted(firsts, row, side="right")) - 1
-        taken.append(cells[start_of[group] + row - int(firsts[group])])
+        group = _group_of(starts, row)
+        taken.append(cells[begins[group] + row - int(starts[group])])
     return taken
 
 
@@ -311,15 +308,23 @@ class ParquetSet:
         )
 
 
+def _group_starts(reader: Any) -> np.ndarray:
+    """The first row of each row group of a Parquet file, then its row count."""
+    counts = [reader.metadata.row_group(g).num_rows for g in range(reader.metadata.num_row_groups)]
+    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+def _group_of(starts: np.ndarray, row: int) -> int:
+    return int(np.searchsorted(starts, row, side="right")) - 1
+
+
 def _row_groups_from(reader: Any, row: int) -> tuple[list[int], int]:
     """The row groups from the one holding `row` on, and how many of its rows come before `row`."""
-    first = 0
-    for group in range(reader.metadata.num_row_groups):
-        count = reader.metadata.row_group(group).num_rows
-        if row < first + count:
-            return list(range(group, reader.metadata.num_row_groups)), row - first
-        first += count
-    return [], 0
+    starts = _group_starts(reader)
+    if row >= starts[-1]:
+        return [], 0
+    group = _group_of(starts, row)
+    return list(range(group, len(starts) - 1)), row - int(starts[group])
 
 
 def _image_bytes(column: Any, path: str, name: str) -> list[bytes]:

@@ -189,15 +189,10 @@ def run_encode(
         done = _encode_batches(plan, encoder, codes_out, progress)
         del codes_out
         finish_codes(plan, encoder.backend, done.written, done.skipped, early)
-    if done.skipped:
-        log(describe_skipped(done.skipped, total))
-    if done.resized:
-        keep = f"use --no-resize to keep sizes that are multiples of {plan.manifest.downsample}"
-        size = plan.options.size
-        log(f"resized {done.resized} of {done.written} images to {size}x{size} ({keep})")
+    report_notes(plan, done.written, done.resized, done.skipped, log)
     return EncodeResult(
         out,
-        out if is_parquet(out) else sidecar_path(out),
+        written_sidecar(out),
         done.written,
         plan.grid,
         encoder.describe(),
@@ -206,6 +201,23 @@ def run_encode(
         progress.done,
         tuple(done.skipped) if plan.options.skip_bad else None,
     )
+
+
+def written_sidecar(out: Path) -> Path:
+    """Where an encode's sidecar is: codes.json beside a codes.npy; a codes.parquet holds its own."""
+    return out if is_parquet(out) else sidecar_path(out)
+
+
+def report_notes(
+    plan: EncodePlan, written: int, resized: int, skipped: Sequence[SkippedFile], log: Callable[[str], None]
+) -> None:
+    """The lines an encode ends with, on either engine: the files skipped, and how many were resized."""
+    if skipped:
+        log(describe_skipped(skipped, len(plan.images.keys)))
+    if resized:
+        keep = f"use --no-resize to keep sizes that are multiples of {plan.manifest.downsample}"
+        size = plan.options.size
+        log(f"resized {resized} of {written} images to {size}x{size} ({keep})")
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,17 @@ from vqtool.errors import VqtoolError, first_line, missing_extra
 from vqtool.formats.atomic import partial_path, write_json
 from vqtool.formats.manifest import read_manifest
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
-from vqtool.images.reading import SkippedFile, describe_skipped
+from vqtool.images.reading import SkippedFile
 from vqtool.images.sources import image_set, located_loads
-from vqtool.pipeline.encode import EncodeInterrupted, EncodePlan, EncodeResult, finish_codes, plan_encode
+from vqtool.pipeline.encode import (
+    EncodeInterrupted,
+    EncodePlan,
+    EncodeResult,
+    finish_codes,
+    plan_encode,
+    report_notes,
+    written_sidecar,
+)
 from vqtool.pipeline.reading import ReadOptions, fitted_image
 from vqtool.ray.batch import TokenizeBatch
 
@@ -128,15 +136,10 @@ def encode_on_ray(
     written, resized, skipped, runtimes = _join(plan, staging)
     finish_codes(plan, runtimes.pop() if len(runtimes) == 1 else "mixed", written, skipped)
     shutil.rmtree(staging, ignore_errors=True)
-    if skipped:
-        log(describe_skipped(skipped, len(plan.images.keys)))
-    if resized:
-        keep = f"use --no-resize to keep sizes that are multiples of {plan.manifest.downsample}"
-        log(f"resized {resized} of {written} images to {plan.options.size}x{plan.options.size} ({keep})")
-    sidecar = out if out.suffix.lower() == ".parquet" else out.with_suffix(".json")
+    report_notes(plan, written, resized, skipped, log)
     return EncodeResult(
         out,
-        sidecar,
+        written_sidecar(out),
         written,
         plan.grid,
         f"Ray Data, {actors} x TokenizeBatch ({backend})",
