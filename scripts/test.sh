@@ -14,4 +14,6 @@ site=$(bash scripts/installed-layout.sh)
 rm -rf "$site"
 # The documentation site: a broken link, a missing anchor or a page left out of the navigation fails here.
 NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet --site-dir "$(mktemp -d)"
-.venv/bin/python -m pytest "$@"
+# One worker per core (pytest-xdist), a test file's tests in one worker so that its module fixtures are built once;
+# much of the suite waits on imports, tracing and child processes, so two workers on two cores overlap well.
+.venv/bin/python -m pytest -n auto --dist loadfile "$@"

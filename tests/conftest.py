@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -131,26 +133,52 @@ def mixed_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Path]) -> Path:
+    """`build(folder)`'s result, made once per test run: under pytest-xdist the first worker to ask builds it in
+    the run's shared temporary folder while the others wait on a file lock, then all of them use it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        return build(tmp_path_factory.mktemp(name))
+    from filelock import FileLock
+
+    folder = tmp_path_factory.getbasetemp().parent / name
+    record = folder.with_suffix(".done")
+    with FileLock(f"{folder}.lock"):
+        if not record.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            record.write_text(str(build(folder).relative_to(folder)))
+    return folder / record.read_text()
+
+
 @pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The reference model (K = D = 256) trained for a few hundred steps on the embedded data."""
-    from vqtool.model.config import ModelConfig, TrainConfig
-    from vqtool.train.data.memory import default_training_set
-    from vqtool.train.loop import fit
 
-    run_dir = tmp_path_factory.mktemp("run")
-    config = TrainConfig(steps=PARITY_TRAIN_STEPS, batch_size=64, seed=1, device="cpu")
-    result = fit(ModelConfig(), config, default_training_set(32), run_dir, data_source=None, show_progress=False)
-    return result.checkpoint
+    def train(run_dir: Path) -> Path:
+        from vqtool.model.config import ModelConfig, TrainConfig
+        from vqtool.train.data.memory import default_training_set
+        from vqtool.train.loop import fit
+
+        config = TrainConfig(steps=PARITY_TRAIN_STEPS, batch_size=64, seed=1, device="cpu")
+        return fit(
+            ModelConfig(), config, default_training_set(32), run_dir, data_source=None, show_progress=False
+        ).checkpoint
+
+    return built_once(tmp_path_factory, "run", train)
 
 
 @pytest.fixture(scope="session")
 def export_dir(trained_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vqtool.export.pipeline import export_model
+    def export(folder: Path) -> Path:
+        from vqtool.export.pipeline import export_model
 
-    out = tmp_path_factory.mktemp("exports") / "model"
-    export_model(trained_checkpoint, out, fp16=True, int8=True, calibration_count=512, log=lambda _: None)
-    return out
+        export_model(
+            trained_checkpoint, folder / "model", fp16=True, int8=True, calibration_count=512, log=lambda _: None
+        )
+        return folder / "model"
+
+    return built_once(tmp_path_factory, "exports", export)
 
 
 def _gpu_missing() -> str | None:
