@@ -48,6 +48,16 @@ def encode_once(args: list[str]) -> tuple[float, float]:
     return seconds, int(done.stdout.strip().splitlines()[-1]) / 1024
 
 
+def floor_once(rows: int, address: str) -> float:
+    """Seconds of one `python -m benchmarks.ray_floor` process (benchmarks/ray_floor.py)."""
+    started = time.perf_counter()
+    command = [sys.executable, "-m", "benchmarks.ray_floor", str(rows), "--ray-address", address]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise SystemExit(f"benchmarks.ray_floor failed:\n{done.stderr}")
+    return time.perf_counter() - started
+
+
 def start_cluster() -> str:
     ray = REPO / ".venv" / "bin" / "ray"
     command = [
@@ -85,7 +95,7 @@ def main() -> None:
         folder = make_png_folder(args.work / f"png{size}", size)
         out = args.work / "codes.npy"
         common = [str(folder), "--model", str(export), "--out", str(out)]
-        times: dict[str, list[float]] = {"local": [], "ray cold": [], "ray warm": []}
+        times: dict[str, list[float]] = {"local": [], "ray cold": [], "ray warm": [], "ray floor": []}
         memory: dict[str, float] = {}
         for _ in range(args.rounds):
             for name, extra in (("local", []), ("ray cold", ["--engine", "ray"]), ("ray warm", None)):
@@ -93,6 +103,7 @@ def main() -> None:
                     address = start_cluster()
                     try:
                         seconds, rss = encode_once([*common, "--engine", "ray", "--ray-address", address])
+                        floor = floor_once(size, address)
                     finally:
                         stop_cluster()
                 else:
@@ -102,6 +113,9 @@ def main() -> None:
                 print(
                     f"{size} images, {name}: {size / seconds:.0f} images/s, driver peak RSS {rss:.0f} MiB", flush=True
                 )
+                if extra is None:
+                    times["ray floor"].append(floor)
+                    print(f"{size} images, ray floor: {floor:.1f} s ({size / floor:.0f} rows/s)", flush=True)
         ratios = {
             name: statistics.median(local / other for local, other in zip(times["local"], runs, strict=True))
             for name, runs in times.items()

@@ -62,6 +62,17 @@ def killed_actor(export: Path, photos: Path, out: Path) -> None:
     engine.encode_on_ray([photos], out / "killed.parquet", export, batch_size=8, tokenizer_class=DiesOnce, log=print)
 
 
+def bad_file_without_skip_bad(export: Path, photos: Path, out: Path) -> None:
+    """A broken file among the photographs, without --skip-bad: the run ends with the local engine's error."""
+    broken = out / "broken" / "broken.png"
+    broken.parent.mkdir()
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n but cut short")
+    try:
+        engine.encode_on_ray([photos, broken.parent], out / "bad.npy", export, batch_size=8, log=print)
+    except VqtoolError as error:
+        (out / "bad-file.txt").write_text(str(error))
+
+
 def interrupted_then_resumed(export: Path, photos: Path, out: Path) -> None:
     """Stopped after Ray stored every block but before the rows were joined; one block then cut short, as by a
     writer killed mid-file; a resume with other files refused; the resume proper."""
@@ -105,6 +116,7 @@ def main() -> None:
         map_batches_on_files(export, photos, out)
         map_batches_on_parquet(export, parquet, out)
         killed_actor(export, photos, out)
+        bad_file_without_skip_bad(export, photos, out)
         interrupted_then_resumed(export, photos, out)
     finally:
         ray.shutdown()

@@ -132,6 +132,12 @@ def test_a_killed_tokenizer_actor_is_restarted_and_no_image_is_lost_or_coded_twi
     assert pa.types.is_list(table.schema.field("codes").type)
 
 
+def test_a_bad_file_ends_a_ray_run_with_the_local_engines_one_line_error(scenarios: Path) -> None:
+    said = (scenarios / "bad-file.txt").read_text()
+    assert said == f"{scenarios / 'broken' / 'broken.png'}: not an image file (or a format Pillow cannot read)"
+    assert not (scenarios / "bad.npy").exists()
+
+
 def test_an_interrupted_ray_run_resumes_with_only_the_rows_not_stored(
     scenarios: Path, local_codes: Path, photos: tuple[Path, list[Path]]
 ) -> None:

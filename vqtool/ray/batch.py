@@ -27,7 +27,9 @@ class TokenizeBatch:
     Images not of the model's size are resized as `vqtool encode` does (`crop="center"`: the centre square of
     the short side first; `resize=False`: sides must be multiples of the model's factor). `backend`, `device`,
     `precision` and `threads` are `vqtool.load`'s; `batch_size` is the images per graph call. With
-    `runtime_column`, each row also names the runtime that encoded it (onnxruntime, openvino, ...).
+    `runtime_column`, each row also names the runtime that encoded it (onnxruntime, openvino, ...). With
+    `keep_images=False` the image column is left out of what the batch returns: the pixels go no further than
+    the actor (a column dropped by a later stage of its own needs a CPU that the actors may all hold).
     """
 
     def __init__(
@@ -45,13 +47,14 @@ class TokenizeBatch:
         batch_size: int = DEFAULT_BATCH,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         runtime_column: str | None = None,
+        keep_images: bool = True,
     ) -> None:
         from vqtool.api import load
 
         self.tokenizer = load(model, backend, device, precision, threads=threads)
         self.image_column, self.codes_column = image_column, codes_column
         self.resize, self.crop, self.batch_size, self.max_pixels = resize, crop, batch_size, max_pixels
-        self.runtime_column = runtime_column
+        self.runtime_column, self.keep_images = runtime_column, keep_images
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         if self.image_column not in batch:
@@ -72,7 +75,8 @@ class TokenizeBatch:
         added = {self.codes_column: codes}
         if self.runtime_column is not None:
             added[self.runtime_column] = np.full(len(column), self.tokenizer.backend, dtype=object)
-        return {**batch, **added}
+        kept = batch if self.keep_images else {k: v for k, v in batch.items() if k != self.image_column}
+        return {**kept, **added}
 
     def _pixels(self, cell: Any, batch: Mapping[str, Any], row: int) -> np.ndarray:
         """One row's image as uint8 H x W x 3: decoded already, or decoded here from its file's bytes."""
