@@ -5,10 +5,11 @@ saying where each image is. A Ray Data map reads and decodes the images (Ray fus
 run on CPUs, as tasks of its own otherwise), `TokenizeBatch` actors (one export opened in each) run the encoder,
 and each finished block's codes stream back to the driver (`iter_batches`), which stores them with their row
 numbers in a staging folder beside the output. Codes are small (a 256 x 256 image's are 2 KiB), so the driver
-can take them all, and the staging folder needs no file system shared with the workers; Ray's `write_parquet`
-would need both, and measured 2 s slower per run on 2 cores. The driver then puts each row in its place: a row Ray ran twice (a retried task) is written once, a row missing
-means nothing is put in place, and the result is the local engine's file, byte for byte. An interrupted run
-keeps the staging folder, and `--resume` sends Ray only the rows not yet stored there.
+can take them all, and the staging folder needs no file system shared with the workers, as Ray's
+`write_parquet` would (with a stage of write tasks of its own). The driver then puts each row in its place: a
+row Ray ran twice (a retried task) is written once, a row missing means nothing is put in place, and the result
+is the local engine's file, byte for byte. An interrupted run keeps the staging folder, and `--resume` sends Ray
+only the rows not yet stored there.
 """
 
 from __future__ import annotations
