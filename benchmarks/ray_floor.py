@@ -12,12 +12,10 @@ actors, moving the blocks, shutting down. benchmarks/ray_engine.py times it as a
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 
 import numpy as np
 
-from vqtool.ray.engine import MAX_BLOCK_ROWS
+from vqtool.ray.engine import MAX_BLOCK_ROWS, ray_session
 
 
 class BlankCodes:
@@ -41,25 +39,13 @@ def main() -> None:
     import ray
     import ray.data
 
-    ray.init(
-        address=args.ray_address or "local",
-        num_cpus=None if args.ray_address else os.cpu_count(),
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        log_to_driver=False,
-    )
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    blocks = max(cpus, -(-args.rows // MAX_BLOCK_ROWS))
-    dataset = ray.data.from_arrow(pa.table({"index": np.arange(args.rows)}), override_num_blocks=blocks)
-    dataset = dataset.map_batches(blank_pixels, batch_size=None, batch_format="numpy")
-    dataset = dataset.map_batches(BlankCodes, concurrency=cpus, batch_size=64, batch_format="numpy")
-    rows = sum(len(block["index"]) for block in dataset.iter_batches(batch_size=None, batch_format="numpy"))
+    with ray_session(ray, args.ray_address) as cpus:  # what the engine does: the same settings, start and stop
+        blocks = max(cpus, -(-args.rows // MAX_BLOCK_ROWS))
+        dataset = ray.data.from_arrow(pa.table({"index": np.arange(args.rows)}), override_num_blocks=blocks)
+        dataset = dataset.map_batches(blank_pixels, batch_size=None, batch_format="numpy")
+        dataset = dataset.map_batches(BlankCodes, concurrency=cpus, batch_size=64, batch_format="numpy")
+        rows = sum(len(block["index"]) for block in dataset.iter_batches(batch_size=None, batch_format="numpy"))
     assert rows == args.rows, (rows, args.rows)
-    ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ def encode_on_ray(
     )
     staging = staging_path(out)
     done_before = _stored_rows(staging, plan.signature, resume, log)
-    with _ray_session(ray, address) as cluster_cpus:
+    with ray_session(ray, address) as cluster_cpus:
         # One single-threaded actor per CPU measured faster than fewer actors with more threads each: each actor
         # decodes its block and then runs the graph, so with several the decoding of one overlaps another's graph.
         actors = actors or cluster_cpus
@@ -154,7 +154,7 @@ def encode_on_ray(
 
 
 @contextlib.contextmanager
-def _ray_session(ray: Any, address: str | None) -> Iterator[int]:
+def ray_session(ray: Any, address: str | None) -> Iterator[int]:
     """Ray as the caller found it, or started here (and shut down after): a local instance, or a cluster joined."""
     ours = not ray.is_initialized()
     # Ray Data logs each execution's plan and progress; the command says what it does in its own lines.
