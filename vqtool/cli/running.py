@@ -119,6 +119,7 @@ def encode(
     import signal
 
     from vqtool.api import load
+    from vqtool.pipeline.encode import interrupt_on_sigterm
 
     if engine is Engine.ray:
         from vqtool.ray.engine import encode_on_ray
@@ -152,10 +153,7 @@ def encode(
     tok = load(model, backend.value, device.value, precision.value, threads=threads, lazy=True)
     tok.start("encoder")  # the one graph encode runs: a backend that cannot start says so before any file is read
 
-    def stop(signum: int, frame: Any) -> None:  # schedulers preempt with SIGTERM: keep what is done
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGTERM, interrupt_on_sigterm)
     result = tok.encode_files(
         images,
         out_path,

@@ -59,6 +59,12 @@ class EncodeInterrupted(VqtoolError):
     exit_code = 130  # the shell's code for an interrupt, as train uses
 
 
+def interrupt_on_sigterm(signum: int, frame: object) -> None:
+    """A SIGTERM handler for an encode: schedulers preempt with SIGTERM, and as an interrupt the run keeps the
+    rows it finished for --resume instead of dying with them."""
+    raise KeyboardInterrupt
+
+
 @dataclass(frozen=True)
 class EncodePlan:
     """One encode, checked before any work: the files (of the shard), the options, and what the output will hold."""

@@ -39,6 +39,7 @@ from vqtool.pipeline.encode import (
     EncodePlan,
     EncodeResult,
     finish_codes,
+    interrupt_on_sigterm,
     plan_encode,
     report_notes,
     written_sidecar,
@@ -176,7 +177,7 @@ def ray_session(ray: Any, address: str | None) -> Iterator[int]:
     # Schedulers preempt with SIGTERM, and ray.init installs a handler that exits on the spot: an interrupt
     # instead keeps the stored blocks and shuts Ray down, and --resume continues.
     main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
+    previous = signal.signal(signal.SIGTERM, interrupt_on_sigterm) if main else None
     try:
         yield int(ray.cluster_resources().get("CPU", 1))
     finally:
@@ -185,10 +186,6 @@ def ray_session(ray: Any, address: str | None) -> Iterator[int]:
         data_log.setLevel(level)
         if ours:
             ray.shutdown()
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 def _located_table(plan: EncodePlan, done: set[int]) -> Any:
