@@ -221,6 +221,9 @@ def parity(name: str, work: Path, spec: dict[str, Any], images: int, int8: bool)
             f"{time.perf_counter() - started:.0f} s",
             flush=True,
         )
+        for line in (exported.stdout + exported.stderr).splitlines():
+            if line.startswith(("calibrating INT8", "INT8 encoder")):  # what the INT8 search settled on
+                print(f"{name}: {line}", flush=True)
         if exported.returncode != 0:
             export = export.with_name(f"{export.name}.failed-parity")
     photos = work / f"parity-{spec['image_size']}-{images}"

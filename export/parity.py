@@ -21,7 +21,15 @@ import torch
 from vqtool.errors import VqtoolError
 from vqtool.export.graphs import write_graphs
 from vqtool.formats.atomic import write_json
-from vqtool.formats.manifest import PARITY_NAME, PYTORCH_FILE, Manifest, graph_key, read_manifest, verify_graph
+from vqtool.formats.manifest import (
+    PARITY_NAME,
+    PYTORCH_FILE,
+    Manifest,
+    fitting_batch,
+    graph_key,
+    read_manifest,
+    verify_graph,
+)
 from vqtool.formats.records import ParityReport, read_parity_reports
 from vqtool.images.collections import read_image_set
 from vqtool.images.embedded import embedded_photographs
@@ -29,7 +37,7 @@ from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.images.quality import psnr
 from vqtool.model.checkpoint import Checkpoint, CheckpointError, TokenizerModel, load_checkpoint
 from vqtool.model.imported import ImportedConfig
-from vqtool.runtime.base import BF16, PRECISIONS, REFERENCE, RUNTIMES, decoder_precision, runs
+from vqtool.runtime.base import BF16, FP32, PRECISIONS, REFERENCE, RUNTIMES, decoder_precision, runs
 from vqtool.runtime.onnxruntime import OnnxRuntimeRunner
 from vqtool.runtime.openvino import OpenVinoRunner
 from vqtool.runtime.select import open_runner
@@ -81,15 +89,16 @@ class Reference:
 
 
 @torch.no_grad()
-def torch_reference(model: TokenizerModel, images: np.ndarray) -> Reference:
+def torch_reference(model: TokenizerModel, images: np.ndarray, *, batch: int = BATCH, decode: bool = True) -> Reference:
+    """PyTorch's latents, codes and (unless `decode` is False) reconstructions, `batch` images at a time."""
     model = model.eval().to("cpu")
     latents, codes, recons = [], [], []
-    for start in range(0, len(images), BATCH):
-        z = model.encode_latents(model.model_input(torch.from_numpy(images[start : start + BATCH])))
+    for start in range(0, len(images), batch):
+        z = model.encode_latents(model.model_input(torch.from_numpy(images[start : start + batch])))
         c = model.quantizer.nearest(z)
         latents.append(z)
         codes.append(c)
-        if model.has_decoder:
+        if model.has_decoder and decode:
             recons.append(model.model_output(model.decode(c)))
     reconstructions = torch.cat(recons).numpy() if recons else None
     return Reference(torch.cat(latents), torch.cat(codes).numpy(), reconstructions)
@@ -129,12 +138,13 @@ def check_parity(
     provider: str,
     precision: str,
     reference: Reference | None = None,
+    batch: int = BATCH,
 ) -> ParityReport:
-    """Compare PyTorch with `encode`/`decode` (uint8 images -> codes, int32 codes -> uint8 images); with no
-    `decode` (a model with no decoder), codes alone."""
+    """Compare PyTorch with `encode`/`decode` (uint8 images -> codes, int32 codes -> uint8 images), `batch` images
+    at a time; with no `decode` (a model with no decoder), codes alone."""
     tolerance = TOLERANCES[precision]
-    reference = reference or torch_reference(model, images)
-    codes = np.concatenate([encode(images[s : s + BATCH]) for s in range(0, len(images), BATCH)])
+    reference = reference or torch_reference(model, images, batch=batch)
+    codes = np.concatenate([encode(images[s : s + batch]) for s in range(0, len(images), batch)])
     if codes.shape != reference.codes.shape:
         raise ValueError(f"{runtime}: codes shaped {codes.shape}, PyTorch gives {reference.codes.shape}")
     codebook = model.quantizer.search_codebook().detach().cpu()
@@ -152,7 +162,7 @@ def check_parity(
         decoded="none",
     )
     if decode is not None and reference.reconstructions is not None:
-        report.update(_reconstruction_report(images, codes, reference, decode, tolerance))
+        report.update(_reconstruction_report(images, codes, reference, decode, tolerance, batch))
     return ParityReport(**report, failures=tuple(_failures(report, tolerance)))
 
 
@@ -162,11 +172,12 @@ def _reconstruction_report(
     reference: Reference,
     decode: Callable[[np.ndarray], np.ndarray],
     tolerance: Tolerance,
+    batch: int,
 ) -> dict[str, Any]:
     """How the decoder's images compare with PyTorch's, decoding its own codes or PyTorch's (by the rule)."""
     assert reference.reconstructions is not None
     decoded = (codes if tolerance.end_to_end else reference.codes).astype(np.int32)
-    recons = np.concatenate([decode(decoded[s : s + BATCH]) for s in range(0, len(images), BATCH)])
+    recons = np.concatenate([decode(decoded[s : s + batch]) for s in range(0, len(images), batch)])
     diff = np.abs(recons.astype(np.int16) - reference.reconstructions.astype(np.int16))
     return dict(
         recon_max_abs=int(diff.max()),
@@ -279,8 +290,9 @@ def verify_export(
     log: Callable[[str], None] = print,
 ) -> Verification:
     """Parity for each runtime in the table (but the reference) and each precision it runs that starts here;
-    `backends` and `precisions` limit which."""
-    reference = torch_reference(model, images)
+    `backends` and `precisions` limit which. Batches hold as many images as the graphs' activations allow."""
+    batch = min(fitting_batch(manifest, role, FP32, BATCH) for role in manifest.roles)
+    reference = torch_reference(model, images, batch=batch)
     reports, skipped = [], []
     for runtime in RUNTIMES:
         backend, device = runtime.backend, runtime.device
@@ -318,6 +330,7 @@ def verify_export(
                     provider=encoder.provider,
                     precision=precision,
                     reference=reference,
+                    batch=batch,
                 )
             )
             encoder.close()

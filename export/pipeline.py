@@ -22,6 +22,7 @@ from vqtool.errors import VqtoolError
 from vqtool.export.graphs import DECODER_INPUT, ENCODER_INPUT, OPSET, write_graphs
 from vqtool.export.parity import Verification, default_parity_images, verify_export
 from vqtool.export.quantize import (
+    AGREEMENT_CODES,
     AGREEMENT_IMAGES,
     AGREEMENT_SEED,
     CALIBRATION_IMAGES,
@@ -145,13 +146,24 @@ def _write_int8(
     log: Callable[[str], None],
 ) -> GraphEntry:
     """The INT8 encoder, calibrated on `calibration` (default: the checkpoint's own data) and checked against
-    PyTorch's codes on held-out crops of the checkpoint's data. An imported model's data is not here: by default
-    it is calibrated and checked on the embedded photographs at its size."""
-    if calibration is None and isinstance(checkpoint.model_config, ImportedConfig):
-        photos = embedded_photographs(checkpoint.model_config.image_size)
-        log(f"calibrating INT8 ranges on the {len(photos)} embedded photographs")
-        agreement = code_agreement(checkpoint.model, photos)
-        return write_checked_int8_encoder(staging, fp32_encoder, photos, agreement, log, "the same photographs")
+    PyTorch's codes on held-out crops of the checkpoint's data. An imported model's data is not here, and it takes
+    whole images at its size: it is calibrated and checked on at most `count` images of `calibration`, each
+    resized and cut at the centre as it is fed, or by default on the embedded photographs."""
+    if isinstance(checkpoint.model_config, ImportedConfig):
+        size = checkpoint.model_config.image_size
+        if calibration is None:
+            photos, source = embedded_photographs(size), "the embedded photographs"
+        else:
+            from vqtool.images.collections import read_image_set
+
+            photos, source = read_image_set(calibration, size, max_pixels=max_pixels, crop="center")[0], calibration
+        photos = photos[:count]
+        log(f"calibrating INT8 ranges on {len(photos)} images from {source}, at {size}x{size}")
+        checked = photos[: -(-AGREEMENT_CODES // checkpoint.model_config.grid**2)]
+        agreement = code_agreement(checkpoint.model, checked, fp32_encoder.activation_bytes)
+        return write_checked_int8_encoder(
+            staging, fp32_encoder, photos, agreement, log, f"{len(checked)} of the same images"
+        )
     if calibration is not None:
         from vqtool.train.data.streaming import load_training_set
 

@@ -13,6 +13,7 @@ every convolution in INT8 would miss it by much, the first convolutions stay FP3
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import tempfile
@@ -21,13 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
-from vqtool.formats.manifest import GraphEntry, graph_key, sha256_file
+from vqtool.formats.manifest import LARGE_ACTIVATION_BYTES, GraphEntry, batch_within_budget, graph_key, sha256_file
 from vqtool.model.checkpoint import TokenizerModel
 from vqtool.runtime.base import INT8
 from vqtool.train.data.memory import TrainingData
 
 CALIBRATION_IMAGES = 2048
 CALIBRATION_BATCH = 256
+# ONNX Runtime's Percentile calibrator keeps every calibrated tensor of every image it is given in one collect_data
+# call until it builds its histograms: a 256 x 256 latent-diffusion encoder holds gigabytes per image. Images
+# are given in chunks whose tensors fit this budget; the histograms merge across chunks. The default model's
+# 2048 crops at 32 x 32 fit in one chunk, so its INT8 graph is what one call gives.
+CALIBRATION_MEMORY = 2 << 30
 CALIBRATION_SEED = 7
 # Percentile calibration ignores the rarest 0.001% of activations at each end, which keeps more codes identical
 # than plain min/max ranges (docs/design-measurements.md, "INT8").
@@ -37,6 +43,9 @@ PERCENTILE = 99.999
 AGREEMENT_TARGET = 0.92
 AGREEMENT_IMAGES = 1024
 AGREEMENT_SEED = 8  # other crops than the calibration's (CALIBRATION_SEED)
+# An imported model's agreement is measured on as many of its calibration images as give this many codes: a
+# 256 x 256 image takes seconds to encode in PyTorch and again in each INT8 graph tried.
+AGREEMENT_CODES = 16384
 FP32_CONVOLUTIONS_KEY = "vqtool.int8_fp32_convolutions"
 
 
@@ -58,16 +67,51 @@ def calibration_images(data: TrainingData, count: int, source: str, log: Callabl
     return images
 
 
+def calibrated_bytes_per_image(graph_path: Path, height: int, width: int) -> int:
+    """Bytes of the tensors ONNX Runtime's calibrator keeps for one image of height x width: every input and output
+    of the graph's Conv and Relu nodes, in FP32 (their shapes inferred for a batch of one)."""
+    import onnx
+
+    model = onnx.load(str(graph_path))
+    del model.graph.value_info[:]  # shapes inferred before, with symbolic sizes
+    for dim, value in zip(model.graph.input[0].type.tensor_type.shape.dim, (1, height, width, 3), strict=True):
+        dim.dim_value = value  # replaces a symbolic size (batch, sides) with this one
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {v.name: v.type.tensor_type.shape for v in (*inferred.graph.value_info, *inferred.graph.input)}
+    weights = {t.name for t in inferred.graph.initializer}
+    calibrated = {
+        name
+        for node in inferred.graph.node
+        if node.op_type in ("Conv", "Relu")
+        for name in (*node.input, *node.output)
+        if name and name not in weights
+    }
+    unknown = [name for name in calibrated if name not in shapes or any(d.dim_value < 1 for d in shapes[name].dim)]
+    if unknown:  # not seen in vqtool's graphs; counted as the image itself at 512 channels rather than as nothing
+        return len(calibrated) * height * width * 512 * 4
+    return sum(int(np.prod([d.dim_value for d in shapes[name].dim])) * 4 for name in calibrated)
+
+
+def _can_reuse_ranges() -> bool:
+    """Whether this ONNX Runtime stores calibrated ranges for the next quantize_static (calibration_cache_path)."""
+    from onnxruntime.quantization import quantize_static
+
+    return "calibration_cache_path" in inspect.signature(quantize_static).parameters
+
+
 def write_int8_encoder(
     folder: Path,
     fp32: GraphEntry,
     images: np.ndarray,
     *,
     keep_fp32: Sequence[str] = (),
+    work: Path | None = None,
 ) -> GraphEntry:
     """Quantize the FP32 encoder in `folder` to encoder.int8.onnx, calibrated on `images` (N x H x W x 3 uint8).
 
-    `keep_fp32` names convolutions (ONNX node names) left in FP32 (benchmarks/int8_layers.py measures them)."""
+    `keep_fp32` names convolutions (ONNX node names) left in FP32 (benchmarks/int8_layers.py measures them).
+    `work`: a folder kept between calls on the same graph and images, where the prepared graph and the calibrated
+    ranges are made once (ranges are those of the FP32 graph, whichever convolutions stay FP32)."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -78,40 +122,61 @@ def write_int8_encoder(
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    class Batches(CalibrationDataReader):  # type: ignore[misc]  # untyped base from onnxruntime
-        def __init__(self) -> None:
-            starts = range(0, len(images), CALIBRATION_BATCH)
-            self.batches: Iterator[np.ndarray] = (images[s : s + CALIBRATION_BATCH] for s in starts)
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            batch = next(self.batches, None)
-            return None if batch is None else {fp32.input: batch}
-
     out_path = folder / f"{graph_key('encoder', INT8)}.onnx"
-    with tempfile.TemporaryDirectory(prefix="vqtool-int8-") as scratch:
+    with contextlib.ExitStack() as stack:
+        if work is None:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vqtool-int8-")))
         # Shape inference first, as the tool asks: it quantizes only tensors whose shapes it knows.
-        prepared = Path(scratch) / "prepared.onnx"
+        prepared = work / "prepared.onnx"
         # The tool narrates calibration on stdout and warns through logging; stdout is for results.
-        with contextlib.redirect_stdout(io.StringIO()), _quiet_logging():
+        stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+        stack.enter_context(_quiet_logging())
+        if not prepared.exists():
             quant_pre_process(str(folder / fp32.file), str(prepared))
-            quantize_static(
-                str(prepared),
-                str(out_path),
-                Batches(),
-                quant_format=QuantFormat.QDQ,
-                # Relu: the tool removes a ReLU that follows a quantized convolution and calibrates the
-                # convolution's output on the ReLU's output (QDQRemovableActivation); the integer convolution
-                # clamps at the zero point, which is the ReLU. Calibrated before the ReLU instead, most of an
-                # output's 256 levels would hold values the ReLU zeroes (docs/experiments.md has the figures).
-                # MatMul is the distance: it stays FP32.
-                op_types_to_quantize=["Conv", "Relu"],
-                nodes_to_exclude=list(keep_fp32),
-                per_channel=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=CalibrationMethod.Percentile,
-                extra_options={"CalibPercentile": PERCENTILE},
-            )
+        height, width = images.shape[1:3]
+        per_image = calibrated_bytes_per_image(prepared, height, width)
+        chunk = max(1, min(len(images), CALIBRATION_MEMORY // per_image))
+        batch = min(CALIBRATION_BATCH, chunk)
+
+        class Chunks(CalibrationDataReader):  # type: ignore[misc]  # untyped base from onnxruntime
+            """The images a chunk at a time (set_range picks one), each chunk in batches."""
+
+            def __init__(self) -> None:
+                self.starts = range(0, len(images), chunk)
+                self.set_range(0, 1)
+
+            def __len__(self) -> int:
+                return len(self.starts)
+
+            def set_range(self, start_index: int, end_index: int) -> None:
+                first, end = self.starts[start_index], min(len(images), self.starts[end_index - 1] + chunk)
+                self.batches: Iterator[np.ndarray] = (images[s : min(s + batch, end)] for s in range(first, end, batch))
+
+            def get_next(self) -> dict[str, np.ndarray] | None:
+                next_batch = next(self.batches, None)
+                return None if next_batch is None else {fp32.input: next_batch}
+
+        reuse = {"calibration_cache_path": str(work / "ranges.json")} if _can_reuse_ranges() else {}
+        quantize_static(
+            str(prepared),
+            str(out_path),
+            Chunks(),
+            quant_format=QuantFormat.QDQ,
+            # Relu: the tool removes a ReLU that follows a quantized convolution and calibrates the
+            # convolution's output on the ReLU's output (QDQRemovableActivation); the integer convolution
+            # clamps at the zero point, which is the ReLU. Calibrated before the ReLU instead, most of an
+            # output's 256 levels would hold values the ReLU zeroes (docs/experiments.md has the figures).
+            # MatMul is the distance: it stays FP32.
+            op_types_to_quantize=["Conv", "Relu"],
+            nodes_to_exclude=list(keep_fp32),
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.Percentile,
+            # One collect_data call per chunk: despite its name the option strides any calibrator's data.
+            extra_options={"CalibPercentile": PERCENTILE, "CalibStridedMinMax": 1},
+            **reuse,
+        )
     graph = onnx.load(str(out_path))
     for prop in graph.metadata_props:
         if prop.key == "vqtool.precision":
@@ -121,16 +186,21 @@ def write_int8_encoder(
     return GraphEntry(out_path.name, sha256_file(out_path), INT8, fp32.input, fp32.output, fp32.activation_bytes)
 
 
-def code_agreement(model: TokenizerModel, images: np.ndarray) -> Callable[[Path], float]:
-    """A measure of an encoder graph: the share of its codes for `images` that are PyTorch's."""
+def code_agreement(model: TokenizerModel, images: np.ndarray, activation_bytes: int = 0) -> Callable[[Path], float]:
+    """A measure of an encoder graph: the share of its codes for `images` that are PyTorch's. `activation_bytes`:
+    the FP32 graph's largest activation per image, which sizes the batches (manifest.batch_within_budget)."""
     from vqtool.export.parity import BATCH, torch_reference
     from vqtool.runtime.onnxruntime import OnnxRuntimeRunner
 
-    reference = torch_reference(model, images).codes
+    batch = batch_within_budget(activation_bytes, BATCH)
+    reference = torch_reference(model, images, batch=batch, decode=False).codes
 
     def agreement(graph: Path) -> float:
-        encoder = OnnxRuntimeRunner(graph, "cpu")
-        codes = np.concatenate([encoder(images[s : s + BATCH]) for s in range(0, len(images), BATCH)])
+        encoder = OnnxRuntimeRunner(graph, "cpu", plan_memory=activation_bytes < LARGE_ACTIVATION_BYTES)
+        try:
+            codes = np.concatenate([encoder(images[s : s + batch]) for s in range(0, len(images), batch)])
+        finally:
+            encoder.close()
         return float((codes == reference).mean())
 
     return agreement
@@ -151,23 +221,44 @@ def write_checked_int8_encoder(
     log: Callable[[str], None],
     checked_on: str = "held-out training crops",
 ) -> GraphEntry:
-    """write_int8_encoder, keeping the first convolutions FP32, one more at a time, until `agreement` (the share
-    of codes an INT8 graph gives as PyTorch does, on images other than the calibration's) reaches AGREEMENT_TARGET.
+    """write_int8_encoder, keeping the fewest of the first convolutions FP32 that bring `agreement` (the share of
+    codes an INT8 graph gives as PyTorch does) to AGREEMENT_TARGET.
 
     Why the first ones: with codes looked up in a few l2-normalised dimensions, neighbouring codes lie close, and
     the early, full-resolution convolutions move the most codes across their boundaries. The first one most of
     all: its input is the image, whose normalised pixels ((p - 127.5) / 127.5) fall halfway between UINT8 levels,
     and with three input channels it runs no faster in INT8 (benchmarks/int8_layers.py measures each one's cost).
     Keeping a prefix leaves one INT8 section, with no FP32 island between quantized layers. At most half of them
-    are kept: beyond that INT8 gains too little, and parity judges what is left.
+    are kept: beyond that INT8 gains too little, and parity judges what is left. Agreement grows with the prefix,
+    so the prefix is found by bisection: each graph tried costs a quantization and a run over the images, which
+    for a 256 x 256 model takes minutes. The ranges are calibrated once for all of them where ONNX Runtime can
+    keep them (quantize_static's calibration_cache_path; older releases calibrate each graph again).
     """
     convolutions = convolutions_of(folder / fp32.file)
     most = len(convolutions) // 2
-    for kept in range(most + 1):
-        entry = write_int8_encoder(folder, fp32, images, keep_fp32=convolutions[:kept])
-        share = agreement(folder / entry.file)
-        if share >= AGREEMENT_TARGET:
-            break
+    shares: dict[int, float] = {}
+    last: list[tuple[int, GraphEntry]] = []  # the graph on disk: each one tried overwrites the one before
+    with tempfile.TemporaryDirectory(prefix="vqtool-int8-") as work:
+
+        def written(kept: int) -> GraphEntry:
+            entry = write_int8_encoder(folder, fp32, images, keep_fp32=convolutions[:kept], work=Path(work))
+            last[:] = [(kept, entry)]
+            return entry
+
+        def agrees(kept: int) -> bool:
+            shares[kept] = agreement(folder / written(kept).file)
+            return shares[kept] >= AGREEMENT_TARGET
+
+        # `missed`: a prefix known to fall short (-1: none tried); `kept`: one that reaches the target, or `most`.
+        missed, kept = -1, 0
+        if not agrees(0):
+            missed, kept = 0, most
+            if most > 0 and agrees(most):
+                while kept - missed > 1:
+                    middle = (missed + kept) // 2
+                    missed, kept = (missed, middle) if agrees(middle) else (middle, kept)
+        entry = last[0][1] if last[0][0] == kept else written(kept)  # quantized again from the calibrated ranges
+    share = shares[kept]
     how = "every convolution INT8" if not kept else f"the first {kept} of {len(convolutions)} convolutions FP32"
     log(f"INT8 encoder: {how}, {share:.1%} of codes as PyTorch's on {checked_on}")
     return entry

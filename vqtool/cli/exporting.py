@@ -67,11 +67,18 @@ def export_command(
     calibration: Annotated[
         Path | None,
         typer.Option(
-            help="Images to calibrate INT8 ranges on: a folder, .npy/.npz or CIFAR folder "
-            "(default: the data the checkpoint was trained on)."
+            help="Images to calibrate INT8 ranges on: a folder, .npy/.npz or CIFAR folder (default: the data the "
+            "checkpoint was trained on; for an imported model, the embedded photographs). An imported model "
+            "calibrates on whole images at its size, resized and cut at the centre."
         ),
     ] = None,
-    calibration_images: Annotated[int, typer.Option(help="How many images (crops) to calibrate on.")] = 2048,
+    calibration_images: Annotated[
+        int,
+        typer.Option(
+            help="How many images to calibrate on: crops of the model's size (an imported model: whole images, "
+            "at most this many)."
+        ),
+    ] = 2048,
     images: Annotated[
         Path | None,
         typer.Option(

@@ -49,7 +49,13 @@ def fitting_batch(manifest: Manifest, role: str, precision: str, requested: int)
     """`requested`, or fewer where that many images' activations would not fit ACTIVATION_BUDGET: a 256 x 256
     latent-diffusion tokenizer holds ~32 MB per image in one activation, vqtool's own 32 x 32 models ~0.1 MB."""
     entry = manifest.graphs.get(graph_key(role, precision))
-    per_image = (entry.activation_bytes if entry else 0) * LIVE_ACTIVATIONS
+    return batch_within_budget(entry.activation_bytes if entry else 0, requested)
+
+
+def batch_within_budget(activation_bytes: int, requested: int) -> int:
+    """`requested`, or as many images as fit ACTIVATION_BUDGET for a graph whose largest activation per image is
+    `activation_bytes` (0: not measured, `requested`)."""
+    per_image = activation_bytes * LIVE_ACTIVATIONS
     if per_image <= 0:
         return requested
     return max(1, min(requested, ACTIVATION_BUDGET // per_image))
