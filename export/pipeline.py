@@ -172,7 +172,8 @@ def _write_int8(
     else:
         data, source = own_data(), checkpoint.data or "the embedded default data"
     images = calibration_images(data, count, source, log)
-    agreement = code_agreement(checkpoint.model, data.batch(0, AGREEMENT_IMAGES, seed=AGREEMENT_SEED))
+    held_out = data.batch(0, AGREEMENT_IMAGES, seed=AGREEMENT_SEED)
+    agreement = code_agreement(checkpoint.model, held_out, fp32_encoder.activation_bytes)
     return write_checked_int8_encoder(staging, fp32_encoder, images, agreement, log)
 
 

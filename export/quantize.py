@@ -19,6 +19,7 @@ import logging
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -99,6 +100,35 @@ def _can_reuse_ranges() -> bool:
     return "calibration_cache_path" in inspect.signature(quantize_static).parameters
 
 
+def _chunked_reader(prepared: Path, input_name: str, images: np.ndarray) -> Any:
+    """A CalibrationDataReader over `images` a chunk at a time (set_range picks one; one collect_data call each),
+    each chunk holding as many images as keep the calibrated tensors under CALIBRATION_MEMORY, fed in batches."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    height, width = images.shape[1:3]
+    per_image = calibrated_bytes_per_image(prepared, height, width)
+    chunk = max(1, min(len(images), CALIBRATION_MEMORY // per_image))
+    batch = min(CALIBRATION_BATCH, chunk)
+
+    class Chunks(CalibrationDataReader):  # type: ignore[misc]  # untyped base from onnxruntime
+        def __init__(self) -> None:
+            self.starts = range(0, len(images), chunk)
+            self.set_range(0, 1)
+
+        def __len__(self) -> int:
+            return len(self.starts)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            first, end = self.starts[start_index], min(len(images), self.starts[end_index - 1] + chunk)
+            self.batches: Iterator[np.ndarray] = (images[s : min(s + batch, end)] for s in range(first, end, batch))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            next_batch = next(self.batches, None)
+            return None if next_batch is None else {input_name: next_batch}
+
+    return Chunks()
+
+
 def write_int8_encoder(
     folder: Path,
     fp32: GraphEntry,
@@ -114,7 +144,6 @@ def write_int8_encoder(
     ranges are made once (ranges are those of the FP32 graph, whichever convolutions stay FP32)."""
     import onnx
     from onnxruntime.quantization import (
-        CalibrationDataReader,
         CalibrationMethod,
         QuantFormat,
         QuantType,
@@ -133,34 +162,14 @@ def write_int8_encoder(
         stack.enter_context(_quiet_logging())
         if not prepared.exists():
             quant_pre_process(str(folder / fp32.file), str(prepared))
-        height, width = images.shape[1:3]
-        per_image = calibrated_bytes_per_image(prepared, height, width)
-        chunk = max(1, min(len(images), CALIBRATION_MEMORY // per_image))
-        batch = min(CALIBRATION_BATCH, chunk)
-
-        class Chunks(CalibrationDataReader):  # type: ignore[misc]  # untyped base from onnxruntime
-            """The images a chunk at a time (set_range picks one), each chunk in batches."""
-
-            def __init__(self) -> None:
-                self.starts = range(0, len(images), chunk)
-                self.set_range(0, 1)
-
-            def __len__(self) -> int:
-                return len(self.starts)
-
-            def set_range(self, start_index: int, end_index: int) -> None:
-                first, end = self.starts[start_index], min(len(images), self.starts[end_index - 1] + chunk)
-                self.batches: Iterator[np.ndarray] = (images[s : min(s + batch, end)] for s in range(first, end, batch))
-
-            def get_next(self) -> dict[str, np.ndarray] | None:
-                next_batch = next(self.batches, None)
-                return None if next_batch is None else {fp32.input: next_batch}
-
-        reuse = {"calibration_cache_path": str(work / "ranges.json")} if _can_reuse_ranges() else {}
+        ranges = work / "ranges.json"
+        reuse = {"calibration_cache_path": str(ranges)} if _can_reuse_ranges() else {}
+        # With ranges kept from an earlier call nothing is calibrated: no reader, and no shapes inferred for one.
+        reader = None if reuse and ranges.is_file() else _chunked_reader(prepared, fp32.input, images)
         quantize_static(
             str(prepared),
             str(out_path),
-            Chunks(),
+            reader,
             quant_format=QuantFormat.QDQ,
             # Relu: the tool removes a ReLU that follows a quantized convolution and calibrates the
             # convolution's output on the ReLU's output (QDQRemovableActivation); the integer convolution
