@@ -204,8 +204,10 @@ def code_agreement(model: TokenizerModel, images: np.ndarray, activation_bytes: 
     batch = batch_within_budget(activation_bytes, BATCH)
     reference = torch_reference(model, images, batch=batch, decode=False).codes
 
+    large = activation_bytes >= LARGE_ACTIVATION_BYTES
+
     def agreement(graph: Path) -> float:
-        encoder = OnnxRuntimeRunner(graph, "cpu", plan_memory=activation_bytes < LARGE_ACTIVATION_BYTES)
+        encoder = OnnxRuntimeRunner(graph, "cpu", plan_memory=not large, intra_op=large)
         try:
             codes = np.concatenate([encoder(images[s : s + batch]) for s in range(0, len(images), batch)])
         finally:

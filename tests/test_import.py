@@ -175,12 +175,15 @@ def _batches_shrink_where_activations_are_large(export: Path) -> None:
     expected = ACTIVATION_BUDGET // (large * LIVE_ACTIVATIONS)
     assert 1 < expected < 64 and fitting_batch(big, "encoder", "fp32", 64) == expected
     assert fitting_batch(big, "decoder", "fp32", 2) == 2
-    # Such graphs run without ONNX Runtime's memory pattern, which plans one block for all of a run's tensors.
+    # Such graphs run without ONNX Runtime's memory pattern, which plans one block for all of a run's tensors,
+    # and each batch whole on intra-op threads: in lanes, a batch of one image would leave the other core idle.
     from vqtool.runtime.select import _open
 
-    for which, planned in ((manifest, True), (big, False)):
-        runner = _open(export, which, "encoder", "onnxruntime", "cpu", "fp32", spin=False, threads=1)
-        assert runner.session.get_session_options().enable_mem_pattern is planned  # type: ignore[attr-defined]
+    for which, small in ((manifest, True), (big, False)):
+        runner = _open(export, which, "encoder", "onnxruntime", "cpu", "fp32", spin=False, threads=2)
+        options = runner.session.get_session_options()  # type: ignore[attr-defined]
+        assert options.enable_mem_pattern is small
+        assert (runner.lanes, options.intra_op_num_threads) == ((2, 1) if small else (1, 2))  # type: ignore[attr-defined]
 
 
 def test_a_diffusers_vqmodel_imports_exports_encodes_and_decodes_as_the_library_does(tmp_path: Path) -> None:

@@ -186,7 +186,12 @@ def test_bf16_runs_only_where_parity_did_not_record_a_failure(export_copy: Path,
     assert unchecked.returncode == 0 and "bf16 not yet checked" in unchecked.stderr
     assert json.loads((export_copy / "c.json").read_text())["precision"] == "bf16"
     (export_copy / "parity.json").write_text(json.dumps({**saved, "reports": [_bf16_report(False)]}))
-    one_error_line(encode(), "bf16 failed parity on this export", "98.88% identical codes")
+    refused = encode()
+    one_error_line(refused, "bf16 failed parity on this export", "98.88% identical codes")
+    assert "use fp32" in refused.stderr and "int8" not in refused.stderr  # no INT8 graph passed here
+    int8 = {**_bf16_report(True), "runtime": "onnxruntime", "precision": "int8"}
+    (export_copy / "parity.json").write_text(json.dumps({**saved, "reports": [_bf16_report(False), int8]}))
+    assert "use fp32 or int8" in encode().stderr
     (export_copy / "parity.json").write_text(json.dumps({**saved, "reports": [_bf16_report(True)]}))
     assert "bf16 passed parity" in encode().stderr
     # BF16 is OpenVINO's only.

@@ -12,7 +12,7 @@ from rich.table import Table
 
 def parity_table(reports: Sequence[dict[str, Any]]) -> Table:
     """One row per runtime and precision, as parity.json records them."""
-    table = Table(title=f"parity against PyTorch on {reports[0]['images']} held-out images" if reports else "parity")
+    table = Table(title=f"parity against PyTorch on {reports[0]['images']} images" if reports else "parity")
     for header in (
         "runtime",
         "precision",

@@ -126,7 +126,10 @@ class OnnxRuntimeRunner:
     cores that image readers need). Below LANE_MIN_BATCH images spinning threads answer sooner, so with `spin`
     such batches run whole on a second session whose idle threads spin, opened on the first such batch;
     pipelines, whose readers need the cores, run `pipelined()`, which never opens it.
-    docs/design-measurements.md has the measurements behind both choices.
+    With `intra_op` (graphs of large images, whose operators take milliseconds, so threads meeting after each
+    cost little) every batch runs whole on intra-op threads instead: the activation budget gives such graphs
+    batches of one or two images, which lanes would leave to one core.
+    docs/design-measurements.md has the measurements behind these choices.
     """
 
     backend = "onnxruntime"
@@ -141,15 +144,18 @@ class OnnxRuntimeRunner:
         spin: bool = False,
         tensorrt: TrtOptions | None = None,
         plan_memory: bool = True,
+        intra_op: bool = False,
     ) -> None:
         ort = _onnxruntime()
         self.path, self.spin, self.plan_memory = path, spin, plan_memory
         ort.set_default_logger_severity(4)
         self.requested = requested_providers(device, ort.get_available_providers(), tensorrt is not None)
+        self.intra_op_threads = inference_lanes(threads) if intra_op else 1
         self.session, self.provider = self._start(ort, device, tensorrt)
         self.input_name = self.session.get_inputs()[0].name
         self.version = ort.__version__
-        self.lanes = inference_lanes(threads) if self.provider == "CPUExecutionProvider" else 1
+        cpu = self.provider == "CPUExecutionProvider"
+        self.lanes = inference_lanes(threads) if cpu and not intra_op else 1
         self._lane_pool = ThreadPoolExecutor(self.lanes - 1, "vqtool-lane") if self.lanes > 1 else None
         self._whole: Any = None
         self._whole_lock = threading.Lock()
@@ -166,9 +172,9 @@ class OnnxRuntimeRunner:
             os.environ.setdefault(TF32_OVERRIDE, "0")
         if tensorrt is not None:
             providers[0] = (TRT_PROVIDER, tensorrt.provider_options())
-        # One intra-op thread: the CPU's parallelism comes from lanes (see the class docstring); on a GPU
-        # the CPU runs only the few operators the device provider leaves it.
-        options = _session_options(ort, threads=1, spin=False, plan_memory=self.plan_memory)
+        # One intra-op thread unless `intra_op`: the CPU's parallelism comes from lanes (see the class
+        # docstring); on a GPU the CPU runs only the few operators the device provider leaves it.
+        options = _session_options(ort, threads=self.intra_op_threads, spin=False, plan_memory=self.plan_memory)
         # ONNX Runtime prints a provider that fails to start (and its fallback) on stdout, where command results
         # go: keep that text as the reason instead.
         narration = io.StringIO()
@@ -236,6 +242,8 @@ class OnnxRuntimeRunner:
         if self.provider == TRT_PROVIDER and os.environ.get(TF32_OVERRIDE) != "0":
             note += f" (TF32 may be on: {TF32_OVERRIDE} is {os.environ.get(TF32_OVERRIDE)!r}, not '0')"
         lanes = f", {self.lanes} lanes" if self.lanes > 1 else ""
+        if self.intra_op_threads > 1 and self.provider == "CPUExecutionProvider":
+            lanes = f", {self.intra_op_threads} intra-op threads"
         return f"ONNX Runtime {self.version} on {self.provider}{lanes}{note}"
 
 

@@ -18,6 +18,7 @@ from vqtool.runtime.base import (
     BF16,
     DEVICES,
     FP32,
+    INT8,
     LABELS,
     PRECISIONS,
     REFERENCE,
@@ -51,8 +52,10 @@ def check_bf16(export_dir: Path) -> str:
     if report is None:
         return "bf16 not yet checked on this export: vqtool parity EXPORT_DIR --precision bf16"
     if not report.passed:
+        int8 = parity_report(export_dir, Backend.onnxruntime.value, INT8)
+        instead = "fp32 or int8" if int8 is not None and int8.passed else "fp32"
         raise VqtoolError(
-            f"bf16 failed parity on this export here ({report.failures[0]}); use fp32 or int8",
+            f"bf16 failed parity on this export here ({report.failures[0]}); use {instead}",
             export_dir / "parity.json",
         )
     return f"bf16 passed parity: {report.identical_fraction:.2%} identical codes"
@@ -131,7 +134,7 @@ def _open(
         return OnnxRuntimeRunner(graph, Device.cuda.value, spin=spin, tensorrt=options)
     entry = manifest.graphs.get(graph_key(role, precision))
     large = entry is not None and entry.activation_bytes >= LARGE_ACTIVATION_BYTES
-    return OnnxRuntimeRunner(graph, device, threads=threads, spin=spin, plan_memory=not large)
+    return OnnxRuntimeRunner(graph, device, threads=threads, spin=spin, plan_memory=not large, intra_op=large)
 
 
 def _check_names(backend: str, device: str, precision: str) -> None:
