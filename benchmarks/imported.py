@@ -11,7 +11,10 @@ photographs (so that codes spread over the images as a trained model's do), and 
           --parity-images of the embedded photographs), and `vqtool parity --backend openvino` (FP32, BF16);
   speed   batch 4 at the native resolution, ONNX Runtime FP32 and each opt-in precision against the library's
           eager encode (VQModel.encode + quantize, JanusVQVAE.encode) and decode from codes, in alternating
-          rounds; the goals: FP32 encode >= 1.3x and decode >= 1.2x eager, the best opt-in encode >= 2x;
+          rounds; the goals: FP32 encode >= 1.3x and decode >= 1.2x eager, the best opt-in encode >= 2x.
+          Each encode's arithmetic rate (the encoder's FLOP per image x images/s) is printed beside this CPU's
+          FP32 matrix-product rate, measured after the rounds: an FP32 runtime near that rate is as fast as
+          FP32 can be, so its ratio to eager is bounded by how far eager falls below it;
   memory  peak RSS of `vqtool encode` of --memory photographs at the native size (the first model only); the
           goal: under 1.5 GB for VQ-f4 at 200 and at 50 images.
 Figures go to WORK/imported.json. Each model takes minutes on two cores: choose a few with --models.
@@ -283,24 +286,35 @@ def speed(name: str, export: Path, rounds: int) -> list[dict[str, Any]]:
         if tok.has_decoder and precision != "int8":
             contenders["decode"].append((label, lambda t=tok: t.decode(codes.numpy())))
     rows = []
+    timed: dict[str, list[list[float]]] = {}
     for stage, calls in contenders.items():
         if stage == "decode" and not model.has_decoder:
             continue
-        seconds = _alternating([call for _, call in calls], rounds)
+        timed[stage] = _alternating([call for _, call in calls], rounds)
+    # After the rounds, so that the contenders are timed first and alike; the best of short rounds (a shared
+    # machine only ever makes it look slower).
+    from vqtool.bench.model_only import fp32_matmul_flops
+    from vqtool.model.vqvae import encoder_macs
+
+    matmul_rate, flop_per_image = fp32_matmul_flops(2.0), 2.0 * encoder_macs(model)
+    for stage, seconds in timed.items():
+        calls = contenders[stage]
         for (label, _), per_round in zip(calls, seconds, strict=True):
             ratio = float(np.median(np.divide(seconds[0], per_round)))
-            rows.append(
-                {
-                    "model": name,
-                    "stage": stage,
-                    "runtime": label,
-                    "images_per_s": BATCH / float(np.median(per_round)),
-                    "vs_eager": ratio,
-                }
-            )
-            print(
-                f"{name} {stage} {label}: {BATCH / np.median(per_round):.2f} images/s, {ratio:.2f}x eager", flush=True
-            )
+            images_per_s = BATCH / float(np.median(per_round))
+            row = {"model": name, "stage": stage, "runtime": label, "images_per_s": images_per_s, "vs_eager": ratio}
+            rate = ""
+            if stage == "encode":
+                row["gflop_per_s"] = images_per_s * flop_per_image / 1e9
+                row["of_fp32_matmul_rate"] = images_per_s * flop_per_image / matmul_rate
+                rate = f", {row['gflop_per_s']:.0f} GFLOP/s ({row['of_fp32_matmul_rate']:.0%} of FP32 matmul)"
+            rows.append(row)
+            print(f"{name} {stage} {label}: {images_per_s:.2f} images/s, {ratio:.2f}x eager{rate}", flush=True)
+    print(
+        f"{name}: the encoder does {flop_per_image / 1e9:.1f} GFLOP per image; a 1024x1024 FP32 matrix product runs "
+        f"at {matmul_rate / 1e9:.0f} GFLOP/s here",
+        flush=True,
+    )
     for tok in opened:
         tok.close()
     return rows
