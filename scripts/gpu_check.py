@@ -21,7 +21,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_STEPS = 400
 # The whole check stays under 8 minutes: these are the steps' own limits.
-LIMITS = {"tests": 200, "train": 120, "export": 90, "bench": 120}
+LIMITS = {"tests": 200, "train": 120, "export": 90, "bench": 120, "imported": 150}
+# The CI toys of each imported family (tests/test_import.py): label, library, builder, whether it decodes.
+IMPORTED = (
+    ("diffusers VQModel", "diffusers", "make_vqmodel", True),
+    ("transformers JanusVQVAE", "transformers", "make_janus", True),
+    ("transformers Emu3VQVAE", "transformers", "make_emu3", True),
+    ("transformers ChameleonVQVAE", "transformers", "make_chameleon", False),
+)
 
 
 class Report:
@@ -133,6 +140,64 @@ def cuda_vs_onnxruntime_cpu(export_dir: Path, device: str = "cuda") -> tuple[boo
     return ok, body
 
 
+def imported_families(device: str, work: Path) -> tuple[bool, str]:
+    """Each imported family's CI toy through the CLI: import, export, then encode and decode 16 embedded
+    photographs with PyTorch on `device` and with ONNX Runtime on the CPU, and compare."""
+    import numpy as np
+    from PIL import Image
+
+    from tests import test_import as toys
+    from vqtool.images.embedded import embedded_photographs
+
+    photos = work / "imported-photos"
+    photos.mkdir(exist_ok=True)
+    for index, image in enumerate(embedded_photographs(toys.SIZE)[:16]):
+        Image.fromarray(image).save(photos / f"p{index:02d}.png")
+    vqtool = [sys.executable, "-m", "vqtool"]
+    rows, ok = [], True
+    for label, library, builder, decodes in IMPORTED:
+        try:
+            __import__(library)
+        except ModuleNotFoundError:
+            rows.append(f"| {label} | not run: {library} is not installed (pip install 'vqtool[import]') | | |")
+            continue
+        folder = work / builder
+        getattr(toys, builder)(folder)
+        checkpoint, export = work / f"{builder}.pt", work / f"{builder}-export"
+        steps = [
+            [*vqtool, "import", str(folder), "--out", str(checkpoint), "--image-size", str(toys.SIZE)],
+            [*vqtool, "export", str(checkpoint), "--out", str(export)],
+        ]
+        runs = {"torch": device, "onnxruntime": "cpu"}
+        for backend, where in runs.items():
+            codes = work / f"{builder}-{backend}.npy"
+            steps.append([*vqtool, "encode", str(photos), "--model", str(export), "--out", str(codes)])
+            steps[-1] += ["--backend", backend, "--device", where]
+            if decodes:  # both decode ONNX Runtime's codes, so decoders are compared on the same codes
+                recon = work / f"{builder}-{backend}-recon"
+                steps.append([*vqtool, "decode", str(work / f"{builder}-onnxruntime.npy"), "--model", str(export)])
+                steps[-1] += ["--out", str(recon), "--backend", backend, "--device", where]
+        steps.sort(key=lambda step: "decode" in step)  # every encode before the decodes that read its codes
+        failed = next((out for good, out, _ in (_run(step, LIMITS["imported"]) for step in steps) if not good), None)
+        if failed is not None:
+            ok = False
+            rows.append(f"| {label} | failed: {failed.strip().splitlines()[-1] if failed.strip() else '?'} | | |")
+            continue
+        torch_codes, ort_codes = (np.load(work / f"{builder}-{b}.npy") for b in runs)
+        same = float((torch_codes == ort_codes).mean())
+        worst = "no decoder"
+        if decodes:
+            recon = [
+                np.stack([np.asarray(Image.open(f)) for f in sorted((work / f"{builder}-{b}-recon").glob("*.png"))])
+                for b in runs
+            ]
+            worst = str(int(np.abs(recon[0].astype(int) - recon[1].astype(int)).max()))
+        ok &= same >= 0.99 and (not decodes or int(worst) <= 2)  # a report, not a test: near-ties may flip
+        rows.append(f"| {label} | {torch_codes.shape} | {same:.4%} | {worst} |")
+    header = [f"| family (CI toy) | codes | PyTorch {device} = ONNX Runtime CPU | decode max abs diff |"]
+    return ok, "\n".join([*header, "| --- | --- | --- | --- |", *rows])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--report", type=Path, default=REPO / "gpu-check-report.md")
@@ -185,6 +250,12 @@ def main() -> int:
     except Exception as exc:  # noqa: BLE001 - the report says what broke and the run goes on
         ok, body = False, f"{type(exc).__name__}: {exc}"
     report.section(f"parity: PyTorch on {device} against ONNX Runtime on the CPU", body, ok)
+
+    try:
+        ok, body = imported_families(device, work)
+    except Exception as exc:  # noqa: BLE001 - the report says what broke and the run goes on
+        ok, body = False, f"{type(exc).__name__}: {exc}"
+    report.section(f"imported tokenizers: PyTorch on {device} against ONNX Runtime on the CPU", body, ok)
 
     bench_json = work / "bench.json"
     ok, output, seconds = _run(
