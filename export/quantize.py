@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from vqtool.formats.manifest import LARGE_ACTIVATION_BYTES, GraphEntry, batch_within_budget, graph_key, sha256_file
+from vqtool.formats.manifest import GraphEntry, batch_within_budget, graph_key, sha256_file
 from vqtool.model.checkpoint import TokenizerModel
 from vqtool.runtime.base import INT8
 from vqtool.train.data.memory import TrainingData
@@ -204,10 +204,8 @@ def code_agreement(model: TokenizerModel, images: np.ndarray, activation_bytes: 
     batch = batch_within_budget(activation_bytes, BATCH)
     reference = torch_reference(model, images, batch=batch, decode=False).codes
 
-    large = activation_bytes >= LARGE_ACTIVATION_BYTES
-
     def agreement(graph: Path) -> float:
-        encoder = OnnxRuntimeRunner(graph, "cpu", plan_memory=not large, intra_op=large)
+        encoder = OnnxRuntimeRunner(graph, "cpu", activation_bytes=activation_bytes)
         try:
             codes = np.concatenate([encoder(images[s : s + batch]) for s in range(0, len(images), batch)])
         finally:

@@ -40,7 +40,7 @@ def graph_key(role: str, precision: str) -> str:
 # latent-diffusion VQ-f4 encoder at 256 x 256 (skip connections, the convolutions' im2col workspace), and a batch
 # holds as many images as fit ACTIVATION_BUDGET at that rate. Graphs whose activations reach
 # LARGE_ACTIVATION_BYTES per image run without ONNX Runtime's memory pattern, and on its intra-op threads
-# rather than in lanes (see runtime/onnxruntime.py).
+# rather than in lanes (OnnxRuntimeRunner in runtime/onnxruntime.py applies both).
 ACTIVATION_BUDGET = 768 * 2**20
 LIVE_ACTIVATIONS = 12
 LARGE_ACTIVATION_BYTES = 2**20

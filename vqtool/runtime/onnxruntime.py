@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from vqtool.errors import VqtoolError, first_line
-from vqtool.formats.manifest import Manifest, engine_path, graph_key
+from vqtool.formats.manifest import LARGE_ACTIVATION_BYTES, Manifest, engine_path, graph_key
 from vqtool.runtime.base import DEVICES, Runner
 from vqtool.runtime.workers import inference_lanes
 
@@ -126,9 +126,10 @@ class OnnxRuntimeRunner:
     cores that image readers need). Below LANE_MIN_BATCH images spinning threads answer sooner, so with `spin`
     such batches run whole on a second session whose idle threads spin, opened on the first such batch;
     pipelines, whose readers need the cores, run `pipelined()`, which never opens it.
-    With `intra_op` (graphs of large images, whose operators take milliseconds, so threads meeting after each
-    cost little) every batch runs whole on intra-op threads instead: the activation budget gives such graphs
-    batches of one or two images, which lanes would leave to one core.
+    A graph whose largest activation per image (`activation_bytes`, from the manifest) reaches
+    LARGE_ACTIVATION_BYTES runs every batch whole on intra-op threads instead: its operators take milliseconds,
+    so threads meeting after each cost little, and the activation budget gives it batches of one or two images,
+    which lanes would leave to one core. It also runs without ONNX Runtime's memory pattern.
     docs/design-measurements.md has the measurements behind these choices.
     """
 
@@ -143,19 +144,19 @@ class OnnxRuntimeRunner:
         *,
         spin: bool = False,
         tensorrt: TrtOptions | None = None,
-        plan_memory: bool = True,
-        intra_op: bool = False,
+        activation_bytes: int = 0,
     ) -> None:
         ort = _onnxruntime()
-        self.path, self.spin, self.plan_memory = path, spin, plan_memory
+        self.path, self.spin = path, spin
+        self.large = activation_bytes >= LARGE_ACTIVATION_BYTES
         ort.set_default_logger_severity(4)
         self.requested = requested_providers(device, ort.get_available_providers(), tensorrt is not None)
-        self.intra_op_threads = inference_lanes(threads) if intra_op else 1
+        self.intra_op_threads = inference_lanes(threads) if self.large else 1
         self.session, self.provider = self._start(ort, device, tensorrt)
         self.input_name = self.session.get_inputs()[0].name
         self.version = ort.__version__
         cpu = self.provider == "CPUExecutionProvider"
-        self.lanes = inference_lanes(threads) if cpu and not intra_op else 1
+        self.lanes = inference_lanes(threads) if cpu and not self.large else 1
         self._lane_pool = ThreadPoolExecutor(self.lanes - 1, "vqtool-lane") if self.lanes > 1 else None
         self._whole: Any = None
         self._whole_lock = threading.Lock()
@@ -172,9 +173,9 @@ class OnnxRuntimeRunner:
             os.environ.setdefault(TF32_OVERRIDE, "0")
         if tensorrt is not None:
             providers[0] = (TRT_PROVIDER, tensorrt.provider_options())
-        # One intra-op thread unless `intra_op`: the CPU's parallelism comes from lanes (see the class
+        # One intra-op thread unless the graph is large: the CPU's parallelism comes from lanes (see the class
         # docstring); on a GPU the CPU runs only the few operators the device provider leaves it.
-        options = _session_options(ort, threads=self.intra_op_threads, spin=False, plan_memory=self.plan_memory)
+        options = _session_options(ort, threads=self.intra_op_threads, spin=False, plan_memory=not self.large)
         # ONNX Runtime prints a provider that fails to start (and its fallback) on stdout, where command results
         # go: keep that text as the reason instead.
         narration = io.StringIO()
@@ -198,11 +199,12 @@ class OnnxRuntimeRunner:
         return session, provider
 
     def _whole_session(self) -> Any:
-        """The session with spinning intra-op threads that small batches run on, opened on the first one."""
+        """The session with spinning intra-op threads that small batches run on, opened on the first one (only
+        where there are lanes, so never for a large graph)."""
         with self._whole_lock:
             if self._whole is None:
                 ort = _onnxruntime()
-                options = _session_options(ort, threads=self.lanes, spin=True, plan_memory=self.plan_memory)
+                options = _session_options(ort, threads=self.lanes, spin=True)
                 self._whole = ort.InferenceSession(
                     str(self.path), sess_options=options, providers=["CPUExecutionProvider"]
                 )

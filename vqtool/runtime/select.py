@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vqtool.errors import VqtoolError
-from vqtool.formats.manifest import LARGE_ACTIVATION_BYTES, Manifest, engine_path, graph_key, verify_graph
+from vqtool.formats.manifest import Manifest, engine_path, graph_key, verify_graph
 from vqtool.formats.records import parity_report, read_bench_rows
 from vqtool.runtime.base import (
     BACKENDS,
@@ -133,8 +133,8 @@ def _open(
         options = TrtOptions.for_export(export_dir, manifest, role, precision)
         return OnnxRuntimeRunner(graph, Device.cuda.value, spin=spin, tensorrt=options)
     entry = manifest.graphs.get(graph_key(role, precision))
-    large = entry is not None and entry.activation_bytes >= LARGE_ACTIVATION_BYTES
-    return OnnxRuntimeRunner(graph, device, threads=threads, spin=spin, plan_memory=not large, intra_op=large)
+    activation_bytes = entry.activation_bytes if entry is not None else 0
+    return OnnxRuntimeRunner(graph, device, threads=threads, spin=spin, activation_bytes=activation_bytes)
 
 
 def _check_names(backend: str, device: str, precision: str) -> None:
