@@ -164,24 +164,31 @@ def imported_families(device: str, work: Path) -> tuple[bool, str]:
         folder = work / builder
         getattr(toys, builder)(folder)
         checkpoint, export = work / f"{builder}.pt", work / f"{builder}-export"
+        runs = {"torch": device, "onnxruntime": "cpu"}
         steps = [
             [*vqtool, "import", str(folder), "--out", str(checkpoint), "--image-size", str(toys.SIZE)],
             [*vqtool, "export", str(checkpoint), "--out", str(export)],
         ]
-        runs = {"torch": device, "onnxruntime": "cpu"}
-        for backend, where in runs.items():
-            codes = work / f"{builder}-{backend}.npy"
-            steps.append([*vqtool, "encode", str(photos), "--model", str(export), "--out", str(codes)])
-            steps[-1] += ["--backend", backend, "--device", where]
-            if decodes:  # both decode ONNX Runtime's codes, so decoders are compared on the same codes
-                recon = work / f"{builder}-{backend}-recon"
-                steps.append([*vqtool, "decode", str(work / f"{builder}-onnxruntime.npy"), "--model", str(export)])
-                steps[-1] += ["--out", str(recon), "--backend", backend, "--device", where]
-        steps.sort(key=lambda step: "decode" in step)  # every encode before the decodes that read its codes
-        failed = next((out for good, out, _ in (_run(step, LIMITS["imported"]) for step in steps) if not good), None)
+        steps += [
+            [*vqtool, "encode", str(photos), "--model", str(export), "--out", str(work / f"{builder}-{backend}.npy")]
+            + ["--backend", backend, "--device", where]
+            for backend, where in runs.items()
+        ]
+        if decodes:  # both decode ONNX Runtime's codes, so that the decoders are compared on the same codes
+            steps += [
+                [*vqtool, "decode", str(work / f"{builder}-onnxruntime.npy"), "--model", str(export)]
+                + ["--out", str(work / f"{builder}-{backend}-recon"), "--backend", backend, "--device", where]
+                for backend, where in runs.items()
+            ]
+        failed = None
+        for step in steps:
+            good, output, _ = _run(step, LIMITS["imported"])
+            if not good:
+                failed = output.strip().splitlines()[-1] if output.strip() else "?"
+                break
         if failed is not None:
             ok = False
-            rows.append(f"| {label} | failed: {failed.strip().splitlines()[-1] if failed.strip() else '?'} | | |")
+            rows.append(f"| {label} | failed: {failed} | | |")
             continue
         torch_codes, ort_codes = (np.load(work / f"{builder}-{b}.npy") for b in runs)
         same = float((torch_codes == ort_codes).mean())
