@@ -212,7 +212,7 @@ def parity(name: str, work: Path, spec: dict[str, Any], images: int, int8: bool)
     checkpoint, export = work / f"{name}.pt", work / f"{name}-export"
     if not (export / "manifest.json").is_file():
         imported = _vqtool(
-            "import", str(work / name), "--out", str(checkpoint), "--image-size", str(spec["image_size"])
+            "import", str(work / name), "--out", str(checkpoint), "--image-size", str(spec["image_size"]), "--overwrite"
         )
         print(imported.stdout.strip(), flush=True)
         photos = _photo_folder(work / f"parity-{spec['image_size']}-{images}", spec["image_size"], images)

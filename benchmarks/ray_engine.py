@@ -97,7 +97,7 @@ def main() -> None:
     for size in args.sizes:
         folder = make_png_folder(args.work / f"png{size}", size)
         out = args.work / "codes.npy"
-        common = [str(folder), "--model", str(export), "--out", str(out)]
+        common = [str(folder), "--model", str(export), "--out", str(out), "--overwrite"]  # each round writes it again
         times: dict[str, list[float]] = {"local": [], "ray cold": [], "ray warm": [], "ray floor": []}
         memory: dict[str, float] = {}
         for _ in range(args.rounds):

@@ -96,7 +96,8 @@ def main() -> None:
                 print("training the default model for 300 steps ...", flush=True)
                 vqtool("train", "--steps", "300", "--out", str(args.work / "run"))
             print("exporting it (FP32, FP16, INT8) ...", flush=True)
-            vqtool("export", str(args.work / "run" / "checkpoint.pt"), "--out", str(export), "--fp16", "--int8")
+            checkpoint = str(args.work / "run" / "checkpoint.pt")
+            vqtool("export", checkpoint, "--out", str(export), "--fp16", "--int8", "--overwrite")
 
     folder = png_folder(args.work, args.images)
     print(f"\n== vqtool bench on {args.images} PNG files ==", flush=True)
@@ -108,7 +109,7 @@ def main() -> None:
 
     print("== decode to PNG files vs the decoder alone ==", flush=True)
     codes = args.work / "codes.npy"
-    vqtool("encode", str(folder), "--model", str(export), "--out", str(codes), "--batch-size", "256")
+    vqtool("encode", str(folder), "--model", str(export), "--out", str(codes), "--batch-size", "256", "--overwrite")
     from vqtool.formats.manifest import read_manifest
     from vqtool.pipeline.decode import decode_file
     from vqtool.runtime.select import open_runner
@@ -155,6 +156,7 @@ def main() -> None:
             str(args.work / f"codes{count}.npy"),
             "--batch-size",
             "256",
+            "--overwrite",
         )
         figures["memory"].append({"images": count, "peak_rss_mib": rss, "seconds": seconds})  # type: ignore[union-attr]
         print(f"{count:>7} images: peak RSS {rss:,.0f} MiB, {seconds:.1f} s ({count / seconds:,.0f} images/s)")

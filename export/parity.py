@@ -23,12 +23,12 @@ from vqtool.export.graphs import write_graphs
 from vqtool.formats.atomic import write_json
 from vqtool.formats.manifest import (
     PARITY_NAME,
-    PYTORCH_FILE,
     Manifest,
     fitting_batch,
     graph_key,
     read_manifest,
     verify_graph,
+    verify_pytorch_file,
 )
 from vqtool.formats.records import ParityReport, read_parity_reports
 from vqtool.images.collections import read_image_set
@@ -361,7 +361,7 @@ def check_export(
     """
     manifest = read_manifest(export_dir)
     try:
-        checkpoint = load_checkpoint(export_dir / (manifest.pytorch_file or PYTORCH_FILE))
+        checkpoint = load_checkpoint(verify_pytorch_file(export_dir, manifest))
     except CheckpointError as exc:
         raise VqtoolError(str(exc)) from None
     if images is not None:

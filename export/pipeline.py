@@ -7,7 +7,6 @@ the old export or the new one, never a mix; a failed parity keeps the graphs asi
 from __future__ import annotations
 
 import functools
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from vqtool.export.quantize import (
 from vqtool.export.tensorrt import EngineProfile
 from vqtool.export.tensorrt_ops import trt_problems
 from vqtool.formats.atomic import usual_mode, write_json
+from vqtool.formats.lock import output_lock
 from vqtool.formats.manifest import (
     MANIFEST_NAME,
     PARITY_NAME,
@@ -43,6 +43,7 @@ from vqtool.formats.manifest import (
     graph_key,
     sha256_file,
 )
+from vqtool.formats.outputs import check_export_target, remove_export, replace_export
 from vqtool.images.embedded import embedded_photographs
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.model.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
@@ -124,17 +125,6 @@ def _build_engines(
         )
 
 
-def _publish(staging: Path, out_dir: Path) -> None:
-    """Replace `out_dir` with `staging` so that readers see the old export or the new one, never a mix."""
-    if out_dir.exists():
-        backup = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        out_dir.rename(backup)
-        staging.rename(out_dir)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        staging.rename(out_dir)
-
-
 def _write_int8(
     staging: Path,
     checkpoint: Checkpoint,
@@ -209,22 +199,24 @@ def _write_manifest(
     return manifest
 
 
-def _check_target(out_dir: Path, int8: bool, calibration_count: int, trt: bool) -> None:
+def _check_options(int8: bool, calibration_count: int, trt: bool) -> None:
     if trt:
         from vqtool.runtime.tensorrt import require_tensorrt_gpu
 
         require_tensorrt_gpu()  # before any work: a missing TensorRT or GPU is one sentence, not a half export
     if int8 and calibration_count < 1:
         raise VqtoolError(f"--calibration-images must be at least 1, got {calibration_count}")
-    if out_dir.exists() and not (out_dir / MANIFEST_NAME).is_file():
-        if not out_dir.is_dir() or any(out_dir.iterdir()):
-            raise VqtoolError("exists and is not a vqtool export folder; choose another --out", out_dir)
 
 
 def _fail_parity(staging: Path, out_dir: Path, verification: Verification) -> ParityFailed:
-    """Keep the graphs that failed parity beside the target for inspection; the error that says where."""
+    """Keep the graphs that failed parity beside the target for inspection; the error that says where. An earlier
+    failed export kept there is replaced in what it holds of its own; a folder of that name that is not one stays,
+    and the graphs go beside it under a numbered name."""
     kept = out_dir.with_name(f"{out_dir.name}.failed-parity")
-    shutil.rmtree(kept, ignore_errors=True)
+    number = 1
+    while kept.exists() and not remove_export(kept):
+        number += 1
+        kept = out_dir.with_name(f"{out_dir.name}.failed-parity-{number}")
     staging.rename(kept)
     failed = [r for r in verification.reports if not r.passed]
     reasons = "; ".join(f"{r.runtime} {r.precision}: {', '.join(r.failures)}" for r in failed)
@@ -245,50 +237,55 @@ def export_model(
     timing_cache: Path | None = None,
     images: Path | None = None,
     parity_images: np.ndarray | None = None,
+    overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> ExportResult:
     """Write graphs (+ engines), manifest and parity.json to `out_dir`; a failed parity fails the export.
 
     Parity compares on `images` (a collection, read at the model's size), or `parity_images` (an array), or by
-    default on the held-out data the checkpoint was trained on (an imported model: the embedded photographs)."""
-    _check_target(out_dir, int8, calibration_count, trt)
-    checkpoint = load_for_export(checkpoint_path)
-    checkpoint_sha = sha256_file(checkpoint_path)
-    if images is not None:  # before any work: a folder that cannot be read stops the export in one line
-        from vqtool.images.collections import read_image_set
+    default on the held-out data the checkpoint was trained on (an imported model: the embedded photographs).
+    `out_dir` must not exist, be empty, or (with `overwrite`) hold an earlier export, of which only the files its
+    manifest lists are replaced; no other run may write it meanwhile."""
+    _check_options(int8, calibration_count, trt)
+    with output_lock(out_dir):
+        check_export_target(out_dir, overwrite=overwrite)
+        checkpoint = load_for_export(checkpoint_path)
+        checkpoint_sha = sha256_file(checkpoint_path)
+        if images is not None:  # before any work: a folder that cannot be read stops the export in one line
+            from vqtool.images.collections import read_image_set
 
-        size = checkpoint.model_config.image_size
-        parity_images = read_image_set(images, size, max_pixels=max_pixels)[0]
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
-    usual_mode(staging)
-    try:
-        entries: dict[str, GraphEntry] = {}
-        for precision in (FP32, FP16) if fp16 else (FP32,):
-            entries.update(write_graphs(checkpoint.model, checkpoint_sha, staging, precision))
-        _check_trt_compatible(staging, entries, strict=trt, log=log)
-        # The checkpoint's own data is read (and its skipped files reported) once, for calibration and parity.
-        own_data = functools.cache(lambda: training_set_of(checkpoint, log))
-        graphs = dict(entries)
-        if int8:
-            # After the TensorRT check: the INT8 graph is for the CPU runtimes, not TensorRT.
-            fp32_encoder = entries[graph_key("encoder", FP32)]
-            graphs[graph_key("encoder", INT8)] = _write_int8(
-                staging, checkpoint, fp32_encoder, calibration, calibration_count, max_pixels, own_data, log
+            size = checkpoint.model_config.image_size
+            parity_images = read_image_set(images, size, max_pixels=max_pixels)[0]
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+        usual_mode(staging)
+        try:
+            entries: dict[str, GraphEntry] = {}
+            for precision in (FP32, FP16) if fp16 else (FP32,):
+                entries.update(write_graphs(checkpoint.model, checkpoint_sha, staging, precision))
+            _check_trt_compatible(staging, entries, strict=trt, log=log)
+            # The checkpoint's own data is read (and its skipped files reported) once, for calibration and parity.
+            own_data = functools.cache(lambda: training_set_of(checkpoint, log))
+            graphs = dict(entries)
+            if int8:
+                # After the TensorRT check: the INT8 graph is for the CPU runtimes, not TensorRT.
+                fp32_encoder = entries[graph_key("encoder", FP32)]
+                graphs[graph_key("encoder", INT8)] = _write_int8(
+                    staging, checkpoint, fp32_encoder, calibration, calibration_count, max_pixels, own_data, log
+                )
+            manifest = _write_manifest(staging, checkpoint, checkpoint_sha, graphs)
+            if trt:
+                _build_engines(staging, entries, checkpoint.model_config, profile or EngineProfile(), timing_cache, log)
+            compared = parity_images if parity_images is not None else default_parity_images(checkpoint, own_data)
+            written = tuple(p for p in PRECISIONS if p != BF16)
+            verification = verify_export(
+                checkpoint.model, staging, manifest, compared, backends=EXPORT_RUNTIMES, precisions=written, log=log
             )
-        manifest = _write_manifest(staging, checkpoint, checkpoint_sha, graphs)
-        if trt:
-            _build_engines(staging, entries, checkpoint.model_config, profile or EngineProfile(), timing_cache, log)
-        compared = parity_images if parity_images is not None else default_parity_images(checkpoint, own_data)
-        written = tuple(p for p in PRECISIONS if p != BF16)
-        verification = verify_export(
-            checkpoint.model, staging, manifest, compared, backends=EXPORT_RUNTIMES, precisions=written, log=log
-        )
-        write_json(staging / PARITY_NAME, verification.to_dict())
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if not verification.passed:
-        raise _fail_parity(staging, out_dir, verification)
-    _publish(staging, out_dir)
-    return ExportResult(out_dir, manifest, verification)
+            write_json(staging / PARITY_NAME, verification.to_dict())
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if not verification.passed:
+            raise _fail_parity(staging, out_dir, verification)
+        replace_export(staging, out_dir)
+        return ExportResult(out_dir, manifest, verification)

@@ -135,7 +135,7 @@ def test_bad_images_fail_in_one_line_and_keep_the_previous_codes(
         target = tmp_path / "empty"
         target.mkdir()
         expected = (str(target), "no images found")
-    result = run_cli("encode", str(target), "--model", str(export_dir), "--out", str(out))
+    result = run_cli("encode", str(target), "--model", str(export_dir), "--out", str(out), "--overwrite")
     _one_error_line(result, *expected)
     assert out.read_bytes() == previous
     assert _leftovers(tmp_path) == []

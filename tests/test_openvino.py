@@ -178,7 +178,7 @@ def test_bf16_runs_only_where_parity_did_not_record_a_failure(export_copy: Path,
     def encode() -> object:
         return run_cli(
             "encode", str(mixed_folder), "--model", str(export_copy), "--out", str(export_copy / "c.npy"),
-            "--backend", "openvino", "--precision", "bf16",
+            "--backend", "openvino", "--precision", "bf16", "--overwrite",
         )  # fmt: skip
 
     saved = json.loads((export_copy / "parity.json").read_text())

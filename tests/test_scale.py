@@ -191,7 +191,9 @@ def test_worker_and_thread_counts_change_speed_not_results(png_folder: Path, exp
     assert np.array_equal(default, np.load(tmp_path / "three.npy"))
     args = ["--model", str(export_dir), "--out", str(tmp_path / "decoded")]
     for writers in ("1", "3"):
-        result = run_cli("decode", str(tmp_path / "default.npy"), *args, "--writers", writers, "--threads", "1")
+        result = run_cli(
+            "decode", str(tmp_path / "default.npy"), *args, "--writers", writers, "--threads", "1", "--overwrite"
+        )
         assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "decoded").glob("*.png"))) == 61
     refused = run_cli(

@@ -156,16 +156,18 @@ def test_lists_and_tar_shards_train_end_to_end_through_the_cli(tmp_path: Path) -
         "shards": [str(tmp_path / "shards" / "train-{000000..000002}.tar"), "--workers", "2"],
     }
     for name, data in sources.items():
-        result = run_cli("train", "--data", *data, *common, "--out", str(tmp_path / name))
+        run = tmp_path / f"run-{name}"
+        result = run_cli("train", "--data", *data, *common, "--out", str(run))
         assert result.returncode == 0, f"{name}: {result.stderr}"
-        final = json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1])
+        final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
         assert final["step"] == 3 and 0 < final["val_ssim"] <= 1 and final["skipped_files"] == 0
-        assert any((tmp_path / name / "tensorboard").iterdir())
-    refused = run_cli("train", "--resume", str(tmp_path / "list"), "--val-data", str(tmp_path / "photos"))
+        assert any((run / "tensorboard").iterdir())
+    run = tmp_path / "run-list"
+    refused = run_cli("train", "--resume", str(run), "--val-data", str(tmp_path / "photos"))
     assert refused.returncode == 1 and "--val-data cannot change on --resume" in refused.stderr
-    listed = json.loads((tmp_path / "list" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert "from" in run_cli("train", "--resume", str(tmp_path / "list"), "--steps", "4").stderr
-    assert json.loads((tmp_path / "list" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
+    listed = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "from" in run_cli("train", "--resume", str(run), "--steps", "4").stderr
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
     assert listed["step"] == 3
 
 

@@ -7,19 +7,23 @@ result = train(resume_run(result.run_dir, steps=3000))
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vqtool.errors import VqtoolError
+from vqtool.formats.lock import OutputLock
 from vqtool.images.reading import describe_skipped
 from vqtool.model.checkpoint import CheckpointError, load_checkpoint
 from vqtool.model.config import ModelConfig, TrainConfig
 from vqtool.model.presets import preset_settings
+from vqtool.train.board import BOARD_DIR
 from vqtool.train.data.memory import TrainingData
 from vqtool.train.data.streaming import collection_exists, load_training_set
-from vqtool.train.loop import CHECKPOINT_NAME, RunResult, TrainingStopped, fit
+from vqtool.train.loop import CHECKPOINT_NAME, FIGURES_DIR, METRICS_NAME, RunResult, TrainingStopped, fit
 
 RUNS_ROOT = Path("runs")
 
@@ -63,7 +67,20 @@ def new_run(
     run_dir = out or next_run_dir()
     if (run_dir / CHECKPOINT_NAME).exists():
         raise VqtoolError(f"already holds a run; continue it with --resume {run_dir} or pick another --out", run_dir)
+    _check_run_folder(run_dir)
     return RunPlan(model_config, train_config, run_dir, data)
+
+
+# What a run writes in its folder: a folder that holds anything else is not a run's, and a new run stays out of it.
+RUN_ENTRIES = frozenset({CHECKPOINT_NAME, METRICS_NAME, FIGURES_DIR, BOARD_DIR})
+
+
+def _check_run_folder(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise VqtoolError("exists and is not a folder; pick another --out", run_dir)
+    others = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_ENTRIES) if run_dir.is_dir() else []
+    if others:
+        raise VqtoolError(f"holds files that are not a run's ({', '.join(others[:3])}); pick another --out", run_dir)
 
 
 def resume_run(
@@ -112,7 +129,15 @@ def read_training_set(
 
 
 def train(plan: RunPlan, *, show_progress: bool = False, log: Callable[[str], None] = print) -> RunResult:
-    """Train the planned run to its last step (or to an interrupt, saved first); returns where its files are."""
+    """Train the planned run to its last step (or to an interrupt, saved first); returns where its files are. No
+    other run may write the run's folder meanwhile."""
+    # One run per folder: the process that writes it (rank 0 under torchrun) holds its lock while it trains.
+    writes = os.environ.get("RANK", "0") == "0"
+    with OutputLock(plan.run_dir) if writes else contextlib.nullcontext():
+        return _train(plan, show_progress, log)
+
+
+def _train(plan: RunPlan, show_progress: bool, log: Callable[[str], None]) -> RunResult:
     config = plan.train_config
     training_set = read_training_set(plan.data, plan.model_config.image_size, config, log=log)
     held_out = f"from {config.val_data}" if config.val_data else "held out"

@@ -21,13 +21,15 @@ from typing import Any
 import numpy as np
 
 from vqtool.errors import VqtoolError
+from vqtool.formats.atomic import partial_path
 from vqtool.formats.manifest import Manifest, code_dtype_for, fitting_batch, read_manifest
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.images.reading import CROPS, fast_png_available, fit_to_size, read_rgb
 from vqtool.images.sources import image_set
-from vqtool.pipeline.decode import DecodeResult
+from vqtool.pipeline.decode import DecodeResult, check_decodable
 from vqtool.pipeline.decode import decode_file as _decode_file
-from vqtool.pipeline.encode import EncodeResult, plan_encode, run_encode
+from vqtool.pipeline.encode import EncodeResult, codes_output, plan_encode, run_encode
+from vqtool.pipeline.resume import progress_path
 from vqtool.pipeline.shards import Shard
 from vqtool.runtime import tensors
 from vqtool.runtime.base import BF16, Runner, decoder_precision
@@ -51,6 +53,7 @@ def load(
     *,
     threads: int | None = None,
     lazy: bool = False,
+    engines: bool = True,
 ) -> Tokenizer:
     """Open an export folder made by `vqtool export` and start its encoder and decoder.
 
@@ -61,12 +64,15 @@ def load(
     runtime if one starts, else the CPU runtime bench.json measured fastest among those parity.json shows
     exact; `describe()` says which ran and why. `threads` caps the CPU threads (default: a core each).
     With `lazy`, each graph starts on its first use instead (a job that only encodes never starts the decoder).
+    A TensorRT engine is code that TensorRT runs, not data: with `engines=False`, engine files in the folder are
+    ignored (no tensorrt or onnxruntime-trt backend starts), for exports from sources you do not trust.
     Raises VqtoolError, naming the file, for anything wrong with the export.
     """
     folder = Path(export_dir)
     manifest = read_manifest(folder)
     note = check_bf16(folder) if precision == BF16 else ""
-    tok = Tokenizer(folder, manifest, _Starter(backend, device, inference_threads(threads)), precision, note)
+    starter = _Starter(backend, device, inference_threads(threads), engines)
+    tok = Tokenizer(folder, manifest, starter, precision, note)
     if not lazy:
         tok.start()
     return tok
@@ -74,11 +80,13 @@ def load(
 
 @dataclass(frozen=True)
 class _Starter:
-    """How a Tokenizer starts its graphs: the backend and device asked for, and the CPU threads."""
+    """How a Tokenizer starts its graphs: the backend and device asked for, the CPU threads, and whether engine
+    files may run."""
 
     backend: str
     device: str
     threads: int | None
+    engines: bool = True
 
     def open(self, export_dir: Path, manifest: Manifest, role: str, precision: str) -> Opened:
         # In-memory calls run small batches on spinning threads, which answer them sooner; the file pipelines run
@@ -92,6 +100,7 @@ class _Starter:
             precision=precision,
             spin=True,
             threads=self.threads,
+            engines=self.engines,
         )
 
 
@@ -222,29 +231,29 @@ class Tokenizer:
         codes = _chunked(self._encoder.runner, pixels, (*grid,), self.code_dtype, batch_size)
         return tensors.like(codes, images) if tensors.is_tensor(images) else codes
 
-    def decode(self, codes: Any, *, batch_size: int = DEFAULT_BATCH) -> Any:
+    def decode(self, codes: Any, *, batch_size: int = DEFAULT_BATCH, max_pixels: int = DEFAULT_MAX_PIXELS) -> Any:
         """Codes N x h x w (any integer dtype, values 0..K-1) -> uint8 images N x H x W x 3.
 
-        A torch tensor gives a torch tensor on its device (CUDA through I/O binding, as for encode).
+        A torch tensor gives a torch tensor on its device (CUDA through I/O binding, as for encode). Grids whose
+        images would have more than `max_pixels` pixels, or need more memory than the system has, are refused.
         """
-        batch_size = self._fitting_batch("decoder", batch_size)
-        if tensors.is_tensor(codes) and codes.is_cuda and _on_cuda(self._decoder.runner):
+        _check_batch_size(batch_size)
+        on_cuda = tensors.is_tensor(codes) and codes.is_cuda and _on_cuda(self._decoder.runner)
+        if on_cuda:
             grids = self._check_codes(codes, codes.dtype.is_floating_point or codes.dtype.is_complex)
+        else:
+            array = tensors.to_numpy(codes) if tensors.is_tensor(codes) else np.asarray(codes)
+            grids = self._check_codes(array, not np.issubdtype(array.dtype, np.integer))
+        grid = (int(grids.shape[1]), int(grids.shape[2]))
+        pixels = check_decodable(self.manifest, grid, self._decode_precision, max_pixels)
+        batch_size = fitting_batch(self.manifest, "decoder", self._decode_precision, batch_size, pixels)
+        height, width = grid[0] * self.downsample, grid[1] * self.downsample
+        if on_cuda:
             grids = grids.to(tensors.torch_dtype(np.dtype(np.int32)))
-            height, width = grids.shape[1] * self.downsample, grids.shape[2] * self.downsample
             out_shape = (grids.shape[0], height, width, 3)
             return _chunked_cuda(self._decoder.runner, grids, out_shape, np.dtype(np.uint8), batch_size)
-        array = tensors.to_numpy(codes) if tensors.is_tensor(codes) else np.asarray(codes)
-        array = self._check_codes(array, not np.issubdtype(array.dtype, np.integer))
-        grids = np.ascontiguousarray(array, dtype=np.int32)
-        factor = self.downsample
-        images = _chunked(
-            self._decoder.runner,
-            grids,
-            (grids.shape[1] * factor, grids.shape[2] * factor, 3),
-            np.dtype(np.uint8),
-            batch_size,
-        )
+        grids = np.ascontiguousarray(grids, dtype=np.int32)
+        images = _chunked(self._decoder.runner, grids, (height, width, 3), np.dtype(np.uint8), batch_size)
         return tensors.like(images, codes) if tensors.is_tensor(codes) else images
 
     def encode_files(
@@ -263,6 +272,7 @@ class Tokenizer:
         crop: str = "resize",
         image_column: str | None = None,
         key_column: str | None = None,
+        overwrite: bool = False,
     ) -> EncodeResult:
         """What `vqtool encode` does: images -> `out`, a codes.npy with its codes.json sidecar or a codes.parquet.
 
@@ -270,35 +280,40 @@ class Tokenizer:
         .tar, a folder of them, a brace pattern) and Parquet files with an image-bytes column (`image_column`,
         found by itself when it is image, jpg, png or webp; keys from `key_column`, by default `key`).
         Streaming (reader processes decode files while the graph runs), resumable (`resume`), sharded
-        (`shard="I/N"`); the options are the command's. Notes (resized or skipped files) go to `log`,
-        by default the "vqtool" logger.
+        (`shard="I/N"`); the options are the command's. An existing `out` is replaced only with `overwrite` (or
+        continued with `resume`), and no other run may write `out` meanwhile. Notes (resized or skipped files) go
+        to `log`, by default the "vqtool" logger.
         """
         chosen = Shard.parse(shard) if isinstance(shard, str) else shard
         log = log or _log.info
-        images = image_set(
-            [inputs] if isinstance(inputs, str | Path) else inputs, image_column=image_column, key_column=key_column
-        )
-        plan = plan_encode(
-            images,
-            self.manifest,
-            self.export_dir,
-            Path(out),
-            batch_size=batch_size,
-            resize=resize,
-            shard=chosen,
-            workers=readers,
-            precision=self.precision,
-            max_pixels=max_pixels,
-            skip_bad=skip_bad,
-            crop=crop,
-        )
-        if not fast_png_available() and any(str(name).lower().endswith(".png") for name in images.keys[:1000]):
-            log("reading PNG files with Pillow; pip install 'vqtool[fast-png]' reads them about twice as fast")
-        part = f" (shard {chosen.index}/{chosen.count})" if chosen else ""
-        log(f"encoding {len(images.keys)} images{part} in {self.precision} with {self._encoder.describe()}{self._note}")
-        if plan.batch_size < batch_size:
-            log(f"batches of {plan.batch_size} images, not {batch_size}: the model's activations are large")
-        return run_encode(plan, self._encoder.runner.pipelined(), resume=resume, log=log)
+        out = Path(out)
+        left_behind = (partial_path(out), progress_path(out))
+        with codes_output(out, overwrite=overwrite, resume=resume, left_behind=left_behind):
+            images = image_set(
+                [inputs] if isinstance(inputs, str | Path) else inputs, image_column=image_column, key_column=key_column
+            )
+            plan = plan_encode(
+                images,
+                self.manifest,
+                self.export_dir,
+                out,
+                batch_size=batch_size,
+                resize=resize,
+                shard=chosen,
+                workers=readers,
+                precision=self.precision,
+                max_pixels=max_pixels,
+                skip_bad=skip_bad,
+                crop=crop,
+            )
+            if not fast_png_available() and any(str(name).lower().endswith(".png") for name in images.keys[:1000]):
+                log("reading PNG files with Pillow; pip install 'vqtool[fast-png]' reads them about twice as fast")
+            part = f" (shard {chosen.index}/{chosen.count})" if chosen else ""
+            runs = f"in {self.precision} with {self._encoder.describe()}{self._note}"
+            log(f"encoding {len(images.keys)} images{part} {runs}")
+            if plan.batch_size < batch_size:
+                log(f"batches of {plan.batch_size} images, not {batch_size}: the model's activations are large")
+            return run_encode(plan, self._encoder.runner.pipelined(), resume=resume, log=log)
 
     def decode_file(
         self,
@@ -308,8 +323,12 @@ class Tokenizer:
         batch_size: int = DEFAULT_BATCH,
         writers: int | None = None,
         log: Callable[[str], None] | None = None,
+        overwrite: bool = False,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> DecodeResult:
-        """What `vqtool decode` does: a codes .npy (with its sidecar) -> one PNG per grid in the folder `out`."""
+        """What `vqtool decode` does: a codes .npy (with its sidecar) -> one PNG per grid in the folder `out`, which
+        must be empty or, with `overwrite`, hold an earlier decode. Grids whose images would exceed `max_pixels`
+        are refused."""
         log = log or _log.info
         log(f"decoding in {self._decode_precision} with {self._decoder.describe()}{self._note}")
         return _decode_file(
@@ -320,6 +339,8 @@ class Tokenizer:
             batch_size=batch_size,
             workers=writers,
             log=log,
+            overwrite=overwrite,
+            max_pixels=max_pixels,
         )
 
     def _image_batch(self, images: ImageInput, resize: bool, max_pixels: int, crop: str) -> np.ndarray:

@@ -13,7 +13,7 @@ import numpy as np
 
 from vqtool.bench.timing import ROUNDS
 from vqtool.errors import VqtoolError
-from vqtool.formats.manifest import Manifest, graph_key
+from vqtool.formats.manifest import Manifest, graph_key, verify_pytorch_file
 from vqtool.runtime.base import FP16, REFERENCE, RUNTIMES, Device
 
 # Every CPU runtime at each precision it runs, but FP16: ONNX Runtime's CPU provider emulates it with casts,
@@ -132,7 +132,7 @@ def folder_encode(
     measured: list[dict[str, Any]] = []
     for _ in range(rounds):
         started = time.perf_counter()
-        naive_codes = naive_script(files, export_dir / (manifest.pytorch_file or "model.pt"), size, batch_size)
+        naive_codes = naive_script(files, verify_pytorch_file(export_dir, manifest), size, batch_size)
         naive.append(count / (time.perf_counter() - started))
         child = subprocess.run(
             [sys.executable, "-m", "vqtool.bench.folder_process"],

@@ -46,7 +46,10 @@ def time_folder(request: dict[str, Any]) -> dict[str, Any]:
         encode = partial(tok.encode, data, batch_size=batch_size)
         report["model_only"][key] = time_calls(encode, batch_size, min_seconds=1.0).images_per_s
         out = scratch / f"codes.{backend}.{precision}.npy"
-        result = tok.encode_files(files, out, batch_size=batch_size, readers=readers, log=lambda _: None)
+        # Each round writes its own scratch file again.
+        result = tok.encode_files(
+            files, out, batch_size=batch_size, readers=readers, log=lambda _: None, overwrite=True
+        )
         report["pipeline"][key] = len(files) / result.seconds
         report["runs"].append([backend, precision])
         tok.close()

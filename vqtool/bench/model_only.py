@@ -12,7 +12,7 @@ import numpy as np
 
 from vqtool.bench.timing import call_latencies, time_interleaved
 from vqtool.errors import VqtoolError
-from vqtool.formats.manifest import Manifest, graph_key
+from vqtool.formats.manifest import Manifest, graph_key, verify_pytorch_file
 from vqtool.formats.records import ModelRow
 from vqtool.runtime.base import FP32, PRECISIONS, REFERENCE, RUNTIMES, Runner, runs
 from vqtool.runtime.select import open_runner
@@ -25,7 +25,7 @@ def encoder_flops_per_image(export_dir: Path, manifest: Manifest) -> float:
     from vqtool.model.checkpoint import load_checkpoint
     from vqtool.model.vqvae import encoder_macs
 
-    return 2.0 * encoder_macs(load_checkpoint(export_dir / manifest.pytorch_file).model)
+    return 2.0 * encoder_macs(load_checkpoint(verify_pytorch_file(export_dir, manifest)).model)
 
 
 def fp32_matmul_flops(seconds: float = 1.0, size: int = 1024, rounds: int = 5) -> float:

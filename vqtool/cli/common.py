@@ -41,17 +41,29 @@ def print_result(message: str) -> None:
 
 
 def user_errors(command: F) -> F:
-    """Print a VqtoolError as one line on stderr and exit 1, instead of a traceback."""
+    """Print a VqtoolError (or a full disk) as one line on stderr and exit 1, instead of a traceback."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
         except VqtoolError as exc:
-            err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            _error_line(exc)
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:  # a full disk is the user's to fix, wherever the write that met it was
+            from vqtool.formats.space import out_of_space
+
+            full = out_of_space(exc)
+            if full is None:
+                raise
+            _error_line(full)
+            raise typer.Exit(full.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _error_line(exc: VqtoolError) -> None:
+    err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
 
 
 def require_torch(command: str) -> None:
@@ -104,6 +116,16 @@ SkipBadOption = Annotated[
         "--skip-bad",
         help="Skip files that cannot be read (or exceed --max-pixels), report them, and go on; "
         "without it the first such file stops the run.",
+    ),
+]
+
+
+OverwriteOption = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace an existing output (without it, an existing output is refused); in a folder, only the files "
+        "vqtool wrote there are replaced or removed.",
     ),
 ]
 

@@ -11,6 +11,7 @@ from vqtool.cli.common import (
     Crop,
     CropOption,
     MaxPixelsOption,
+    OverwriteOption,
     app,
     out,
     pixel_limit,
@@ -101,6 +102,7 @@ def export_command(
             "under ~/.cache/vqtool/)."
         ),
     ] = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Export encoder/decoder ONNX graphs (and TensorRT engines), and verify parity against PyTorch."""
     if trt:  # before torch is even imported: a missing TensorRT or GPU costs the user nothing
@@ -127,6 +129,7 @@ def export_command(
             profile=profile,
             timing_cache=timing_cache,
             images=images,
+            overwrite=overwrite,
             log=say,
         )
     except ParityFailed as failed:

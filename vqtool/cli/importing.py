@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from vqtool.cli.common import app, print_result, require_torch, say, user_errors
+from vqtool.cli.common import OverwriteOption, app, print_result, require_torch, say, user_errors
 
 
 class Quantizer(str, enum.Enum):
@@ -25,7 +25,8 @@ def import_command(
         Path,
         typer.Argument(
             help="A local folder in the library's own layout (config.json and safetensors weights, as save_pretrained "
-            "writes and a hub snapshot holds), or a pipeline folder with the model in a subfolder."
+            "writes and a hub snapshot holds), or a pipeline folder with the model in a subfolder. Nothing outside "
+            "it is read."
         ),
     ],
     out: Annotated[Path, typer.Option("--out", help="The checkpoint to write (e.g. movq.pt).")],
@@ -45,13 +46,31 @@ def import_command(
             "does, where the two differ (transformers' Janus: l2-normalised latents and codes, as LlamaGen)."
         ),
     ] = Quantizer.library,
+    allow_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--allow-pickle",
+            help="Read pickled weights (.bin, .pt) where the folder has no safetensors, with torch.load(weights_only="
+            "True): that loader runs no code from the file, but any pickle is a larger surface than safetensors.",
+        ),
+    ] = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Import a VQ model from diffusers (VQModel) or transformers (JanusVQVAE, Emu3VQVAE, ChameleonVQVAE) as a
     vqtool checkpoint."""
     require_torch("import")
     from vqtool.model.importing import import_model
 
-    result = import_model(source, out, subfolder=subfolder, image_size=image_size, quantizer=quantizer.value, log=say)
+    result = import_model(
+        source,
+        out,
+        subfolder=subfolder,
+        image_size=image_size,
+        quantizer=quantizer.value,
+        allow_pickle=allow_pickle,
+        overwrite=overwrite,
+        log=say,
+    )
     config = result.config
     print_result(
         f"imported {config.library} {config.class_name} from {result.folder}: {config.codes} codes, "

@@ -14,6 +14,7 @@ from vqtool.cli.common import (
     CropOption,
     DeviceOption,
     MaxPixelsOption,
+    OverwriteOption,
     SkipBadOption,
     app,
     out,
@@ -56,6 +57,14 @@ class Engine(str, enum.Enum):
 
 
 ThreadsOption = Annotated[int | None, typer.Option(help="CPU threads for inference (default: one per core).")]
+EnginesOption = Annotated[
+    bool,
+    typer.Option(
+        "--engines/--no-engines",
+        help="Whether TensorRT engine files in the export may run (an engine is code TensorRT runs, not data: "
+        "--no-engines for exports you did not build).",
+    ),
+]
 
 
 @app.command()
@@ -94,6 +103,8 @@ def encode(
         typer.Option(help="Encode only slice I of N (I/N, I from 0) of the sorted file list; join with vqtool merge."),
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of the same command.")] = False,
+    overwrite: OverwriteOption = False,
+    engines: EnginesOption = True,
     readers: ReadersOption = None,
     threads: ThreadsOption = None,
     max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
@@ -141,6 +152,8 @@ def encode(
             max_pixels=pixel_limit(max_pixels),
             skip_bad=skip_bad,
             resume=resume,
+            overwrite=overwrite,
+            engines=engines,
             image_column=image_column,
             key_column=key_column,
             log=say,
@@ -150,7 +163,7 @@ def encode(
     if ray_address is not None:
         raise VqtoolError("--ray-address is for --engine ray")
 
-    tok = load(model, backend.value, device.value, precision.value, threads=threads, lazy=True)
+    tok = load(model, backend.value, device.value, precision.value, threads=threads, lazy=True, engines=engines)
     tok.start("encoder")  # the one graph encode runs: a backend that cannot start says so before any file is read
 
     signal.signal(signal.SIGTERM, interrupt_on_sigterm)
@@ -168,6 +181,7 @@ def encode(
         crop=crop.value,
         image_column=image_column,
         key_column=key_column,
+        overwrite=overwrite,
     )
     _print_encoded(result)
 
@@ -185,11 +199,12 @@ def _print_encoded(result: EncodeResult) -> None:
 def merge(
     shards: Annotated[list[Path], typer.Argument(help="Shard outputs of vqtool encode --shard I/N (any order).")],
     out_path: Annotated[Path, typer.Option("--out", help="Merged codes .npy (its sidecar is written beside it).")],
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Join shard outputs into one codes.npy + sidecar, identical to a single pass."""
     from vqtool.pipeline.shards import merge_shards
 
-    merged = merge_shards(shards, out_path)
+    merged = merge_shards(shards, out_path, overwrite=overwrite)
     print_result(f"merged {len(shards)} shards into {out_path} ({len(merged.files)} images)")
 
 
@@ -207,13 +222,30 @@ def decode(
         int | None, typer.Option(help="Processes that write PNG files, at low priority (default: one per 2 cores).")
     ] = None,
     threads: ThreadsOption = None,
+    overwrite: OverwriteOption = False,
+    engines: EnginesOption = True,
+    max_pixels: Annotated[
+        int,
+        typer.Option(
+            help="Refuse code grids whose images would have more pixels than this (default: Pillow's warning "
+            "threshold, as encode's --max-pixels).",
+        ),
+    ] = DEFAULT_MAX_PIXELS,
 ) -> None:
     """Decode integer codes back to images (one PNG per code grid)."""
     from vqtool.api import load
 
-    tok = load(model, backend.value, device.value, precision.value, threads=threads, lazy=True)
+    tok = load(model, backend.value, device.value, precision.value, threads=threads, lazy=True, engines=engines)
     tok.start("decoder")
-    result = tok.decode_file(codes, out_dir, batch_size=batch_size, writers=writers, log=say)
+    result = tok.decode_file(
+        codes,
+        out_dir,
+        batch_size=batch_size,
+        writers=writers,
+        log=say,
+        overwrite=overwrite,
+        max_pixels=pixel_limit(max_pixels),
+    )
     print_result(f"wrote {result.count} PNG files to {result.out_dir} in {result.seconds:.2f}s")
 
 

@@ -379,9 +379,12 @@ def sweep(
         variants = sweep_variants(ModelConfig(**model_fields), {k: v for k, v in lists.items() if v is not None})
     except (TypeError, ValueError) as exc:
         raise VqtoolError(str(exc)) from None
-    training_set = read_training_set(data, variants[0].image_size, base, log=say)
-    runs = run_sweep(variants, seeds, base, training_set, str(data) if data else None, out_dir, log=say)
-    command = "vqtool " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    rows = publish_sweep(runs, base.beta, out_dir, command, title=title, report=report)
+    from vqtool.formats.lock import OutputLock
+
+    with OutputLock(out_dir):  # one sweep per folder at a time
+        training_set = read_training_set(data, variants[0].image_size, base, log=say)
+        runs = run_sweep(variants, seeds, base, training_set, str(data) if data else None, out_dir, log=say)
+        command = "vqtool " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        rows = publish_sweep(runs, base.beta, out_dir, command, title=title, report=report)
     print_result("\n".join(summary_table(rows)))
     print_result(f"summary: {out_dir / 'summary.md'} (figures in {out_dir / 'figures'})")

@@ -26,13 +26,18 @@ def is_parquet(path: Path) -> bool:
     return path.suffix.lower() == ".parquet"
 
 
-def _pyarrow() -> Any:
+def require_pyarrow(what: str) -> Any:
+    """pyarrow with its Parquet module, or the one sentence naming the extra that installs it."""
     try:
         import pyarrow as pa
         import pyarrow.parquet  # noqa: F401  (pa.parquet below)
     except ModuleNotFoundError:
-        raise missing_extra("codes.parquet", "pyarrow", "ray") from None
+        raise missing_extra(what, "pyarrow", "ray") from None
     return pa
+
+
+def _pyarrow() -> Any:
+    return require_pyarrow("codes.parquet")
 
 
 def write_codes_parquet(out: Path, codes: np.ndarray, keys: Sequence[str], sidecar: CodesSidecar) -> None:
@@ -84,6 +89,22 @@ class ParquetCodes:
             yield flat.reshape(len(batch), *self.grid)
 
 
+def _check_columns(pa: Any, schema: Any, path: Path) -> None:
+    """The columns decode reads, of the types vqtool writes: a float or text column is refused, never cast."""
+    types = pa.types
+    wanted = {"key": types.is_string, "height": types.is_integer, "width": types.is_integer}
+    for name, is_wanted in wanted.items():
+        if schema.get_field_index(name) < 0 or not is_wanted(schema.field(name).type):
+            raise VqtoolError(f"has no {name} column of the type vqtool writes", path)
+    codes = schema.field("codes").type if schema.get_field_index("codes") >= 0 else None
+    if (
+        codes is None
+        or not (types.is_list(codes) or types.is_large_list(codes))
+        or not types.is_integer(codes.value_type)
+    ):
+        raise VqtoolError(f"its codes column must hold lists of integers, not {codes}", path)
+
+
 def read_codes_parquet(path: Path) -> tuple[ParquetCodes, CodesSidecar]:
     """A codes.parquet's grids (read lazily) and the sidecar its metadata holds, its `files` the key column."""
     pa = _pyarrow()
@@ -96,6 +117,7 @@ def read_codes_parquet(path: Path) -> tuple[ParquetCodes, CodesSidecar]:
     raw_metadata = (reader.schema_arrow.metadata or {}).get(METADATA_KEY)
     if raw_metadata is None:
         raise VqtoolError("has no vqtool.codes metadata: it was not written by vqtool encode", path)
+    _check_columns(pa, reader.schema_arrow, path)
     try:
         raw = json.loads(raw_metadata)
         keys = reader.read(columns=["key"]).column(0).to_pylist()

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from vqtool.errors import VqtoolError
+from vqtool.formats.onnx_graph import check_self_contained
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "vqtool.export"
@@ -46,11 +47,19 @@ LIVE_ACTIVATIONS = 12
 LARGE_ACTIVATION_BYTES = 2**20
 
 
-def fitting_batch(manifest: Manifest, role: str, precision: str, requested: int) -> int:
+def fitting_batch(manifest: Manifest, role: str, precision: str, requested: int, pixels: int | None = None) -> int:
     """`requested`, or fewer where that many images' activations would not fit ACTIVATION_BUDGET: a 256 x 256
-    latent-diffusion tokenizer holds ~32 MB per image in one activation, vqtool's own 32 x 32 models ~0.1 MB."""
+    latent-diffusion tokenizer holds ~32 MB per image in one activation, vqtool's own 32 x 32 models ~0.1 MB.
+    `pixels`: the images' size where it is not the model's own (activations grow with it)."""
+    return batch_within_budget(activation_bytes(manifest, role, precision, pixels), requested)
+
+
+def activation_bytes(manifest: Manifest, role: str, precision: str, pixels: int | None = None) -> int:
+    """The largest activation of one image in the graph (0: not measured), at `pixels` pixels per image (default:
+    the model's own size); activations of these fully convolutional graphs grow with the image's area."""
     entry = manifest.graphs.get(graph_key(role, precision))
-    return batch_within_budget(entry.activation_bytes if entry else 0, requested)
+    measured = entry.activation_bytes if entry else 0
+    return measured if pixels is None else -(-measured * pixels // manifest.image_size**2)
 
 
 def batch_within_budget(activation_bytes: int, requested: int) -> int:
@@ -138,7 +147,7 @@ class Manifest:
     def graph_path(self, export_dir: Path, name: str) -> Path:
         if name not in self.graphs:
             raise VqtoolError(f"export has no '{name}' graph (it has: {', '.join(sorted(self.graphs))})", export_dir)
-        return export_dir / self.graphs[name].file
+        return export_file(export_dir, self.graphs[name].file)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -197,13 +206,30 @@ def _manifest_problem(raw: dict[str, Any]) -> str | None:
             return f"graph '{name}' must have a non-negative integer 'activation_bytes'"
         if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in entry_fields):
             return f"graph '{name}' must give {', '.join(entry_fields)} as strings"
-        if os.path.basename(entry["file"]) != entry["file"]:
+        if not _plain_name(entry["file"]):
             return f"graph '{name}' must name a file inside the export folder"
+    if raw.get("pytorch_file") and not _plain_name(raw["pytorch_file"]):
+        return "'pytorch_file' must name a file inside the export folder"
     return None
 
 
+def _plain_name(name: str) -> bool:
+    """A file name with no folder in it: the manifest's files all lie in its own folder."""
+    return os.path.basename(name) == name and name not in ("", ".", "..")
+
+
+def export_file(export_dir: Path, name: str) -> Path:
+    """The file `name` of the export in `export_dir`, refused where it is a link that leads out of the folder: an
+    export from elsewhere is data, and makes vqtool read nothing outside its own folder."""
+    path = export_dir / name
+    if path.is_symlink() and not path.resolve().is_relative_to(export_dir.resolve()):
+        raise VqtoolError("is a link to a file outside the export folder; an export's files must lie inside it", path)
+    return path
+
+
 def verify_graph(export_dir: Path, manifest: Manifest, name: str) -> Path:
-    """The graph's path, after checking that its bytes are the ones the manifest recorded."""
+    """The graph's path, after checking that its bytes are the ones the manifest recorded and that it reads no other
+    file (no external data)."""
     path = manifest.graph_path(export_dir, name)
     if not path.is_file():
         raise VqtoolError("graph file listed in manifest.json is missing", path)
@@ -211,6 +237,18 @@ def verify_graph(export_dir: Path, manifest: Manifest, name: str) -> Path:
         raise VqtoolError(
             "graph file does not match the checksum in manifest.json (changed or corrupt); re-export", path
         )
+    check_self_contained(path)
+    return path
+
+
+def verify_pytorch_file(export_dir: Path, manifest: Manifest) -> Path:
+    """The export's PyTorch checkpoint (model.pt), after checking it lies in the folder and, where the manifest
+    recorded its checksum, that its bytes are those."""
+    path = export_file(export_dir, manifest.pytorch_file or PYTORCH_FILE)
+    if not path.is_file():
+        raise VqtoolError("the PyTorch file listed in manifest.json is missing", path)
+    if manifest.pytorch_sha256 and sha256_file(path) != manifest.pytorch_sha256:
+        raise VqtoolError("does not match the checksum in manifest.json; re-export", path)
     return path
 
 

@@ -100,13 +100,35 @@ def read_array(path: Path) -> np.ndarray:
     return _check_array(loaded, path)
 
 
+def _cifar_globals() -> dict[tuple[str, str], Any]:
+    """The only globals a CIFAR-10 python batch names: NumPy's array reconstruction (under NumPy 1's and 2's module
+    names; `_frombuffer` is what pickle protocol 5 uses), `ndarray` and `dtype`. Taken from NumPy's own reduction
+    of an array, so no module is imported by name."""
+    probe = np.zeros(1, np.uint8)
+    reconstruct, from_buffer = probe.__reduce_ex__(2)[0], probe.__reduce_ex__(5)[0]
+    return {
+        ("numpy.core.multiarray", "_reconstruct"): reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): reconstruct,
+        ("numpy.core.numeric", "_frombuffer"): from_buffer,
+        ("numpy._core.numeric", "_frombuffer"): from_buffer,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+
+
 class _CifarUnpickler(pickle.Unpickler):
-    """CIFAR's batches are pickles; allow only what they contain (NumPy arrays), never arbitrary code."""
+    """CIFAR's batches are pickles: an exact allow-list of the names they hold, and any other name refused before
+    it is looked up, let alone called."""
+
+    allowed = _cifar_globals()
 
     def find_class(self, module: str, name: str) -> Any:
-        if module.split(".")[0] == "numpy":
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        found = self.allowed.get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(
+                f"it names {module}.{name}, which a CIFAR-10 batch never holds; refusing to load it"
+            )
+        return found
 
 
 def _read_cifar_batch(path: Path) -> np.ndarray:

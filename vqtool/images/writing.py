@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import struct
 import zlib
 from collections.abc import Sequence
@@ -53,12 +54,33 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return _png_head(height, width) + _png_idat(_png_rows(pixels[None])[0]) + _IEND
 
 
-def _replace_with(path: str, data: bytes) -> None:
-    """Write `data` under a temporary name beside `path`, then rename it into place."""
+def _partial_name(path: str) -> str:
+    """Where a PNG is written before it is renamed into place: `.NAME.PID.tmp` beside it."""
     folder, name = os.path.split(path)
-    temp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    return os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+
+
+# What _partial_name makes of a PNG's name: what a writer killed part way leaves (clear_partial_pngs).
+_PARTIAL_PNG = re.compile(r"\..+\.png\.\d+\.tmp")
+
+
+def clear_partial_pngs(folder: Path) -> None:
+    """Remove the half-written PNGs that killed writers left in `folder` (call it holding the folder's lock)."""
+    for entry in folder.iterdir():
+        if _PARTIAL_PNG.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+            entry.unlink(missing_ok=True)
+
+
+def _replace_with(path: str, data: bytes) -> None:
+    """Write `data` under a temporary name of its own beside `path` (created exclusively, so never through a
+    planted link), then rename it into place."""
+    temp = _partial_name(path)
     try:
-        handle = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            handle = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:  # left by a killed process that had this pid: nobody writes it now
+            os.unlink(temp)
+            handle = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             view = memoryview(data)
             while view:  # os.write may write less than asked

@@ -88,10 +88,28 @@ def _rebuild(raw: dict[str, Any]) -> tuple[ModelConfig | ImportedConfig, Tokeniz
     return config, VQVAE(config)
 
 
+# torch.load(weights_only=True) runs no code from the file from this version on (CVE-2025-32434).
+SAFE_TORCH_LOAD = "2.6"
+
+
+def require_safe_torch_load() -> None:
+    """Refuse to read pickled weights with a PyTorch whose weights_only loader can still run code."""
+    if torch.torch_version.TorchVersion(torch.__version__) < SAFE_TORCH_LOAD:
+        raise VqtoolError(
+            f"reading pickled weights needs PyTorch {SAFE_TORCH_LOAD} or later: before it, torch.load(weights_only="
+            f"True) can run code from the file (CVE-2025-32434); this is {torch.__version__}: "
+            f"pip install -U 'torch>={SAFE_TORCH_LOAD}'"
+        )
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Rebuild the model from the file alone; weights_only=True, so a checkpoint cannot run code."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        require_safe_torch_load()
+    except VqtoolError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:

@@ -13,19 +13,22 @@ import numpy as np
 import torch
 
 from vqtool.errors import VqtoolError, first_line
+from vqtool.formats.lock import output_lock
+from vqtool.formats.outputs import check_new_file
 from vqtool.images.embedded import embedded_photographs
-from vqtool.model.checkpoint import save_checkpoint
+from vqtool.model.checkpoint import require_safe_torch_load, save_checkpoint
 from vqtool.model.config import TrainConfig
 from vqtool.model.imported import FAMILIES, QUANTIZERS, ImportedConfig, ImportedVQ, library_class, pixel_scaling
 from vqtool.model.vqvae import code_distances, l2_normalize
 
-# Where an image processor's settings (rescale factor, mean, std) may lie beside a model: the model's folder, the
-# pipeline or hub snapshot above it, or that folder's image processor subfolder.
-PROCESSOR_FILES = (
-    "preprocessor_config.json",
-    "../preprocessor_config.json",
-    "../image_processor/preprocessor_config.json",
-)
+# Where an image processor's settings (rescale factor, mean, std) may lie: the model's folder and, where the model is
+# a subfolder of SOURCE (a pipeline, a hub snapshot), SOURCE itself and its image processor subfolder. Never above
+# SOURCE: a file the user did not hand over does not change the model's input.
+PROCESSOR_FILE = "preprocessor_config.json"
+PROCESSOR_PLACES = (".", "image_processor")
+# Weights vqtool reads without running code from them, and those that are pickles (torch.load).
+SAFE_WEIGHTS = ".safetensors"
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 @dataclass(frozen=True)
@@ -61,21 +64,70 @@ def _library_of(raw: dict[str, Any], folder: Path) -> tuple[str, str]:
     raise VqtoolError(f"describes {named or 'no model class'}; vqtool imports {known}", folder / "config.json")
 
 
-def _input_scaling(folder: Path, family: type[ImportedVQ]) -> tuple[tuple[float, ...], tuple[float, ...], str]:
-    """(gain, bias, where from) of the model's input scaling: its image processor's settings where the source
-    holds them, else the family's own processor defaults."""
-    for name in PROCESSOR_FILES:
-        path = (folder / name).resolve()
-        if not path.is_file():
-            continue
-        raw = _read_config_file(path)
-        if raw.get("do_normalize", True) is False:
-            gain, bias = pixel_scaling(float(raw.get("rescale_factor", 1 / 255)), 0.0, 1.0)
-        else:
-            mean, std = raw.get("image_mean", 0.5), raw.get("image_std", 0.5)
-            gain, bias = pixel_scaling(float(raw.get("rescale_factor", 1 / 255)), mean, std)
-        return gain, bias, str(path)
+def _channels(raw: dict[str, Any], name: str, default: float, path: Path) -> float | list[float]:
+    """An image processor's per-channel setting: one number or three, checked."""
+    value = raw.get(name, default)
+    values = value if isinstance(value, list) else [value]
+    if len(values) not in (1, 3) or not all(type(v) in (int, float) for v in values):
+        raise VqtoolError(f"'{name}' must be a number or a list of three numbers, got {value!r}", path)
+    if name == "image_std" and any(v == 0 for v in values):
+        raise VqtoolError("'image_std' must not be 0", path)
+    return value if isinstance(value, list) else float(value)
+
+
+def _processor_scaling(path: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(gain, bias) of a preprocessor_config.json's rescaling and normalisation; a malformed one refused in one line."""
+    raw = _read_config_file(path)
+    rescale = raw.get("rescale_factor", 1 / 255)
+    if type(rescale) not in (int, float) or not rescale > 0:
+        raise VqtoolError(f"'rescale_factor' must be a positive number, got {rescale!r}", path)
+    normalize = raw.get("do_normalize", True)
+    if not isinstance(normalize, bool):
+        raise VqtoolError(f"'do_normalize' must be true or false, got {normalize!r}", path)
+    if not normalize:
+        return pixel_scaling(float(rescale), 0.0, 1.0)
+    mean, std = _channels(raw, "image_mean", 0.5, path), _channels(raw, "image_std", 0.5, path)
+    return pixel_scaling(float(rescale), mean, std)
+
+
+def _input_scaling(
+    source: Path, folder: Path, family: type[ImportedVQ]
+) -> tuple[tuple[float, ...], tuple[float, ...], str]:
+    """(gain, bias, where from) of the model's input scaling: its image processor's settings where SOURCE holds them
+    (beside the model, or for a model in a subfolder, in SOURCE or its image_processor folder), else the family's
+    own processor defaults."""
+    places = [folder] + ([source / place for place in PROCESSOR_PLACES] if folder != source else [])
+    for place in places:
+        path = place / PROCESSOR_FILE
+        if path.is_file():
+            gain, bias = _processor_scaling(path)
+            return gain, bias, str(path)
     return (*family.scaling, f"{family.class_name}'s image processor defaults")
+
+
+def _weights_check(folder: Path, allow_pickle: bool) -> bool:
+    """Whether the library should read safetensors (True) or, where only pickled weights exist and the user allowed
+    them, those (False, each checked first to load with weights_only=True); else the one-line refusal."""
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    if any(p.name.endswith(SAFE_WEIGHTS) for p in files):
+        return True
+    pickled = [p for p in files if p.suffix in PICKLED_WEIGHTS]
+    if not pickled:
+        raise VqtoolError("holds no .safetensors weights", folder)
+    if not allow_pickle:
+        raise VqtoolError(
+            f"holds pickled weights ({pickled[0].name}) and no .safetensors; a pickle can run code as it is read, so "
+            "vqtool import reads safetensors only: convert the weights, or pass --allow-pickle to read them with "
+            "torch.load(weights_only=True)",
+            folder,
+        )
+    require_safe_torch_load()
+    for path in pickled:
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # the weights-only unpickler's refusal, or a damaged file
+            raise VqtoolError(f"cannot be read as weights alone ({first_line(exc)})", path) from None
+    return False
 
 
 def find_model_folder(source: Path, subfolder: str | None) -> Path:
@@ -102,14 +154,15 @@ def find_model_folder(source: Path, subfolder: str | None) -> Path:
     return found[0]
 
 
-def _load_library_model(library: str, class_name: str, folder: Path) -> Any:
+def _load_library_model(library: str, class_name: str, folder: Path, safetensors: bool) -> Any:
     cls = library_class(library, class_name)
     # The libraries draw progress bars on stderr while loading: vqtool's own lines say what happened.
     __import__(f"{library}.utils.logging", fromlist=["disable_progress_bar"]).disable_progress_bar()
     try:
-        # low_cpu_mem_usage off: it needs accelerate, and says so at length where that is not installed.
-        extra = {"low_cpu_mem_usage": False} if library == "diffusers" else {}
-        model = cls.from_pretrained(str(folder), local_files_only=True, **extra)
+        # diffusers: low_cpu_mem_usage off, as it needs accelerate and says so at length where that is missing;
+        # transformers: no code from the folder, whatever its config.json's auto_map says.
+        extra = {"low_cpu_mem_usage": False} if library == "diffusers" else {"trust_remote_code": False}
+        model = cls.from_pretrained(str(folder), local_files_only=True, use_safetensors=safetensors, **extra)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
         raise VqtoolError(f"{library} cannot load this {class_name} ({first_line(exc)})", folder) from None
     return model.float().eval()
@@ -150,11 +203,30 @@ def import_model(
     subfolder: str | None = None,
     image_size: int | None = None,
     quantizer: str = "library",
+    allow_pickle: bool = False,
+    overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> ImportResult:
-    """Read a diffusers or transformers VQ model from SOURCE and write it to `out` as a vqtool checkpoint."""
+    """Read a diffusers or transformers VQ model from SOURCE and write it to `out` as a vqtool checkpoint.
+
+    Weights are read from safetensors, or with `allow_pickle` from pickles that load with weights_only=True. An
+    existing `out` is replaced only with `overwrite`, and no other run may write it meanwhile."""
     if quantizer not in QUANTIZERS:
         raise VqtoolError(f"--quantizer takes {' or '.join(QUANTIZERS)}, got {quantizer!r}")
+    with output_lock(out):
+        check_new_file(out, overwrite=overwrite)
+        return _import(source, out, subfolder, image_size, quantizer, allow_pickle, log)
+
+
+def _import(
+    source: Path,
+    out: Path,
+    subfolder: str | None,
+    image_size: int | None,
+    quantizer: str,
+    allow_pickle: bool,
+    log: Callable[[str], None],
+) -> ImportResult:
     folder = find_model_folder(source, subfolder)
     library, class_name = _library_of(_read_config(folder), folder)
     family = FAMILIES[(library, class_name)]
@@ -164,12 +236,12 @@ def import_model(
             f"original design search codes differently; {class_name} has one quantizer",
             folder,
         )
-    library_model = _load_library_model(library, class_name, folder)
+    gain, bias, scaling_from = _input_scaling(source, folder, family)  # a malformed one stops the import before loading
+    library_model = _load_library_model(library, class_name, folder, _weights_check(folder, allow_pickle))
     # Plain JSON values: a checkpoint is read with weights_only, which unpickles no library's config classes.
     own = library_model.config
     config = json.loads(json.dumps(own.to_dict() if hasattr(own, "to_dict") else dict(own)))
     size = image_size or family.native_size(config)
-    gain, bias, scaling_from = _input_scaling(folder, family)
     version = __import__(library).__version__
     decoder = family.implements_decoder
     draft = ImportedConfig(library, class_name, version, config, size, 1, 0, quantizer, gain, bias, decoder)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +22,11 @@ import numpy as np
 from vqtool.errors import VqtoolError
 from vqtool.formats.atomic import StagedOutput, json_bytes, partial_path, usual_mode, write_json
 from vqtool.formats.codes import CodesSidecar, sidecar_path
-from vqtool.formats.codes_parquet import is_parquet, write_codes_parquet
+from vqtool.formats.codes_parquet import is_parquet, require_pyarrow, write_codes_parquet
+from vqtool.formats.lock import output_lock
 from vqtool.formats.manifest import Manifest, code_dtype_for, fitting_batch, manifest_checksum
+from vqtool.formats.outputs import check_codes_output
+from vqtool.formats.space import allocated_memmap, reserve
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.images.reading import CROPS, SkippedFile, describe_skipped
 from vqtool.images.sources import ImageSet, as_image_set
@@ -106,6 +109,19 @@ class EncodePlan:
         )
 
 
+@contextlib.contextmanager
+def codes_output(out: Path, *, overwrite: bool, resume: bool, left_behind: Sequence[Path]) -> Iterator[None]:
+    """Hold `out` for the run (one writer per output), after checking that the run may write it: an existing output
+    is replaced only with `overwrite`, or with `resume` where an interrupted run left `left_behind` to continue.
+    Both engines start here, before any work."""
+    with output_lock(out, sidecar_path(out), progress_path(out)):
+        resuming = resume and all(path.exists() for path in left_behind)
+        check_codes_output(out, overwrite=overwrite, resuming=resuming)
+        if is_parquet(out):
+            require_pyarrow("codes.parquet")  # now, not after the whole encode
+        yield
+
+
 def plan_encode(
     files: ImageSet | Sequence[str | Path],
     manifest: Manifest,
@@ -182,10 +198,13 @@ def run_encode(
     out.parent.mkdir(parents=True, exist_ok=True)
     if progress.done:
         codes_out = np.lib.format.open_memmap(partial_path(out), mode="r+")
+        # Allocated when it was made; again in case that run's vqtool did not, since a page the disk cannot back
+        # ends the process (SIGBUS) rather than raising.
+        reserve(partial_path(out), int(codes_out.offset) + codes_out.nbytes, shown=out, what="the codes")
         log(f"resuming {out} after {progress.done} of {total} images")
     else:
         progress_path(out).unlink(missing_ok=True)
-        codes_out = np.lib.format.open_memmap(partial_path(out), mode="w+", dtype=plan.dtype, shape=(total, *plan.grid))
+        codes_out = allocated_memmap(partial_path(out), plan.dtype, (total, *plan.grid), shown=out)
     # Without skip_bad the sidecar is known before the first image is read (a file that cannot be read stops
     # the run), so it is written and synced while the images are encoded, and only renamed into place at the end.
     early = None

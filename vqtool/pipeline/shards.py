@@ -13,6 +13,9 @@ import numpy as np
 from vqtool.errors import VqtoolError
 from vqtool.formats.atomic import atomic_output, write_json
 from vqtool.formats.codes import CodesSidecar, load_codes_array, read_sidecar, sidecar_path
+from vqtool.formats.lock import output_lock
+from vqtool.formats.outputs import check_codes_output
+from vqtool.formats.space import allocated_memmap
 from vqtool.images.reading import sorted_names
 
 
@@ -43,10 +46,19 @@ def skipped_files(sidecar: CodesSidecar) -> list[str]:
     return [entry["file"] for entry in sidecar.skipped or []]
 
 
-def merge_shards(paths: Sequence[Path], out: Path) -> CodesSidecar:
-    """Join shard outputs into one codes file + sidecar identical to a single pass, after checking them."""
+def merge_shards(paths: Sequence[Path], out: Path, *, overwrite: bool = False) -> CodesSidecar:
+    """Join shard outputs into one codes file + sidecar identical to a single pass, after checking them. An existing
+    `out` is replaced only with `overwrite`, and no other run may write `out` meanwhile."""
     if not paths:
         raise VqtoolError("no shard files given")
+    if out.suffix.lower() != ".npy":
+        raise VqtoolError("merge writes a codes .npy (with its .json sidecar beside it); name it so", out)
+    with output_lock(out, sidecar_path(out)):
+        check_codes_output(out, overwrite=overwrite, resuming=False)
+        return _merge(paths, out)
+
+
+def _merge(paths: Sequence[Path], out: Path) -> CodesSidecar:
     loaded = []
     for path in paths:
         sidecar = read_sidecar(path)
@@ -103,9 +115,7 @@ def merge_shards(paths: Sequence[Path], out: Path) -> CodesSidecar:
         backend=backends.pop() if len(backends := {s.backend for _, s in ordered}) == 1 else "mixed",
     )
     with atomic_output(out) as temp:
-        target = np.lib.format.open_memmap(
-            temp, mode="w+", dtype=np.dtype(first.dtype), shape=(len(files), *first.grid)
-        )
+        target = allocated_memmap(temp, np.dtype(first.dtype), (len(files), *first.grid), shown=out)
         row = 0
         for codes in arrays:
             target[row : row + len(codes)] = codes

@@ -29,7 +29,8 @@ class TokenizeBatch:
     `precision` and `threads` are `vqtool.load`'s; `batch_size` is the images per graph call. With
     `runtime_column`, each row also names the runtime that encoded it (onnxruntime, openvino, ...). With
     `keep_images=False` the image column is left out of what the batch returns: the pixels go no further than
-    the actor (a column dropped by a later stage of its own needs a CPU that the actors may all hold).
+    the actor (a column dropped by a later stage of its own needs a CPU that the actors may all hold). With
+    `engines=False`, TensorRT engine files in the export are never run (`vqtool.load`'s).
     """
 
     def __init__(
@@ -48,10 +49,11 @@ class TokenizeBatch:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         runtime_column: str | None = None,
         keep_images: bool = True,
+        engines: bool = True,
     ) -> None:
         from vqtool.api import load
 
-        self.tokenizer = load(model, backend, device, precision, threads=threads)
+        self.tokenizer = load(model, backend, device, precision, threads=threads, engines=engines)
         self.image_column, self.codes_column = image_column, codes_column
         self.resize, self.crop, self.batch_size, self.max_pixels = resize, crop, batch_size, max_pixels
         self.runtime_column, self.keep_images = runtime_column, keep_images

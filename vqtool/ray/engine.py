@@ -31,6 +31,7 @@ import numpy as np
 from vqtool.errors import VqtoolError, first_line, missing_extra
 from vqtool.formats.atomic import partial_path, write_json
 from vqtool.formats.manifest import read_manifest
+from vqtool.formats.space import allocated_memmap
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.images.reading import SkippedFile
 from vqtool.images.sources import image_set, located_loads
@@ -38,6 +39,7 @@ from vqtool.pipeline.encode import (
     EncodeInterrupted,
     EncodePlan,
     EncodeResult,
+    codes_output,
     finish_codes,
     interrupt_on_sigterm,
     plan_encode,
@@ -85,6 +87,8 @@ def encode_on_ray(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     skip_bad: bool = False,
     resume: bool = False,
+    overwrite: bool = False,
+    engines: bool = True,
     image_column: str | None = None,
     key_column: str | None = None,
     tokenizer_class: type[TokenizeBatch] = TokenizeBatch,
@@ -95,63 +99,65 @@ def encode_on_ray(
     `address` joins an existing cluster (ray.init's address: "auto", "ray://host:10001", ...); without one a
     local instance starts, with one CPU per core. `actors` is the number of TokenizeBatch actors (default: one
     per node's worth of CPUs, each with `threads` inference threads). `tokenizer_class` is the actor class,
-    TokenizeBatch or a subclass of it.
+    TokenizeBatch or a subclass of it. An existing `out` is replaced only with `overwrite` (or continued with
+    `resume`), and no other run may write `out` meanwhile; `engines=False` keeps TensorRT engine files from running.
     """
     ray = _ray()
     started = time.perf_counter()
-    manifest = read_manifest(model)
-    images = image_set(inputs, image_column=image_column, key_column=key_column)
-    plan = plan_encode(
-        images,
-        manifest,
-        model,
-        out,
-        batch_size=batch_size,
-        resize=resize,
-        precision=precision,
-        max_pixels=max_pixels,
-        skip_bad=skip_bad,
-        crop=crop,
-    )
-    staging = staging_path(out)
-    done_before = _stored_rows(staging, plan.signature, resume, log)
-    with ray_session(ray, address) as cluster_cpus:
-        # One single-threaded actor per CPU measured faster than fewer actors with more threads each: each actor
-        # decodes its block and then runs the graph, so with several the decoding of one overlaps another's graph.
-        actors = actors or cluster_cpus
-        threads = threads or max(1, cluster_cpus // actors)
-        total = len(plan.images.keys)
-        log(
-            f"encoding {total} images on Ray ({cluster_cpus} CPUs, {actors} tokenizer actor(s) of {threads} threads)"
-            + (f", {len(done_before)} already stored" if done_before else "")
+    with codes_output(out, overwrite=overwrite, resume=resume, left_behind=(staging_path(out),)):
+        manifest = read_manifest(model)
+        images = image_set(inputs, image_column=image_column, key_column=key_column)
+        plan = plan_encode(
+            images,
+            manifest,
+            model,
+            out,
+            batch_size=batch_size,
+            resize=resize,
+            precision=precision,
+            max_pixels=max_pixels,
+            skip_bad=skip_bad,
+            crop=crop,
         )
-        table = _located_table(plan, done_before)
-        if table.num_rows:
-            dataset = _dataset(ray, plan, table, tokenizer_class, model, backend, device, threads, actors)
-            try:
-                _store_blocks(dataset, staging, skip_bad)
-            except KeyboardInterrupt:
-                raise EncodeInterrupted(
-                    "interrupted; the blocks Ray stored are kept: run the same command with --resume to continue",
-                    out,
-                ) from None
-            except Exception as exc:
-                raise _user_error(exc) from None
-    written, resized, skipped, runtimes = _join(plan, staging)
-    finish_codes(plan, runtimes.pop() if len(runtimes) == 1 else "mixed", written, skipped)
-    shutil.rmtree(staging, ignore_errors=True)
-    report_notes(plan, written, resized, skipped, log)
-    return EncodeResult(
-        out,
-        written_sidecar(out),
-        written,
-        plan.grid,
-        f"Ray Data, {actors} x TokenizeBatch ({backend})",
-        resized,
-        time.perf_counter() - started,
-        len(done_before),
-        tuple(skipped) if skip_bad else None,
-    )
+        staging = staging_path(out)
+        done_before = _stored_rows(staging, plan.signature, resume, log)
+        with ray_session(ray, address) as cluster_cpus:
+            # One single-threaded actor per CPU measured faster than fewer actors with more threads each: each actor
+            # decodes its block and then runs the graph, so with several the decoding of one overlaps another's graph.
+            actors = actors or cluster_cpus
+            threads = threads or max(1, cluster_cpus // actors)
+            total = len(plan.images.keys)
+            workers = f"{cluster_cpus} CPUs, {actors} tokenizer actor(s) of {threads} threads"
+            stored = f", {len(done_before)} already stored" if done_before else ""
+            log(f"encoding {total} images on Ray ({workers}){stored}")
+            table = _located_table(plan, done_before)
+            if table.num_rows:
+                runtime = {"backend": backend, "device": device, "threads": threads, "engines": engines}
+                dataset = _dataset(ray, plan, table, tokenizer_class, model, runtime, actors)
+                try:
+                    _store_blocks(dataset, staging, skip_bad)
+                except KeyboardInterrupt:
+                    raise EncodeInterrupted(
+                        "interrupted; the blocks Ray stored are kept: run the same command with --resume to continue",
+                        out,
+                    ) from None
+                except Exception as exc:
+                    raise _user_error(exc) from None
+        written, resized, skipped, runtimes = _join(plan, staging)
+        finish_codes(plan, runtimes.pop() if len(runtimes) == 1 else "mixed", written, skipped)
+        shutil.rmtree(staging, ignore_errors=True)
+        report_notes(plan, written, resized, skipped, log)
+        return EncodeResult(
+            out,
+            written_sidecar(out),
+            written,
+            plan.grid,
+            f"Ray Data, {actors} x TokenizeBatch ({backend})",
+            resized,
+            time.perf_counter() - started,
+            len(done_before),
+            tuple(skipped) if skip_bad else None,
+        )
 
 
 @contextlib.contextmanager
@@ -216,11 +222,11 @@ def _dataset(
     table: Any,
     tokenizer_class: type[TokenizeBatch],
     model: Path,
-    backend: str,
-    device: str,
-    threads: int,
+    runtime: dict[str, Any],
     actors: int,
 ) -> Any:
+    """The pipeline: the located rows read and decoded, then encoded in `actors` TokenizeBatch actors opened with
+    `runtime` (backend, device, threads, engines)."""
     image_bytes = plan.shape[0] * plan.shape[1] * 3
     # Enough blocks for every actor to have one, where there are rows enough.
     block = min(MAX_BLOCK_ROWS, max(plan.batch_size, BLOCK_BYTES // image_bytes), -(-table.num_rows // actors))
@@ -240,10 +246,8 @@ def _dataset(
         fn_constructor_kwargs={
             "model": str(model),
             "image_column": "pixels",
-            "backend": backend,
-            "device": device,
+            **runtime,
             "precision": plan.precision,
-            "threads": threads,
             "resize": False,  # the decode tasks brought every image to the plan's size
             "batch_size": plan.batch_size,
             "runtime_column": "runtime",
@@ -254,7 +258,7 @@ def _dataset(
         batch_format="numpy",
         # Ray hides GPUs from actors that do not ask for one: with --device cuda each actor takes a GPU (and the
         # decoding then runs in separate tasks, on CPUs, instead of fused into the actors).
-        num_gpus=1 if device == "cuda" else None,
+        num_gpus=1 if runtime["device"] == "cuda" else None,
     )
     return dataset
 
@@ -375,7 +379,7 @@ def _join(plan: EncodePlan, staging: Path) -> tuple[int, int, list[SkippedFile],
     runtimes that ran the encoder)."""
     total = len(plan.images.keys)
     partial = partial_path(plan.out)
-    codes = np.lib.format.open_memmap(partial, mode="w+", dtype=plan.dtype, shape=(total, *plan.grid))
+    codes = allocated_memmap(partial, plan.dtype, (total, *plan.grid), shown=plan.out)
     seen = np.zeros(total, bool)
     bad = np.zeros(total, bool)
     resized = 0

@@ -51,12 +51,14 @@ REFERENCE = Backend.torch.value
 
 @dataclass(frozen=True)
 class Runtime:
-    """One backend on one device and the precisions it runs there; `auto_rank` orders auto's GPU tries."""
+    """One backend on one device and the precisions it runs there; `auto_rank` orders auto's GPU tries.
+    `engine_files`: it deserializes TensorRT engines from the export folder, which are code, not data."""
 
     backend: str
     device: str
     precisions: tuple[str, ...]
     auto_rank: int | None = None
+    engine_files: bool = False
 
 
 # In bench's order: eager PyTorch on the CPU first, the baseline every ratio is taken against. ONNX Runtime's CPU
@@ -67,9 +69,11 @@ RUNTIMES = (
     Runtime(Backend.openvino.value, Device.cpu.value, (FP32, BF16, INT8), auto_rank=3),
     Runtime(REFERENCE, Device.cuda.value, (FP32,)),
     Runtime(Backend.onnxruntime.value, Device.cuda.value, (FP32, FP16), auto_rank=2),
-    Runtime(Backend.onnxruntime_trt.value, Device.cuda.value, (FP32, FP16)),
-    Runtime(Backend.tensorrt.value, Device.cuda.value, (FP32, FP16), auto_rank=1),
+    Runtime(Backend.onnxruntime_trt.value, Device.cuda.value, (FP32, FP16), engine_files=True),
+    Runtime(Backend.tensorrt.value, Device.cuda.value, (FP32, FP16), auto_rank=1, engine_files=True),
 )
+# The backends that run engine files: an export opened with engines=False (--no-engines) never starts them.
+ENGINE_BACKENDS = frozenset(r.backend for r in RUNTIMES if r.engine_files)
 # The backends parity compares with the reference (the command line's --backend of parity and bench).
 CHECKED_BACKENDS = tuple(dict.fromkeys(r.backend for r in RUNTIMES if r.backend != REFERENCE))
 if TYPE_CHECKING:

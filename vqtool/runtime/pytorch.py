@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from vqtool.errors import VqtoolError, missing_extra
-from vqtool.formats.manifest import PYTORCH_FILE, Manifest, sha256_file
+from vqtool.formats.manifest import Manifest, verify_pytorch_file
 from vqtool.runtime.base import Runner
 
 
@@ -23,9 +23,7 @@ class TorchRunner:
             raise missing_extra("--backend torch", "PyTorch", "train") from None
         from vqtool.model.checkpoint import CheckpointError, load_checkpoint
 
-        path = export_dir / PYTORCH_FILE
-        if manifest.pytorch_sha256 and path.is_file() and sha256_file(path) != manifest.pytorch_sha256:
-            raise VqtoolError("does not match the checksum in manifest.json; re-export", path)
+        path = verify_pytorch_file(export_dir, manifest)
         if device == "cuda" and not torch.cuda.is_available():
             raise VqtoolError("--backend torch --device cuda: PyTorch sees no CUDA GPU here")
         self.device = torch.device(

@@ -17,6 +17,7 @@ from vqtool.runtime.base import (
     BACKENDS,
     BF16,
     DEVICES,
+    ENGINE_BACKENDS,
     FP32,
     INT8,
     LABELS,
@@ -155,11 +156,13 @@ def open_runner(
     precision: str = "fp32",
     spin: bool = False,
     threads: int | None = None,
+    engines: bool = True,
 ) -> Opened:
     """Start the requested backend, or with auto the fastest one that starts here.
 
     `spin` keeps ONNX Runtime's idle threads spinning for small batches: faster alone, slower beside readers and
-    writers. `threads` caps the CPU threads (default: one per core).
+    writers. `threads` caps the CPU threads (default: one per core). Without `engines`, no backend that
+    deserializes TensorRT engine files from the export folder is started: an engine is code.
     """
     backend, device, precision = (
         str(getattr(backend, "value", backend)),
@@ -174,6 +177,8 @@ def open_runner(
     devices = {r.device for r in RUNTIMES if precision in r.precisions}
     if device == Device.auto.value and len(devices) == 1:
         device = devices.pop()  # INT8 graphs are built for the CPU: no GPU provider is tried for them
+    if not engines and backend in ENGINE_BACKENDS:
+        raise VqtoolError(f"--backend {backend} runs TensorRT engine files, which engines=False (--no-engines) ignores")
     if backend != Backend.auto.value:
         return Opened(_open(export_dir, manifest, role, backend, device, precision, spin, threads), ())
     skipped: list[str] = []
@@ -185,6 +190,9 @@ def open_runner(
     tries = [*((r.backend, r.device) for r in gpus), *((name, Device.cpu.value) for name in cpu_order)]
     for name, where in tries:
         if device != Device.auto.value and where != device:
+            continue
+        if not engines and name in ENGINE_BACKENDS:
+            skipped.append(f"{name} on {where}: engine files ignored (engines=False)")
             continue
         if where == Device.cuda.value and device == Device.auto.value and not nvidia_gpu_present():
             skipped.append(f"{name} on {where}: no NVIDIA GPU here")

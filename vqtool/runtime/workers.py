@@ -15,12 +15,15 @@ import multiprocessing
 import os
 import re
 import signal
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from vqtool.errors import VqtoolError
 
 MAX_WORKERS = 16
+# prctl's request to be sent a signal when the parent ends (linux/prctl.h).
+PR_SET_PDEATHSIG = 1
 WORKER_NICENESS = 10
 
 
@@ -82,15 +85,31 @@ def worker_pool(workers: int, shared: mmap.mmap | None = None) -> ProcessPoolExe
     initializer's arguments are inherited, not pickled, which is how the anonymous mapping reaches workers.
     """
     context = multiprocessing.get_context(_start_method())
-    return ProcessPoolExecutor(workers, mp_context=context, initializer=worker_init, initargs=(shared,))
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=worker_init, initargs=(shared, os.getpid()))
 
 
-def worker_init(shared: mmap.mmap | None = None) -> None:
-    """Run in each file worker: Ctrl-C is the parent's to handle, and inference threads get the cores first."""
+def worker_init(shared: mmap.mmap | None = None, parent: int | None = None) -> None:
+    """Run in each file worker: it ends with its parent, Ctrl-C is the parent's to handle, and inference threads get
+    the cores first."""
     global _worker_buffer
     _worker_buffer = shared
+    if parent is not None:
+        end_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # else every worker prints its own KeyboardInterrupt
     lower_priority()
+
+
+def end_with_parent(parent: int) -> None:
+    """Have the kernel kill this process when `parent` ends, however it ends (SIGKILL, SIGBUS, ...): a helper must
+    never outlive the run it helps. Linux only (prctl PR_SET_PDEATHSIG); elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent ended before the request took effect
+        os._exit(1)
 
 
 def lower_priority() -> None:
@@ -122,6 +141,15 @@ def cpu_description() -> str:
     )
     have = [name for flag, name in wanted if flag in flags]
     return f"{model} ({', '.join(have) if have else 'no AVX2'})"
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can give without swapping (MemAvailable), or None where it does not say."""
+    try:
+        found = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(found[1]) * 1024 if found else None
 
 
 @functools.cache
