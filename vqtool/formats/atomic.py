@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from vqtool.formats.space import out_of_space
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -54,6 +56,9 @@ def atomic_output(final: Path | str) -> Iterator[Path]:
         yield temp
         _make_durable(temp)
         os.replace(temp, final)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise out_of_space(exc, final) or exc from None
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
@@ -76,7 +81,9 @@ class StagedOutput:
             self._temp = _temporary_beside(self.final)
             self._temp.write_bytes(contents())
             _make_durable(self._temp)
-        except BaseException as exc:  # handed to the caller by commit()
+        except OSError as exc:  # handed to the caller by commit(); a full disk as its one line
+            self._error = out_of_space(exc, self.final) or exc
+        except BaseException as exc:
             self._error = exc
 
     def commit(self) -> None:

@@ -297,7 +297,9 @@ def _encode_batches(plan: EncodePlan, encoder: Runner, codes_out: np.memmap, pro
             "run the same command with --resume to continue",
             out,
         ) from None
-    codes_out.flush()
+    # Every row is recorded before the output is finished: a finish that fails (a full disk) leaves a run that
+    # --resume completes without encoding again.
+    record_progress()
     return done
 
 
