@@ -29,12 +29,13 @@ from vqtool.formats.manifest import GraphEntry, graph_key, sha256_file
 from vqtool.model.checkpoint import TokenizerModel
 from vqtool.model.imported import ImportedVQ, output_to_pixels, pixels_to_input
 from vqtool.model.vqvae import VQVAE, code_distances, images_to_input, l2_normalize, output_to_images
+from vqtool.precisions import ROWS as PRECISION_ROWS
 
-# Each graph precision's (dtype of the convolutions, dtype of the codebook and distances).
+# Each graph precision's (dtype of the convolutions, dtype of the codebook and distances): the precision table's.
 GRAPH_DTYPES = {
-    "fp32": (torch.float32, torch.float32),
-    "fp16": (torch.float16, torch.float32),
-    "fp16-naive": (torch.float16, torch.float16),
+    row.name: (getattr(torch, row.arithmetic[0]), getattr(torch, row.arithmetic[1]))
+    for row in PRECISION_ROWS
+    if row.arithmetic is not None
 }
 # TensorRT 10's ONNX parser reads opsets 9..20; 18 is well inside what every runtime we target reads.
 OPSET = 18

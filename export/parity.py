@@ -37,7 +37,9 @@ from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.images.quality import psnr
 from vqtool.model.checkpoint import Checkpoint, CheckpointError, TokenizerModel, load_checkpoint
 from vqtool.model.imported import ImportedConfig
-from vqtool.runtime.base import BF16, FP32, PRECISIONS, REFERENCE, RUNTIMES, decoder_precision, runs
+from vqtool.precisions import BF16, FP32, NAIVE_BF16, NAIVE_FP16, PRECISIONS, ParityRule, decoder_precision
+from vqtool.precisions import row as precision_row
+from vqtool.runtime.base import REFERENCE, RUNTIMES, runs
 from vqtool.runtime.onnxruntime import OnnxRuntimeRunner
 from vqtool.runtime.openvino import OpenVinoRunner
 from vqtool.runtime.select import open_runner
@@ -45,38 +47,6 @@ from vqtool.train.data.memory import TrainingData
 from vqtool.train.data.run_data import training_set_of
 
 BATCH = 256
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """What a precision must meet; None means not checked."""
-
-    tie_rtol: float
-    max_unexplained: int | None = 0
-    min_identical: float | None = None
-    max_abs_diff: int | None = None
-    min_psnr: float | None = None
-    max_quality_drop_db: float | None = None
-    # Decode the runtime's own codes rather than PyTorch's: for an encoder that is allowed to differ,
-    # what matters is how far its tokens move the reconstruction.
-    end_to_end: bool = False
-
-
-TOLERANCES = {
-    # FP32 must agree exactly apart from true ties; rounding of a length-D dot product is ~1e-6.
-    "fp32": Tolerance(tie_rtol=1e-5, max_abs_diff=1),
-    "fp16": Tolerance(tie_rtol=1e-2, min_identical=0.995, min_psnr=40.0),
-    "fp16-naive": Tolerance(tie_rtol=1e-2, min_identical=0.995, min_psnr=40.0),
-    # BF16 (OpenVINO) is held to the FP16 rule: 8 mantissa bits against FP16's 11, so it is the harder one to meet.
-    "bf16": Tolerance(tie_rtol=1e-2, min_identical=0.995, min_psnr=40.0),
-    "bf16-naive": Tolerance(tie_rtol=1e-2, min_identical=0.995, min_psnr=40.0),
-    # INT8 rounds each activation to 1/255 of its calibrated range, enough to flip codes that lie within a
-    # few percent of each other. It is judged by how often it agrees and by what its codes decode to:
-    # how much closer to the input images PyTorch's reconstructions are than those from INT8 codes.
-    "int8": Tolerance(
-        tie_rtol=1e-2, max_unexplained=None, min_identical=0.90, max_quality_drop_db=0.5, end_to_end=True
-    ),
-}
 
 
 @dataclass(frozen=True)
@@ -142,7 +112,7 @@ def check_parity(
 ) -> ParityReport:
     """Compare PyTorch with `encode`/`decode` (uint8 images -> codes, int32 codes -> uint8 images), `batch` images
     at a time; with no `decode` (a model with no decoder), codes alone."""
-    tolerance = TOLERANCES[precision]
+    tolerance = precision_row(precision).rule
     reference = reference or torch_reference(model, images, batch=batch)
     codes = np.concatenate([encode(images[s : s + batch]) for s in range(0, len(images), batch)])
     if codes.shape != reference.codes.shape:
@@ -171,7 +141,7 @@ def _reconstruction_report(
     codes: np.ndarray,
     reference: Reference,
     decode: Callable[[np.ndarray], np.ndarray],
-    tolerance: Tolerance,
+    tolerance: ParityRule,
     batch: int,
 ) -> dict[str, Any]:
     """How the decoder's images compare with PyTorch's, decoding its own codes or PyTorch's (by the rule)."""
@@ -188,7 +158,7 @@ def _reconstruction_report(
     )
 
 
-def _failures(report: dict[str, Any], tolerance: Tolerance) -> list[str]:
+def _failures(report: dict[str, Any], tolerance: ParityRule) -> list[str]:
     failures = []
     report = {**asdict(ParityReport(runtime="")), **report}  # an encoder-only report has no reconstruction fields
     if tolerance.max_unexplained is not None and report["unexplained"] > tolerance.max_unexplained:
@@ -217,9 +187,6 @@ def default_parity_images(checkpoint: Checkpoint, own_data: Callable[[], Trainin
 
 
 # ---- every runtime of an export ----------------------------------------------------------------------------------
-
-NAIVE_FP16 = "fp16-naive"
-NAIVE_BF16 = "bf16-naive"
 
 
 @dataclass(frozen=True)

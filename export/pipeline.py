@@ -49,7 +49,8 @@ from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.model.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from vqtool.model.config import ModelConfig
 from vqtool.model.imported import ImportedConfig
-from vqtool.runtime.base import BF16, CHECKED_BACKENDS, FP16, FP32, INT8, PRECISIONS
+from vqtool.precisions import BF16, FP16, FP32, INT8, PRECISIONS
+from vqtool.runtime.base import CHECKED_BACKENDS
 from vqtool.train.data.memory import TrainingData
 from vqtool.train.data.run_data import training_set_of
 

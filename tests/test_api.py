@@ -16,8 +16,9 @@ import torch
 import vqtool
 from tests.conftest import REPO, photo_crops, run_cli, write_mixed_folder
 from vqtool.cli.common import Preset
+from vqtool.precisions import PRECISIONS, Precision
 from vqtool.runtime import tensors
-from vqtool.runtime.base import BACKENDS, DEVICES, PRECISIONS, Backend, Device, Precision
+from vqtool.runtime.base import BACKENDS, DEVICES, Backend, Device
 
 
 def photos(count: int, seed: int = 0) -> np.ndarray:

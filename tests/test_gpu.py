@@ -13,9 +13,10 @@ import pytest
 
 from tests.conftest import run_cli
 from vqtool.errors import VqtoolError
-from vqtool.export.parity import TOLERANCES, classify_mismatches, torch_reference
+from vqtool.export.parity import classify_mismatches, torch_reference
 from vqtool.formats.manifest import read_manifest
 from vqtool.model.checkpoint import load_checkpoint
+from vqtool.precisions import TABLE
 from vqtool.runtime.pytorch import TorchRunner
 from vqtool.runtime.select import open_runner
 from vqtool.train.data.run_data import held_out_images
@@ -44,7 +45,7 @@ def test_cuda_codes_are_the_cpu_codes_up_to_near_ties(export_dir: Path) -> None:
     except VqtoolError as exc:
         print(f"ONNX Runtime CUDA not checked: {exc}")
     for runner in runners:
-        _, unexplained, _ = classify_mismatches(reference, codebook, runner(images), TOLERANCES["fp32"].tie_rtol)
+        _, unexplained, _ = classify_mismatches(reference, codebook, runner(images), TABLE["fp32"].rule.tie_rtol)
         assert unexplained == 0, runner.describe()
     decoded = TorchRunner(export_dir, manifest, "decoder", "cuda")(reference.codes.astype(np.int32))
     assert np.abs(decoded.astype(int) - reference.reconstructions.astype(int)).max() <= 1

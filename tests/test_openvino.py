@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO, one_error_line, run_cli
-from vqtool.export.parity import TOLERANCES
+from vqtool.precisions import TABLE
 
 # Checked without importing OpenVINO: it stays out of the test process (see in_subprocess).
 pytestmark = pytest.mark.skipif(
@@ -61,13 +61,13 @@ def test_parity_holds_each_openvino_precision_to_its_rule(export_copy: Path) -> 
     assert reports["fp32"]["recon_max_abs"] <= 1
     assert "int8" in reports  # judged by the INT8 rule: agreement and what its codes decode to
     assert reports["int8"]["passed"] == (
-        reports["int8"]["identical_fraction"] >= TOLERANCES["int8"].min_identical
-        and reports["int8"]["quality_drop_db"] <= TOLERANCES["int8"].max_quality_drop_db
+        reports["int8"]["identical_fraction"] >= TABLE["int8"].rule.min_identical
+        and reports["int8"]["quality_drop_db"] <= TABLE["int8"].rule.max_quality_drop_db
     )
     if _bf16_here():
         bf16, naive = reports["bf16"], saved["naive_bf16_for_comparison"]
-        rule = TOLERANCES["bf16"]
-        assert rule == TOLERANCES["fp16"]  # BF16 is held to the FP16 rule
+        rule = TABLE["bf16"].rule
+        assert rule == TABLE["fp16"].rule  # BF16 is held to the FP16 rule
         meets = bf16["identical_fraction"] >= rule.min_identical and bf16["unexplained"] == 0
         assert bf16["passed"] == (meets and bf16["recon_psnr"] >= rule.min_psnr)
         assert naive["precision"] == "bf16-naive"

@@ -11,7 +11,6 @@ import onnx
 import pytest
 import torch
 
-from vqtool.export import parity
 from vqtool.export.graphs import write_graphs
 from vqtool.export.parity import Reference, check_parity, classify_mismatches, torch_reference
 from vqtool.export.pipeline import ParityFailed, export_model
@@ -121,8 +120,12 @@ def test_near_ties_are_told_apart_from_defects() -> None:
 def test_failed_parity_fails_the_export_and_publishes_nothing(
     trained_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    impossible = parity.Tolerance(tie_rtol=1e-5, max_abs_diff=-1)
-    monkeypatch.setitem(parity.TOLERANCES, "fp32", impossible)
+    from dataclasses import replace
+
+    from vqtool import precisions
+
+    impossible = precisions.ParityRule(tie_rtol=1e-5, max_abs_diff=-1)
+    monkeypatch.setitem(precisions.TABLE, "fp32", replace(precisions.TABLE["fp32"], rule=impossible))
     images = held_out_images(load_checkpoint(trained_checkpoint), log=lambda _: None)[:32]
     with pytest.raises(ParityFailed, match="parity failed"):
         export_model(trained_checkpoint, tmp_path / "model", parity_images=images, log=lambda _: None)

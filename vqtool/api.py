@@ -31,8 +31,9 @@ from vqtool.pipeline.decode import decode_file as _decode_file
 from vqtool.pipeline.encode import EncodeResult, codes_output, plan_encode, run_encode
 from vqtool.pipeline.resume import progress_path
 from vqtool.pipeline.shards import Shard
+from vqtool.precisions import BF16, decoder_precision
 from vqtool.runtime import tensors
-from vqtool.runtime.base import BF16, Runner, decoder_precision
+from vqtool.runtime.base import Runner
 from vqtool.runtime.onnxruntime import CUDA_PROVIDERS, TRT_PROVIDER
 from vqtool.runtime.select import Opened, check_bf16, open_runner
 from vqtool.runtime.workers import inference_threads

@@ -14,7 +14,8 @@ import numpy as np
 from vqtool.bench.timing import ROUNDS
 from vqtool.errors import VqtoolError
 from vqtool.formats.manifest import Manifest, graph_key, verify_pytorch_file
-from vqtool.runtime.base import FP16, REFERENCE, RUNTIMES, Device
+from vqtool.precisions import FP16
+from vqtool.runtime.base import REFERENCE, RUNTIMES, Device
 
 # Every CPU runtime at each precision it runs, but FP16: ONNX Runtime's CPU provider emulates it with casts,
 # slower than FP32, so no one encodes a folder that way.

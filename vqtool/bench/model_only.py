@@ -14,7 +14,8 @@ from vqtool.bench.timing import call_latencies, time_interleaved
 from vqtool.errors import VqtoolError
 from vqtool.formats.manifest import Manifest, graph_key, verify_pytorch_file
 from vqtool.formats.records import ModelRow
-from vqtool.runtime.base import FP32, PRECISIONS, REFERENCE, RUNTIMES, Runner, runs
+from vqtool.precisions import FP32, PRECISIONS
+from vqtool.runtime.base import REFERENCE, RUNTIMES, Runner, runs
 from vqtool.runtime.select import open_runner
 
 BATCH_SIZES = (1, 32, 256)

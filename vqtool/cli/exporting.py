@@ -22,7 +22,8 @@ from vqtool.cli.common import (
 )
 from vqtool.errors import VqtoolError
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
-from vqtool.runtime.base import CheckedBackend, Precision
+from vqtool.precisions import Precision
+from vqtool.runtime.base import CheckedBackend
 
 
 def _show_verification(verification: dict[str, Any]) -> None:
@@ -174,7 +175,7 @@ def parity(
     require_torch("parity")
     from vqtool.export.parity import check_export
     from vqtool.formats.manifest import PARITY_NAME
-    from vqtool.runtime.base import PRECISIONS
+    from vqtool.precisions import PRECISIONS
 
     verification = check_export(
         export_dir,

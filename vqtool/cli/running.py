@@ -26,7 +26,8 @@ from vqtool.cli.common import (
 )
 from vqtool.errors import VqtoolError
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
-from vqtool.runtime.base import Backend, CheckedBackend, Device, Precision
+from vqtool.precisions import Precision
+from vqtool.runtime.base import Backend, CheckedBackend, Device
 
 if TYPE_CHECKING:
     from vqtool.pipeline.encode import EncodeResult

@@ -13,6 +13,7 @@ import numpy as np
 
 from vqtool.errors import VqtoolError
 from vqtool.formats.onnx_graph import check_self_contained
+from vqtool.precisions import FP32, TABLE
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "vqtool.export"
@@ -23,18 +24,15 @@ PYTORCH_FILE = "model.pt"
 PARITY_NAME = "parity.json"
 BENCH_NAME = "bench.json"
 ROLES = ("encoder", "decoder")
-# Precisions whose graphs are files of their own; BF16 runs the FP32 graph. fp16-naive is the all-FP16 graph that
-# parity builds aside for comparison and never exports.
-GRAPH_PRECISIONS = ("fp32", "fp16", "int8", "fp16-naive")
-SHARED_GRAPH = {"bf16": "fp32"}
 
 
 def graph_key(role: str, precision: str) -> str:
-    """Manifest key and file stem: encoder, decoder, encoder.fp16, decoder.fp16, encoder.int8 (and *.fp16-naive)."""
-    precision = SHARED_GRAPH.get(precision, precision)
-    if role not in ROLES or precision not in GRAPH_PRECISIONS:
+    """Manifest key and file stem of the graph `role` runs at `precision` (the precision table says which graph a
+    precision runs): encoder, decoder, encoder.fp16, decoder.fp16, encoder.int8 (and *.fp16-naive)."""
+    if role not in ROLES or precision not in TABLE:
         raise VqtoolError(f"unknown graph {role}/{precision}")
-    return role if precision == "fp32" else f"{role}.{precision}"
+    graph = TABLE[precision].graph
+    return role if graph == FP32 else f"{role}.{graph}"
 
 
 # What a batch may take: ONNX Runtime's peak per image was ~12 times the graph's largest activation on the

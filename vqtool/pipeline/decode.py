@@ -19,7 +19,8 @@ from vqtool.formats.manifest import LIVE_ACTIVATIONS, Manifest, activation_bytes
 from vqtool.formats.outputs import claim_decode_folder, finish_decode_folder
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.images.writing import clear_partial_pngs, write_pngs
-from vqtool.runtime.base import FP32, Runner
+from vqtool.precisions import FP32
+from vqtool.runtime.base import Runner
 from vqtool.runtime.workers import available_memory, worker_pool, writer_count
 
 WRITE_AHEAD = 2

@@ -1,5 +1,5 @@
-"""What every runtime shares: the Runner interface, the names of backends, devices and precisions, and the one
-table of which runtime runs which precision on which device.
+"""What every runtime shares: the Runner interface, the names of backends and devices, and the one table of runtimes
+(which precisions each runs is the precision table's, vqtool.precisions).
 
 `auto`, `vqtool bench`, `vqtool parity`, export's parity and the command line's choices all read RUNTIMES;
 a new runtime is a row here and a module beside this one (docs/architecture.md).
@@ -10,6 +10,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
+
+from vqtool.precisions import ENCODER_ONLY, PRECISIONS
+from vqtool.precisions import ROWS as PRECISION_ROWS
+from vqtool.precisions import row as precision_row
 
 if TYPE_CHECKING:
     import numpy as np
@@ -32,46 +36,42 @@ class Device(str, enum.Enum):
     cuda = "cuda"
 
 
-class Precision(str, enum.Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"  # FP16 graphs with an FP32 quantizer (export --fp16)
-    bf16 = "bf16"  # OpenVINO's BF16 inference over the FP32 graph; no file of its own
-    int8 = "int8"  # an INT8 encoder for CPUs (export --int8)
-
-
-FP32, FP16, BF16, INT8 = (p.value for p in Precision)
 BACKENDS = tuple(b.value for b in Backend)
 DEVICES = tuple(d.value for d in Device)
-PRECISIONS = tuple(p.value for p in Precision)
-# Precisions that exist for the encoder alone: their codes are decoded by the FP32 decoder.
-ENCODER_ONLY = frozenset({INT8})
 # Parity's reference and bench's baseline: the PyTorch model itself.
 REFERENCE = Backend.torch.value
 
 
 @dataclass(frozen=True)
 class Runtime:
-    """One backend on one device and the precisions it runs there; `auto_rank` orders auto's GPU tries.
-    `engine_files`: it deserializes TensorRT engines from the export folder, which are code, not data."""
+    """One backend on one device; `auto_rank` orders auto's GPU tries. `engine_files`: it deserializes TensorRT
+    engines from the export folder, which are code, not data. The precisions it runs are the precision table's."""
 
     backend: str
     device: str
-    precisions: tuple[str, ...]
     auto_rank: int | None = None
     engine_files: bool = False
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        """The precisions it runs (vqtool.precisions: each precision's row names its runtimes)."""
+        return tuple(p for p in PRECISIONS if (self.backend, self.device) in precision_row(p).runtimes)
 
 
 # In bench's order: eager PyTorch on the CPU first, the baseline every ratio is taken against. ONNX Runtime's CPU
 # provider runs FP16 graphs by emulation (casts around FP32 kernels): it runs them, slower than FP32.
 RUNTIMES = (
-    Runtime(REFERENCE, Device.cpu.value, (FP32,)),
-    Runtime(Backend.onnxruntime.value, Device.cpu.value, (FP32, FP16, INT8), auto_rank=3),
-    Runtime(Backend.openvino.value, Device.cpu.value, (FP32, BF16, INT8), auto_rank=3),
-    Runtime(REFERENCE, Device.cuda.value, (FP32,)),
-    Runtime(Backend.onnxruntime.value, Device.cuda.value, (FP32, FP16), auto_rank=2),
-    Runtime(Backend.onnxruntime_trt.value, Device.cuda.value, (FP32, FP16), engine_files=True),
-    Runtime(Backend.tensorrt.value, Device.cuda.value, (FP32, FP16), auto_rank=1, engine_files=True),
+    Runtime(REFERENCE, Device.cpu.value),
+    Runtime(Backend.onnxruntime.value, Device.cpu.value, auto_rank=3),
+    Runtime(Backend.openvino.value, Device.cpu.value, auto_rank=3),
+    Runtime(REFERENCE, Device.cuda.value),
+    Runtime(Backend.onnxruntime.value, Device.cuda.value, auto_rank=2),
+    Runtime(Backend.onnxruntime_trt.value, Device.cuda.value, engine_files=True),
+    Runtime(Backend.tensorrt.value, Device.cuda.value, auto_rank=1, engine_files=True),
 )
+_NAMED = {(r.backend, r.device) for r in RUNTIMES}
+if any(pair not in _NAMED for row in PRECISION_ROWS for pair in row.runtimes):
+    raise AssertionError("the precision table names a runtime that RUNTIMES has no row for")
 # The backends that run engine files: an export opened with engines=False (--no-engines) never starts them.
 ENGINE_BACKENDS = frozenset(r.backend for r in RUNTIMES if r.engine_files)
 # The backends parity compares with the reference (the command line's --backend of parity and bench).
@@ -90,11 +90,6 @@ def runs(backend: str, precision: str, device: str | None = None) -> bool:
 def backends_running(precision: str, device: str) -> tuple[str, ...]:
     """The backends that run `precision` on `device`, in the table's order."""
     return tuple(dict.fromkeys(r.backend for r in RUNTIMES if r.device == device and precision in r.precisions))
-
-
-def decoder_precision(precision: str) -> str:
-    """The decoder's precision when the encoder runs `precision`."""
-    return FP32 if precision in ENCODER_ONLY else precision
 
 
 def refusal(role: str, backend: str, device: str, precision: str) -> str | None:

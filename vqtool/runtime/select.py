@@ -13,15 +13,12 @@ from pathlib import Path
 from vqtool.errors import VqtoolError
 from vqtool.formats.manifest import Manifest, engine_path, graph_key, verify_graph
 from vqtool.formats.records import parity_report, read_bench_rows
+from vqtool.precisions import BF16, FP32, INT8, PRECISIONS
 from vqtool.runtime.base import (
     BACKENDS,
-    BF16,
     DEVICES,
     ENGINE_BACKENDS,
-    FP32,
-    INT8,
     LABELS,
-    PRECISIONS,
     REFERENCE,
     RUNTIMES,
     Backend,

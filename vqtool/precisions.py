@@ -1,0 +1,109 @@
+"""The one table of precisions: for each, the graph it runs, that graph's arithmetic, whether it exists for the
+encoder alone, the parity rule it is held to, and the runtimes that run it.
+
+Every other list of precisions in vqtool is read from here: the command line's choices, the manifest's graph names,
+the exporter's dtypes, parity's rules, INT8's agreement target, the runtime table's precisions and what `auto` may
+start. A leaf: it imports nothing of vqtool, so every layer can read it.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Precision(str, enum.Enum):
+    """The precisions an export is run at (the command line's --precision)."""
+
+    fp32 = "fp32"
+    fp16 = "fp16"  # FP16 graphs with an FP32 quantizer (export --fp16)
+    bf16 = "bf16"  # OpenVINO's BF16 inference over the FP32 graph; no file of its own
+    int8 = "int8"  # an INT8 encoder for CPUs (export --int8)
+
+
+FP32, FP16, BF16, INT8 = (p.value for p in Precision)
+PRECISIONS = tuple(p.value for p in Precision)
+# Variants parity builds aside to show what the FP32 quantizer island buys; never exported, never run by a user.
+NAIVE_FP16, NAIVE_BF16 = "fp16-naive", "bf16-naive"
+
+
+@dataclass(frozen=True)
+class ParityRule:
+    """What a precision's codes and reconstructions must meet against PyTorch's; None: not checked.
+
+    `tie_rtol`: two codes whose distances to a latent differ by less than this share of |z|² + |e|² are a near-tie
+    (either is right up to rounding). `end_to_end`: the runtime's own codes are decoded, rather than PyTorch's, for
+    an encoder allowed to differ: what matters then is how far its codes move the reconstruction.
+    """
+
+    tie_rtol: float
+    max_unexplained: int | None = 0
+    min_identical: float | None = None
+    max_abs_diff: int | None = None
+    min_psnr: float | None = None
+    max_quality_drop_db: float | None = None
+    end_to_end: bool = False
+
+
+# FP32 must agree exactly apart from true ties: rounding of a length-D dot product is ~1e-6.
+EXACT = ParityRule(tie_rtol=1e-5, max_abs_diff=1)
+# FP16 and BF16 graphs keep the quantizer FP32; BF16 (8 mantissa bits against FP16's 11) is held to the FP16 rule,
+# so it is the harder one to meet.
+HALF = ParityRule(tie_rtol=1e-2, min_identical=0.995, min_psnr=40.0)
+# INT8 rounds each activation to 1/255 of its calibrated range, enough to flip codes that lie within a few percent
+# of each other. It is judged by how often it agrees and by what its codes decode to: how much closer to the input
+# images PyTorch's reconstructions are than those from INT8 codes.
+INT8_RULE = ParityRule(
+    tie_rtol=1e-2, max_unexplained=None, min_identical=0.90, max_quality_drop_db=0.5, end_to_end=True
+)
+
+# The runtimes, as (backend, device): vqtool.runtime.base.RUNTIMES has a row for each.
+TORCH_CPU, ORT_CPU, OPENVINO_CPU = ("torch", "cpu"), ("onnxruntime", "cpu"), ("openvino", "cpu")
+TORCH_CUDA, ORT_CUDA = ("torch", "cuda"), ("onnxruntime", "cuda")
+ORT_TRT, TENSORRT = ("onnxruntime-trt", "cuda"), ("tensorrt", "cuda")
+
+
+@dataclass(frozen=True)
+class PrecisionRow:
+    """One precision: `graph`, the precision of the graph file it runs (its own, or BF16's FP32 graph);
+    `arithmetic`, the (convolutions, quantizer) dtypes of the graph the exporter writes for it (None: none is
+    written for it, or it is written another way, as INT8's by quantization); `encoder_only`, whether it exists for
+    the encoder alone (its codes are decoded in FP32); `rule`, its parity rule; `runtimes`, which run it;
+    `exported`, False for a comparison variant parity builds aside."""
+
+    name: str
+    graph: str
+    arithmetic: tuple[str, str] | None
+    encoder_only: bool
+    rule: ParityRule
+    runtimes: tuple[tuple[str, str], ...]
+    exported: bool = True
+
+
+ROWS = (
+    PrecisionRow(
+        FP32,
+        FP32,
+        ("float32", "float32"),
+        False,
+        EXACT,
+        (TORCH_CPU, ORT_CPU, OPENVINO_CPU, TORCH_CUDA, ORT_CUDA, ORT_TRT, TENSORRT),
+    ),
+    PrecisionRow(FP16, FP16, ("float16", "float32"), False, HALF, (ORT_CPU, ORT_CUDA, ORT_TRT, TENSORRT)),
+    PrecisionRow(BF16, FP32, None, False, HALF, (OPENVINO_CPU,)),
+    PrecisionRow(INT8, INT8, None, True, INT8_RULE, (ORT_CPU, OPENVINO_CPU)),
+    PrecisionRow(NAIVE_FP16, NAIVE_FP16, ("float16", "float16"), False, HALF, (ORT_CPU,), exported=False),
+    PrecisionRow(NAIVE_BF16, FP32, None, False, HALF, (OPENVINO_CPU,), exported=False),
+)
+TABLE = {row.name: row for row in ROWS}
+ENCODER_ONLY = frozenset(row.name for row in ROWS if row.encoder_only)
+
+
+def row(precision: str) -> PrecisionRow:
+    """The table's row for `precision` (a Precision or its name); KeyError for a name not in it."""
+    return TABLE[str(getattr(precision, "value", precision))]
+
+
+def decoder_precision(precision: str) -> str:
+    """The decoder's precision when the encoder runs `precision`: FP32 under an encoder-only precision."""
+    return FP32 if precision in ENCODER_ONLY else precision
