@@ -37,12 +37,10 @@ from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.images.quality import psnr
 from vqtool.model.checkpoint import Checkpoint, CheckpointError, TokenizerModel, load_checkpoint
 from vqtool.model.imported import ImportedConfig
-from vqtool.precisions import BF16, FP32, NAIVE_BF16, NAIVE_FP16, PRECISIONS, ParityRule, decoder_precision
+from vqtool.precisions import FP32, NAIVE_BF16, NAIVE_FP16, PRECISIONS, ParityRule, decoder_precision
 from vqtool.precisions import row as precision_row
-from vqtool.runtime.base import REFERENCE, RUNTIMES, runs
-from vqtool.runtime.onnxruntime import OnnxRuntimeRunner
-from vqtool.runtime.openvino import OpenVinoRunner
-from vqtool.runtime.select import open_runner
+from vqtool.runtime.base import REFERENCE, RUNTIMES, GraphToOpen, runs
+from vqtool.runtime.select import open_backend, open_runner
 from vqtool.train.data.memory import TrainingData
 from vqtool.train.data.run_data import training_set_of
 
@@ -212,20 +210,23 @@ class Verification:
         }
 
 
-def naive_fp16_report(model: TokenizerModel, images: np.ndarray, reference: Reference) -> ParityReport:
+def naive_fp16_report(
+    model: TokenizerModel, manifest: Manifest, images: np.ndarray, reference: Reference
+) -> ParityReport:
     """Export an all-FP16 pair of graphs aside and measure them, to show what the FP32 island buys."""
     with tempfile.TemporaryDirectory(prefix="vqtool-naive-fp16-") as folder:
         entries = write_graphs(model, "", Path(folder), NAIVE_FP16)
-        encoder = OnnxRuntimeRunner(Path(folder) / entries[graph_key("encoder", NAIVE_FP16)].file, "cpu")
-        decoder_key = graph_key("decoder", NAIVE_FP16)
-        decoder = OnnxRuntimeRunner(Path(folder) / entries[decoder_key].file, "cpu") if decoder_key in entries else None
+        runners = {}
+        for role in manifest.roles:
+            graph = GraphToOpen(Path(folder) / entries[graph_key(role, NAIVE_FP16)].file, role, NAIVE_FP16, "cpu")
+            runners[role] = open_backend("onnxruntime", graph)
         return check_parity(
             model,
             images,
-            encoder,
-            decoder,
+            runners["encoder"],
+            runners.get("decoder"),
             runtime="onnxruntime",
-            provider=encoder.provider,
+            provider=runners["encoder"].provider,
             precision=NAIVE_FP16,
             reference=reference,
         )
@@ -235,12 +236,19 @@ def naive_bf16_report(
     model: TokenizerModel, export_dir: Path, manifest: Manifest, images: np.ndarray, reference: Reference
 ) -> ParityReport:
     """OpenVINO BF16 over the whole graphs, quantizer included: what the FP32 island buys, measured."""
-    encoder = OpenVinoRunner(verify_graph(export_dir, manifest, "encoder"), "encoder", BF16, island=False)
-    decoder = None
-    if "decoder" in manifest.roles:
-        decoder = OpenVinoRunner(verify_graph(export_dir, manifest, "decoder"), "decoder", BF16, island=False)
+    runners = {}
+    for role in manifest.roles:
+        path = verify_graph(export_dir, manifest, graph_key(role, NAIVE_BF16))
+        runners[role] = open_backend("openvino", GraphToOpen(path, role, NAIVE_BF16, "cpu"))
     return check_parity(
-        model, images, encoder, decoder, runtime="openvino", provider="CPU", precision=NAIVE_BF16, reference=reference
+        model,
+        images,
+        runners["encoder"],
+        runners.get("decoder"),
+        runtime="openvino",
+        provider="CPU",
+        precision=NAIVE_BF16,
+        reference=reference,
     )
 
 
@@ -303,7 +311,7 @@ def verify_export(
             encoder.close()
             if decoder is not None:
                 decoder.close()
-    naive = naive_fp16_report(model, images, reference) if naive_fp16 else None
+    naive = naive_fp16_report(model, manifest, images, reference) if naive_fp16 else None
     bf16_whole = naive_bf16_report(model, export_dir, manifest, images, reference) if naive_bf16 else None
     return Verification(tuple(reports), tuple(skipped), naive, bf16_whole)
 

@@ -201,13 +201,16 @@ def code_agreement(model: TokenizerModel, images: np.ndarray, activation_bytes: 
     """A measure of an encoder graph: the share of its codes for `images` that are PyTorch's. `activation_bytes`:
     the FP32 graph's largest activation per image, which sizes the batches (manifest.batch_within_budget)."""
     from vqtool.export.parity import BATCH, torch_reference
-    from vqtool.runtime.onnxruntime import OnnxRuntimeRunner
+    from vqtool.runtime.base import GraphToOpen
+    from vqtool.runtime.select import open_backend
 
     batch = batch_within_budget(activation_bytes, BATCH)
     reference = torch_reference(model, images, batch=batch, decode=False).codes
 
     def agreement(graph: Path) -> float:
-        encoder = OnnxRuntimeRunner(graph, "cpu", activation_bytes=activation_bytes)
+        encoder = open_backend(
+            "onnxruntime", GraphToOpen(graph, "encoder", INT8, "cpu", activation_bytes=activation_bytes)
+        )
         try:
             codes = np.concatenate([encoder(images[s : s + batch]) for s in range(0, len(images), batch)])
         finally:

@@ -33,8 +33,7 @@ from vqtool.pipeline.resume import progress_path
 from vqtool.pipeline.shards import Shard
 from vqtool.precisions import BF16, decoder_precision
 from vqtool.runtime import tensors
-from vqtool.runtime.base import Runner
-from vqtool.runtime.onnxruntime import CUDA_PROVIDERS, TRT_PROVIDER
+from vqtool.runtime.base import CudaTensorRunner, Runner
 from vqtool.runtime.select import Opened, check_bf16, open_runner
 from vqtool.runtime.workers import inference_threads
 
@@ -442,8 +441,8 @@ def _check_batch_size(batch_size: int) -> None:
 
 
 def _on_cuda(runner: Runner) -> bool:
-    """Whether ONNX Runtime runs this graph on the GPU, so a CUDA tensor can be bound where it lies."""
-    return runner.backend == "onnxruntime" and runner.provider in (*CUDA_PROVIDERS, TRT_PROVIDER)
+    """Whether the runner runs this graph on the GPU and takes CUDA tensors where they lie."""
+    return isinstance(runner, CudaTensorRunner) and runner.on_cuda
 
 
 def _chunked(runner: Runner, batch: np.ndarray, tail: tuple[int, ...], dtype: np.dtype, batch_size: int) -> np.ndarray:
@@ -458,12 +457,12 @@ def _chunked(runner: Runner, batch: np.ndarray, tail: tuple[int, ...], dtype: np
 
 def _chunked_cuda(runner: Runner, batch: Any, out_shape: tuple[int, ...], dtype: np.dtype, batch_size: int) -> Any:
     """As _chunked, for a CUDA tensor bound in place (ONNX Runtime's CUDA or TensorRT provider)."""
-    session = runner.session  # type: ignore[attr-defined]
+    assert isinstance(runner, CudaTensorRunner)
     torch = sys.modules["torch"]
     if not len(batch):
         return torch.empty(out_shape, dtype=tensors.torch_dtype(dtype), device=batch.device)
     parts = []
     for start in range(0, len(batch), batch_size):
         part = batch[start : start + batch_size]
-        parts.append(tensors.run_bound(session, part, (len(part), *out_shape[1:]), dtype))
+        parts.append(runner.run_cuda(part, (len(part), *out_shape[1:]), dtype))
     return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -8,8 +8,11 @@ a new runtime is a row here and a module beside this one (docs/architecture.md).
 from __future__ import annotations
 
 import enum
+import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from vqtool.precisions import ENCODER_ONLY, PRECISIONS
 from vqtool.precisions import ROWS as PRECISION_ROWS
@@ -17,6 +20,8 @@ from vqtool.precisions import row as precision_row
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from vqtool.formats.manifest import Manifest
 
 
 class Backend(str, enum.Enum):
@@ -43,33 +48,95 @@ REFERENCE = Backend.torch.value
 
 
 @dataclass(frozen=True)
+class GraphToOpen:
+    """What a runtime's loader opens: one graph file (already checked against its export's manifest, or written
+    aside by export and parity), the role and precision it runs at, the device (the runtime's own, or auto where
+    the backend picks), the CPU threads, and the export it belongs to where the runtime needs more of it (the
+    PyTorch file, the TensorRT engines)."""
+
+    path: Path | None  # None for a runtime that runs no graph file (Runtime.reads_graph)
+    role: str
+    precision: str
+    device: str = "auto"
+    threads: int | None = None
+    # Spinning threads for small in-memory batches (ONNX Runtime; see OnnxRuntimeRunner).
+    spin: bool = False
+    # The largest activation of one image in the graph: large graphs run on intra-op threads (manifest.py).
+    activation_bytes: int = 0
+    export_dir: Path | None = None
+    manifest: Manifest | None = None
+
+    def export(self) -> tuple[Path, Manifest]:
+        """The export folder and manifest, for the runtimes that open more of an export than one graph."""
+        if self.export_dir is None or self.manifest is None:
+            raise ValueError(f"{self.path}: this runtime opens an export, not a graph alone")
+        return self.export_dir, self.manifest
+
+
+@dataclass(frozen=True)
 class Runtime:
-    """One backend on one device; `auto_rank` orders auto's GPU tries. `engine_files`: it deserializes TensorRT
-    engines from the export folder, which are code, not data. The precisions it runs are the precision table's."""
+    """One backend on one device; `loader` names the function that opens its runner ("module:function", imported
+    on first use, so that an optional library is needed only where it runs); `auto_rank` orders auto's GPU tries.
+    `engine_files`: it deserializes TensorRT engines from the export folder, which are code, not data. The
+    precisions it runs are the precision table's."""
 
     backend: str
     device: str
+    loader: str
     auto_rank: int | None = None
     engine_files: bool = False
+    # Whether it runs the export's ONNX graph (checked before it opens); PyTorch runs model.pt, TensorRT an engine.
+    reads_graph: bool = True
 
     @property
     def precisions(self) -> tuple[str, ...]:
         """The precisions it runs (vqtool.precisions: each precision's row names its runtimes)."""
         return tuple(p for p in PRECISIONS if (self.backend, self.device) in precision_row(p).runtimes)
 
+    def open(self, graph: GraphToOpen) -> Runner:
+        """Start this runtime's runner on `graph`; refused in one sentence where it cannot start here."""
+        module, name = self.loader.split(":")
+        load: Callable[[GraphToOpen], Runner] = getattr(importlib.import_module(module), name)
+        return load(graph)
+
 
 # In bench's order: eager PyTorch on the CPU first, the baseline every ratio is taken against. ONNX Runtime's CPU
 # provider runs FP16 graphs by emulation (casts around FP32 kernels): it runs them, slower than FP32.
+_TORCH, _ORT = "vqtool.runtime.pytorch:load", "vqtool.runtime.onnxruntime:load"
+_OPENVINO = "vqtool.runtime.openvino:load"
 RUNTIMES = (
-    Runtime(REFERENCE, Device.cpu.value),
-    Runtime(Backend.onnxruntime.value, Device.cpu.value, auto_rank=3),
-    Runtime(Backend.openvino.value, Device.cpu.value, auto_rank=3),
-    Runtime(REFERENCE, Device.cuda.value),
-    Runtime(Backend.onnxruntime.value, Device.cuda.value, auto_rank=2),
-    Runtime(Backend.onnxruntime_trt.value, Device.cuda.value, engine_files=True),
-    Runtime(Backend.tensorrt.value, Device.cuda.value, auto_rank=1, engine_files=True),
+    Runtime(REFERENCE, Device.cpu.value, _TORCH, reads_graph=False),
+    Runtime(Backend.onnxruntime.value, Device.cpu.value, _ORT, auto_rank=3),
+    Runtime(Backend.openvino.value, Device.cpu.value, _OPENVINO, auto_rank=3),
+    Runtime(REFERENCE, Device.cuda.value, _TORCH, reads_graph=False),
+    Runtime(Backend.onnxruntime.value, Device.cuda.value, _ORT, auto_rank=2),
+    Runtime(
+        Backend.onnxruntime_trt.value,
+        Device.cuda.value,
+        "vqtool.runtime.onnxruntime:load_with_tensorrt",
+        engine_files=True,
+    ),
+    Runtime(
+        Backend.tensorrt.value,
+        Device.cuda.value,
+        "vqtool.runtime.tensorrt:load",
+        auto_rank=1,
+        engine_files=True,
+        reads_graph=False,
+    ),
 )
 _NAMED = {(r.backend, r.device) for r in RUNTIMES}
+
+
+def runtime_for(backend: str, device: str) -> Runtime:
+    """The table's row for `backend` on `device`; with device auto, the backend's first row (its loader then picks
+    the device, as ONNX Runtime and PyTorch do)."""
+    rows = [r for r in RUNTIMES if r.backend == backend and device in (Device.auto.value, r.device)]
+    if not rows:
+        raise ValueError(f"no runtime {backend} on {device}")
+    return rows[0]
+
+
 if any(pair not in _NAMED for row in PRECISION_ROWS for pair in row.runtimes):
     raise AssertionError("the precision table names a runtime that RUNTIMES has no row for")
 # The backends that run engine files: an export opened with engines=False (--no-engines) never starts them.
@@ -141,4 +208,19 @@ class Runner(Protocol):
 
     def close(self) -> None:
         """Release what the runner holds (thread pools, GPU buffers); it is not called again afterwards."""
+        ...
+
+
+@runtime_checkable
+class CudaTensorRunner(Protocol):
+    """A runner that can run a CUDA torch tensor where it lies (ONNX Runtime's CUDA and TensorRT providers, through
+    I/O binding): the API hands it CUDA tensors without a copy through the host."""
+
+    @property
+    def on_cuda(self) -> bool:
+        """Whether this runner's graph runs on the GPU, so that a CUDA tensor can be bound where it is."""
+        ...
+
+    def run_cuda(self, tensor: Any, out_shape: tuple[int, ...], dtype: np.dtype) -> Any:
+        """The graph over a CUDA tensor, its result a new CUDA tensor of `out_shape` and `dtype`."""
         ...

@@ -16,7 +16,8 @@ import numpy as np
 
 from vqtool.errors import VqtoolError, first_line
 from vqtool.formats.manifest import LARGE_ACTIVATION_BYTES, Manifest, engine_path, graph_key
-from vqtool.runtime.base import DEVICES, Runner
+from vqtool.runtime import tensors
+from vqtool.runtime.base import DEVICES, GraphToOpen, Runner
 from vqtool.runtime.workers import inference_lanes
 
 CUDA_PROVIDERS = ("CUDAExecutionProvider",)
@@ -234,6 +235,15 @@ class OnnxRuntimeRunner:
     def pipelined(self) -> Runner:
         return _LanesOnly(self) if self.spin and self.lanes > 1 else self
 
+    @property
+    def on_cuda(self) -> bool:
+        """Whether the graph runs on the GPU (CUDA or TensorRT provider), so that CUDA tensors can be bound."""
+        return self.provider in (*CUDA_PROVIDERS, TRT_PROVIDER)
+
+    def run_cuda(self, tensor: Any, out_shape: tuple[int, ...], dtype: np.dtype) -> Any:
+        """The graph over a CUDA tensor bound where it lies (I/O binding), its result a new CUDA tensor."""
+        return tensors.run_bound(self.session, tensor, out_shape, dtype)
+
     def close(self) -> None:
         if self._lane_pool is not None:
             self._lane_pool.shutdown(wait=False)
@@ -267,3 +277,19 @@ class _LanesOnly:
 
     def close(self) -> None:
         pass  # the runner it belongs to owns the sessions
+
+
+def load(graph: GraphToOpen) -> OnnxRuntimeRunner:
+    """The runtime table's loader for ONNX Runtime on the CPU or CUDA (device auto: CUDA where its provider starts)."""
+    assert graph.path is not None
+    return OnnxRuntimeRunner(
+        graph.path, graph.device, threads=graph.threads, spin=graph.spin, activation_bytes=graph.activation_bytes
+    )
+
+
+def load_with_tensorrt(graph: GraphToOpen) -> OnnxRuntimeRunner:
+    """The runtime table's loader for ONNX Runtime's TensorRT provider, built for the export's batch profile."""
+    assert graph.path is not None
+    export_dir, manifest = graph.export()
+    options = TrtOptions.for_export(export_dir, manifest, graph.role, graph.precision)
+    return OnnxRuntimeRunner(graph.path, "cuda", spin=graph.spin, tensorrt=options)

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from vqtool.errors import VqtoolError, first_line, missing_extra
-from vqtool.runtime.base import Runner
+from vqtool.precisions import BF16, NAIVE_BF16
+from vqtool.runtime.base import GraphToOpen, Runner
 from vqtool.runtime.workers import cpu_description
 
 HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # INT8 comes from the graph's QDQ nodes, the rest FP32
@@ -147,3 +148,11 @@ class OpenVinoRunner:
                     }
                 )
         return layers
+
+
+def load(graph: GraphToOpen) -> OpenVinoRunner:
+    """The runtime table's loader for OpenVINO on the CPU. bf16-naive, parity's comparison, is BF16 over the whole
+    graph: the quantizer is not kept FP32."""
+    assert graph.path is not None
+    naive = graph.precision == NAIVE_BF16
+    return OpenVinoRunner(graph.path, graph.role, BF16 if naive else graph.precision, graph.threads, island=not naive)

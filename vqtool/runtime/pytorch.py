@@ -8,7 +8,7 @@ import numpy as np
 
 from vqtool.errors import VqtoolError, missing_extra
 from vqtool.formats.manifest import Manifest, verify_pytorch_file
-from vqtool.runtime.base import Runner
+from vqtool.runtime.base import GraphToOpen, Runner
 
 
 class TorchRunner:
@@ -60,3 +60,9 @@ class TorchRunner:
 
     def close(self) -> None:
         pass
+
+
+def load(graph: GraphToOpen) -> TorchRunner:
+    """The runtime table's loader for the PyTorch model itself (the export's model.pt), on the CPU or CUDA."""
+    export_dir, manifest = graph.export()
+    return TorchRunner(export_dir, manifest, graph.role, graph.device)

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vqtool.errors import VqtoolError
-from vqtool.formats.manifest import Manifest, engine_path, graph_key, verify_graph
+from vqtool.formats.manifest import Manifest, graph_key, verify_graph
 from vqtool.formats.records import parity_report, read_bench_rows
 from vqtool.precisions import BF16, FP32, INT8, PRECISIONS
+from vqtool.precisions import row as precision_row
 from vqtool.runtime.base import (
     BACKENDS,
     DEVICES,
@@ -23,9 +24,11 @@ from vqtool.runtime.base import (
     RUNTIMES,
     Backend,
     Device,
+    GraphToOpen,
     Runner,
     backends_running,
     refusal,
+    runtime_for,
 )
 from vqtool.runtime.workers import nvidia_gpu_present
 
@@ -100,39 +103,30 @@ def _open(
     spin: bool,
     threads: int | None,
 ) -> Runner:
-    """Start one named backend on one device (auto: the backend's own); refused in one sentence where it cannot."""
+    """Start one named backend on one device (auto: the backend's own) through its loader; refused in one sentence
+    where it cannot. A runtime that runs the graph file gets it checked against the manifest first."""
     reason = refusal(role, backend, device, precision)
     if reason is not None:
         raise VqtoolError(reason)
-    if backend == Backend.openvino.value:
-        from vqtool.runtime.openvino import OpenVinoRunner
-
-        return OpenVinoRunner(verify_graph(export_dir, manifest, graph_key(role, precision)), role, precision, threads)
-    if backend == REFERENCE:
-        from vqtool.runtime.pytorch import TorchRunner
-
-        return TorchRunner(export_dir, manifest, role, device)
-    if backend == Backend.tensorrt.value:
-        from vqtool.runtime.tensorrt import TensorRTRunner, import_tensorrt
-
-        path = engine_path(export_dir, role, precision)
-        if not path.is_file():
-            import_tensorrt()  # a missing TensorRT is the more useful message
-            raise VqtoolError(
-                f"no {precision} TensorRT engine here; build one with vqtool export CHECKPOINT --trt", path
-            )
-        return TensorRTRunner(path)
-    if graph_key(role, precision) not in manifest.graphs and precision != FP32:
-        raise VqtoolError(f"export has no {precision} {role} graph (export again with --{precision})", export_dir)
-    graph = verify_graph(export_dir, manifest, graph_key(role, precision))
-    from vqtool.runtime.onnxruntime import OnnxRuntimeRunner, TrtOptions
-
-    if backend == Backend.onnxruntime_trt.value:
-        options = TrtOptions.for_export(export_dir, manifest, role, precision)
-        return OnnxRuntimeRunner(graph, Device.cuda.value, spin=spin, tensorrt=options)
-    entry = manifest.graphs.get(graph_key(role, precision))
+    runtime = runtime_for(backend, device)
+    key = graph_key(role, precision)
+    path = None
+    if runtime.reads_graph:
+        if key not in manifest.graphs and precision != FP32:
+            raise VqtoolError(f"export has no {precision} {role} graph (export again with --{precision})", export_dir)
+        path = verify_graph(export_dir, manifest, key)
+    entry = manifest.graphs.get(key)
     activation_bytes = entry.activation_bytes if entry is not None else 0
-    return OnnxRuntimeRunner(graph, device, threads=threads, spin=spin, activation_bytes=activation_bytes)
+    graph = GraphToOpen(path, role, precision, device, threads, spin, activation_bytes, export_dir, manifest)
+    return runtime.open(graph)
+
+
+def open_backend(backend: str, graph: GraphToOpen) -> Runner:
+    """Start `backend` on a graph export or parity wrote aside (an INT8 graph being searched, parity's naive
+    variants), through the runtime table's loader; refused where the precision table says it does not run there."""
+    if (backend, graph.device) not in precision_row(graph.precision).runtimes:
+        raise VqtoolError(f"{backend} on {graph.device} does not run {graph.precision}")
+    return runtime_for(backend, graph.device).open(graph)
 
 
 def _check_names(backend: str, device: str, precision: str) -> None:

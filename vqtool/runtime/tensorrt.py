@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vqtool.errors import VqtoolError
-from vqtool.runtime.base import Runner
+from vqtool.runtime.base import GraphToOpen, Runner
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -273,3 +273,16 @@ class TensorRTRunner:
     def __del__(self) -> None:
         if hasattr(self, "buffers"):  # __init__ may have stopped before there was anything to free
             self.close()
+
+
+def load(graph: GraphToOpen) -> TensorRTRunner:
+    """The runtime table's loader for a native TensorRT engine that `vqtool export --trt` built beside the graph."""
+    from vqtool.formats.manifest import engine_path
+
+    export_dir, _ = graph.export()
+    path = engine_path(export_dir, graph.role, graph.precision)
+    if not path.is_file():
+        import_tensorrt()  # a missing TensorRT is the more useful message
+        build = "build one with vqtool export CHECKPOINT --trt"
+        raise VqtoolError(f"no {graph.precision} TensorRT engine here; {build}", path)
+    return TensorRTRunner(path)
