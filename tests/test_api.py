@@ -15,7 +15,8 @@ import torch
 
 import vqtool
 from tests.conftest import REPO, photo_crops, run_cli, write_mixed_folder
-from vqtool.cli.common import Preset
+from vqtool.cli.common import Crop, Preset
+from vqtool.cli.importing import Quantizer
 from vqtool.precisions import PRECISIONS, Precision
 from vqtool.runtime import tensors
 from vqtool.runtime.base import BACKENDS, DEVICES, Backend, Device
@@ -251,9 +252,12 @@ def test_fixed_choices_are_typer_choices_refused_before_any_work(export_dir: Pat
     assert [b.value for b in Backend] == list(BACKENDS)
     assert [d.value for d in Device] == list(DEVICES)
     assert [p.value for p in Precision] == list(PRECISIONS)
-    from vqtool.model.presets import PRESETS
+    from vqtool.images.reading import CROPS
+    from vqtool.model.config import QUANTIZERS
+    from vqtool.model.presets import PRESET_ALIASES, PRESETS
 
-    assert [p.value for p in Preset] == list(PRESETS)
+    assert [p.value for p in Preset] == [*PRESETS, *PRESET_ALIASES]  # a former name is still a choice
+    assert [c.value for c in Crop] == list(CROPS) and [q.value for q in Quantizer] == list(QUANTIZERS)
     helped = run_cli("encode", "--help", env={"COLUMNS": "300"})
     assert "auto|onnxruntime|onnxruntime-trt|tensorrt|openvino|torch" in helped.stdout.replace(" ", "")
     assert "fp32|fp16|bf16|int8" in helped.stdout.replace(" ", "")

@@ -19,7 +19,7 @@ from vqtool.formats.lock import OutputLock
 from vqtool.images.reading import describe_skipped
 from vqtool.model.checkpoint import CheckpointError, load_checkpoint
 from vqtool.model.config import ModelConfig, TrainConfig
-from vqtool.model.presets import preset_settings
+from vqtool.model.presets import DEFAULT_PRESET, preset_settings
 from vqtool.train.board import BOARD_DIR
 from vqtool.train.data.memory import TrainingData
 from vqtool.train.data.streaming import collection_exists, load_training_set
@@ -50,7 +50,7 @@ def next_run_dir(root: Path = RUNS_ROOT) -> Path:
 
 def new_run(
     *,
-    preset: str = "seed",
+    preset: str = DEFAULT_PRESET,
     data: Path | None = None,
     out: Path | None = None,
     image_size: int = 32,

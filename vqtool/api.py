@@ -34,7 +34,7 @@ from vqtool.pipeline.shards import Shard
 from vqtool.precisions import BF16, decoder_precision
 from vqtool.runtime import tensors
 from vqtool.runtime.base import CudaTensorRunner, Runner
-from vqtool.runtime.select import Opened, check_bf16, open_runner
+from vqtool.runtime.select import ChosenRunner, check_bf16, open_runner
 from vqtool.runtime.workers import inference_threads
 
 __all__ = ["DecodeResult", "EncodeResult", "Tokenizer", "load"]
@@ -71,15 +71,15 @@ def load(
     folder = Path(export_dir)
     manifest = read_manifest(folder)
     note = check_bf16(folder) if precision == BF16 else ""
-    starter = _Starter(backend, device, inference_threads(threads), engines)
-    tok = Tokenizer(folder, manifest, starter, precision, note)
+    runtime = _RuntimeChoice(backend, device, inference_threads(threads), engines)
+    tok = Tokenizer(folder, manifest, runtime, precision, note)
     if not lazy:
         tok.start()
     return tok
 
 
 @dataclass(frozen=True)
-class _Starter:
+class _RuntimeChoice:
     """How a Tokenizer starts its graphs: the backend and device asked for, the CPU threads, and whether engine
     files may run."""
 
@@ -88,7 +88,7 @@ class _Starter:
     threads: int | None
     engines: bool = True
 
-    def open(self, export_dir: Path, manifest: Manifest, role: str, precision: str) -> Opened:
+    def open(self, export_dir: Path, manifest: Manifest, role: str, precision: str) -> ChosenRunner:
         # In-memory calls run small batches on spinning threads, which answer them sooner; the file pipelines run
         # the same sessions without them (Runner.pipelined), since their readers and writers need the cores.
         return open_runner(
@@ -112,15 +112,17 @@ class Tokenizer:
     Made by `vqtool.load`.
     """
 
-    def __init__(self, export_dir: Path, manifest: Manifest, starter: _Starter, precision: str, note: str = "") -> None:
+    def __init__(
+        self, export_dir: Path, manifest: Manifest, runtime: _RuntimeChoice, precision: str, note: str = ""
+    ) -> None:
         self._note = f" ({note})" if note else ""  # appended to every line that says what runs
         self.export_dir = export_dir
         self.manifest = manifest
         self.precision = precision
-        self._starter = starter
+        self._runtime = runtime
         self.code_dtype = code_dtype_for(manifest.codes)
         self._decode_precision = decoder_precision(precision)
-        self._opened: dict[str, Opened] = {}
+        self._started: dict[str, ChosenRunner] = {}
         self._start_lock = threading.Lock()
 
     def start(self, *roles: str) -> None:
@@ -129,19 +131,19 @@ class Tokenizer:
         for role in roles or self.manifest.roles:
             self._runner_of(role)
 
-    def _runner_of(self, role: str) -> Opened:
+    def _runner_of(self, role: str) -> ChosenRunner:
         with self._start_lock:
-            if role not in self._opened:
+            if role not in self._started:
                 precision = self.precision if role == "encoder" else self._decode_precision
-                self._opened[role] = self._starter.open(self.export_dir, self.manifest, role, precision)
-            return self._opened[role]
+                self._started[role] = self._runtime.open(self.export_dir, self.manifest, role, precision)
+            return self._started[role]
 
     @property
-    def _encoder(self) -> Opened:
+    def _encoder(self) -> ChosenRunner:
         return self._runner_of("encoder")
 
     @property
-    def _decoder(self) -> Opened:
+    def _decoder(self) -> ChosenRunner:
         return self._runner_of("decoder")
 
     @property
@@ -409,7 +411,7 @@ class Tokenizer:
     def close(self) -> None:
         """Release the sessions (and GPU memory); the tokenizer cannot run afterwards."""
         with self._start_lock:
-            for opened in self._opened.values():
+            for opened in self._started.values():
                 opened.runner.close()
 
     def __enter__(self) -> Tokenizer:

@@ -7,7 +7,7 @@ import functools
 import inspect
 import sys
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from vqtool.errors import VqtoolError, missing_extra
+from vqtool.images.reading import CROPS
+from vqtool.model.presets import PRESET_ALIASES, PRESETS
 from vqtool.runtime.base import Device
 
 app = typer.Typer(
@@ -77,12 +79,14 @@ def require_torch(command: str) -> None:
 # Backends, devices and precisions are the runtime table's own (vqtool.runtime.base).
 
 
-class Preset(str, enum.Enum):
-    """vqtool.model.presets.PRESETS (which holds what each sets)."""
+def choices(name: str, values: Iterable[str]) -> Any:
+    """A choice type for Typer whose members are the library's own names (a list's values, or a table's keys), so
+    that --help lists them and a typo is refused before any work, and a name added there is offered here."""
+    return enum.Enum(name, {value: value for value in values}, type=str)
 
-    seed = "seed"
-    f8 = "f8"
-    f4 = "f4"
+
+Preset = choices("Preset", (*PRESETS, *PRESET_ALIASES))  # vqtool.model.presets: what each sets
+Crop = choices("Crop", CROPS)  # vqtool.images.reading: how images reach the model's size
 
 
 DeviceOption = Annotated[Device, typer.Option(help="Where to run: a CUDA GPU if one starts (auto), cpu or cuda.")]
@@ -93,14 +97,6 @@ MaxPixelsOption = Annotated[
         "(decompression bombs). Default: Pillow's warning threshold."
     ),
 ]
-
-
-class Crop(str, enum.Enum):
-    """vqtool.images.reading.CROPS"""
-
-    resize = "resize"
-    # The option's value as users spell it; as a member name it hides str.center, which nothing here calls.
-    center = "center"  # type: ignore[assignment]
 
 
 CropOption = Annotated[

@@ -62,7 +62,8 @@ def export_command(
         bool,
         typer.Option(
             "--int8",
-            help="Also write an INT8 encoder for CPUs (ONNX Runtime; ~2x FP32 with 8-bit dot-product instructions). "
+            help="Also write an INT8 encoder for CPUs (ONNX Runtime and OpenVINO; fastest with 8-bit dot-product "
+            "instructions, VNNI or AMX). "
             "Its codes may differ from PyTorch's: parity reports how often.",
         ),
     ] = False,

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from vqtool.cli.common import OverwriteOption, app, print_result, require_torch, say, user_errors
+from vqtool.cli.common import OverwriteOption, app, choices, print_result, require_torch, say, user_errors
+from vqtool.model.config import QUANTIZERS
 
-
-class Quantizer(str, enum.Enum):
-    """vqtool.model.imported.QUANTIZERS"""
-
-    library = "library"
-    original = "original"
+Quantizer = choices("Quantizer", QUANTIZERS)  # vqtool.model.config: how an imported model's codes are searched
 
 
 @app.command("import")

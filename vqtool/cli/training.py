@@ -19,6 +19,7 @@ from vqtool.cli.common import (
     Preset,
     SkipBadOption,
     app,
+    choices,
     err,
     pixel_limit,
     print_result,
@@ -29,6 +30,8 @@ from vqtool.cli.common import (
 )
 from vqtool.errors import VqtoolError
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
+from vqtool.model.config import LR_SCHEDULES
+from vqtool.model.presets import DEFAULT_PRESET, preset_name
 
 DataOption = Annotated[
     Path | None,
@@ -80,8 +83,9 @@ KmeansOption = Annotated[
 PresetOption = Annotated[
     Preset,
     typer.Option(
-        help="seed: the article's model (4 tokens per 32x32 image); f8 / f4: the best factor-8 / factor-4 "
-        "tokenizers measured (README, The model family). Options given explicitly override the preset."
+        help="article: the reference design, the model of the article cited in the docs (4 tokens per 32x32 image; "
+        "seed is its former name); f8 / f4: the best factor-8 / factor-4 tokenizers measured (README, The model "
+        "family). Options given explicitly override the preset."
     ),
 ]
 DownsampleOption = Annotated[
@@ -118,11 +122,7 @@ L2CodesOption = Annotated[
 ]
 
 
-class LrSchedule(str, enum.Enum):
-    """What `--lr-schedule` accepts."""
-
-    constant = "constant"
-    cosine = "cosine"
+LrSchedule = choices("LrSchedule", LR_SCHEDULES)  # vqtool.model.config: the learning-rate schedules
 
 
 LrScheduleOption = Annotated[
@@ -179,7 +179,7 @@ AverageWeightsOption = Annotated[
 
 # Options `train` and `sweep` share, declared once: each command takes them as its `options` dict.
 TRAINING_OPTIONS: dict[str, tuple[Any, Any]] = {
-    "preset": (PresetOption, Preset.seed),
+    "preset": (PresetOption, Preset.article),
     "data": (DataOption, None),
     "epochs": (EpochsOption, None),
     "steps": (StepsOption, None),
@@ -362,8 +362,9 @@ def sweep(
 
     # Without a preset, K and D default to the article's sweep; with one, to the preset's own values.
     preset, data = options["preset"], options["data"]
-    codes = codes or ("64,128,256,512" if preset is Preset.seed else None)
-    dim = dim or ("64,128,256,512" if preset is Preset.seed else None)
+    reference = preset_name(preset.value) == DEFAULT_PRESET
+    codes = codes or ("64,128,256,512" if reference else None)
+    dim = dim or ("64,128,256,512" if reference else None)
     lists: dict[str, Any] = {
         "codes": _int_list(codes, "--codes") if codes else None,
         "dim": _int_list(dim, "--dim") if dim else None,

@@ -1,7 +1,7 @@
 """Where the images to encode come from: files and folders, `.txt` lists, WebDataset tar shards, Parquet files.
 
 Each form becomes an `ImageSet`: the images' keys in row order (a file's path, a tar sample's key, a Parquet row's
-key column), a name for messages, and for a run of rows the `Load`s that reader processes turn into pixels. Files
+key column), a name for messages, and for a run of rows the `ImageRef`s (what reader processes turn into pixels). Files
 and tar members are read by position (a member's bytes lie at a known offset of its shard), so reader processes
 fetch them in parallel and a resumed or sharded run starts anywhere; Parquet rows are read in order by the
 process that plans the batches, since a row's bytes can only be found by reading its row group.
@@ -49,14 +49,14 @@ class Encoded:
 
 
 # What a reader process is handed for one image: a file's path, a tar member, or encoded bytes.
-Load = str | TarMember | Encoded
+ImageRef = str | TarMember | Encoded
 
 
-def load_name(load: Load) -> str:
+def ref_name(load: ImageRef) -> str:
     return load if isinstance(load, str) else load.name
 
 
-def load_pixels(load: Load, max_pixels: int) -> np.ndarray:
+def ref_pixels(load: ImageRef, max_pixels: int) -> np.ndarray:
     """The uint8 H x W x 3 pixels of one image, or a one-line VqtoolError naming it."""
     if isinstance(load, str):
         return read_rgb(load, max_pixels)
@@ -88,7 +88,7 @@ class ImageSet(Protocol):
         """The image as messages and skipped-file lists name it (a path, `shard.tar:key.jpg`, `file.parquet#row`)."""
         ...
 
-    def loads(self, start: int, stop: int) -> list[Load]:
+    def refs(self, start: int, stop: int) -> list[ImageRef]:
         """What reader processes need for rows start..stop; asked for in increasing order within one run."""
         ...
 
@@ -128,29 +128,29 @@ class Locators:
         )
 
 
-def located_loads(
+def located_refs(
     kinds: Sequence[int] | np.ndarray,
     sources: Sequence[str] | np.ndarray,
     offsets: Sequence[int] | np.ndarray,
     sizes: Sequence[int] | np.ndarray,
     names: Sequence[str] | np.ndarray,
     image_column: str | None,
-) -> list[Load]:
+) -> list[ImageRef]:
     """The Loads of located rows; the Parquet rows among them are read here, each row group once."""
-    loads: list[Load | None] = [None] * len(kinds)
+    refs: list[ImageRef | None] = [None] * len(kinds)
     wanted: dict[str, list[tuple[int, int]]] = {}
     for i, kind in enumerate(kinds):
         if kind == FILE:
-            loads[i] = str(sources[i])
+            refs[i] = str(sources[i])
         elif kind == TAR_MEMBER:
-            loads[i] = TarMember(str(names[i]), str(sources[i]), int(offsets[i]), int(sizes[i]))
+            refs[i] = TarMember(str(names[i]), str(sources[i]), int(offsets[i]), int(sizes[i]))
         else:
             wanted.setdefault(str(sources[i]), []).append((int(offsets[i]), i))
     for path, rows in wanted.items():
         assert image_column is not None, "Parquet rows need their image column"
         for (_, i), data in zip(rows, _parquet_cells(path, [row for row, _ in rows], image_column), strict=True):
-            loads[i] = Encoded(str(names[i]), data)
-    return [load for load in loads if load is not None]
+            refs[i] = Encoded(str(names[i]), data)
+    return [ref for ref in refs if ref is not None]
 
 
 def _parquet_cells(path: str, rows: Sequence[int], column: str) -> list[bytes]:
@@ -184,7 +184,7 @@ class FileSet:
     def name(self, index: int) -> str:
         return self.paths[index]
 
-    def loads(self, start: int, stop: int) -> list[Load]:
+    def refs(self, start: int, stop: int) -> list[ImageRef]:
         return list(self.paths[start:stop])
 
     def sliced(self, start: int, stop: int) -> FileSet:
@@ -214,7 +214,7 @@ class TarSet:
     def name(self, index: int) -> str:
         return f"{self.shards[self.shard_of[index]]}:{self.sample_keys[index]}.{self.suffixes[index]}"
 
-    def loads(self, start: int, stop: int) -> list[Load]:
+    def refs(self, start: int, stop: int) -> list[ImageRef]:
         stop = min(stop, len(self.sample_keys))
         return [
             TarMember(self.name(i), self.shards[self.shard_of[i]], int(self.offsets[i]), int(self.sizes[i]))
@@ -268,12 +268,12 @@ class ParquetSet:
         file, row = self._locate(index)
         return f"{self.files[file]}#{row}"
 
-    def loads(self, start: int, stop: int) -> list[Load]:
+    def refs(self, start: int, stop: int) -> list[ImageRef]:
         stop = min(stop, len(self._keys))
         if self._cursor is None or self._cursor[0] != start:
             self._cursor = (start, self._read_from(start))
         _, rows = self._cursor
-        taken: list[Load] = [next(rows) for _ in range(start, stop)]
+        taken: list[ImageRef] = [next(rows) for _ in range(start, stop)]
         self._cursor = (stop, rows)
         return taken
 
@@ -368,14 +368,14 @@ class ChainedSet:
         number, inner = self._where(index)
         return self.parts[number].name(inner)
 
-    def loads(self, start: int, stop: int) -> list[Load]:
-        taken: list[Load] = []
+    def refs(self, start: int, stop: int) -> list[ImageRef]:
+        taken: list[ImageRef] = []
         first = 0
         for part in self.parts:
             count = len(part.keys)
             low, high = max(start - first, 0), min(stop - first, count)
             if low < high:
-                taken += part.loads(low, high)
+                taken += part.refs(low, high)
             first += count
         return taken
 

@@ -86,6 +86,8 @@ class ModelConfig:
 
 
 LR_SCHEDULES = ("constant", "cosine")
+# How an imported model's codes are searched: as its library does, or as its original design does (where they differ).
+QUANTIZERS = ("library", "original")
 
 
 @dataclass(frozen=True)

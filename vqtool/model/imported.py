@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from vqtool.errors import VqtoolError, missing_extra
+from vqtool.model.config import QUANTIZERS
 from vqtool.model.vqvae import code_distances, l2_normalize
 
 IMPORTED = "imported"  # the `family` of an imported model's configuration, as checkpoints and manifests store it
-QUANTIZERS = ("library", "original")
 # uint8 pixels -> the model's input: x = pixel * gain + bias per channel; [-1, 1] unless the model says otherwise.
 SIGNED_UNIT: tuple[tuple[float, ...], tuple[float, ...]] = ((1 / 127.5,) * 3, (-1.0,) * 3)
 

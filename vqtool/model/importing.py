@@ -17,8 +17,8 @@ from vqtool.formats.lock import output_lock
 from vqtool.formats.outputs import check_new_file
 from vqtool.images.embedded import embedded_photographs
 from vqtool.model.checkpoint import require_safe_torch_load, save_checkpoint
-from vqtool.model.config import TrainConfig
-from vqtool.model.imported import FAMILIES, QUANTIZERS, ImportedConfig, ImportedVQ, library_class, pixel_scaling
+from vqtool.model.config import QUANTIZERS, TrainConfig
+from vqtool.model.imported import FAMILIES, ImportedConfig, ImportedVQ, library_class, pixel_scaling
 from vqtool.model.vqvae import code_distances, l2_normalize
 
 # Where an image processor's settings (rescale factor, mean, std) may lie: the model's folder and, where the model is

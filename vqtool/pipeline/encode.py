@@ -246,7 +246,7 @@ def report_notes(
 
 
 @dataclass(frozen=True)
-class _Done:
+class _Counts:
     """How far the batches got: files consumed, rows written, files resized and skipped.
 
     Frozen and replaced whole after each batch: an interrupt lands between two bytecodes, and a record that
@@ -259,10 +259,10 @@ class _Done:
     skipped: tuple[SkippedFile, ...]
 
 
-def _encode_batches(plan: EncodePlan, encoder: Runner, codes_out: np.memmap, progress: Progress) -> _Done:
+def _encode_batches(plan: EncodePlan, encoder: Runner, codes_out: np.memmap, progress: Progress) -> _Counts:
     """Run the graph over every batch after the resume point, recording progress as it goes."""
     out = plan.out
-    done = _Done(progress.done, progress.written, 0, tuple(progress.skipped))
+    done = _Counts(progress.done, progress.written, 0, tuple(progress.skipped))
     synced_at = time.monotonic()
 
     def record_progress() -> None:
@@ -276,7 +276,7 @@ def _encode_batches(plan: EncodePlan, encoder: Runner, codes_out: np.memmap, pro
         for batch in batches:
             if len(batch.pixels):
                 codes_out[done.written : done.written + len(batch.pixels)] = encoder(batch.pixels)
-            done = _Done(
+            done = _Counts(
                 batch.first + batch.files,
                 done.written + len(batch.pixels),
                 done.resized + batch.resized,

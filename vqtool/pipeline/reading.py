@@ -14,7 +14,7 @@ import numpy as np
 from vqtool.errors import VqtoolError
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.images.reading import SkippedFile, fit_to_size, read_each
-from vqtool.images.sources import ImageSet, Load, as_image_set, load_name, load_pixels
+from vqtool.images.sources import ImageRef, ImageSet, as_image_set, ref_name, ref_pixels
 from vqtool.runtime.workers import shared_buffer, worker_buffer, worker_pool
 
 PREFETCH_BATCHES = 2
@@ -33,16 +33,14 @@ class ReadOptions:
     crop: str = "resize"  # or "center" (vqtool.images.reading.CROPS)
 
 
-def _load(load: Load, options: ReadOptions) -> tuple[np.ndarray, bool]:
-    pixels = load_pixels(load, options.max_pixels)
+def _load(load: ImageRef, options: ReadOptions) -> tuple[np.ndarray, bool]:
+    pixels = ref_pixels(load, options.max_pixels)
     size, multiple = options.size, options.downsample
-    fitted = fit_to_size(
-        pixels, size, resize=options.resize, multiple=multiple, path=load_name(load), crop=options.crop
-    )
+    fitted = fit_to_size(pixels, size, resize=options.resize, multiple=multiple, path=ref_name(load), crop=options.crop)
     return fitted, fitted.shape != pixels.shape
 
 
-def fitted_image(load: Load, options: ReadOptions, shape: tuple[int, int]) -> tuple[np.ndarray, bool]:
+def fitted_image(load: ImageRef, options: ReadOptions, shape: tuple[int, int]) -> tuple[np.ndarray, bool]:
     """One image brought to `shape` (the model's size, or with --no-resize the first image's), and whether it was
     resized; a one-line VqtoolError naming it if it cannot be read or, kept as it is, has another size."""
     image, was_resized = _load(load, options)
@@ -50,7 +48,7 @@ def fitted_image(load: Load, options: ReadOptions, shape: tuple[int, int]) -> tu
         raise VqtoolError(
             f"is {image.shape[1]}x{image.shape[0]} but earlier images are {shape[1]}x{shape[0]}; "
             "with --no-resize all images must share one size",
-            load_name(load),
+            ref_name(load),
         )
     return image, was_resized
 
@@ -72,16 +70,16 @@ def _slot(buffer: mmap.mmap, offset: int, rows: int, shape: tuple[int, int]) -> 
 
 
 def _decode_files(
-    rows: np.ndarray, first: int, paths: list[Load], options: ReadOptions, shape: tuple[int, int]
+    rows: np.ndarray, first: int, paths: list[ImageRef], options: ReadOptions, shape: tuple[int, int]
 ) -> Batch:
     """Decode `paths` into the leading rows of `rows`; the Batch's `pixels` are those rows, the files read."""
 
-    def load(item: Load) -> tuple[np.ndarray, bool]:
+    def load(item: ImageRef) -> tuple[np.ndarray, bool]:
         return fitted_image(item, options, shape)
 
     resized, kept, skipped = 0, 0, list[SkippedFile]()
     skipping = skipped if options.skip_bad else None
-    for _, (image, was_resized) in read_each(paths, load, skipping, file_of=load_name):
+    for _, (image, was_resized) in read_each(paths, load, skipping, file_of=ref_name):
         rows[kept] = image
         kept += 1
         resized += was_resized
@@ -89,7 +87,7 @@ def _decode_files(
 
 
 def _load_batch(
-    first: int, paths: list[Load], options: ReadOptions, shape: tuple[int, int], offset: int | None = None
+    first: int, paths: list[ImageRef], options: ReadOptions, shape: tuple[int, int], offset: int | None = None
 ) -> Batch:
     """One part of a batch decoded in a reader process: into the shared buffer at `offset` (then `pixels` comes
     back empty, with the row count its only content), or, without one, into an array returned pickled."""
@@ -132,7 +130,7 @@ def read_batches(
         first = next(starts, None)
         if first is None:
             return
-        names = images.loads(first, first + batch_size)
+        names = images.refs(first, first + batch_size)
         slot, parts = free.popleft(), []
         step = -(-len(names) // workers)
         for begin in range(0, len(names), step):
@@ -189,7 +187,7 @@ def first_shape(files: ImageSet | Sequence[str | Path], options: ReadOptions) ->
     images = as_image_set(files)
     total = len(images.keys)
     for start in range(0, total, 64):
-        loads = images.loads(start, start + 64)
+        loads = images.refs(start, start + 64)
         for _, (image, _) in read_each(loads, lambda item: _load(item, options), [] if options.skip_bad else None):
             height, width = image.shape[:2]
             return height, width

@@ -34,7 +34,7 @@ from vqtool.formats.manifest import read_manifest
 from vqtool.formats.space import allocated_memmap
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.images.reading import SkippedFile
-from vqtool.images.sources import image_set, located_loads
+from vqtool.images.sources import image_set, located_refs
 from vqtool.pipeline.encode import (
     EncodeInterrupted,
     EncodePlan,
@@ -270,7 +270,7 @@ def _decode_rows(
     one is a row with its reason and blank pixels: under --skip-bad the driver leaves it out, without it the
     driver stops the run with its one-line error. (Raised here, the error would reach the driver as Ray Data's
     "UDF failed to process a data block", without the file or the reason.)"""
-    loads = located_loads(rows["kind"], rows["source"], rows["offset"], rows["size"], rows["name"], image_column)
+    loads = located_refs(rows["kind"], rows["source"], rows["offset"], rows["size"], rows["name"], image_column)
     pixels = np.zeros((len(loads), *shape, 3), np.uint8)
     resized = np.zeros(len(loads), bool)
     reasons = np.full(len(loads), "", dtype=object)

@@ -34,7 +34,7 @@ from vqtool.runtime.workers import nvidia_gpu_present
 
 
 @dataclass(frozen=True)
-class Opened:
+class ChosenRunner:
     """A started runner and, for auto, why it was chosen and why faster backends were passed over."""
 
     runner: Runner
@@ -148,7 +148,7 @@ def open_runner(
     spin: bool = False,
     threads: int | None = None,
     engines: bool = True,
-) -> Opened:
+) -> ChosenRunner:
     """Start the requested backend, or with auto the fastest one that starts here.
 
     `spin` keeps ONNX Runtime's idle threads spinning for small batches: faster alone, slower beside readers and
@@ -171,7 +171,7 @@ def open_runner(
     if not engines and backend in ENGINE_BACKENDS:
         raise VqtoolError(f"--backend {backend} runs TensorRT engine files, which engines=False (--no-engines) ignores")
     if backend != Backend.auto.value:
-        return Opened(_open(export_dir, manifest, role, backend, device, precision, spin, threads), ())
+        return ChosenRunner(_open(export_dir, manifest, role, backend, device, precision, spin, threads), ())
     skipped: list[str] = []
     cpu_order, why = cpu_choice(export_dir, role, precision)
     gpus = sorted(
@@ -193,5 +193,5 @@ def open_runner(
         except VqtoolError as exc:
             skipped.append(f"{name} on {where}: {str(exc).split('; ')[0]}")
             continue
-        return Opened(runner, tuple(skipped), why if where == Device.cpu.value else "")
+        return ChosenRunner(runner, tuple(skipped), why if where == Device.cpu.value else "")
     raise VqtoolError(f"no backend could start: {'; '.join(skipped)}")
