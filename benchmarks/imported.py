@@ -405,7 +405,7 @@ def main() -> None:
     record = args.work / "imported.json"
     # Models measured by an earlier run in the same WORK stay in the record; this run's replace theirs.
     figures: dict[str, Any] = json.loads(record.read_text()) if record.is_file() else {"models": {}}
-    from vqtool.runtime.workers import cpu_description
+    from vqtool.host import cpu_description
 
     figures["machine"] = f"{cpu_description()}, {len(os.sched_getaffinity(0))} cores"
     for index, name in enumerate(names):

@@ -90,7 +90,7 @@ def main() -> None:
 
     from benchmarks.api_overhead import default_export
     from benchmarks.streaming import make_png_folder
-    from vqtool.runtime.workers import cpu_description
+    from vqtool.host import cpu_description
 
     export = args.export or default_export()
     results = {"machine": cpu_description(), "sizes": []}

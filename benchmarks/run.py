@@ -111,9 +111,9 @@ def main() -> None:
     codes = args.work / "codes.npy"
     vqtool("encode", str(folder), "--model", str(export), "--out", str(codes), "--batch-size", "256", "--overwrite")
     from vqtool.formats.manifest import read_manifest
+    from vqtool.host import writer_count
     from vqtool.pipeline.decode import decode_file
     from vqtool.runtime.select import open_runner
-    from vqtool.runtime.workers import writer_count
 
     manifest = read_manifest(export)
     writers = writer_count()

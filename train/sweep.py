@@ -389,7 +389,7 @@ def _machine() -> str:
     """The machine the runs trained on, as a report names it: the CPU and its cores."""
     import os
 
-    from vqtool.runtime.workers import cpu_description
+    from vqtool.host import cpu_description
 
     return f"{cpu_description()} with {os.cpu_count()} cores"
 

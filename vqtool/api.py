@@ -23,6 +23,7 @@ import numpy as np
 from vqtool.errors import VqtoolError
 from vqtool.formats.atomic import partial_path
 from vqtool.formats.manifest import Manifest, code_dtype_for, fitting_batch, read_manifest
+from vqtool.host import inference_threads
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.images.reading import CROPS, fast_png_available, fit_to_size, read_rgb
 from vqtool.images.sources import image_set
@@ -35,7 +36,6 @@ from vqtool.precisions import BF16, decoder_precision
 from vqtool.runtime import tensors
 from vqtool.runtime.base import CudaTensorRunner, Runner
 from vqtool.runtime.select import ChosenRunner, check_bf16, open_runner
-from vqtool.runtime.workers import inference_threads
 
 __all__ = ["DecodeResult", "EncodeResult", "Tokenizer", "load"]
 

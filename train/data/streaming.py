@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from vqtool.errors import VqtoolError, first_line, missing_extra
+from vqtool.host import lower_priority
 from vqtool.images.collections import NpyRows
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.images.reading import (
@@ -43,7 +44,6 @@ from vqtool.images.sources import (
     is_shard_spec,
     list_file_names,
 )
-from vqtool.runtime.workers import lower_priority
 from vqtool.train.data.memory import (
     VALIDATION_MAX,
     Batch,

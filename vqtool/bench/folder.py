@@ -110,7 +110,7 @@ def folder_encode(
     import subprocess
     import sys
 
-    from vqtool.runtime.workers import reader_count
+    from vqtool.host import reader_count
 
     count, size = len(files), manifest.image_size
     readers = reader_count()

@@ -18,9 +18,9 @@ from vqtool.bench.model_only import BATCH_SIZES, fastest_runtimes, fp32_roofline
 from vqtool.errors import VqtoolError
 from vqtool.formats.atomic import write_json
 from vqtool.formats.manifest import BENCH_NAME, read_manifest
+from vqtool.host import cpu_description
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.images.reading import list_images, read_rgb
-from vqtool.runtime.workers import cpu_description
 
 
 def run_bench(

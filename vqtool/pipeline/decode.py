@@ -17,11 +17,11 @@ from vqtool.formats.codes_parquet import is_parquet, read_codes_parquet
 from vqtool.formats.lock import output_lock
 from vqtool.formats.manifest import LIVE_ACTIVATIONS, Manifest, activation_bytes, fitting_batch
 from vqtool.formats.outputs import claim_decode_folder, finish_decode_folder
+from vqtool.host import available_memory, worker_pool, writer_count
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.images.writing import clear_partial_pngs, write_pngs
 from vqtool.precisions import FP32
 from vqtool.runtime.base import Runner
-from vqtool.runtime.workers import available_memory, worker_pool, writer_count
 
 WRITE_AHEAD = 2
 

@@ -27,6 +27,7 @@ from vqtool.formats.lock import output_lock
 from vqtool.formats.manifest import Manifest, code_dtype_for, fitting_batch, manifest_checksum
 from vqtool.formats.outputs import check_codes_output
 from vqtool.formats.space import allocated_memmap, reserve
+from vqtool.host import reader_count
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.images.reading import CROPS, SkippedFile, describe_skipped
 from vqtool.images.sources import ImageSet, as_image_set
@@ -34,7 +35,6 @@ from vqtool.pipeline.reading import ReadOptions, first_shape, read_batches
 from vqtool.pipeline.resume import Progress, progress_path, resume_point, shrink_rows
 from vqtool.pipeline.shards import Shard, list_checksum
 from vqtool.runtime.base import Runner
-from vqtool.runtime.workers import reader_count
 
 # Progress is made durable this often (and on interrupt), not per batch: each sync is an msync + fsync.
 SYNC_SECONDS = 2.0

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from vqtool.errors import VqtoolError
+from vqtool.host import shared_buffer, worker_buffer, worker_pool
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.images.reading import SkippedFile, fit_to_size, read_each
 from vqtool.images.sources import ImageRef, ImageSet, as_image_set, ref_name, ref_pixels
-from vqtool.runtime.workers import shared_buffer, worker_buffer, worker_pool
 
 PREFETCH_BATCHES = 2
 

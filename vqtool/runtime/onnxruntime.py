@@ -16,9 +16,9 @@ import numpy as np
 
 from vqtool.errors import VqtoolError, first_line
 from vqtool.formats.manifest import LARGE_ACTIVATION_BYTES, Manifest, engine_path, graph_key
+from vqtool.host import inference_lanes
 from vqtool.runtime import tensors
 from vqtool.runtime.base import DEVICES, GraphToOpen, Runner
-from vqtool.runtime.workers import inference_lanes
 
 CUDA_PROVIDERS = ("CUDAExecutionProvider",)
 TRT_PROVIDER = "TensorrtExecutionProvider"

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from vqtool.errors import VqtoolError, first_line, missing_extra
+from vqtool.host import cpu_description
 from vqtool.precisions import BF16, NAIVE_BF16
 from vqtool.runtime.base import GraphToOpen, Runner
-from vqtool.runtime.workers import cpu_description
 
 HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # INT8 comes from the graph's QDQ nodes, the rest FP32
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from vqtool.errors import VqtoolError
 from vqtool.formats.manifest import Manifest, graph_key, verify_graph
 from vqtool.formats.records import parity_report, read_bench_rows
+from vqtool.host import nvidia_gpu_present
 from vqtool.precisions import BF16, FP32, INT8, PRECISIONS
 from vqtool.precisions import row as precision_row
 from vqtool.runtime.base import (
@@ -30,7 +31,6 @@ from vqtool.runtime.base import (
     refusal,
     runtime_for,
 )
-from vqtool.runtime.workers import nvidia_gpu_present
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
-"""How a file pipeline shares the CPU between image-file worker processes and inference.
+"""This machine: its cores, memory and GPUs, and how a run shares them between worker processes and inference.
 
-Inference takes one lane per core (OnnxRuntimeRunner splits each batch across single-threaded runs);
-the workers that read or write image files are lowered in priority, so they take what inference
-leaves idle instead of preempting it. Reading costs about three times what writing does per image, hence
-more readers than writers (docs/design-measurements.md, "Sharing the CPU").
+Training, the runtimes and the file pipelines all read it (the CPU's description, whether an NVIDIA GPU is there,
+the memory available, worker processes that end with their parent). Inference takes one lane per core
+(OnnxRuntimeRunner splits each batch across single-threaded runs); the workers that read or write image files are
+lowered in priority, so they take what inference leaves idle instead of preempting it. Reading costs about three
+times what writing does per image, hence more readers than writers (docs/design-measurements.md, "Sharing the
+CPU").
 """
 
 from __future__ import annotations
