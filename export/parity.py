@@ -33,6 +33,7 @@ from vqtool.formats.manifest import (
 from vqtool.formats.records import ParityReport, read_parity_reports
 from vqtool.images.collections import read_image_set
 from vqtool.images.embedded import embedded_photographs
+from vqtool.images.fit import Fit
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.images.quality import psnr
 from vqtool.model.checkpoint import Checkpoint, CheckpointError, TokenizerModel, load_checkpoint
@@ -340,7 +341,7 @@ def check_export(
     except CheckpointError as exc:
         raise VqtoolError(str(exc)) from None
     if images is not None:
-        pixels = read_image_set(images, manifest.image_size, max_pixels=max_pixels, crop=crop)[0]
+        pixels = read_image_set(images, manifest.image_size, fit=Fit.of(True, crop, max_pixels))[0]
     else:
         pixels = default_parity_images(checkpoint, lambda: training_set_of(checkpoint, log))
     verification = verify_export(

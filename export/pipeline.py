@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,6 +46,7 @@ from vqtool.formats.manifest import (
 )
 from vqtool.formats.outputs import check_export_target, remove_export, replace_export
 from vqtool.images.embedded import embedded_photographs
+from vqtool.images.fit import CENTER, Fit
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.model.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from vqtool.model.config import ModelConfig
@@ -130,16 +132,16 @@ def _write_int8(
     staging: Path,
     checkpoint: Checkpoint,
     fp32_encoder: GraphEntry,
-    calibration: Path | None,
-    count: int,
-    max_pixels: int,
+    options: ExportOptions,
     own_data: Callable[[], TrainingData],
     log: Callable[[str], None],
 ) -> GraphEntry:
-    """The INT8 encoder, calibrated on `calibration` (default: the checkpoint's own data) and checked against
-    PyTorch's codes on held-out crops of the checkpoint's data. An imported model's data is not here, and it takes
-    whole images at its size: it is calibrated and checked on at most `count` images of `calibration`, each
-    resized and cut at the centre as it is fed, or by default on the embedded photographs."""
+    """The INT8 encoder, calibrated on `options.calibration` (default: the checkpoint's own data) and checked
+    against PyTorch's codes on held-out crops of the checkpoint's data. An imported model's data is not here, and
+    it takes whole images at its size: it is calibrated and checked on at most `options.calibration_count` images of
+    the calibration folder, each resized and cut at the centre as it is fed, or by default on the embedded
+    photographs."""
+    calibration, count, max_pixels = options.calibration, options.calibration_count, options.max_pixels
     if isinstance(checkpoint.model_config, ImportedConfig):
         size = checkpoint.model_config.image_size
         if calibration is None:
@@ -147,7 +149,7 @@ def _write_int8(
         else:
             from vqtool.images.collections import read_image_set
 
-            photos, source = read_image_set(calibration, size, max_pixels=max_pixels, crop="center")[0], calibration
+            photos, source = read_image_set(calibration, size, fit=Fit(CENTER, max_pixels))[0], calibration
         photos = photos[:count]
         log(f"calibrating INT8 ranges on {len(photos)} images from {source}, at {size}x{size}")
         checked = photos[: -(-AGREEMENT_CODES // checkpoint.model_config.grid**2)]
@@ -224,65 +226,57 @@ def _fail_parity(staging: Path, out_dir: Path, verification: Verification) -> Pa
     return ParityFailed(f"parity failed ({reasons}); graphs kept for inspection in {kept}", verification)
 
 
+@dataclass(frozen=True)
+class ExportOptions:
+    """What `vqtool export` writes besides the FP32 graphs, and how: the command's options as one value."""
+
+    fp16: bool = False  # FP16 graphs, with the quantizer FP32
+    int8: bool = False  # an INT8 encoder for CPUs, calibrated on `calibration` (default: the checkpoint's own data)
+    calibration: Path | None = None
+    calibration_count: int = CALIBRATION_IMAGES
+    max_pixels: int = DEFAULT_MAX_PIXELS  # image files read for calibration or parity
+    trt: bool = False  # TensorRT engines, built for `profile`'s batches
+    profile: EngineProfile = EngineProfile()
+    timing_cache: Path | None = None
+    images: Path | None = None  # the images parity compares on (default: the held-out data)
+    overwrite: bool = False  # over an earlier export, replacing only what its manifest lists
+
+
 def export_model(
     checkpoint_path: Path,
     out_dir: Path,
+    options: ExportOptions | None = None,
     *,
-    fp16: bool = False,
-    int8: bool = False,
-    calibration: Path | None = None,
-    calibration_count: int = CALIBRATION_IMAGES,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    trt: bool = False,
-    profile: EngineProfile | None = None,
-    timing_cache: Path | None = None,
-    images: Path | None = None,
     parity_images: np.ndarray | None = None,
-    overwrite: bool = False,
     log: Callable[[str], None] = print,
+    **keywords: Any,
 ) -> ExportResult:
     """Write graphs (+ engines), manifest and parity.json to `out_dir`; a failed parity fails the export.
 
-    Parity compares on `images` (a collection, read at the model's size), or `parity_images` (an array), or by
+    `options` (an ExportOptions, or its fields as keywords) say what to write besides the FP32 graphs. Parity
+    compares on `options.images` (a collection, read at the model's size), or `parity_images` (an array), or by
     default on the held-out data the checkpoint was trained on (an imported model: the embedded photographs).
     `out_dir` must not exist, be empty, or (with `overwrite`) hold an earlier export, of which only the files its
     manifest lists are replaced; no other run may write it meanwhile."""
-    _check_options(int8, calibration_count, trt)
+    if options is not None and keywords:
+        raise TypeError("export_model takes an ExportOptions or its keywords, not both")
+    options = options or ExportOptions(**keywords)
+    _check_options(options.int8, options.calibration_count, options.trt)
     with output_lock(out_dir):
-        check_export_target(out_dir, overwrite=overwrite)
+        check_export_target(out_dir, overwrite=options.overwrite)
         checkpoint = load_for_export(checkpoint_path)
-        checkpoint_sha = sha256_file(checkpoint_path)
-        if images is not None:  # before any work: a folder that cannot be read stops the export in one line
+        if options.images is not None:  # before any work: a folder that cannot be read stops the export in one line
             from vqtool.images.collections import read_image_set
 
             size = checkpoint.model_config.image_size
-            parity_images = read_image_set(images, size, max_pixels=max_pixels)[0]
+            parity_images = read_image_set(options.images, size, fit=Fit(max_pixels=options.max_pixels))[0]
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
         usual_mode(staging)
         try:
-            entries: dict[str, GraphEntry] = {}
-            for precision in (FP32, FP16) if fp16 else (FP32,):
-                entries.update(write_graphs(checkpoint.model, checkpoint_sha, staging, precision))
-            _check_trt_compatible(staging, entries, strict=trt, log=log)
-            # The checkpoint's own data is read (and its skipped files reported) once, for calibration and parity.
-            own_data = functools.cache(lambda: training_set_of(checkpoint, log))
-            graphs = dict(entries)
-            if int8:
-                # After the TensorRT check: the INT8 graph is for the CPU runtimes, not TensorRT.
-                fp32_encoder = entries[graph_key("encoder", FP32)]
-                graphs[graph_key("encoder", INT8)] = _write_int8(
-                    staging, checkpoint, fp32_encoder, calibration, calibration_count, max_pixels, own_data, log
-                )
-            manifest = _write_manifest(staging, checkpoint, checkpoint_sha, graphs)
-            if trt:
-                _build_engines(staging, entries, checkpoint.model_config, profile or EngineProfile(), timing_cache, log)
-            compared = parity_images if parity_images is not None else default_parity_images(checkpoint, own_data)
-            written = tuple(p for p in PRECISIONS if p != BF16)
-            verification = verify_export(
-                checkpoint.model, staging, manifest, compared, backends=EXPORT_RUNTIMES, precisions=written, log=log
+            manifest, verification = _write_export(
+                staging, checkpoint, sha256_file(checkpoint_path), options, parity_images, log
             )
-            write_json(staging / PARITY_NAME, verification.to_dict())
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -290,3 +284,35 @@ def export_model(
             raise _fail_parity(staging, out_dir, verification)
         replace_export(staging, out_dir)
         return ExportResult(out_dir, manifest, verification)
+
+
+def _write_export(
+    staging: Path,
+    checkpoint: Checkpoint,
+    checkpoint_sha: str,
+    options: ExportOptions,
+    parity_images: np.ndarray | None,
+    log: Callable[[str], None],
+) -> tuple[Manifest, Verification]:
+    """Every file of the export, written into `staging`, and parity over them."""
+    entries: dict[str, GraphEntry] = {}
+    for precision in (FP32, FP16) if options.fp16 else (FP32,):
+        entries.update(write_graphs(checkpoint.model, checkpoint_sha, staging, precision))
+    _check_trt_compatible(staging, entries, strict=options.trt, log=log)
+    # The checkpoint's own data is read (and its skipped files reported) once, for calibration and parity.
+    own_data = functools.cache(lambda: training_set_of(checkpoint, log))
+    graphs = dict(entries)
+    if options.int8:
+        # After the TensorRT check: the INT8 graph is for the CPU runtimes, not TensorRT.
+        fp32_encoder = entries[graph_key("encoder", FP32)]
+        graphs[graph_key("encoder", INT8)] = _write_int8(staging, checkpoint, fp32_encoder, options, own_data, log)
+    manifest = _write_manifest(staging, checkpoint, checkpoint_sha, graphs)
+    if options.trt:
+        _build_engines(staging, entries, checkpoint.model_config, options.profile, options.timing_cache, log)
+    compared = parity_images if parity_images is not None else default_parity_images(checkpoint, own_data)
+    written = tuple(p for p in PRECISIONS if p != BF16)
+    verification = verify_export(
+        checkpoint.model, staging, manifest, compared, backends=EXPORT_RUNTIMES, precisions=written, log=log
+    )
+    write_json(staging / PARITY_NAME, verification.to_dict())
+    return manifest, verification

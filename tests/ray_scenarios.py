@@ -19,7 +19,11 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from vqtool.errors import VqtoolError
+from vqtool.pipeline.encode import EncodeOptions
 from vqtool.ray import TokenizeBatch, engine
+
+BATCH_8 = EncodeOptions(batch_size=8)
+RESUMED = EncodeOptions(batch_size=8, resume=True)
 
 DIE_MARKER = "VQTOOL_TEST_DIE_MARKER"
 
@@ -59,7 +63,7 @@ def map_batches_on_parquet(export: Path, parquet: Path, out: Path) -> None:
 
 
 def killed_actor(export: Path, photos: Path, out: Path) -> None:
-    engine.encode_on_ray([photos], out / "killed.parquet", export, batch_size=8, tokenizer_class=DiesOnce, log=print)
+    engine.encode_on_ray([photos], out / "killed.parquet", export, BATCH_8, tokenizer_class=DiesOnce, log=print)
 
 
 def bad_file_without_skip_bad(export: Path, photos: Path, out: Path) -> None:
@@ -68,7 +72,7 @@ def bad_file_without_skip_bad(export: Path, photos: Path, out: Path) -> None:
     broken.parent.mkdir()
     broken.write_bytes(b"\x89PNG\r\n\x1a\n but cut short")
     try:
-        engine.encode_on_ray([photos, broken.parent], out / "bad.npy", export, batch_size=8, log=print)
+        engine.encode_on_ray([photos, broken.parent], out / "bad.npy", export, BATCH_8, log=print)
     except VqtoolError as error:
         (out / "bad-file.txt").write_text(str(error))
 
@@ -84,7 +88,7 @@ def interrupted_then_resumed(export: Path, photos: Path, out: Path) -> None:
 
     engine._join = interrupted  # type: ignore[assignment]
     try:
-        engine.encode_on_ray([photos], codes, export, batch_size=8, log=print)
+        engine.encode_on_ray([photos], codes, export, BATCH_8, log=print)
     except KeyboardInterrupt:
         pass
     finally:
@@ -95,11 +99,11 @@ def interrupted_then_resumed(export: Path, photos: Path, out: Path) -> None:
     facts["kept_rows"] = sum(pq.read_table(p).num_rows for p in stored[1:])
     others = sorted(photos.rglob("*.png"))[:5]
     try:
-        engine.encode_on_ray(others, codes, export, batch_size=8, resume=True, log=print)
+        engine.encode_on_ray(others, codes, export, RESUMED, log=print)
     except VqtoolError as error:
         facts["refused"] = str(error)
     said: list[str] = []
-    engine.encode_on_ray([photos], codes, export, batch_size=8, resume=True, log=said.append)
+    engine.encode_on_ray([photos], codes, export, RESUMED, log=said.append)
     facts["said"] = said
     (out / "resume.json").write_text(json.dumps(facts))
 

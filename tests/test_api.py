@@ -252,7 +252,7 @@ def test_fixed_choices_are_typer_choices_refused_before_any_work(export_dir: Pat
     assert [b.value for b in Backend] == list(BACKENDS)
     assert [d.value for d in Device] == list(DEVICES)
     assert [p.value for p in Precision] == list(PRECISIONS)
-    from vqtool.images.reading import CROPS
+    from vqtool.images.fit import CROPS
     from vqtool.model.config import QUANTIZERS
     from vqtool.model.presets import PRESET_ALIASES, PRESETS
 

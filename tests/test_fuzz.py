@@ -25,7 +25,7 @@ from vqtool.errors import VqtoolError
 from vqtool.formats.codes import read_codes, read_sidecar, sidecar_path
 from vqtool.formats.manifest import MANIFEST_NAME, read_manifest
 from vqtool.images.reading import read_rgb
-from vqtool.pipeline.encode import EncodeInterrupted, EncodeResult, plan_encode, run_encode
+from vqtool.pipeline.encode import EncodeInterrupted, EncodeOptions, EncodeResult, plan_encode, run_encode
 from vqtool.runtime.onnxruntime import OnnxRuntimeRunner
 
 
@@ -180,14 +180,15 @@ class _StopAfter:
 def encode_files(files: Any, manifest: Any, export_dir: Path, encoder: Any, out: Path, **options: Any) -> EncodeResult:
     """The library's encode of a file list (plan, then run) with the given encoder in place of a tokenizer's."""
     resume, log = options.pop("resume", False), options.pop("log")
-    return run_encode(plan_encode(files, manifest, export_dir, out, **options), encoder, resume=resume, log=log)
+    plan = plan_encode(files, manifest, export_dir, out, EncodeOptions.of(**options))
+    return run_encode(plan, encoder, resume=resume, log=log)
 
 
 def test_skip_bad_resumes_to_the_uninterrupted_result(export_dir: Path, damaged: list[Path], tmp_path: Path) -> None:
     manifest = read_manifest(export_dir)
     runner = OnnxRuntimeRunner(export_dir / "encoder.onnx", "cpu")
     files = sorted(str(p) for p in damaged)
-    kwargs = {"batch_size": 8, "workers": 1, "skip_bad": True, "log": lambda _: None}
+    kwargs = {"batch_size": 8, "readers": 1, "skip_bad": True, "log": lambda _: None}
     whole = encode_files(files, manifest, export_dir, runner, tmp_path / "whole.npy", **kwargs)
     out = tmp_path / "resumed.npy"
     with pytest.raises(EncodeInterrupted):

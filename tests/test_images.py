@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from vqtool.errors import VqtoolError
-from vqtool.images.reading import fit_to_size, list_images, read_rgb
+from vqtool.images.fit import Fit
+from vqtool.images.reading import list_images, read_rgb
 
 
 def test_every_mode_becomes_uint8_rgb(mixed_folder: Path) -> None:
@@ -73,10 +74,10 @@ def test_non_image_file_names_the_file(tmp_path: Path) -> None:
 
 def test_resize_and_no_resize() -> None:
     pixels = np.zeros((48, 80, 3), np.uint8)
-    assert fit_to_size(pixels, 32, resize=True, multiple=16, path=Path("x")).shape == (32, 32, 3)
-    assert fit_to_size(pixels, 32, resize=False, multiple=16, path=Path("x")).shape == (48, 80, 3)
+    assert Fit.of(resize=True).apply(pixels, 32, 16, Path("x")).shape == (32, 32, 3)
+    assert Fit.of(resize=False).apply(pixels, 32, 16, Path("x")).shape == (48, 80, 3)
     with pytest.raises(VqtoolError, match="not a multiple of 16"):
-        fit_to_size(np.zeros((50, 64, 3), np.uint8), 32, resize=False, multiple=16, path=Path("odd.png"))
+        Fit.of(resize=False).apply(np.zeros((50, 64, 3), np.uint8), 32, 16, Path("odd.png"))
 
 
 def test_written_png_reads_back_exactly(tmp_path: Path) -> None:

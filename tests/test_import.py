@@ -177,10 +177,10 @@ def _batches_shrink_where_activations_are_large(export: Path) -> None:
     assert fitting_batch(big, "decoder", "fp32", 2) == 2
     # Such graphs run without ONNX Runtime's memory pattern, which plans one block for all of a run's tensors,
     # and each batch whole on intra-op threads: in lanes, a batch of one image would leave the other core idle.
-    from vqtool.runtime.select import _open
+    from vqtool.runtime.select import open_runner
 
     for which, small in ((manifest, True), (big, False)):
-        runner = _open(export, which, "encoder", "onnxruntime", "cpu", "fp32", spin=False, threads=2)
+        runner = open_runner(export, which, "encoder", backend="onnxruntime", device="cpu", threads=2).runner
         options = runner.session.get_session_options()  # type: ignore[attr-defined]
         assert options.enable_mem_pattern is small
         assert (runner.lanes, options.intra_op_num_threads) == ((2, 1) if small else (1, 2))  # type: ignore[attr-defined]

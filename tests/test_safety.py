@@ -366,7 +366,7 @@ def test_the_ray_engine_takes_the_same_lock_before_it_starts(export_dir: Path, t
     staging_path(out).mkdir()  # a live run's stored blocks
     (staging_path(out) / "rows-000000000000-4.parquet").write_bytes(b"a block")
     with OutputLock(out), pytest.raises(VqtoolError, match="another vqtool run is writing this output"):
-        encode_on_ray([tmp_path / "images"], out, export_dir, resume=False)
+        encode_on_ray([tmp_path / "images"], out, export_dir)
     assert (staging_path(out) / "rows-000000000000-4.parquet").read_bytes() == b"a block"
 
 

@@ -271,7 +271,7 @@ def test_the_sidecar_is_written_while_images_are_encoded_and_renamed_only_at_the
     png_folder: Path, export_dir: Path, tmp_path: Path
 ) -> None:
     from vqtool.formats.manifest import read_manifest
-    from vqtool.pipeline.encode import plan_encode, run_encode
+    from vqtool.pipeline.encode import EncodeOptions, plan_encode, run_encode
     from vqtool.runtime.onnxruntime import OnnxRuntimeRunner
 
     runner = OnnxRuntimeRunner(export_dir / "encoder.onnx", "cpu", threads=1)
@@ -292,7 +292,7 @@ def test_the_sidecar_is_written_while_images_are_encoded_and_renamed_only_at_the
             return runner.describe()
 
     files = sorted(png_folder.rglob("*.png"))
-    plan = plan_encode(files, read_manifest(export_dir), export_dir, out, batch_size=8)
+    plan = plan_encode(files, read_manifest(export_dir), export_dir, out, EncodeOptions(batch_size=8))
     run_encode(plan, Watching(), log=lambda _: None)
     assert staged  # begun before the last batch was coded, and renamed into place only at the end
     assert json.loads((tmp_path / "codes.json").read_text())["files"] == [str(f) for f in files]

@@ -46,15 +46,15 @@ def _write_shards(folder: Path, colours: list[list[int]]) -> list[Path]:
 
 
 def test_views_take_a_square_of_the_short_side_resized_to_the_model_size() -> None:
-    from vqtool.images.reading import fit_to_size
+    from vqtool.images.fit import Fit
 
     pixels = np.asarray(photo("astronaut.png"))[:90, :60]
     crop = train_view(pixels, 32, np.random.default_rng(0), flip=False)
     assert crop.shape == (32, 32, 3)
-    squares = [fit_to_size(pixels[t : t + 60], 32, resize=True, multiple=1, path="") for t in range(31)]
+    squares = [Fit().apply(pixels[t : t + 60], 32, 1, "") for t in range(31)]
     # A square window of the short side (not the image squashed to 32x32), resized.
     assert any(np.array_equal(crop, square) for square in squares)
-    assert not np.array_equal(crop, fit_to_size(pixels, 32, resize=True, multiple=1, path=""))
+    assert not np.array_equal(crop, Fit().apply(pixels, 32, 1, ""))
     assert np.array_equal(train_view(pixels, 32, np.random.default_rng(0), flip=True), crop[:, ::-1])
     assert np.array_equal(val_view(pixels, 32), squares[15])
     small = np.asarray(photo("astronaut.png"))[:20, :24]  # smaller than the model's side: scaled up

@@ -17,16 +17,26 @@ from typing import TYPE_CHECKING, Any
 from vqtool.errors import VqtoolError
 
 __version__ = "0.1.0"
-__all__ = ["DecodeResult", "EncodeResult", "Tokenizer", "VqtoolError", "load"]
+__all__ = [
+    "DecodeResult",
+    "EncodeOptions",
+    "EncodeResult",
+    "Fit",
+    "RuntimeChoice",
+    "Tokenizer",
+    "VqtoolError",
+    "load",
+]
+_API = frozenset(__all__) - {"VqtoolError"}
 
 if TYPE_CHECKING:
-    from vqtool.api import DecodeResult, EncodeResult, Tokenizer, load
+    from vqtool.api import DecodeResult, EncodeOptions, EncodeResult, Fit, RuntimeChoice, Tokenizer, load
 
 
 def __getattr__(name: str) -> Any:
     # The API loads on first use: `vqtool --help` and the training processes do not pay for NumPy, Pillow
     # and the runtime modules they never call.
-    if name in ("load", "Tokenizer", "EncodeResult", "DecodeResult"):
+    if name in _API:
         from vqtool import api
 
         return getattr(api, name)

@@ -14,9 +14,9 @@ import logging
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,20 +24,23 @@ from vqtool.errors import VqtoolError
 from vqtool.formats.atomic import partial_path
 from vqtool.formats.manifest import Manifest, code_dtype_for, fitting_batch, read_manifest
 from vqtool.host import inference_threads
+from vqtool.images.fit import Fit
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
-from vqtool.images.reading import CROPS, fast_png_available, fit_to_size, read_rgb
+from vqtool.images.reading import fast_png_available, read_rgb
 from vqtool.images.sources import image_set
 from vqtool.pipeline.decode import DecodeResult, check_decodable
 from vqtool.pipeline.decode import decode_file as _decode_file
-from vqtool.pipeline.encode import EncodeResult, codes_output, plan_encode, run_encode
+from vqtool.pipeline.encode import EncodeKeywords, EncodeOptions, EncodeResult, codes_output, plan_encode, run_encode
 from vqtool.pipeline.resume import progress_path
-from vqtool.pipeline.shards import Shard
 from vqtool.precisions import BF16, decoder_precision
 from vqtool.runtime import tensors
 from vqtool.runtime.base import CudaTensorRunner, Runner
-from vqtool.runtime.select import ChosenRunner, check_bf16, open_runner
+from vqtool.runtime.select import ChosenRunner, RuntimeChoice, check_bf16, open_runner
 
-__all__ = ["DecodeResult", "EncodeResult", "Tokenizer", "load"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["DecodeResult", "EncodeOptions", "EncodeResult", "Fit", "RuntimeChoice", "Tokenizer", "load"]
 
 _log = logging.getLogger("vqtool")
 # Images (or code grids) per graph call: the CLI's default, so the API's codes are the CLI's byte for byte.
@@ -54,6 +57,7 @@ def load(
     threads: int | None = None,
     lazy: bool = False,
     engines: bool = True,
+    runtime: RuntimeChoice | None = None,
 ) -> Tokenizer:
     """Open an export folder made by `vqtool export` and start its encoder and decoder.
 
@@ -66,42 +70,17 @@ def load(
     With `lazy`, each graph starts on its first use instead (a job that only encodes never starts the decoder).
     A TensorRT engine is code that TensorRT runs, not data: with `engines=False`, engine files in the folder are
     ignored (no tensorrt or onnxruntime-trt backend starts), for exports from sources you do not trust.
-    Raises VqtoolError, naming the file, for anything wrong with the export.
+    `runtime` (a RuntimeChoice) says all of backend, device, precision, threads and engines at once, in place of
+    those keywords. Raises VqtoolError, naming the file, for anything wrong with the export.
     """
     folder = Path(export_dir)
     manifest = read_manifest(folder)
-    note = check_bf16(folder) if precision == BF16 else ""
-    runtime = _RuntimeChoice(backend, device, inference_threads(threads), engines)
-    tok = Tokenizer(folder, manifest, runtime, precision, note)
+    runtime = runtime or RuntimeChoice(backend, device, precision, inference_threads(threads), engines)
+    note = check_bf16(folder) if runtime.precision == BF16 else ""
+    tok = Tokenizer(folder, manifest, runtime, note)
     if not lazy:
         tok.start()
     return tok
-
-
-@dataclass(frozen=True)
-class _RuntimeChoice:
-    """How a Tokenizer starts its graphs: the backend and device asked for, the CPU threads, and whether engine
-    files may run."""
-
-    backend: str
-    device: str
-    threads: int | None
-    engines: bool = True
-
-    def open(self, export_dir: Path, manifest: Manifest, role: str, precision: str) -> ChosenRunner:
-        # In-memory calls run small batches on spinning threads, which answer them sooner; the file pipelines run
-        # the same sessions without them (Runner.pipelined), since their readers and writers need the cores.
-        return open_runner(
-            export_dir,
-            manifest,
-            role,
-            backend=self.backend,
-            device=self.device,
-            precision=precision,
-            spin=True,
-            threads=self.threads,
-            engines=self.engines,
-        )
 
 
 class Tokenizer:
@@ -112,16 +91,14 @@ class Tokenizer:
     Made by `vqtool.load`.
     """
 
-    def __init__(
-        self, export_dir: Path, manifest: Manifest, runtime: _RuntimeChoice, precision: str, note: str = ""
-    ) -> None:
+    def __init__(self, export_dir: Path, manifest: Manifest, runtime: RuntimeChoice, note: str = "") -> None:
         self._note = f" ({note})" if note else ""  # appended to every line that says what runs
         self.export_dir = export_dir
         self.manifest = manifest
-        self.precision = precision
-        self._runtime = runtime
+        self.runtime = runtime
+        self.precision = runtime.precision
         self.code_dtype = code_dtype_for(manifest.codes)
-        self._decode_precision = decoder_precision(precision)
+        self._decode_precision = decoder_precision(runtime.precision)
         self._started: dict[str, ChosenRunner] = {}
         self._start_lock = threading.Lock()
 
@@ -134,8 +111,10 @@ class Tokenizer:
     def _runner_of(self, role: str) -> ChosenRunner:
         with self._start_lock:
             if role not in self._started:
-                precision = self.precision if role == "encoder" else self._decode_precision
-                self._started[role] = self._runtime.open(self.export_dir, self.manifest, role, precision)
+                choice = self.runtime if role == "encoder" else replace(self.runtime, precision=self._decode_precision)
+                # In-memory calls run small batches on spinning threads, which answer them sooner; the file pipelines
+                # run the same sessions without them (Runner.pipelined): their readers and writers need the cores.
+                self._started[role] = open_runner(self.export_dir, self.manifest, role, choice, spin=True)
             return self._started[role]
 
     @property
@@ -210,25 +189,26 @@ class Tokenizer:
         batch_size: int = DEFAULT_BATCH,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         crop: str = "resize",
+        fit: Fit | None = None,
     ) -> Any:
         """Images -> codes N x h x w in the smallest unsigned dtype that holds K codes.
 
         `images`: a uint8 N x H x W x 3 array or torch tensor, or a list of H x W x 3 arrays, tensors or
         image file paths. With `resize` (as `vqtool encode`), images not of the model's size are resized
         to it (bicubic, Pillow; with crop="center", the centre square of the short side first); without it,
-        sides must be multiples of the model's factor and, in a list, equal. A torch tensor gives a torch
-        tensor: CPU tensors share memory both ways; CUDA tensors stay on the GPU when ONNX Runtime's CUDA
-        provider runs (else they are copied through the host).
+        sides must be multiples of the model's factor and, in a list, equal (`fit`, a Fit, says all three of
+        resize, crop and max_pixels at once). A torch tensor gives a torch tensor: CPU tensors share memory both
+        ways; CUDA tensors stay on the GPU when ONNX Runtime's CUDA provider runs (else they are copied through
+        the host).
         """
+        fit = fit or Fit.of(resize, crop, max_pixels)
         batch_size = self._fitting_batch("encoder", batch_size)
         if tensors.is_tensor(images) and images.is_cuda and _on_cuda(self._encoder.runner):
-            batch = self._cuda_images(images, resize)
+            batch = self._cuda_images(images, fit)
             out_shape = (batch.shape[0], *self.grid(batch.shape[1], batch.shape[2]))
             codes = _chunked_cuda(self._encoder.runner, batch, out_shape, np.dtype(np.int32), batch_size)
             return codes.to(tensors.torch_dtype(self.code_dtype))
-        if crop not in CROPS:
-            raise VqtoolError(f"crop takes {' or '.join(CROPS)}, got {crop!r}")
-        pixels = self._image_batch(images, resize, max_pixels, crop)
+        pixels = self._image_batch(images, fit)
         grid = self.grid(pixels.shape[1], pixels.shape[2])
         codes = _chunked(self._encoder.runner, pixels, (*grid,), self.code_dtype, batch_size)
         return tensors.like(codes, images) if tensors.is_tensor(images) else codes
@@ -262,19 +242,10 @@ class Tokenizer:
         self,
         inputs: Sequence[str | Path] | str | Path,
         out: str | Path,
+        options: EncodeOptions | None = None,
         *,
-        batch_size: int = DEFAULT_BATCH,
-        resize: bool = True,
-        shard: str | Shard | None = None,
-        resume: bool = False,
-        readers: int | None = None,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        skip_bad: bool = False,
         log: Callable[[str], None] | None = None,
-        crop: str = "resize",
-        image_column: str | None = None,
-        key_column: str | None = None,
-        overwrite: bool = False,
+        **keywords: Unpack[EncodeKeywords],
     ) -> EncodeResult:
         """What `vqtool encode` does: images -> `out`, a codes.npy with its codes.json sidecar or a codes.parquet.
 
@@ -282,40 +253,32 @@ class Tokenizer:
         .tar, a folder of them, a brace pattern) and Parquet files with an image-bytes column (`image_column`,
         found by itself when it is image, jpg, png or webp; keys from `key_column`, by default `key`).
         Streaming (reader processes decode files while the graph runs), resumable (`resume`), sharded
-        (`shard="I/N"`); the options are the command's. An existing `out` is replaced only with `overwrite` (or
-        continued with `resume`), and no other run may write `out` meanwhile. Notes (resized or skipped files) go
-        to `log`, by default the "vqtool" logger.
+        (`shard="I/N"`); the options are the command's, as keywords (batch_size, resize, crop, max_pixels, shard,
+        resume, overwrite, skip_bad, readers, image_column, key_column) or as one EncodeOptions. An existing
+        `out` is replaced only with `overwrite` (or continued with `resume`), and no other run may write `out`
+        meanwhile. Notes (resized or skipped files) go to `log`, by default the "vqtool" logger.
         """
-        chosen = Shard.parse(shard) if isinstance(shard, str) else shard
+        if options is not None and keywords:
+            raise TypeError("encode_files takes an EncodeOptions or its keywords, not both")
+        options = options or EncodeOptions.of(**keywords)
         log = log or _log.info
         out = Path(out)
-        left_behind = (partial_path(out), progress_path(out))
-        with codes_output(out, overwrite=overwrite, resume=resume, left_behind=left_behind):
+        with codes_output(out, overwrite=options.overwrite, resume=options.resume, left_behind=_left_behind(out)):
             images = image_set(
-                [inputs] if isinstance(inputs, str | Path) else inputs, image_column=image_column, key_column=key_column
+                [inputs] if isinstance(inputs, str | Path) else inputs,
+                image_column=options.image_column,
+                key_column=options.key_column,
             )
-            plan = plan_encode(
-                images,
-                self.manifest,
-                self.export_dir,
-                out,
-                batch_size=batch_size,
-                resize=resize,
-                shard=chosen,
-                workers=readers,
-                precision=self.precision,
-                max_pixels=max_pixels,
-                skip_bad=skip_bad,
-                crop=crop,
-            )
+            plan = plan_encode(images, self.manifest, self.export_dir, out, options, self.precision)
             if not fast_png_available() and any(str(name).lower().endswith(".png") for name in images.keys[:1000]):
                 log("reading PNG files with Pillow; pip install 'vqtool[fast-png]' reads them about twice as fast")
-            part = f" (shard {chosen.index}/{chosen.count})" if chosen else ""
+            shard = options.shard
+            part = f" (shard {shard.index}/{shard.count})" if shard else ""
             runs = f"in {self.precision} with {self._encoder.describe()}{self._note}"
             log(f"encoding {len(images.keys)} images{part} {runs}")
-            if plan.batch_size < batch_size:
-                log(f"batches of {plan.batch_size} images, not {batch_size}: the model's activations are large")
-            return run_encode(plan, self._encoder.runner.pipelined(), resume=resume, log=log)
+            if plan.batch_size < options.batch_size:
+                log(f"batches of {plan.batch_size} images, not {options.batch_size}: the model's activations are large")
+            return run_encode(plan, self._encoder.runner.pipelined(), resume=options.resume, log=log)
 
     def decode_file(
         self,
@@ -345,7 +308,7 @@ class Tokenizer:
             max_pixels=max_pixels,
         )
 
-    def _image_batch(self, images: ImageInput, resize: bool, max_pixels: int, crop: str) -> np.ndarray:
+    def _image_batch(self, images: ImageInput, fit: Fit) -> np.ndarray:
         """Whatever encode was given -> one uint8 N x H x W x 3 array at the size the graph will see."""
         if tensors.is_tensor(images):
             images = tensors.to_numpy(images)
@@ -355,10 +318,10 @@ class Tokenizer:
                     f"images must be uint8 N x H x W x 3 (RGB), got a {images.dtype} array shaped {images.shape}"
                     + ("; for one image pass images[None]" if images.ndim == 3 else "")
                 )
-            if not resize or images.shape[1:3] == (self.image_size, self.image_size):
+            if not fit.resizes or images.shape[1:3] == (self.image_size, self.image_size):
                 self.grid(images.shape[1], images.shape[2])
                 return images
-            return np.stack([self._fit(image, True, f"images[{i}]", crop) for i, image in enumerate(images)])
+            return np.stack([self._fit(image, fit, f"images[{i}]") for i, image in enumerate(images)])
         if isinstance(images, str | Path) or not isinstance(images, Sequence):
             raise VqtoolError(
                 "images must be a uint8 N x H x W x 3 array or tensor, or a list of arrays, tensors or paths; "
@@ -367,7 +330,7 @@ class Tokenizer:
         fitted = []
         for index, item in enumerate(images):
             if isinstance(item, str | Path):
-                fitted.append(self._fit(read_rgb(item, max_pixels), resize, item, crop))
+                fitted.append(self._fit(read_rgb(item, fit.max_pixels), fit, item))
                 continue
             pixels = tensors.to_numpy(item) if tensors.is_tensor(item) else item
             if (
@@ -377,7 +340,7 @@ class Tokenizer:
                 or pixels.shape[-1] != 3
             ):
                 raise VqtoolError(f"images[{index}] must be a path or a uint8 H x W x 3 array, got {_kind(pixels)}")
-            fitted.append(self._fit(pixels, resize, f"images[{index}]", crop))
+            fitted.append(self._fit(pixels, fit, f"images[{index}]"))
         if not fitted:
             return np.empty((0, self.image_size, self.image_size, 3), dtype=np.uint8)
         shapes = {image.shape for image in fitted}
@@ -385,15 +348,15 @@ class Tokenizer:
             raise VqtoolError(f"without resize all images must share one size; got {sorted(shapes)}")
         return np.stack(fitted)
 
-    def _fit(self, pixels: np.ndarray, resize: bool, name: str | Path, crop: str) -> np.ndarray:
-        return fit_to_size(pixels, self.image_size, resize=resize, multiple=self.downsample, path=name, crop=crop)
+    def _fit(self, pixels: np.ndarray, fit: Fit, name: str | Path) -> np.ndarray:
+        return fit.apply(pixels, self.image_size, self.downsample, name)
 
-    def _cuda_images(self, images: Any, resize: bool) -> Any:
+    def _cuda_images(self, images: Any, fit: Fit) -> Any:
         if str(images.dtype) != "torch.uint8" or images.dim() != 4 or images.shape[-1] != 3:
             raise VqtoolError(
                 f"images must be uint8 N x H x W x 3 (RGB), got {images.dtype} shaped {tuple(images.shape)}"
             )
-        if resize and tuple(images.shape[1:3]) != (self.image_size, self.image_size):
+        if fit.resizes and tuple(images.shape[1:3]) != (self.image_size, self.image_size):
             raise VqtoolError(
                 f"CUDA images must already be {self.image_size}x{self.image_size} (or pass resize=False with sides "
                 f"that are multiples of {self.downsample}); got {images.shape[2]}x{images.shape[1]}"
@@ -425,6 +388,11 @@ class Tokenizer:
             f"Tokenizer({str(self.export_dir)!r}, codes={self.num_codes}, image_size={self.image_size}, "
             f"downsample={self.downsample}, backend={self.backend!r}, precision={self.precision!r})"
         )
+
+
+def _left_behind(out: Path) -> tuple[Path, Path]:
+    """What an interrupted local encode of `out` leaves for --resume: its partial codes and its progress record."""
+    return partial_path(out), progress_path(out)
 
 
 def _joined(encoder: str, decoder: str) -> str:

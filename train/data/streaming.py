@@ -27,12 +27,12 @@ import numpy as np
 from vqtool.errors import VqtoolError, first_line, missing_extra
 from vqtool.host import lower_priority
 from vqtool.images.collections import NpyRows
+from vqtool.images.fit import Fit
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.images.reading import (
     SkippedFile,
     decode_rgb,
     describe_skipped,
-    fit_to_size,
     list_image_names,
     read_each,
     read_rgb,
@@ -93,7 +93,7 @@ def train_view(
         side = min(height, width)
         top, left = int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1))
         pixels = pixels[top : top + side, left : left + side]
-    crop = fit_to_size(pixels, size, resize=True, multiple=1, path="")
+    crop = Fit().apply(pixels, size, 1, "")
     return crop[:, ::-1] if flip else crop
 
 
@@ -103,7 +103,7 @@ def val_view(pixels: np.ndarray, size: int) -> np.ndarray:
     side = min(height, width)
     top, left = (height - side) // 2, (width - side) // 2
     square = pixels[top : top + side, left : left + side]
-    return np.ascontiguousarray(fit_to_size(square, size, resize=True, multiple=1, path=""))
+    return np.ascontiguousarray(Fit().apply(square, size, 1, ""))
 
 
 # ---- collections read by index ----------------------------------------------------------------------------
@@ -437,7 +437,7 @@ def read_validation(spec: str, size: int, max_pixels: int, skipped: list[Skipped
         samples = (s for shard in expand_shards(spec) for s in shard_samples(shard, max_pixels))
         return _read_views(((n, _given(p)) for n, p in itertools.islice(samples, VALIDATION_MAX)), size, skipped)
     if is_cifar_folder(path) or path.suffix.lower() == ".npz":
-        train, own_val = read_image_set(path, size, max_pixels=max_pixels)
+        train, own_val = read_image_set(path, size, fit=Fit(max_pixels=max_pixels))
         held = own_val if own_val is not None else train
         return held[_evenly(len(held))]
     images = _indexed_images(path, max_pixels)
@@ -497,7 +497,7 @@ def load_training_set(
             val, shards = read_validation(shards[-1], size, max_pixels, skipped), shards[:-1]
         result = ShardSet(shards, val, size, max_pixels, skip_bad)
     elif is_cifar_folder(path) or path.suffix.lower() == ".npz":
-        pixels, own_val = read_image_set(path, size, max_pixels=max_pixels)
+        pixels, own_val = read_image_set(path, size, fit=Fit(max_pixels=max_pixels))
         result = split_training_set(pixels, size, val if val is not None else own_val)
     else:
         images = _indexed_images(path, max_pixels)

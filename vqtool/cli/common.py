@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from vqtool.errors import VqtoolError, missing_extra
-from vqtool.images.reading import CROPS
+from vqtool.images.fit import CROPS
 from vqtool.model.presets import PRESET_ALIASES, PRESETS
 from vqtool.runtime.base import Device
 
@@ -86,7 +86,7 @@ def choices(name: str, values: Iterable[str]) -> Any:
 
 
 Preset = choices("Preset", (*PRESETS, *PRESET_ALIASES))  # vqtool.model.presets: what each sets
-Crop = choices("Crop", CROPS)  # vqtool.images.reading: how images reach the model's size
+Crop = choices("Crop", CROPS)  # vqtool.images.fit: how images reach the model's size
 
 
 DeviceOption = Annotated[Device, typer.Option(help="Where to run: a CUDA GPU if one starts (auto), cpu or cuda.")]

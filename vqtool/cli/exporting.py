@@ -112,16 +112,14 @@ def export_command(
 
         require_tensorrt_gpu()
     require_torch("export")
-    from vqtool.export.pipeline import ParityFailed, export_model
+    from vqtool.export.pipeline import ExportOptions, ParityFailed, export_model
     from vqtool.export.tensorrt import EngineProfile
     from vqtool.formats.manifest import PARITY_NAME
 
     target = out_dir or checkpoint.parent / "export"
     profile = EngineProfile(batch_min, batch_opt, batch_max, workspace)
     try:
-        result = export_model(
-            checkpoint,
-            target,
+        options = ExportOptions(
             fp16=fp16,
             int8=int8,
             calibration=calibration,
@@ -132,8 +130,8 @@ def export_command(
             timing_cache=timing_cache,
             images=images,
             overwrite=overwrite,
-            log=say,
         )
+        result = export_model(checkpoint, target, options, log=say)
     except ParityFailed as failed:
         _show_verification(failed.verification.to_dict())
         raise

@@ -131,60 +131,34 @@ def encode(
     import signal
 
     from vqtool.api import load
-    from vqtool.pipeline.encode import interrupt_on_sigterm
+    from vqtool.pipeline.encode import EncodeOptions, interrupt_on_sigterm
+    from vqtool.runtime.select import RuntimeChoice
 
+    options = EncodeOptions.of(
+        batch_size=batch_size,
+        resize=resize,
+        crop=crop.value,
+        max_pixels=pixel_limit(max_pixels),
+        shard=shard,
+        skip_bad=skip_bad,
+        readers=readers,
+        resume=resume,
+        overwrite=overwrite,
+        image_column=image_column,
+        key_column=key_column,
+    )
+    runtime = RuntimeChoice(backend, device, precision, threads, engines)
     if engine is Engine.ray:
         from vqtool.ray.engine import encode_on_ray
 
-        if shard is not None:
-            raise VqtoolError("--shard splits work between Slurm array tasks; --engine ray spreads it over its cluster")
-        on_ray = encode_on_ray(
-            images,
-            out_path,
-            model,
-            address=ray_address,
-            backend=backend.value,
-            device=device.value,
-            precision=precision.value,
-            threads=threads,
-            batch_size=batch_size,
-            resize=resize,
-            crop=crop.value,
-            max_pixels=pixel_limit(max_pixels),
-            skip_bad=skip_bad,
-            resume=resume,
-            overwrite=overwrite,
-            engines=engines,
-            image_column=image_column,
-            key_column=key_column,
-            log=say,
-        )
-        _print_encoded(on_ray)
+        _print_encoded(encode_on_ray(images, out_path, model, options, runtime, address=ray_address, log=say))
         return
     if ray_address is not None:
         raise VqtoolError("--ray-address is for --engine ray")
-
-    tok = load(model, backend.value, device.value, precision.value, threads=threads, lazy=True, engines=engines)
+    tok = load(model, runtime=runtime, lazy=True)
     tok.start("encoder")  # the one graph encode runs: a backend that cannot start says so before any file is read
-
     signal.signal(signal.SIGTERM, interrupt_on_sigterm)
-    result = tok.encode_files(
-        images,
-        out_path,
-        batch_size=batch_size,
-        resize=resize,
-        shard=shard,
-        resume=resume,
-        readers=readers,
-        max_pixels=pixel_limit(max_pixels),
-        skip_bad=skip_bad,
-        log=say,
-        crop=crop.value,
-        image_column=image_column,
-        key_column=key_column,
-        overwrite=overwrite,
-    )
-    _print_encoded(result)
+    _print_encoded(tok.encode_files(images, out_path, options, log=say))
 
 
 def _print_encoded(result: EncodeResult) -> None:
@@ -235,8 +209,9 @@ def decode(
 ) -> None:
     """Decode integer codes back to images (one PNG per code grid)."""
     from vqtool.api import load
+    from vqtool.runtime.select import RuntimeChoice
 
-    tok = load(model, backend.value, device.value, precision.value, threads=threads, lazy=True, engines=engines)
+    tok = load(model, runtime=RuntimeChoice(backend, device, precision, threads, engines), lazy=True)
     tok.start("decoder")
     result = tok.decode_file(
         codes,

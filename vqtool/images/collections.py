@@ -13,8 +13,8 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from vqtool.errors import VqtoolError, first_line
-from vqtool.images.limits import DEFAULT_MAX_PIXELS
-from vqtool.images.reading import SkippedFile, fit_to_size, list_images, read_each, read_rgb
+from vqtool.images.fit import Fit
+from vqtool.images.reading import SkippedFile, list_images, read_each, read_rgb
 
 CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_TEST_BATCH = "test_batch"
@@ -150,16 +150,14 @@ def is_cifar_folder(path: Path) -> bool:
 def _resize_all(images: np.ndarray, size: int, path: Path) -> np.ndarray:
     if images.shape[1:3] == (size, size):
         return images
-    return np.stack([fit_to_size(im, size, resize=True, multiple=1, path=path) for im in images])
+    return np.stack([Fit().apply(im, size, 1, path) for im in images])
 
 
-def _read_folder(
-    path: Path, size: int, max_pixels: int, skipped: list[SkippedFile] | None, crop: str = "resize"
-) -> np.ndarray:
-    """Every image under `path`, resized; a bad file stops the read, unless `skipped` collects it instead."""
+def _read_folder(path: Path, size: int, fit: Fit, skipped: list[SkippedFile] | None) -> np.ndarray:
+    """Every image under `path`, brought to size x size; a bad file stops the read, unless `skipped` collects it."""
 
     def read(name: Path) -> np.ndarray:
-        return fit_to_size(read_rgb(name, max_pixels), size, resize=True, multiple=1, path=name, crop=crop)
+        return fit.apply(read_rgb(name, fit.max_pixels), size, 1, name)
 
     images = [pixels for _, pixels in read_each(list_images([path]), read, skipped)]
     if not images:
@@ -168,18 +166,18 @@ def _read_folder(
 
 
 def read_image_set(
-    path: Path,
-    size: int,
-    *,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    skipped: list[SkippedFile] | None = None,
-    crop: str = "resize",
+    path: Path, size: int, *, fit: Fit | None = None, skipped: list[SkippedFile] | None = None
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Images N x size x size x 3 from `path`, and the collection's own validation images if it has them.
 
-    Image files larger than `max_pixels` are refused from their header. A file that cannot be read
-    raises the one-line error, or, when a `skipped` list is given, is left out and added to it.
+    Image files are brought to the size as `fit` says (default: resized whole; a fit that keeps sizes is taken to
+    resize, since the images are stacked), and those larger than its pixel limit are refused from their header. A
+    file that cannot be read raises the one-line error, or, when a `skipped` list is given, is left out and added
+    to it.
     """
+    fit = fit or Fit()
+    if not fit.resizes:
+        fit = Fit(max_pixels=fit.max_pixels)
     if is_cifar_folder(path):
         train = np.concatenate([_read_cifar_batch(path / name) for name in CIFAR_TRAIN_BATCHES])
         test = path / CIFAR_TEST_BATCH
@@ -187,4 +185,4 @@ def read_image_set(
         return _resize_all(train, size, path), None if val is None else _resize_all(val, size, path)
     if path.is_file() and path.suffix.lower() in (".npy", ".npz"):
         return _resize_all(read_array(path), size, path), None
-    return _read_folder(path, size, max_pixels, skipped, crop), None
+    return _read_folder(path, size, fit, skipped), None

@@ -271,28 +271,3 @@ def _pillow_rgb(source: str | Path | io.BytesIO, path: str | Path, max_pixels: i
         # this file cannot be read.
         reason = first_line(exc)
         raise VqtoolError(f"unreadable or truncated image ({reason})", path) from None
-
-
-# How an image not of the model's size is brought to it: "resize" the whole image to a square, or "center": cut the
-# centre square of its short side first (the preprocessing most published tokenizers were trained with).
-CROPS = ("resize", "center")
-
-
-def fit_to_size(
-    pixels: np.ndarray, size: int, *, resize: bool, multiple: int, path: str | Path, crop: str = "resize"
-) -> np.ndarray:
-    """Resize to size x size (with crop="center", the centre square of the short side), or with resize=False keep
-    the image if its sides are multiples of `multiple`."""
-    height, width = pixels.shape[:2]
-    if not resize:
-        if height % multiple or width % multiple:
-            raise VqtoolError(f"{width}x{height} is not a multiple of {multiple}; drop --no-resize to resize it", path)
-        return pixels
-    if (height, width) == (size, size):
-        return pixels
-    if crop == "center" and height != width:
-        side = min(height, width)
-        top, left = (height - side) // 2, (width - side) // 2
-        pixels = np.ascontiguousarray(pixels[top : top + side, left : left + side])
-    resized = Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    return np.asarray(resized, dtype=np.uint8)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -28,12 +29,14 @@ from vqtool.formats.manifest import Manifest, code_dtype_for, fitting_batch, man
 from vqtool.formats.outputs import check_codes_output
 from vqtool.formats.space import allocated_memmap, reserve
 from vqtool.host import reader_count
+from vqtool.images.fit import CENTER, Fit
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
-from vqtool.images.reading import CROPS, SkippedFile, describe_skipped
+from vqtool.images.reading import SkippedFile, describe_skipped
 from vqtool.images.sources import ImageSet, as_image_set
 from vqtool.pipeline.reading import ReadOptions, first_shape, read_batches
 from vqtool.pipeline.resume import Progress, progress_path, resume_point, shrink_rows
 from vqtool.pipeline.shards import Shard, list_checksum
+from vqtool.precisions import FP32
 from vqtool.runtime.base import Runner
 
 # Progress is made durable this often (and on interrupt), not per batch: each sync is an msync + fsync.
@@ -122,20 +125,61 @@ def codes_output(out: Path, *, overwrite: bool, resume: bool, left_behind: Seque
         yield
 
 
+@dataclass(frozen=True)
+class EncodeOptions:
+    """How an encode of files reads them and writes its output: the command's options, one value from the command
+    line through the API to either engine."""
+
+    batch_size: int = 64
+    fit: Fit = Fit()
+    shard: Shard | None = None  # this slice of the sorted list only (Slurm arrays; joined by merge)
+    skip_bad: bool = False  # leave unreadable files out, and list them in the sidecar
+    readers: int | None = None  # reader processes (default: one per core)
+    resume: bool = False  # continue an interrupted run of the same output
+    overwrite: bool = False  # replace an existing output
+    # Parquet inputs: the column of image bytes, and the one that names each row (default: found by name).
+    image_column: str | None = None
+    key_column: str | None = None
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        resize: bool = True,
+        crop: str = "resize",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        shard: str | Shard | None = None,
+        **fields: Any,
+    ) -> EncodeOptions:
+        """The options the API's keywords and the command line's flags say (EncodeKeywords)."""
+        chosen = Shard.parse(shard) if isinstance(shard, str) else shard
+        return cls(fit=Fit.of(resize, crop, max_pixels), shard=chosen, **fields)
+
+
+class EncodeKeywords(TypedDict, total=False):
+    """EncodeOptions as the API's keywords take it (Tokenizer.encode_files): resize, crop and max_pixels make its
+    Fit, and a shard may be given as "I/N"."""
+
+    batch_size: int
+    resize: bool
+    crop: str
+    max_pixels: int
+    shard: str | Shard | None
+    skip_bad: bool
+    readers: int | None
+    resume: bool
+    overwrite: bool
+    image_column: str | None
+    key_column: str | None
+
+
 def plan_encode(
     files: ImageSet | Sequence[str | Path],
     manifest: Manifest,
     export_dir: Path,
     out: Path,
-    *,
-    batch_size: int = 64,
-    resize: bool = True,
-    shard: Shard | None = None,
-    workers: int | None = None,
-    precision: str = "fp32",
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    skip_bad: bool = False,
-    crop: str = "resize",
+    options: EncodeOptions = EncodeOptions(),
+    precision: str = FP32,
 ) -> EncodePlan:
     """Every check an encode can make before it reads an image: files, batch size, shard, the first size.
 
@@ -143,27 +187,18 @@ def plan_encode(
     images = as_image_set(files)
     if not images.keys:
         raise VqtoolError("no images to encode")
-    if batch_size < 1:
-        raise VqtoolError(f"--batch-size must be at least 1, got {batch_size}")
-    batch_size = fitting_batch(manifest, "encoder", precision, batch_size)
-    shard_info: dict[str, int | str] | None = None
+    if options.batch_size < 1:
+        raise VqtoolError(f"--batch-size must be at least 1, got {options.batch_size}")
+    batch_size = fitting_batch(manifest, "encoder", precision, options.batch_size)
+    shard, shard_info = options.shard, None
     if shard is not None:
         begin, stop = shard.bounds(len(images.keys))
-        shard_info = {
-            "index": shard.index,
-            "count": shard.count,
-            "start": begin,
-            "stop": stop,
-            "total": len(images.keys),
-            "list_sha256": list_checksum(images.keys),
-        }
+        shard_info = shard.record(begin, stop, images.keys)
         images = images.sliced(begin, stop)
         if not images.keys:
             raise VqtoolError(f"shard {shard.index}/{shard.count} of {shard_info['total']} files is empty")
-    if crop not in CROPS:
-        raise VqtoolError(f"--crop takes {' or '.join(CROPS)}, got {crop!r}")
-    options = ReadOptions(manifest.image_size, manifest.downsample, resize, max_pixels, skip_bad, crop)
-    shape = first_shape(images, options)
+    reading = ReadOptions(manifest.image_size, manifest.downsample, options.fit, options.skip_bad)
+    shape = first_shape(images, reading)
     grid = (shape[0] // manifest.downsample, shape[1] // manifest.downsample)
     dtype = code_dtype_for(manifest.codes)
     signature = {
@@ -173,14 +208,14 @@ def plan_encode(
         "grid": list(grid),
         "dtype": dtype.name,
         "precision": precision,
-        "skip_bad": skip_bad,
-        "max_pixels": max_pixels,
+        "skip_bad": options.skip_bad,
+        "max_pixels": options.fit.max_pixels,
         # Only where it is not the default: progress records written before the option resume as they were.
-        **({"crop": crop} if crop != "resize" else {}),
+        **({"crop": "center"} if options.fit.mode == CENTER else {}),
     }
-    workers = reader_count(workers)
+    workers = reader_count(options.readers)
     return EncodePlan(
-        images, out, options, shape, grid, dtype, batch_size, workers, manifest, precision, shard_info, signature
+        images, out, reading, shape, grid, dtype, batch_size, workers, manifest, precision, shard_info, signature
     )
 
 

@@ -13,8 +13,8 @@ import numpy as np
 
 from vqtool.errors import VqtoolError
 from vqtool.host import shared_buffer, worker_buffer, worker_pool
-from vqtool.images.limits import DEFAULT_MAX_PIXELS
-from vqtool.images.reading import SkippedFile, fit_to_size, read_each
+from vqtool.images.fit import Fit
+from vqtool.images.reading import SkippedFile, read_each
 from vqtool.images.sources import ImageRef, ImageSet, as_image_set, ref_name, ref_pixels
 
 PREFETCH_BATCHES = 2
@@ -25,18 +25,15 @@ class ReadOptions:
     """How image files become model inputs, the same in every reader process."""
 
     size: int
-    downsample: int = 16  # with --no-resize, sides must be multiples of it
-    resize: bool = True
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    downsample: int = 16  # kept as they are (Fit's keep), sides must be multiples of it
+    fit: Fit = Fit()
     # Leave unreadable files out (reported) instead of stopping at the first one.
     skip_bad: bool = False
-    crop: str = "resize"  # or "center" (vqtool.images.reading.CROPS)
 
 
-def _load(load: ImageRef, options: ReadOptions) -> tuple[np.ndarray, bool]:
-    pixels = ref_pixels(load, options.max_pixels)
-    size, multiple = options.size, options.downsample
-    fitted = fit_to_size(pixels, size, resize=options.resize, multiple=multiple, path=ref_name(load), crop=options.crop)
+def _load(ref: ImageRef, options: ReadOptions) -> tuple[np.ndarray, bool]:
+    pixels = ref_pixels(ref, options.fit.max_pixels)
+    fitted = options.fit.apply(pixels, options.size, options.downsample, ref_name(ref))
     return fitted, fitted.shape != pixels.shape
 
 
@@ -182,7 +179,7 @@ def _joined(parts: list[Batch], shared: mmap.mmap | None, slot_row: int, shape: 
 
 def first_shape(files: ImageSet | Sequence[str | Path], options: ReadOptions) -> tuple[int, int]:
     """The size every image is brought to: the model's, or with --no-resize the first readable file's."""
-    if options.resize:
+    if options.fit.resizes:
         return options.size, options.size
     images = as_image_set(files)
     total = len(images.keys)

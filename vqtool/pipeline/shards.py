@@ -36,6 +36,17 @@ class Shard:
         """[start, stop) of this shard: contiguous, so shards concatenate into the single-pass order."""
         return self.index * total // self.count, (self.index + 1) * total // self.count
 
+    def record(self, start: int, stop: int, keys: Sequence[str]) -> dict[str, int | str]:
+        """What the sidecar says of this shard: where it lies in the full list, and which list that is."""
+        return {
+            "index": self.index,
+            "count": self.count,
+            "start": start,
+            "stop": stop,
+            "total": len(keys),
+            "list_sha256": list_checksum(keys),
+        }
+
 
 def list_checksum(files: Sequence[Path | str]) -> str:
     """Identifies the full sorted file list, so shards of different lists are never merged."""

@@ -4,15 +4,33 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
 from vqtool.errors import VqtoolError
-from vqtool.images.limits import DEFAULT_MAX_PIXELS
+from vqtool.images.fit import Fit
 from vqtool.images.reading import decode_rgb
+from vqtool.runtime.select import RuntimeChoice
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 DEFAULT_BATCH = 64
+
+
+class TokenizeKeywords(TypedDict, total=False):
+    """TokenizeBatch's keywords for its runtime (RuntimeChoice's fields) and its fit (Fit.of's), in place of the
+    `runtime` and `fit` values themselves."""
+
+    backend: str
+    device: str
+    precision: str
+    threads: int | None
+    engines: bool
+    resize: bool
+    crop: str
+    max_pixels: int
 
 
 class TokenizeBatch:
@@ -25,8 +43,9 @@ class TokenizeBatch:
     Parquet column of img2dataset's, read with `ray.data.read_parquet`; datasets' {bytes, path} structs too).
     `codes` (N x h x w, the smallest unsigned type that holds the model's codes) is added under `codes_column`.
     Images not of the model's size are resized as `vqtool encode` does (`crop="center"`: the centre square of
-    the short side first; `resize=False`: sides must be multiples of the model's factor). `backend`, `device`,
-    `precision` and `threads` are `vqtool.load`'s; `batch_size` is the images per graph call. With
+    the short side first; `resize=False`: sides must be multiples of the model's factor), or as `fit` says.
+    `backend`, `device`, `precision`, `threads` and `engines` are `vqtool.load`'s (or `runtime`, a RuntimeChoice,
+    says them all); `batch_size` is the images per graph call. With
     `runtime_column`, each row also names the runtime that encoded it (onnxruntime, openvino, ...). With
     `keep_images=False` the image column is left out of what the batch returns: the pixels go no further than
     the actor (a column dropped by a later stage of its own needs a CPU that the actors may all hold). With
@@ -39,23 +58,24 @@ class TokenizeBatch:
         *,
         image_column: str = "image",
         codes_column: str = "codes",
-        backend: str = "auto",
-        device: str = "auto",
-        precision: str = "fp32",
-        threads: int | None = None,
-        resize: bool = True,
-        crop: str = "resize",
         batch_size: int = DEFAULT_BATCH,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
         runtime_column: str | None = None,
         keep_images: bool = True,
-        engines: bool = True,
+        runtime: RuntimeChoice | None = None,
+        fit: Fit | None = None,
+        **keywords: Unpack[TokenizeKeywords],
     ) -> None:
         from vqtool.api import load
 
-        self.tokenizer = load(model, backend, device, precision, threads=threads, engines=engines)
+        unknown = set(keywords) - set(TokenizeKeywords.__annotations__)
+        if unknown:
+            raise TypeError(f"TokenizeBatch got unexpected keywords: {', '.join(sorted(unknown))}")
+        picked: dict[str, Any] = dict(keywords)
+        fit_keywords = {k: picked.pop(k) for k in ("resize", "crop", "max_pixels") if k in picked}
+        self.fit = fit or Fit.of(**fit_keywords)
+        self.tokenizer = load(model, runtime=runtime or RuntimeChoice(**picked))
         self.image_column, self.codes_column = image_column, codes_column
-        self.resize, self.crop, self.batch_size, self.max_pixels = resize, crop, batch_size, max_pixels
+        self.batch_size = batch_size
         self.runtime_column, self.keep_images = runtime_column, keep_images
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -71,9 +91,7 @@ class TokenizeBatch:
             images = (
                 column if _is_pixel_array(column) else [self._pixels(cell, batch, i) for i, cell in enumerate(column)]
             )
-            codes = self.tokenizer.encode(
-                images, resize=self.resize, crop=self.crop, batch_size=self.batch_size, max_pixels=self.max_pixels
-            )
+            codes = self.tokenizer.encode(images, batch_size=self.batch_size, fit=self.fit)
         added = {self.codes_column: codes}
         if self.runtime_column is not None:
             added[self.runtime_column] = np.full(len(column), self.tokenizer.backend, dtype=object)
@@ -87,7 +105,7 @@ class TokenizeBatch:
         if isinstance(cell, bytes | bytearray | memoryview):
             paths = batch.get("path")
             name = str(paths[row]) if paths is not None else f"{self.image_column}[{row}]"
-            return decode_rgb(bytes(cell), name, self.max_pixels)
+            return decode_rgb(bytes(cell), name, self.fit.max_pixels)
         pixels = np.asarray(cell)
         if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
             raise VqtoolError(

@@ -23,6 +23,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,12 @@ from vqtool.errors import VqtoolError, first_line, missing_extra
 from vqtool.formats.atomic import partial_path, write_json
 from vqtool.formats.manifest import read_manifest
 from vqtool.formats.space import allocated_memmap
-from vqtool.images.limits import DEFAULT_MAX_PIXELS
+from vqtool.images.fit import KEEP, Fit
 from vqtool.images.reading import SkippedFile
 from vqtool.images.sources import image_set, located_refs
 from vqtool.pipeline.encode import (
     EncodeInterrupted,
+    EncodeOptions,
     EncodePlan,
     EncodeResult,
     codes_output,
@@ -48,6 +50,7 @@ from vqtool.pipeline.encode import (
 )
 from vqtool.pipeline.reading import ReadOptions, fitted_image
 from vqtool.ray.batch import TokenizeBatch
+from vqtool.runtime.select import RuntimeChoice
 
 # Rows per block of the table Ray starts from (a decode task's share): as many as fill BLOCK_BYTES of decoded
 # pixels, up to MAX_BLOCK_ROWS. Each block pays a task's and a stored file's overhead, which for small images
@@ -74,68 +77,46 @@ def encode_on_ray(
     inputs: Sequence[str | Path],
     out: Path,
     model: Path,
+    options: EncodeOptions = EncodeOptions(),
+    runtime: RuntimeChoice = RuntimeChoice(),
     *,
     address: str | None = None,
-    backend: str = "auto",
-    device: str = "auto",
-    precision: str = "fp32",
-    threads: int | None = None,
     actors: int | None = None,
-    batch_size: int = 64,
-    resize: bool = True,
-    crop: str = "resize",
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    skip_bad: bool = False,
-    resume: bool = False,
-    overwrite: bool = False,
-    engines: bool = True,
-    image_column: str | None = None,
-    key_column: str | None = None,
     tokenizer_class: type[TokenizeBatch] = TokenizeBatch,
     log: Callable[[str], None] = print,
 ) -> EncodeResult:
-    """Encode `inputs` into `out` (codes.npy + sidecar, or codes.parquet) on Ray Data; the options are encode's.
+    """Encode `inputs` into `out` (codes.npy + sidecar, or codes.parquet) on Ray Data, with encode's `options` and
+    the `runtime` each actor opens the export with.
 
     `address` joins an existing cluster (ray.init's address: "auto", "ray://host:10001", ...); without one a
     local instance starts, with one CPU per core. `actors` is the number of TokenizeBatch actors (default: one
-    per node's worth of CPUs, each with `threads` inference threads). `tokenizer_class` is the actor class,
-    TokenizeBatch or a subclass of it. An existing `out` is replaced only with `overwrite` (or continued with
-    `resume`), and no other run may write `out` meanwhile; `engines=False` keeps TensorRT engine files from running.
+    per node's worth of CPUs, each with the runtime's threads, by default the CPUs shared among them).
+    `tokenizer_class` is the actor class, TokenizeBatch or a subclass of it. An existing `out` is replaced only
+    with `options.overwrite` (or continued with `options.resume`), and no other run may write `out` meanwhile.
     """
+    if options.shard is not None:
+        raise VqtoolError("--shard splits work between Slurm array tasks; --engine ray spreads it over its cluster")
     ray = _ray()
     started = time.perf_counter()
-    with codes_output(out, overwrite=overwrite, resume=resume, left_behind=(staging_path(out),)):
-        manifest = read_manifest(model)
-        images = image_set(inputs, image_column=image_column, key_column=key_column)
-        plan = plan_encode(
-            images,
-            manifest,
-            model,
-            out,
-            batch_size=batch_size,
-            resize=resize,
-            precision=precision,
-            max_pixels=max_pixels,
-            skip_bad=skip_bad,
-            crop=crop,
-        )
+    resume = options.resume
+    with codes_output(out, overwrite=options.overwrite, resume=resume, left_behind=(staging_path(out),)):
+        images = image_set(inputs, image_column=options.image_column, key_column=options.key_column)
+        plan = plan_encode(images, read_manifest(model), model, out, options, runtime.precision)
         staging = staging_path(out)
         done_before = _stored_rows(staging, plan.signature, resume, log)
         with ray_session(ray, address) as cluster_cpus:
             # One single-threaded actor per CPU measured faster than fewer actors with more threads each: each actor
-            # decodes its block and then runs the graph, so with several the decoding of one overlaps another's graph.
+            # decodes its block and then runs the graph, so with several the decoding of one overlaps another's.
             actors = actors or cluster_cpus
-            threads = threads or max(1, cluster_cpus // actors)
-            total = len(plan.images.keys)
-            workers = f"{cluster_cpus} CPUs, {actors} tokenizer actor(s) of {threads} threads"
+            runtime = replace(runtime, threads=runtime.threads or max(1, cluster_cpus // actors))
+            workers = f"{cluster_cpus} CPUs, {actors} tokenizer actor(s) of {runtime.threads} threads"
             stored = f", {len(done_before)} already stored" if done_before else ""
-            log(f"encoding {total} images on Ray ({workers}){stored}")
+            log(f"encoding {len(plan.images.keys)} images on Ray ({workers}){stored}")
             table = _located_table(plan, done_before)
             if table.num_rows:
-                runtime = {"backend": backend, "device": device, "threads": threads, "engines": engines}
                 dataset = _dataset(ray, plan, table, tokenizer_class, model, runtime, actors)
                 try:
-                    _store_blocks(dataset, staging, skip_bad)
+                    _store_blocks(dataset, staging, options.skip_bad)
                 except KeyboardInterrupt:
                     raise EncodeInterrupted(
                         "interrupted; the blocks Ray stored are kept: run the same command with --resume to continue",
@@ -152,11 +133,11 @@ def encode_on_ray(
             written_sidecar(out),
             written,
             plan.grid,
-            f"Ray Data, {actors} x TokenizeBatch ({backend})",
+            f"Ray Data, {actors} x TokenizeBatch ({runtime.backend})",
             resized,
             time.perf_counter() - started,
             len(done_before),
-            tuple(skipped) if skip_bad else None,
+            tuple(skipped) if options.skip_bad else None,
         )
 
 
@@ -222,11 +203,11 @@ def _dataset(
     table: Any,
     tokenizer_class: type[TokenizeBatch],
     model: Path,
-    runtime: dict[str, Any],
+    runtime: RuntimeChoice,
     actors: int,
 ) -> Any:
     """The pipeline: the located rows read and decoded, then encoded in `actors` TokenizeBatch actors opened with
-    `runtime` (backend, device, threads, engines)."""
+    `runtime`."""
     image_bytes = plan.shape[0] * plan.shape[1] * 3
     # Enough blocks for every actor to have one, where there are rows enough.
     block = min(MAX_BLOCK_ROWS, max(plan.batch_size, BLOCK_BYTES // image_bytes), -(-table.num_rows // actors))
@@ -246,9 +227,8 @@ def _dataset(
         fn_constructor_kwargs={
             "model": str(model),
             "image_column": "pixels",
-            **runtime,
-            "precision": plan.precision,
-            "resize": False,  # the decode tasks brought every image to the plan's size
+            "runtime": runtime,
+            "fit": Fit(KEEP),  # the decode tasks brought every image to the plan's size
             "batch_size": plan.batch_size,
             "runtime_column": "runtime",
             "keep_images": False,
@@ -258,7 +238,7 @@ def _dataset(
         batch_format="numpy",
         # Ray hides GPUs from actors that do not ask for one: with --device cuda each actor takes a GPU (and the
         # decoding then runs in separate tasks, on CPUs, instead of fused into the actors).
-        num_gpus=1 if runtime["device"] == "cuda" else None,
+        num_gpus=1 if runtime.device == "cuda" else None,
     )
     return dataset
 

@@ -7,13 +7,14 @@ fastest runtime in the export's bench.json among those whose codes parity.json s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from vqtool.errors import VqtoolError
 from vqtool.formats.manifest import Manifest, graph_key, verify_graph
 from vqtool.formats.records import parity_report, read_bench_rows
-from vqtool.host import nvidia_gpu_present
+from vqtool.host import inference_threads, nvidia_gpu_present
 from vqtool.precisions import BF16, FP32, INT8, PRECISIONS
 from vqtool.precisions import row as precision_row
 from vqtool.runtime.base import (
@@ -93,18 +94,30 @@ def cpu_choice(export_dir: Path, role: str, precision: str) -> tuple[list[str], 
     return order, f"fastest on the CPU with {exactness}: {figures} images/s at batch {largest} in bench.json"
 
 
-def _open(
-    export_dir: Path,
-    manifest: Manifest,
-    role: str,
-    backend: str,
-    device: str,
-    precision: str,
-    spin: bool,
-    threads: int | None,
-) -> Runner:
-    """Start one named backend on one device (auto: the backend's own) through its loader; refused in one sentence
-    where it cannot. A runtime that runs the graph file gets it checked against the manifest first."""
+@dataclass(frozen=True)
+class RuntimeChoice:
+    """Which runtime runs an export's graphs, as the command line's options and the API's keywords say: the backend
+    (auto: the fastest that starts here), the device, the precision, the CPU threads (None: one per core), and
+    whether TensorRT engine files in the export may run (an engine is code, not data)."""
+
+    backend: str = Backend.auto.value
+    device: str = Device.auto.value
+    precision: str = FP32
+    threads: int | None = None
+    engines: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("backend", "device", "precision"):  # the command line's choices arrive as enum members
+            value = getattr(self, name)
+            object.__setattr__(self, name, str(getattr(value, "value", value)))
+        _check_names(self.backend, self.device, self.precision)
+        inference_threads(self.threads)  # at least 1, where given
+
+
+def _open(export_dir: Path, manifest: Manifest, role: str, choice: RuntimeChoice, spin: bool) -> Runner:
+    """Start the choice's backend (named, not auto) on its device (auto: the backend's own) through its loader;
+    refused in one sentence where it cannot. A runtime that runs the graph file gets it checked first."""
+    backend, device, precision = choice.backend, choice.device, choice.precision
     reason = refusal(role, backend, device, precision)
     if reason is not None:
         raise VqtoolError(reason)
@@ -117,7 +130,7 @@ def _open(
         path = verify_graph(export_dir, manifest, key)
     entry = manifest.graphs.get(key)
     activation_bytes = entry.activation_bytes if entry is not None else 0
-    graph = GraphToOpen(path, role, precision, device, threads, spin, activation_bytes, export_dir, manifest)
+    graph = GraphToOpen(path, role, precision, device, choice.threads, spin, activation_bytes, export_dir, manifest)
     return runtime.open(graph)
 
 
@@ -141,26 +154,20 @@ def open_runner(
     export_dir: Path,
     manifest: Manifest,
     role: str,
+    choice: RuntimeChoice | None = None,
     *,
-    backend: str = "auto",
-    device: str = "auto",
-    precision: str = "fp32",
     spin: bool = False,
-    threads: int | None = None,
-    engines: bool = True,
+    **keywords: Any,
 ) -> ChosenRunner:
-    """Start the requested backend, or with auto the fastest one that starts here.
+    """Start the chosen backend (a RuntimeChoice, or its fields as keywords), or with auto the fastest one that
+    starts here.
 
     `spin` keeps ONNX Runtime's idle threads spinning for small batches: faster alone, slower beside readers and
-    writers. `threads` caps the CPU threads (default: one per core). Without `engines`, no backend that
-    deserializes TensorRT engine files from the export folder is started: an engine is code.
+    writers. Without `engines`, no backend that deserializes TensorRT engine files from the export folder is
+    started: an engine is code.
     """
-    backend, device, precision = (
-        str(getattr(backend, "value", backend)),
-        str(getattr(device, "value", device)),
-        str(getattr(precision, "value", precision)),
-    )
-    _check_names(backend, device, precision)
+    choice = choice or RuntimeChoice(**keywords)
+    backend, device, precision = choice.backend, choice.device, choice.precision
     manifest.require(export_dir, role)
     reason = refusal(role, backend, device, precision)
     if reason is not None:
@@ -168,10 +175,10 @@ def open_runner(
     devices = {r.device for r in RUNTIMES if precision in r.precisions}
     if device == Device.auto.value and len(devices) == 1:
         device = devices.pop()  # INT8 graphs are built for the CPU: no GPU provider is tried for them
-    if not engines and backend in ENGINE_BACKENDS:
+    if not choice.engines and backend in ENGINE_BACKENDS:
         raise VqtoolError(f"--backend {backend} runs TensorRT engine files, which engines=False (--no-engines) ignores")
     if backend != Backend.auto.value:
-        return ChosenRunner(_open(export_dir, manifest, role, backend, device, precision, spin, threads), ())
+        return ChosenRunner(_open(export_dir, manifest, role, replace(choice, device=device), spin), ())
     skipped: list[str] = []
     cpu_order, why = cpu_choice(export_dir, role, precision)
     gpus = sorted(
@@ -182,14 +189,14 @@ def open_runner(
     for name, where in tries:
         if device != Device.auto.value and where != device:
             continue
-        if not engines and name in ENGINE_BACKENDS:
+        if not choice.engines and name in ENGINE_BACKENDS:
             skipped.append(f"{name} on {where}: engine files ignored (engines=False)")
             continue
         if where == Device.cuda.value and device == Device.auto.value and not nvidia_gpu_present():
             skipped.append(f"{name} on {where}: no NVIDIA GPU here")
             continue
         try:
-            runner = _open(export_dir, manifest, role, name, where, precision, spin, threads)
+            runner = _open(export_dir, manifest, role, replace(choice, backend=name, device=where), spin)
         except VqtoolError as exc:
             skipped.append(f"{name} on {where}: {str(exc).split('; ')[0]}")
             continue
