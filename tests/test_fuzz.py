@@ -25,6 +25,7 @@ from vqtool.errors import VqtoolError
 from vqtool.formats.codes import read_codes, read_sidecar, sidecar_path
 from vqtool.formats.manifest import MANIFEST_NAME, read_manifest
 from vqtool.images.reading import read_rgb
+from vqtool.images.sources import as_image_set
 from vqtool.pipeline.encode import EncodeInterrupted, EncodeOptions, EncodeResult, plan_encode, run_encode
 from vqtool.runtime.onnxruntime import OnnxRuntimeRunner
 
@@ -180,7 +181,7 @@ class _StopAfter:
 def encode_files(files: Any, manifest: Any, export_dir: Path, encoder: Any, out: Path, **options: Any) -> EncodeResult:
     """The library's encode of a file list (plan, then run) with the given encoder in place of a tokenizer's."""
     resume, log = options.pop("resume", False), options.pop("log")
-    plan = plan_encode(files, manifest, export_dir, out, EncodeOptions.of(**options))
+    plan = plan_encode(as_image_set(files), manifest, export_dir, out, EncodeOptions.of(**options))
     return run_encode(plan, encoder, resume=resume, log=log)
 
 

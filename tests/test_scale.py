@@ -210,6 +210,7 @@ def test_worker_and_thread_counts_change_speed_not_results(png_folder: Path, exp
 def test_read_batches_keep_file_order_across_reader_parts_and_skipped_files(
     shared: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from vqtool.images.sources import as_image_set
     from vqtool.pipeline import reading as encode
 
     if not shared:  # what platforms that spawn rather than fork get
@@ -226,7 +227,7 @@ def test_read_batches_keep_file_order_across_reader_parts_and_skipped_files(
     seen: list[int] = []
     skipped: list[str] = []
     owners: list[str] = []
-    for batch in encode.read_batches(files, options, batch_size=8, workers=3, shape=(32, 32)):
+    for batch in encode.read_batches(as_image_set(files), options, batch_size=8, workers=3, shape=(32, 32)):
         assert batch.pixels.shape[1:] == (32, 32, 3)
         seen += [int(image[0, 0, 0]) // 10 for image in batch.pixels]
         owner = batch.pixels
@@ -271,6 +272,7 @@ def test_the_sidecar_is_written_while_images_are_encoded_and_renamed_only_at_the
     png_folder: Path, export_dir: Path, tmp_path: Path
 ) -> None:
     from vqtool.formats.manifest import read_manifest
+    from vqtool.images.sources import as_image_set
     from vqtool.pipeline.encode import EncodeOptions, plan_encode, run_encode
     from vqtool.runtime.onnxruntime import OnnxRuntimeRunner
 
@@ -292,7 +294,7 @@ def test_the_sidecar_is_written_while_images_are_encoded_and_renamed_only_at_the
             return runner.describe()
 
     files = sorted(png_folder.rglob("*.png"))
-    plan = plan_encode(files, read_manifest(export_dir), export_dir, out, EncodeOptions(batch_size=8))
+    plan = plan_encode(as_image_set(files), read_manifest(export_dir), export_dir, out, EncodeOptions(batch_size=8))
     run_encode(plan, Watching(), log=lambda _: None)
     assert staged  # begun before the last batch was coded, and renamed into place only at the end
     assert json.loads((tmp_path / "codes.json").read_text())["files"] == [str(f) for f in files]

@@ -22,6 +22,7 @@ def time_folder(request: dict[str, Any]) -> dict[str, Any]:
     import vqtool
     from vqtool.bench.timing import time_calls
     from vqtool.errors import VqtoolError
+    from vqtool.images.sources import as_image_set
     from vqtool.pipeline.reading import ReadOptions, read_batches
 
     files = [Path(f) for f in request["files"]]
@@ -38,7 +39,7 @@ def time_folder(request: dict[str, Any]) -> dict[str, Any]:
         if "read_only" not in report:
             size = tok.image_size
             started = time.perf_counter()
-            for _ in read_batches(files, ReadOptions(size), batch_size, readers, (size, size)):
+            for _ in read_batches(as_image_set(files), ReadOptions(size), batch_size, readers, (size, size)):
                 pass
             report["read_only"] = len(files) / (time.perf_counter() - started)
         key = f"{backend}/{precision}"

@@ -32,7 +32,7 @@ from vqtool.host import reader_count
 from vqtool.images.fit import CENTER, Fit
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.images.reading import SkippedFile, describe_skipped
-from vqtool.images.sources import ImageSet, as_image_set
+from vqtool.images.sources import ImageSet
 from vqtool.pipeline.reading import ReadOptions, first_shape, read_batches
 from vqtool.pipeline.resume import Progress, progress_path, resume_point, shrink_rows
 from vqtool.pipeline.shards import Shard, list_checksum
@@ -174,7 +174,7 @@ class EncodeKeywords(TypedDict, total=False):
 
 
 def plan_encode(
-    files: ImageSet | Sequence[str | Path],
+    images: ImageSet,
     manifest: Manifest,
     export_dir: Path,
     out: Path,
@@ -183,8 +183,7 @@ def plan_encode(
 ) -> EncodePlan:
     """Every check an encode can make before it reads an image: files, batch size, shard, the first size.
 
-    `files` are image paths, or any ImageSet (tar shards, Parquet rows: vqtool.images.sources.image_set)."""
-    images = as_image_set(files)
+    `images`: the files, tar members or Parquet rows to encode, as vqtool.images.sources.image_set gives them."""
     if not images.keys:
         raise VqtoolError("no images to encode")
     if options.batch_size < 1:

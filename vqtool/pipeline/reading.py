@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import mmap
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -15,7 +14,7 @@ from vqtool.errors import VqtoolError
 from vqtool.host import shared_buffer, worker_buffer, worker_pool
 from vqtool.images.fit import Fit
 from vqtool.images.reading import SkippedFile, read_each
-from vqtool.images.sources import ImageRef, ImageSet, as_image_set, ref_name, ref_pixels
+from vqtool.images.sources import ImageRef, ImageSet, ref_name, ref_pixels
 
 PREFETCH_BATCHES = 2
 
@@ -95,7 +94,7 @@ def _load_batch(
 
 
 def read_batches(
-    files: ImageSet | Sequence[str | Path],
+    images: ImageSet,
     options: ReadOptions,
     batch_size: int,
     workers: int,
@@ -112,7 +111,6 @@ def read_batches(
     the next batch is asked for: pickling the pixels back would cost the parent a sizeable share of INT8
     inference's time.
     """
-    images = as_image_set(files)
     total = len(images.keys)
     in_flight = workers + PREFETCH_BATCHES
     row_bytes = shape[0] * shape[1] * 3
@@ -177,11 +175,10 @@ def _joined(parts: list[Batch], shared: mmap.mmap | None, slot_row: int, shape: 
     )
 
 
-def first_shape(files: ImageSet | Sequence[str | Path], options: ReadOptions) -> tuple[int, int]:
+def first_shape(images: ImageSet, options: ReadOptions) -> tuple[int, int]:
     """The size every image is brought to: the model's, or with --no-resize the first readable file's."""
     if options.fit.resizes:
         return options.size, options.size
-    images = as_image_set(files)
     total = len(images.keys)
     for start in range(0, total, 64):
         loads = images.refs(start, start + 64)
