@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vqtool.data.whole import read_image_set
 from vqtool.errors import VqtoolError
 from vqtool.export.graphs import write_graphs
 from vqtool.formats.atomic import write_json
@@ -31,7 +32,6 @@ from vqtool.formats.manifest import (
     verify_pytorch_file,
 )
 from vqtool.formats.records import ParityReport, read_parity_reports
-from vqtool.images.collections import read_image_set
 from vqtool.images.embedded import embedded_photographs
 from vqtool.images.fit import Fit
 from vqtool.images.limits import DEFAULT_MAX_PIXELS

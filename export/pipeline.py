@@ -147,7 +147,7 @@ def _write_int8(
         if calibration is None:
             photos, source = embedded_photographs(size), "the embedded photographs"
         else:
-            from vqtool.images.collections import read_image_set
+            from vqtool.data.whole import read_image_set
 
             photos, source = read_image_set(calibration, size, fit=Fit(CENTER, max_pixels))[0], calibration
         photos = photos[:count]
@@ -266,7 +266,7 @@ def export_model(
         check_export_target(out_dir, overwrite=options.overwrite)
         checkpoint = load_for_export(checkpoint_path)
         if options.images is not None:  # before any work: a folder that cannot be read stops the export in one line
-            from vqtool.images.collections import read_image_set
+            from vqtool.data.whole import read_image_set
 
             size = checkpoint.model_config.image_size
             parity_images = read_image_set(options.images, size, fit=Fit(max_pixels=options.max_pixels))[0]

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vqtool.data.whole import read_image_set
 from vqtool.errors import VqtoolError
-from vqtool.images.collections import read_image_set
 from vqtool.train.data.memory import default_training_set, split_training_set
 from vqtool.train.data.streaming import load_training_set
 

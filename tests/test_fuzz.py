@@ -21,11 +21,11 @@ from PIL import Image
 
 from tests.conftest import one_error_line, run_cli
 from tests.damaged import write_damaged_corpus
+from vqtool.data import as_image_set
 from vqtool.errors import VqtoolError
 from vqtool.formats.codes import read_codes, read_sidecar, sidecar_path
 from vqtool.formats.manifest import MANIFEST_NAME, read_manifest
 from vqtool.images.reading import read_rgb
-from vqtool.images.sources import as_image_set
 from vqtool.pipeline.encode import EncodeInterrupted, EncodeOptions, EncodeResult, plan_encode, run_encode
 from vqtool.runtime.onnxruntime import OnnxRuntimeRunner
 

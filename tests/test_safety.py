@@ -151,7 +151,7 @@ def test_a_cifar_batch_that_names_a_numpy_function_runs_nothing(tmp_path: Path) 
 
 
 def test_a_real_cifar_batch_still_reads(tmp_path: Path) -> None:
-    from vqtool.images.collections import read_image_set
+    from vqtool.data.whole import read_image_set
 
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()

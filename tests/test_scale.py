@@ -210,7 +210,7 @@ def test_worker_and_thread_counts_change_speed_not_results(png_folder: Path, exp
 def test_read_batches_keep_file_order_across_reader_parts_and_skipped_files(
     shared: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from vqtool.images.sources import as_image_set
+    from vqtool.data import as_image_set
     from vqtool.pipeline import reading as encode
 
     if not shared:  # what platforms that spawn rather than fork get
@@ -271,8 +271,8 @@ def photo_crops_at_32(count: int) -> list[np.ndarray]:
 def test_the_sidecar_is_written_while_images_are_encoded_and_renamed_only_at_the_end(
     png_folder: Path, export_dir: Path, tmp_path: Path
 ) -> None:
+    from vqtool.data import as_image_set
     from vqtool.formats.manifest import read_manifest
-    from vqtool.images.sources import as_image_set
     from vqtool.pipeline.encode import EncodeOptions, plan_encode, run_encode
     from vqtool.runtime.onnxruntime import OnnxRuntimeRunner
 

@@ -18,10 +18,11 @@ import torch
 from PIL import Image
 
 from tests.conftest import interrupted_then_resumed, photo, run_cli, write_photo_folder
+from vqtool.data.arrays import NpySet
 from vqtool.errors import VqtoolError
 from vqtool.model.config import ModelConfig, TrainConfig
 from vqtool.train.data.memory import split_training_set
-from vqtool.train.data.streaming import ArrayImages, IndexedSet, ShardSet, load_training_set, train_view, val_view
+from vqtool.train.data.streaming import IndexedSet, ShardSet, load_training_set, train_view, val_view
 from vqtool.train.loop import fit
 
 TINY = ModelConfig(codes=16, dim=8, channels=(8, 16, 32))
@@ -107,7 +108,7 @@ def test_a_npy_is_read_by_row_and_batches_like_the_array_in_memory(tmp_path: Pat
         patch.setattr(np, "load", lambda *args, **kwargs: pytest.fail("the .npy was loaded whole"))
         data = load_training_set(tmp_path / "images.npy", 32)
         data.batch(0, 16, seed=3)
-    assert isinstance(data, IndexedSet) and isinstance(data.images, ArrayImages)
+    assert isinstance(data, IndexedSet) and isinstance(data.images, NpySet)
     in_memory = split_training_set(images, 32)
     assert np.array_equal(data.val, in_memory.val)
     for step in (0, 1, 9):  # the same batches a run on the array held in memory drew: old runs reproduce

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vqtool.data.specs import collection_exists
 from vqtool.errors import VqtoolError
 from vqtool.formats.lock import OutputLock
 from vqtool.images.reading import describe_skipped
@@ -22,7 +23,7 @@ from vqtool.model.config import ModelConfig, TrainConfig
 from vqtool.model.presets import DEFAULT_PRESET, preset_settings
 from vqtool.train.board import BOARD_DIR
 from vqtool.train.data.memory import TrainingData
-from vqtool.train.data.streaming import collection_exists, load_training_set
+from vqtool.train.data.streaming import load_training_set
 from vqtool.train.loop import CHECKPOINT_NAME, FIGURES_DIR, METRICS_NAME, RunResult, TrainingStopped, fit
 
 RUNS_ROOT = Path("runs")

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vqtool.data import image_set
 from vqtool.errors import VqtoolError
 from vqtool.formats.atomic import partial_path
 from vqtool.formats.manifest import Manifest, code_dtype_for, fitting_batch, read_manifest
@@ -27,7 +28,6 @@ from vqtool.host import inference_threads
 from vqtool.images.fit import Fit
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.images.reading import fast_png_available, read_rgb
-from vqtool.images.sources import image_set
 from vqtool.pipeline.decode import DecodeResult, check_decodable
 from vqtool.pipeline.decode import decode_file as _decode_file
 from vqtool.pipeline.encode import EncodeKeywords, EncodeOptions, EncodeResult, codes_output, plan_encode, run_encode

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
+from vqtool.data.specs import collection_exists
 from vqtool.model.checkpoint import Checkpoint
 from vqtool.train.data.memory import TrainingData
-from vqtool.train.data.streaming import collection_exists, load_training_set
+from vqtool.train.data.streaming import load_training_set
 
 
 def _training_data(checkpoint: Checkpoint, log: Callable[[str], None]) -> Path | None:

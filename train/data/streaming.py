@@ -24,26 +24,17 @@ from typing import Any
 
 import numpy as np
 
-from vqtool.errors import VqtoolError, first_line, missing_extra
+from vqtool.data.arrays import NpySet
+from vqtool.data.cifar import is_cifar_folder
+from vqtool.data.sets import FileSet, ImageSet, ref_pixels
+from vqtool.data.specs import LIST_SUFFIXES, is_shard_spec, list_file_names
+from vqtool.data.tar import expand_shards, shard_images
+from vqtool.data.whole import read_image_set
+from vqtool.errors import VqtoolError
 from vqtool.host import lower_priority
-from vqtool.images.collections import NpyRows
 from vqtool.images.fit import Fit
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
-from vqtool.images.reading import (
-    SkippedFile,
-    decode_rgb,
-    describe_skipped,
-    list_image_names,
-    read_each,
-    read_rgb,
-)
-from vqtool.images.sources import (
-    LIST_SUFFIXES,
-    SHARD_IMAGE_MEMBERS,
-    expand_shards,
-    is_shard_spec,
-    list_file_names,
-)
+from vqtool.images.reading import SkippedFile, describe_skipped, list_image_names, read_each
 from vqtool.train.data.memory import (
     VALIDATION_MAX,
     Batch,
@@ -109,39 +100,6 @@ def val_view(pixels: np.ndarray, size: int) -> np.ndarray:
 # ---- collections read by index ----------------------------------------------------------------------------
 
 
-class FileImages:
-    """Image files by index (sorted path strings: ~0.1 KB a file, not a Path object each)."""
-
-    def __init__(self, names: list[str], max_pixels: int) -> None:
-        self.names, self.max_pixels = names, max_pixels
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def name(self, index: int) -> str:
-        return self.names[index]
-
-    def read(self, index: int) -> np.ndarray:
-        return read_rgb(self.names[index], self.max_pixels)
-
-
-class ArrayImages:
-    """Images of an N x H x W x 3 uint8 `.npy`: only the rows a batch takes are read from disk."""
-
-    def __init__(self, rows: NpyRows) -> None:
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def name(self, index: int) -> str:
-        return f"{self.rows.path}[{index}]"
-
-    def read(self, index: int) -> np.ndarray:
-        return self.rows[index]
-
-
-Images = FileImages | ArrayImages
 # One sample of a step's batch: (position in the training order, its crop seed, whether to flip it).
 Task = tuple[int, tuple[int, ...], bool]
 
@@ -155,13 +113,21 @@ class Sample:
     error: VqtoolError | None = None
 
 
+def read_image(images: ImageSet, index: int, max_pixels: int) -> np.ndarray:
+    """One image of a set, by its row."""
+    return ref_pixels(images.refs(index, index + 1)[0], max_pixels)
+
+
 class IndexedSet:
     """A collection read by index while training: each epoch is a seeded permutation of the training images."""
 
-    def __init__(self, images: Images, train: np.ndarray, val: np.ndarray, size: int, skip_bad: bool) -> None:
+    def __init__(
+        self, images: ImageSet, train: np.ndarray, val: np.ndarray, size: int, skip_bad: bool, max_pixels: int
+    ) -> None:
         if len(train) == 0:
             raise VqtoolError("no images left to train on after holding out the validation images")
         self.images, self.train, self.val, self.size, self.skip_bad = images, train, val, size, skip_bad
+        self.max_pixels = max_pixels
 
     @property
     def epoch_size(self) -> int:
@@ -182,7 +148,7 @@ class IndexedSet:
         for attempt in range(REPLACEMENT_TRIES if self.skip_bad else 1):
             index = int(self.train[(position + attempt) % len(self.train)])
             try:
-                pixels = self.images.read(index)
+                pixels = read_image(self.images, index, self.max_pixels)
             except VqtoolError as error:
                 if not self.skip_bad:
                     return Sample(None, error=error)
@@ -257,39 +223,6 @@ def collate(samples: Sequence[Sample]) -> Batch:
 
 
 # ---- tar shards -------------------------------------------------------------------------------------------
-
-
-def shard_samples(shard: str, max_pixels: int) -> Iterator[tuple[str, np.ndarray | VqtoolError]]:
-    """(name, pixels or the error reading them) for each sample of a WebDataset tar shard with an image member.
-
-    webdataset groups the members by key (`dir/0001.png` and `dir/0001.json` are one sample); a sample's
-    image is its .png, .jpg, .jpeg or .webp member. A damaged tar stops the shard with one error.
-    """
-    try:
-        from webdataset.tariterators import group_by_keys, tar_file_expander
-    except ModuleNotFoundError:
-        raise missing_extra("reading tar shards", "webdataset", "train") from None
-
-    try:
-        with open(shard, "rb") as handle:
-            for sample in group_by_keys(tar_file_expander([{"url": shard, "stream": handle}])):
-                member = next((ext for ext in SHARD_IMAGE_MEMBERS if ext in sample), None)
-                if member is None:
-                    continue
-                name = f"{shard}:{sample['__key__']}.{member}"
-                try:
-                    yield name, decode_rgb(sample[member], name, max_pixels)
-                except VqtoolError as error:
-                    yield name, error
-    except VqtoolError:
-        raise
-    except Exception as exc:  # tarfile's ReadError, a truncated member, a vanished file, ...
-        yield shard, VqtoolError(f"unreadable tar shard ({first_line(exc)})", shard)
-
-
-def collection_exists(spec: str | Path) -> bool:
-    """Whether --data/--val-data names something on disk; a brace pattern names tar shards checked when expanded."""
-    return "{" in str(spec) or Path(spec).exists()
 
 
 class ShardSet:
@@ -378,7 +311,7 @@ class ShardSet:
                 if current == epoch and shard in skip:
                     continue
                 started.append((current, shard))
-                for name, pixels in shard_samples(shard, self.max_pixels):
+                for name, pixels in shard_images(shard, self.max_pixels):
                     if isinstance(pixels, VqtoolError):
                         if not self.skip_bad:
                             yield Batch(np.empty((0,), np.uint8), tuple(skipped), tuple(started), error=pixels)
@@ -420,28 +353,27 @@ def _read_views(
     return np.stack(views)
 
 
-def _indexed_images(path: Path, max_pixels: int) -> Images:
+def indexed_set(path: Path) -> ImageSet:
+    """A collection training reads by index: a .npy's rows, a list's files or a folder's."""
     if path.suffix.lower() == ".npy":
-        return ArrayImages(NpyRows(path))
+        return NpySet.of(path)
     if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
-        return FileImages(list_file_names(path), max_pixels)
-    return FileImages(list_image_names([path]), max_pixels)
+        return FileSet(list_file_names(path))
+    return FileSet(list_image_names([path]))
 
 
 def read_validation(spec: str, size: int, max_pixels: int, skipped: list[SkippedFile] | None) -> np.ndarray:
     """Every image of the collection `spec` (at most VALIDATION_MAX, evenly spaced), centre-cropped."""
-    from vqtool.images.collections import is_cifar_folder, read_image_set
-
     path = Path(spec)
     if is_shard_spec(spec):
-        samples = (s for shard in expand_shards(spec) for s in shard_samples(shard, max_pixels))
+        samples = (s for shard in expand_shards(spec) for s in shard_images(shard, max_pixels))
         return _read_views(((n, _given(p)) for n, p in itertools.islice(samples, VALIDATION_MAX)), size, skipped)
     if is_cifar_folder(path) or path.suffix.lower() == ".npz":
         train, own_val = read_image_set(path, size, fit=Fit(max_pixels=max_pixels))
         held = own_val if own_val is not None else train
         return held[_evenly(len(held))]
-    images = _indexed_images(path, max_pixels)
-    return _read_views(_readers(images, _evenly(len(images))), size, skipped)
+    images = indexed_set(path)
+    return _read_views(_readers(images, _evenly(len(images.keys)), max_pixels), size, skipped)
 
 
 def _evenly(count: int) -> np.ndarray:
@@ -449,10 +381,10 @@ def _evenly(count: int) -> np.ndarray:
     return np.unique(np.linspace(0, count - 1, min(VALIDATION_MAX, count)).round().astype(int))
 
 
-def _readers(images: Images, indices: np.ndarray) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
+def _readers(images: ImageSet, indices: np.ndarray, max_pixels: int) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
     """(name, read) for each index: what _read_views takes, reading each image only when asked."""
     for index in indices.tolist():
-        yield images.name(index), functools.partial(images.read, index)
+        yield images.name(index), functools.partial(read_image, images, index, max_pixels)
 
 
 def _given(pixels: np.ndarray | VqtoolError) -> Callable[[], np.ndarray]:
@@ -479,8 +411,6 @@ def load_training_set(
     last shard, for tar shards). With `skip_bad`, unreadable validation files are left out and reported
     through `log`; unreadable training files are skipped (and counted) as training reads them.
     """
-    from vqtool.images.collections import is_cifar_folder, read_image_set
-
     skipped: list[SkippedFile] | None = [] if skip_bad else None
     val = None if val_data is None else read_validation(str(val_data), size, max_pixels, skipped)
     if data is None:
@@ -500,13 +430,13 @@ def load_training_set(
         pixels, own_val = read_image_set(path, size, fit=Fit(max_pixels=max_pixels))
         result = split_training_set(pixels, size, val if val is not None else own_val)
     else:
-        images = _indexed_images(path, max_pixels)
+        images = indexed_set(path)
         if val is None:
-            train, held = held_out_split(len(images))
-            val = _read_views(_readers(images, held), size, skipped)
+            train, held = held_out_split(len(images.keys))
+            val = _read_views(_readers(images, held, max_pixels), size, skipped)
         else:
-            train = np.arange(len(images))
-        result = IndexedSet(images, train, val, size, skip_bad)
+            train = np.arange(len(images.keys))
+        result = IndexedSet(images, train, val, size, skip_bad, max_pixels)
     if skipped:
         log(f"{val_data or data}: validation {describe_skipped(skipped, len(skipped) + len(result.val))}")
     return result

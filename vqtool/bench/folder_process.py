@@ -21,8 +21,8 @@ import numpy as np
 def time_folder(request: dict[str, Any]) -> dict[str, Any]:
     import vqtool
     from vqtool.bench.timing import time_calls
+    from vqtool.data import as_image_set
     from vqtool.errors import VqtoolError
-    from vqtool.images.sources import as_image_set
     from vqtool.pipeline.reading import ReadOptions, read_batches
 
     files = [Path(f) for f in request["files"]]

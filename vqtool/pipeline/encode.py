@@ -20,6 +20,7 @@ from typing import Any, TypedDict
 
 import numpy as np
 
+from vqtool.data import ImageSet
 from vqtool.errors import VqtoolError
 from vqtool.formats.atomic import StagedOutput, json_bytes, partial_path, usual_mode, write_json
 from vqtool.formats.codes import CodesSidecar, sidecar_path
@@ -32,7 +33,6 @@ from vqtool.host import reader_count
 from vqtool.images.fit import CENTER, Fit
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.images.reading import SkippedFile, describe_skipped
-from vqtool.images.sources import ImageSet
 from vqtool.pipeline.reading import ReadOptions, first_shape, read_batches
 from vqtool.pipeline.resume import Progress, progress_path, resume_point, shrink_rows
 from vqtool.pipeline.shards import Shard, list_checksum
@@ -183,7 +183,7 @@ def plan_encode(
 ) -> EncodePlan:
     """Every check an encode can make before it reads an image: files, batch size, shard, the first size.
 
-    `images`: the files, tar members or Parquet rows to encode, as vqtool.images.sources.image_set gives them."""
+    `images`: the files, tar members or Parquet rows to encode, as vqtool.data.image_set gives them."""
     if not images.keys:
         raise VqtoolError("no images to encode")
     if options.batch_size < 1:

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vqtool.data import ImageRef, ImageSet, ref_name, ref_pixels
 from vqtool.errors import VqtoolError
 from vqtool.host import shared_buffer, worker_buffer, worker_pool
 from vqtool.images.fit import Fit
 from vqtool.images.reading import SkippedFile, read_each
-from vqtool.images.sources import ImageRef, ImageSet, ref_name, ref_pixels
 
 PREFETCH_BATCHES = 2
 

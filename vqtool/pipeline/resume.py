@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from vqtool.data.arrays import read_npy_header
 from vqtool.errors import VqtoolError
 from vqtool.formats.atomic import partial_path
-from vqtool.images.collections import read_npy_header
 from vqtool.images.reading import SkippedFile
 
 

@@ -29,13 +29,14 @@ from typing import Any
 
 import numpy as np
 
+from vqtool.data import image_set
+from vqtool.data.sets import located_refs
 from vqtool.errors import VqtoolError, first_line, missing_extra
 from vqtool.formats.atomic import partial_path, write_json
 from vqtool.formats.manifest import read_manifest
 from vqtool.formats.space import allocated_memmap
 from vqtool.images.fit import KEEP, Fit
 from vqtool.images.reading import SkippedFile
-from vqtool.images.sources import image_set, located_refs
 from vqtool.pipeline.encode import (
     EncodeInterrupted,
     EncodeOptions,
