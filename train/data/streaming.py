@@ -4,8 +4,8 @@ Nothing is read whole before the first step. Folders, lists and `.npy` arrays ar
 the batch of a step is a pure function of (seed, step) however many workers read it (and `--resume`
 reproduces an uninterrupted run); tar shards are read in sequence, a shard at a time per worker, so
 a resumed run continues at the next shard boundary. The embedded photographs, `.npz` arrays and
-CIFAR-10's pickled batches stay in memory (train/data.py's TrainingSet): they are small or cannot be
-read by index.
+CIFAR-10's pickled batches stay in memory (memory.py's TrainingSet): they are small or cannot be read by index.
+Every collection is read through vqtool.data, as encode, export and parity read it.
 
 Each training sample whose short side differs from the image size is resized so that it equals it,
 then cropped to a random square and flipped at random; validation takes the centre crop.
@@ -32,7 +32,7 @@ from vqtool.data.tar import expand_shards, shard_images
 from vqtool.data.whole import read_image_set
 from vqtool.errors import VqtoolError
 from vqtool.host import lower_priority
-from vqtool.images.fit import Fit
+from vqtool.images.fit import CENTER, Fit
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.images.reading import SkippedFile, describe_skipped, list_image_names, read_each
 from vqtool.train.data.memory import (
@@ -89,12 +89,8 @@ def train_view(
 
 
 def val_view(pixels: np.ndarray, size: int) -> np.ndarray:
-    """The centre square of the image's short side, resized to size x size."""
-    height, width = pixels.shape[:2]
-    side = min(height, width)
-    top, left = (height - side) // 2, (width - side) // 2
-    square = pixels[top : top + side, left : left + side]
-    return np.ascontiguousarray(Fit().apply(square, size, 1, ""))
+    """The centre square of the image's short side, resized to size x size (Fit's centre crop, the one there is)."""
+    return Fit(CENTER).apply(pixels, size, 1, "")
 
 
 # ---- collections read by index ----------------------------------------------------------------------------
