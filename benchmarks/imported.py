@@ -141,12 +141,10 @@ def _vqtool(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _library_model(spec: dict[str, Any]) -> Any:
-    library = __import__(spec["library"])
-    cls = getattr(library, spec["class"])
+    from vqtool.model.imported import LIBRARIES
+
     torch.manual_seed(0)
-    if spec["library"] == "diffusers":
-        return cls(**spec["kwargs"]).eval()
-    return cls(cls.config_class(**spec["kwargs"])).eval()
+    return LIBRARIES[spec["library"]].build(spec["class"], spec["kwargs"]).eval()
 
 
 def build(name: str, spec: dict[str, Any], folder: Path) -> None:
@@ -240,13 +238,7 @@ def _eager_calls(export: Path) -> tuple[Callable[[torch.Tensor], Any], Callable[
     from vqtool.model.checkpoint import load_checkpoint
 
     model = load_checkpoint(export / "model.pt").model
-    vq = model.library_model
-    if model.config.library == "diffusers":
-        return (lambda x: vq.quantize(vq.encode(x).latents)[2][2]), model.decode, model
-    if model.config.class_name == "Emu3VQVAE":
-        sizes = torch.tensor([[model.config.image_size] * 2] * BATCH)
-        return (lambda x: vq.encode(x, image_sizes=sizes).image_tokens), model.decode, model
-    return (lambda x: vq.encode(x).image_tokens), model.decode, model
+    return model.library_encode, model.decode, model
 
 
 def speed(name: str, export: Path, rounds: int) -> list[dict[str, Any]]:

@@ -26,9 +26,8 @@ from torch.nn import functional as F
 import vqtool
 from vqtool.errors import VqtoolError, missing_extra
 from vqtool.formats.manifest import GraphEntry, graph_key, sha256_file
-from vqtool.model.checkpoint import TokenizerModel
-from vqtool.model.imported import ImportedVQ, output_to_pixels, pixels_to_input
-from vqtool.model.vqvae import VQVAE, code_distances, images_to_input, l2_normalize, output_to_images
+from vqtool.model.face import GraphParts, TokenizerModel
+from vqtool.model.vqvae import code_distances, l2_normalize
 from vqtool.precisions import ROWS as PRECISION_ROWS
 
 # Each graph precision's (dtype of the convolutions, dtype of the codebook and distances): the precision table's.
@@ -51,31 +50,37 @@ def _dtypes(precision: str) -> tuple[torch.dtype, torch.dtype]:
 
 
 class EncoderGraph(nn.Module):
-    """uint8 N x H x W x 3 -> int32 codes N x H/F x W/F (F: the model's downsampling factor)."""
+    """uint8 N x H x W x 3 -> int32 codes N x H/F x W/F (F: the model's downsampling factor): the model's input
+    scaling, its encoder body at the graph's precision, and the search in the quantizer's (an FP32 island in the
+    FP16 graph): any projection and normalisation, distances in the expanded form (one matrix product; never an
+    exported cdist, whose ONNX form is slow or missing), ArgMin."""
 
-    def __init__(self, model: VQVAE, precision: str = "fp32") -> None:
+    def __init__(self, parts: GraphParts, precision: str = "fp32") -> None:
         super().__init__()
         self.conv_dtype, self.code_dtype = _dtypes(precision)
-        self.encoder = copy.deepcopy(model.encoder).to(self.conv_dtype)
-        self.before_quantize = copy.deepcopy(model.before_quantize).to(self.conv_dtype)
-        # The projection and normalisation belong to the quantizer: they run at its precision (the FP32 island).
-        quantizer = copy.deepcopy(model.quantizer).to(self.code_dtype)
-        self.project_in, self.l2 = quantizer.project_in, quantizer.l2
-        codebook = model.quantizer.search_codebook().detach()
+        self.input_scaling = copy.deepcopy(parts.input_scaling)
+        self.body = _at_precision(parts.encoder_body, self.conv_dtype)
+        self.search_prefix = _copy_to(parts.search_prefix, self.code_dtype)
+        self.cosine = parts.cosine
+        codebook = parts.search_codebook.detach().float()
         self.register_buffer("codebook", codebook.to(self.code_dtype).clone())
         # |e|^2 is computed in FP32 from the FP32 codebook, exactly as the PyTorch model does.
         self.register_buffer("code_sq", (codebook * codebook).sum(dim=-1).to(self.code_dtype))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images_to_input(images).to(self.conv_dtype)
-        latents = self.before_quantize(self.encoder(x)).permute(0, 2, 3, 1).to(self.code_dtype)
-        if self.project_in is not None:
-            latents = self.project_in(latents)
-        if self.l2:
+        x = self.input_scaling(images).to(self.conv_dtype)
+        latents = self.body(x).to(self.code_dtype)
+        if self.search_prefix is not None:
+            latents = self.search_prefix(latents)
+        if self.cosine:
             latents = l2_normalize(latents)
         distances = code_distances(latents, self.codebook, self.code_sq)
         # int32: what TensorRT's ArgMin/TopK produces natively, and enough for any codebook.
         return torch.argmin(distances, dim=-1).to(torch.int32)
+
+
+def _copy_to(module: nn.Module | None, dtype: torch.dtype) -> nn.Module | None:
+    return copy.deepcopy(module).to(dtype) if module is not None else None
 
 
 class FourPhaseConvTranspose(nn.Module):
@@ -116,38 +121,6 @@ class FourPhaseConvTranspose(nn.Module):
 # fast NCHWc path. Three of the four layers: the last has 3 output channels, a poor fit for NCHWc blocks, and
 # ran slower so (docs/design-measurements.md, "Decoder graph").
 FOUR_PHASE_LAYERS = 3
-
-
-class DecoderGraph(nn.Module):
-    """int32 codes N x h x w -> uint8 images N x Fh x Fw x 3 (F: the model's downsampling factor)."""
-
-    def __init__(self, model: VQVAE, precision: str = "fp32") -> None:
-        super().__init__()
-        self.conv_dtype, self.code_dtype = _dtypes(precision)
-        # The lookup and back-projection run at the quantizer's precision, the decoder at the convolutions'.
-        self.register_buffer("codebook", model.quantizer.search_codebook().detach().to(self.code_dtype).clone())
-        self.project_out = copy.deepcopy(model.quantizer.project_out)
-        if self.project_out is not None:
-            self.project_out = self.project_out.to(self.code_dtype)
-        after, converted = model.after_quantize, 0
-        if isinstance(after, nn.ConvTranspose2d):
-            after, converted = FourPhaseConvTranspose(after), 1
-        self.after_quantize = copy.deepcopy(after).to(self.conv_dtype)
-        layers = []
-        for layer in model.decoder:
-            if isinstance(layer, nn.ConvTranspose2d) and converted < FOUR_PHASE_LAYERS:
-                layers.append(FourPhaseConvTranspose(layer))
-                converted += 1
-            else:
-                layers.append(copy.deepcopy(layer))
-        self.decoder = nn.Sequential(*layers).to(self.conv_dtype)
-
-    def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        latents = F.embedding(codes, self.codebook)
-        if self.project_out is not None:
-            latents = self.project_out(latents)
-        output = self.decoder(self.after_quantize(latents.to(self.conv_dtype).permute(0, 3, 1, 2)))
-        return output_to_images(output)
 
 
 # Layers an imported model's FP16 graphs keep in FP32: normalisation (its variance of FP16 activations loses
@@ -195,56 +168,45 @@ def _at_precision(body: nn.Module, dtype: torch.dtype) -> nn.Module:
     return body
 
 
-def _register_pixel_scaling(graph: nn.Module, model: ImportedVQ) -> None:
-    """The model's input scaling (pixel * gain + bias per channel) as the graph's buffers."""
-    for name, values in (("pixel_gain", model.config.pixel_gain), ("pixel_bias", model.config.pixel_bias)):
-        graph.register_buffer(name, torch.tensor(values, dtype=torch.float32).reshape(1, 3, 1, 1))
+def _four_phase(body: nn.Module) -> nn.Module:
+    """`body` with its first FOUR_PHASE_LAYERS transposed convolutions (kernel 4, stride 2, padding 1), in module
+    order, as four-phase convolutions."""
+    converted = 0
+
+    def convert(module: nn.Module) -> None:
+        nonlocal converted
+        for name, child in module.named_children():
+            if converted == FOUR_PHASE_LAYERS:
+                return
+            if isinstance(child, nn.ConvTranspose2d) and child.kernel_size == (4, 4) and child.stride == (2, 2):
+                setattr(module, name, FourPhaseConvTranspose(child))
+                converted += 1
+            else:
+                convert(child)
+
+    convert(body)
+    return body
 
 
-class ImportedEncoderGraph(nn.Module):
-    """An imported model's encoder: uint8 N x H x W x 3 -> int32 codes, its body at the graph's precision and the
-    search (normalisation, distances in the expanded form, ArgMin) in FP32. Never an exported cdist: its ONNX form
-    is slow or missing, and the expanded form is one matrix product."""
+class DecoderGraph(nn.Module):
+    """int32 codes N x h x w -> uint8 images N x Fh x Fw x 3 (F: the model's downsampling factor): the lookup (and
+    any back-projection) at the quantizer's precision, the decoder body at the graph's, the output scaling."""
 
-    pixel_gain: torch.Tensor
-    pixel_bias: torch.Tensor
-
-    def __init__(self, model: ImportedVQ, precision: str = "fp32") -> None:
+    def __init__(self, parts: GraphParts, precision: str = "fp32") -> None:
         super().__init__()
+        if parts.decoder_body is None:
+            raise ValueError("this model has no decoder")
         self.conv_dtype, self.code_dtype = _dtypes(precision)
-        _register_pixel_scaling(self, model)
-        self.body = _at_precision(model.encoder_body(), self.conv_dtype)
-        self.cosine = model.cosine
-        codebook = model.search_codebook().detach().float()
-        self.register_buffer("codebook", codebook.to(self.code_dtype).clone())
-        self.register_buffer("code_sq", (codebook * codebook).sum(dim=-1).to(self.code_dtype))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = pixels_to_input(images, self.pixel_gain, self.pixel_bias)
-        latents = self.body(x.to(self.conv_dtype)).to(self.code_dtype)
-        if self.cosine:
-            latents = l2_normalize(latents)
-        distances = code_distances(latents, self.codebook, self.code_sq)
-        return torch.argmin(distances, dim=-1).to(torch.int32)
-
-
-class ImportedDecoderGraph(nn.Module):
-    """An imported model's decoder: int32 codes -> uint8 images; the lookup in FP32, the body at the graph's
-    precision."""
-
-    pixel_gain: torch.Tensor
-    pixel_bias: torch.Tensor
-
-    def __init__(self, model: ImportedVQ, precision: str = "fp32") -> None:
-        super().__init__()
-        self.conv_dtype, self.code_dtype = _dtypes(precision)
-        _register_pixel_scaling(self, model)
-        self.register_buffer("codebook", model.decode_codebook().detach().float().to(self.code_dtype).clone())
-        self.body = _at_precision(model.decoder_body(), self.conv_dtype)
+        self.register_buffer("codebook", parts.decode_codebook.detach().float().to(self.code_dtype).clone())
+        self.lookup_suffix = _copy_to(parts.lookup_suffix, self.code_dtype)
+        self.body = _four_phase(_at_precision(parts.decoder_body, self.conv_dtype))
+        self.output_scaling = copy.deepcopy(parts.output_scaling)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         vectors = F.embedding(codes, self.codebook)
-        return output_to_pixels(self.body(vectors.to(self.conv_dtype)), self.pixel_gain, self.pixel_bias)
+        if self.lookup_suffix is not None:
+            vectors = self.lookup_suffix(vectors)
+        return self.output_scaling(self.body(vectors.to(self.conv_dtype)))
 
 
 # ---- writing them as ONNX ----------------------------------------------------------------------------------------
@@ -322,13 +284,9 @@ def write_graphs(model: TokenizerModel, checkpoint_sha: str, out_dir: Path, prec
         "vqtool.precision": precision,
         "vqtool.version": vqtool.__version__,
     }
-    graphs: tuple[nn.Module, nn.Module]
-    scales: tuple[int | None, int | None]
-    if isinstance(model, ImportedVQ):
-        decoder = ImportedDecoderGraph(model, precision) if model.has_decoder else nn.Identity()
-        graphs, scales = (ImportedEncoderGraph(model, precision), decoder), (None, None)
-    else:
-        graphs, scales = (EncoderGraph(model, precision), DecoderGraph(model, precision)), (config.downsample, 1)
+    parts = model.graph_parts()
+    graphs = (EncoderGraph(parts, precision), DecoderGraph(parts, precision) if model.has_decoder else nn.Identity())
+    scales = (parts.dynamic_sides, 1 if parts.dynamic_sides else None)
     entries = {}
     written = (
         (graph_key("encoder", precision), graphs[0], examples[0], (ENCODER_INPUT, ENCODER_OUTPUT), scales[0]),

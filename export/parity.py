@@ -36,8 +36,8 @@ from vqtool.images.embedded import embedded_photographs
 from vqtool.images.fit import Fit
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.images.quality import psnr
-from vqtool.model.checkpoint import Checkpoint, CheckpointError, TokenizerModel, load_checkpoint
-from vqtool.model.imported import ImportedConfig
+from vqtool.model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from vqtool.model.face import TokenizerModel
 from vqtool.precisions import FP32, NAIVE_BF16, NAIVE_FP16, PRECISIONS, ParityRule, decoder_precision
 from vqtool.precisions import row as precision_row
 from vqtool.runtime.base import REFERENCE, RUNTIMES, GraphToOpen, runs
@@ -180,7 +180,7 @@ def _failures(report: dict[str, Any], tolerance: ParityRule) -> list[str]:
 def default_parity_images(checkpoint: Checkpoint, own_data: Callable[[], TrainingData]) -> np.ndarray:
     """What parity compares on unless told: the held-out part of the data a vqtool model was trained on; for an
     imported model, the embedded photographs at its own size (the data it was trained on is not here)."""
-    if isinstance(checkpoint.model_config, ImportedConfig):
+    if not checkpoint.model.trained_by_vqtool:
         return embedded_photographs(checkpoint.model_config.image_size)
     return own_data().val
 

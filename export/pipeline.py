@@ -142,7 +142,7 @@ def _write_int8(
     the calibration folder, each resized and cut at the centre as it is fed, or by default on the embedded
     photographs."""
     calibration, count, max_pixels = options.calibration, options.calibration_count, options.max_pixels
-    if isinstance(checkpoint.model_config, ImportedConfig):
+    if not checkpoint.model.trained_by_vqtool:
         size = checkpoint.model_config.image_size
         if calibration is None:
             photos, source = embedded_photographs(size), "the embedded photographs"

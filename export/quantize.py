@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from vqtool.formats.manifest import GraphEntry, batch_within_budget, graph_key, sha256_file
-from vqtool.model.checkpoint import TokenizerModel
+from vqtool.model.face import TokenizerModel
 from vqtool.precisions import INT8
 from vqtool.precisions import row as precision_row
 from vqtool.train.data.memory import TrainingData

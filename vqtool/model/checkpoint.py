@@ -13,11 +13,9 @@ import torch
 from vqtool.errors import VqtoolError
 from vqtool.formats.atomic import atomic_output
 from vqtool.model.config import ModelConfig, TrainConfig
-from vqtool.model.imported import IMPORTED, ImportedConfig, ImportedVQ, build_imported
+from vqtool.model.face import TokenizerModel
+from vqtool.model.imported import IMPORTED, ImportedConfig, build_imported
 from vqtool.model.vqvae import VQVAE
-
-# What a checkpoint holds: vqtool's own VQ-VAE, or a model imported from another library.
-TokenizerModel = VQVAE | ImportedVQ
 
 FORMAT = "vqtool.checkpoint"
 FORMAT_VERSION = 1
@@ -29,7 +27,8 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """Everything a checkpoint holds, with the model rebuilt from its stored configuration."""
+    """Everything a checkpoint holds, with the model rebuilt from its stored configuration: vqtool's own VQ-VAE or
+    a model imported from another library, behind the one face (vqtool.model.face)."""
 
     model: TokenizerModel
     model_config: ModelConfig | ImportedConfig

@@ -10,7 +10,9 @@ and `decode` by the library's own code paths, and the two halves the exported gr
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +20,7 @@ from torch import nn
 
 from vqtool.errors import VqtoolError, missing_extra
 from vqtool.model.config import QUANTIZERS
+from vqtool.model.face import GraphParts, Scaling
 from vqtool.model.vqvae import code_distances, l2_normalize
 
 IMPORTED = "imported"  # the `family` of an imported model's configuration, as checkpoints and manifests store it
@@ -104,6 +107,7 @@ class ImportedVQ(nn.Module):
     implements_decoder = True  # whether the library can decode codes
     quantizers: tuple[str, ...] = ("library",)  # "original" too where the library's search differs from the design
     library_model: Any  # the library's own model class, untyped to mypy
+    trained_by_vqtool = False  # the face's: checked and calibrated on photographs at its size
 
     def __init__(self, config: ImportedConfig, library_model: nn.Module) -> None:
         super().__init__()
@@ -131,6 +135,12 @@ class ImportedVQ(nn.Module):
     def decode_codebook(self) -> torch.Tensor:
         """The vectors the library's decode looks codes up in (K x D)."""
         return self.embedding()
+
+    def library_encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The library's own encode, end to end, as its users call it (model-scale images -> its codes): what
+        benchmarks time vqtool's runtimes against."""
+        result: torch.Tensor = self.library_model.encode(x).image_tokens
+        return result
 
     @classmethod
     def native_size(cls, config: dict[str, Any]) -> int:
@@ -163,6 +173,23 @@ class ImportedVQ(nn.Module):
     def search_codebook(self) -> torch.Tensor:
         book = self.embedding()
         return l2_normalize(book) if self.cosine else book
+
+    def graph_parts(self) -> GraphParts:
+        """The exported graphs' pieces: the library's halves at the graph's precision, the search in FP32."""
+        gain = torch.tensor(self.config.pixel_gain, dtype=torch.float32).reshape(1, 3, 1, 1)
+        bias = torch.tensor(self.config.pixel_bias, dtype=torch.float32).reshape(1, 3, 1, 1)
+        return GraphParts(
+            input_scaling=Scaling(pixels_to_input, gain=gain, bias=bias),
+            encoder_body=self.encoder_body(),
+            search_prefix=None,
+            cosine=self.cosine,
+            search_codebook=self.search_codebook().detach().float(),
+            decode_codebook=self.decode_codebook(),
+            lookup_suffix=None,
+            decoder_body=self.decoder_body() if self.has_decoder else None,
+            output_scaling=Scaling(output_to_pixels, gain=gain.clone(), bias=bias.clone()),
+            dynamic_sides=None,
+        )
 
     def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
         latents = self.encoder_body()(x)
@@ -238,6 +265,11 @@ class DiffusersVQ(ImportedVQ):
         quantize = self.library_model.quantize
         indices = quantize(latents.permute(0, 3, 1, 2))[2][2]
         result: torch.Tensor = indices.reshape(latents.shape[:3])
+        return result
+
+    def library_encode(self, x: torch.Tensor) -> torch.Tensor:
+        vq = self.library_model
+        result: torch.Tensor = vq.quantize(vq.encode(x).latents)[2][2]
         return result
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -369,6 +401,11 @@ class Emu3VQ(ImportedVQ):
         codes: torch.Tensor = self.library_model.quantize(latents.permute(0, 3, 1, 2).unsqueeze(1))
         return codes[:, 0]
 
+    def library_encode(self, x: torch.Tensor) -> torch.Tensor:
+        sizes = torch.tensor([[self.config.image_size] * 2] * len(x))
+        result: torch.Tensor = self.library_model.encode(x, image_sizes=sizes).image_tokens
+        return result
+
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         result: torch.Tensor = self.library_model.decode(codes)
         return result
@@ -409,20 +446,62 @@ FAMILIES: dict[tuple[str, str], type[ImportedVQ]] = {
 }
 
 
-def library_class(library: str, class_name: str) -> Any:
-    """The library's model class; the one sentence naming the extra where the library is not installed."""
-    try:
-        if library == "diffusers":
-            import diffusers
+class LibraryAdapter:
+    """How vqtool reaches one library's models: the library itself, a model loaded from a folder in the library's
+    own layout (from_pretrained; nothing is downloaded, no code from the folder runs), and a model built from a
+    stored configuration (its weights then loaded from the checkpoint)."""
 
-            return getattr(diffusers, class_name)
-        if library == "transformers":
-            import transformers
+    name = ""
+    # Given to from_pretrained beside the folder.
+    load_options: tuple[tuple[str, bool], ...] = ()
 
-            return getattr(transformers, class_name)
-    except ModuleNotFoundError:
-        raise missing_extra(f"a {class_name} from {library}", library, "import") from None
-    raise VqtoolError(f"vqtool cannot run a {class_name} from {library}")
+    def module(self, class_name: str) -> Any:
+        try:
+            return importlib.import_module(self.name)
+        except ModuleNotFoundError:
+            raise missing_extra(f"a {class_name} from {self.name}", self.name, "import") from None
+
+    def model_class(self, class_name: str) -> Any:
+        found = getattr(self.module(class_name), class_name, None)
+        if found is None:
+            raise VqtoolError(f"vqtool cannot run a {class_name} from {self.name}")
+        return found
+
+    def version(self) -> str:
+        return str(self.module("model").__version__)
+
+    def load(self, class_name: str, folder: Path, *, safetensors: bool) -> Any:
+        """The model saved in `folder`: safetensors weights, or with `safetensors` False the pickled ones."""
+        cls = self.model_class(class_name)
+        # The libraries draw progress bars on stderr while loading: vqtool's own lines say what happened.
+        importlib.import_module(f"{self.name}.utils.logging").disable_progress_bar()
+        options = dict(self.load_options)
+        return cls.from_pretrained(str(folder), local_files_only=True, use_safetensors=safetensors, **options)
+
+    def build(self, class_name: str, config: dict[str, Any]) -> Any:
+        raise NotImplementedError
+
+
+class _Diffusers(LibraryAdapter):
+    name = "diffusers"
+    # low_cpu_mem_usage needs accelerate, and says so at length where that is not installed.
+    load_options = (("low_cpu_mem_usage", False),)
+
+    def build(self, class_name: str, config: dict[str, Any]) -> Any:
+        return self.model_class(class_name).from_config(config)
+
+
+class _Transformers(LibraryAdapter):
+    name = "transformers"
+    # No code from the folder, whatever its config.json's auto_map says.
+    load_options = (("trust_remote_code", False),)
+
+    def build(self, class_name: str, config: dict[str, Any]) -> Any:
+        cls = self.model_class(class_name)
+        return cls(cls.config_class.from_dict(config))
+
+
+LIBRARIES: dict[str, LibraryAdapter] = {adapter.name: adapter for adapter in (_Diffusers(), _Transformers())}
 
 
 def build_imported(config: ImportedConfig) -> ImportedVQ:
@@ -431,9 +510,4 @@ def build_imported(config: ImportedConfig) -> ImportedVQ:
     if family is None:
         known = ", ".join(f"{lib} {name}" for lib, name in FAMILIES)
         raise VqtoolError(f"vqtool imports {known}; not a {config.class_name} from {config.library}")
-    cls = library_class(config.library, config.class_name)
-    if config.library == "diffusers":
-        library_model = cls.from_config(config.config)
-    else:
-        library_model = cls(cls.config_class.from_dict(config.config))
-    return family(config, library_model)
+    return family(config, LIBRARIES[config.library].build(config.class_name, config.config))

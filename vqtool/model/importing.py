@@ -18,7 +18,7 @@ from vqtool.formats.outputs import check_new_file
 from vqtool.images.embedded import embedded_photographs
 from vqtool.model.checkpoint import require_safe_torch_load, save_checkpoint
 from vqtool.model.config import QUANTIZERS, TrainConfig
-from vqtool.model.imported import FAMILIES, ImportedConfig, ImportedVQ, library_class, pixel_scaling
+from vqtool.model.imported import FAMILIES, LIBRARIES, ImportedConfig, ImportedVQ, pixel_scaling
 from vqtool.model.vqvae import code_distances, l2_normalize
 
 # Where an image processor's settings (rescale factor, mean, std) may lie: the model's folder and, where the model is
@@ -155,14 +155,8 @@ def find_model_folder(source: Path, subfolder: str | None) -> Path:
 
 
 def _load_library_model(library: str, class_name: str, folder: Path, safetensors: bool) -> Any:
-    cls = library_class(library, class_name)
-    # The libraries draw progress bars on stderr while loading: vqtool's own lines say what happened.
-    __import__(f"{library}.utils.logging", fromlist=["disable_progress_bar"]).disable_progress_bar()
     try:
-        # diffusers: low_cpu_mem_usage off, as it needs accelerate and says so at length where that is missing;
-        # transformers: no code from the folder, whatever its config.json's auto_map says.
-        extra = {"low_cpu_mem_usage": False} if library == "diffusers" else {"trust_remote_code": False}
-        model = cls.from_pretrained(str(folder), local_files_only=True, use_safetensors=safetensors, **extra)
+        model = LIBRARIES[library].load(class_name, folder, safetensors=safetensors)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
         raise VqtoolError(f"{library} cannot load this {class_name} ({first_line(exc)})", folder) from None
     return model.float().eval()
@@ -242,7 +236,7 @@ def _import(
     own = library_model.config
     config = json.loads(json.dumps(own.to_dict() if hasattr(own, "to_dict") else dict(own)))
     size = image_size or family.native_size(config)
-    version = __import__(library).__version__
+    version = LIBRARIES[library].version()
     decoder = family.implements_decoder
     draft = ImportedConfig(library, class_name, version, config, size, 1, 0, quantizer, gain, bias, decoder)
     model = family(draft, library_model)  # the loaded model itself, weights and all

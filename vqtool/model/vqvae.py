@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vqtool.model.config import ModelConfig
+from vqtool.model.face import GraphParts, Permute, Scaling
 
 
 # Both conversions cast before/after the transpose: TensorRT allows UINT8 only on the network's
@@ -166,6 +167,8 @@ class ForwardResult:
 class VQVAE(nn.Module):
     """Encoder, quantizer and decoder; with the default ModelConfig exactly as printed in the reference design."""
 
+    trained_by_vqtool = True  # the face's (vqtool.model.face.TokenizerModel)
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -189,6 +192,23 @@ class VQVAE(nn.Module):
     def model_input(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 N x H x W x 3 -> the model's input scale (the same face an imported model has)."""
         return images_to_input(images)
+
+    def graph_parts(self) -> GraphParts:
+        """The exported graphs' pieces: the projection and normalisation belong to the quantizer (its FP32
+        island); the transposed convolutions come last in the decoder's body, in its order."""
+        quantizer = self.quantizer
+        return GraphParts(
+            input_scaling=Scaling(images_to_input),
+            encoder_body=nn.Sequential(self.encoder, self.before_quantize, Permute(0, 2, 3, 1)),
+            search_prefix=quantizer.project_in,
+            cosine=quantizer.l2,
+            search_codebook=quantizer.search_codebook(),
+            decode_codebook=quantizer.search_codebook(),
+            lookup_suffix=quantizer.project_out,
+            decoder_body=nn.Sequential(Permute(0, 3, 1, 2), self.after_quantize, self.decoder),
+            output_scaling=Scaling(output_to_images),
+            dynamic_sides=self.config.downsample,
+        )
 
     def model_output(self, output: torch.Tensor) -> torch.Tensor:
         return output_to_images(output)
