@@ -118,11 +118,12 @@ def names_mib(folder: Path) -> float:
 
 def start_up_seconds(folder: Path) -> float:
     """From opening the folder (listing, split, validation reads) to the first training batch in hand."""
+    from vqtool.train.data.memory import Share
     from vqtool.train.data.streaming import default_workers, load_training_set
 
     started = time.perf_counter()
     data = load_training_set(folder, 32, log=lambda _: None)
-    next(data.stream(0, BATCH, seed=0, workers=default_workers()))
+    next(data.stream(0, BATCH, 0, Share(workers=default_workers())))
     return time.perf_counter() - started
 
 
@@ -132,7 +133,7 @@ def training_rates(folder: Path, rounds: int, steps: int, workers: int) -> tuple
 
     from vqtool.model.config import ModelConfig
     from vqtool.model.vqvae import VQVAE, images_to_input
-    from vqtool.train.data.memory import TrainingSet
+    from vqtool.train.data.memory import Share, TrainingSet
     from vqtool.train.data.streaming import IndexedSet, load_training_set
 
     streamed = load_training_set(folder, 32, log=lambda _: None)
@@ -145,7 +146,7 @@ def training_rates(folder: Path, rounds: int, steps: int, workers: int) -> tuple
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def rate(data: object, start: int) -> float:
-        batches = data.stream(start, BATCH, seed=0, workers=workers)  # type: ignore[attr-defined]
+        batches = data.stream(start, BATCH, 0, Share(workers=workers))  # type: ignore[attr-defined]
         next(batches)  # readers started and warm
         began = time.perf_counter()
         for _ in range(steps):
@@ -170,6 +171,7 @@ def jpeg_rates(folder: Path, count: int, batches: int) -> tuple[float, float]:
 
     from vqtool.model.config import ModelConfig
     from vqtool.model.vqvae import VQVAE, images_to_input
+    from vqtool.train.data.memory import Share
     from vqtool.train.data.streaming import default_workers, load_training_set
 
     if not (folder / "done").exists():
@@ -178,7 +180,7 @@ def jpeg_rates(folder: Path, count: int, batches: int) -> tuple[float, float]:
             Image.fromarray(pixels).save(folder / f"{index:05d}.jpg", quality=90)
         (folder / "done").touch()
     data = load_training_set(folder, 128, log=lambda _: None)
-    stream = data.stream(0, 32, seed=0, workers=default_workers())
+    stream = data.stream(0, 32, 0, Share(workers=default_workers()))
     next(stream)
     began = time.perf_counter()
     for _ in range(batches):

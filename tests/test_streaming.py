@@ -21,7 +21,7 @@ from tests.conftest import interrupted_then_resumed, photo, run_cli, write_photo
 from vqtool.data.arrays import NpySet
 from vqtool.errors import VqtoolError
 from vqtool.model.config import ModelConfig, TrainConfig
-from vqtool.train.data.memory import split_training_set
+from vqtool.train.data.memory import Share, split_training_set
 from vqtool.train.data.streaming import IndexedSet, ShardSet, load_training_set, train_view, val_view
 from vqtool.train.loop import fit
 
@@ -77,13 +77,13 @@ def test_a_folder_is_read_by_index_and_batches_do_not_depend_on_the_readers(tmp_
     write_photo_folder(tmp_path / "photos", 30)
     data = load_training_set(tmp_path / "photos", 32)
     assert isinstance(data, IndexedSet) and len(data.train) == 27 and data.val.shape == (3, 32, 32, 3)
-    inline = [b.images for _, b in zip(range(5), data.stream(3, 8, seed=1, workers=0), strict=False)]
-    readers = [b.images for _, b in zip(range(5), data.stream(3, 8, seed=1, workers=2), strict=False)]
+    inline = [b.images for _, b in zip(range(5), data.stream(3, 8, 1, Share(workers=0)), strict=False)]
+    readers = [b.images for _, b in zip(range(5), data.stream(3, 8, 1, Share(workers=2)), strict=False)]
     assert all(np.array_equal(a, b) for a, b in zip(inline, readers, strict=True))
     assert np.array_equal(data.batch(3, 8, seed=1), inline[0])
     assert not np.array_equal(data.batch(4, 8, seed=1), inline[0])
     # Under torchrun each process reads only its own slice of the global batch.
-    halves = [next(data.stream(3, 8, seed=1, rank=r, world=2, workers=1)).images for r in (0, 1)]
+    halves = [next(data.stream(3, 8, 1, Share(rank=r, world=2, workers=1))).images for r in (0, 1)]
     assert np.array_equal(np.concatenate(halves), inline[0])
 
 
@@ -128,7 +128,7 @@ def test_tar_shards_stream_in_sequence_hold_out_the_last_shard_and_resume_at_a_s
     data = load_training_set(str(tmp_path / "shards" / "train-{000000..000003}.tar"), 32)
     assert isinstance(data, ShardSet) and len(data.shards) == 3
     assert sorted(data.val[:, 0, 0, 0]) == levels[3]  # the last shard is the validation set
-    batches = list(zip(range(6), data.stream(0, 8, seed=0, workers=0), strict=False))
+    batches = list(zip(range(6), data.stream(0, 8, 0, Share(workers=0)), strict=False))
     seen = {int(v) for _, b in batches for v in b.images[:, 0, 0, 0]}
     assert seen <= {v for shard in levels[:3] for v in shard} and len(seen) > 12
     started = [pair for _, b in batches for pair in b.started]
@@ -136,13 +136,13 @@ def test_tar_shards_stream_in_sequence_hold_out_the_last_shard_and_resume_at_a_s
     assert {shard for epoch, shard in started if epoch == 0} == set(data.shards)
     # A checkpoint that says shards 0 and 1 were started in epoch 0: the resumed stream skips them.
     skip = [str(tmp_path / "shards" / f"train-{n:06d}.tar") for n in (0, 1)]
-    resumed = data.stream(0, 4, seed=0, workers=0, state={"epoch": 0, "started": skip})
+    resumed = data.stream(0, 4, 0, Share(workers=0, state={"epoch": 0, "started": skip}))
     first = next(resumed)
     assert set(first.images[:, 0, 0, 0].tolist()) <= set(levels[2]) and first.started[0][1].endswith("02.tar")
     with pytest.raises(VqtoolError, match="one tar shard"):
         load_training_set(tmp_path / "shards" / "train-000000.tar", 32)
     with pytest.raises(VqtoolError, match="every reader needs a shard"):
-        next(data.stream(0, 8, seed=0, workers=4))
+        next(data.stream(0, 8, 0, Share(workers=4)))
 
 
 def test_lists_and_tar_shards_train_end_to_end_through_the_cli(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from vqtool.model.config import ModelConfig, TrainConfig
 from vqtool.model.vqvae import VQVAE, images_to_input, output_to_images
 from vqtool.train.board import Board
 from vqtool.train.codebook import CodebookHealth, usage_divergence
-from vqtool.train.data.memory import Batch, TrainingData
+from vqtool.train.data.memory import Batch, Share, TrainingData
 from vqtool.train.figures import save_loss_curves, save_reconstruction_grid
 from vqtool.train.metrics import evaluate
 from vqtool.train.schedule import lr_factor, steps_per_epoch, total_steps
@@ -236,15 +236,9 @@ class _Run:
     def next_images(self) -> np.ndarray:
         """This process's share of the current step's batch, from the data's readers (started at the first step)."""
         if self.batches is None:
-            self.batches = self.data.stream(
-                self.step,
-                self.config.batch_size,
-                self.config.seed,
-                rank=self.world.rank,
-                world=self.world.world,
-                workers=self.config.workers,  # None: the collection's default
-                state=self.stream_state,
-            )
+            # workers None: the collection's default
+            share = Share(self.world.rank, self.world.world, self.config.workers, self.stream_state)
+            self.batches = self.data.stream(self.step, self.config.batch_size, self.config.seed, share)
         batch = next(self.batches)
         for skipped in batch.skipped:
             self.skipped.setdefault(skipped.file, skipped)

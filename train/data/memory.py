@@ -45,6 +45,18 @@ class Batch:
         return self
 
 
+@dataclass(frozen=True)
+class Share:
+    """The part of each step's batch one training process reads, and how: its `rank` among `world` processes, its
+    reader processes (`workers`; None: the collection's default, 0: read in the process itself), and where an
+    interrupted run's readers had got to (`state`, from its checkpoint)."""
+
+    rank: int = 0
+    world: int = 1
+    workers: int | None = 0
+    state: dict[str, Any] | None = None
+
+
 class TrainingData(Protocol):
     """What training reads: held-out validation images, seeded batches, and a stream of them for a process."""
 
@@ -54,17 +66,7 @@ class TrainingData(Protocol):
 
     def batch(self, step: int, batch_size: int, seed: int) -> np.ndarray: ...
 
-    def stream(
-        self,
-        start_step: int,
-        batch_size: int,
-        seed: int,
-        *,
-        rank: int = 0,
-        world: int = 1,
-        workers: int | None = 0,
-        state: dict[str, Any] | None = None,
-    ) -> Iterator[Batch]: ...
+    def stream(self, start_step: int, batch_size: int, seed: int, share: Share = Share()) -> Iterator[Batch]: ...
 
 
 @dataclass(frozen=True)
@@ -89,21 +91,11 @@ class TrainingSet:
             return self._permutation_batch(step, batch_size, seed)
         return self._crop_batch(step, batch_size, seed)
 
-    def stream(
-        self,
-        start_step: int,
-        batch_size: int,
-        seed: int,
-        *,
-        rank: int = 0,
-        world: int = 1,
-        workers: int | None = 0,
-        state: dict[str, Any] | None = None,
-    ) -> Iterator[Batch]:
+    def stream(self, start_step: int, batch_size: int, seed: int, share: Share = Share()) -> Iterator[Batch]:
         """This process's slice of each step's batch: the images are in memory, so no reader processes."""
-        share = batch_size // world
+        part = batch_size // share.world
         for step in itertools.count(start_step):
-            yield Batch(self.batch(step, batch_size, seed)[rank * share : (rank + 1) * share])
+            yield Batch(self.batch(step, batch_size, seed)[share.rank * part : (share.rank + 1) * part])
 
     def _permutation_batch(self, step: int, batch_size: int, seed: int) -> np.ndarray:
         assert isinstance(self.train, np.ndarray)

@@ -20,7 +20,6 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -38,6 +37,7 @@ from vqtool.images.reading import SkippedFile, describe_skipped, list_image_name
 from vqtool.train.data.memory import (
     VALIDATION_MAX,
     Batch,
+    Share,
     TrainingSet,
     default_training_set,
     held_out_split,
@@ -159,25 +159,15 @@ class IndexedSet:
         """The global batch of `step`, read here (k-means initialisation, INT8 calibration)."""
         return collate([self.read_sample(task) for task in self.plan(step, batch_size, seed)]).checked().images
 
-    def stream(
-        self,
-        start_step: int,
-        batch_size: int,
-        seed: int,
-        *,
-        rank: int = 0,
-        world: int = 1,
-        workers: int | None = 0,
-        state: dict[str, Any] | None = None,
-    ) -> Iterator[Batch]:
-        """This process's share of each step's batch from `start_step` on, read by `workers` processes (None:
-        default_workers())."""
-        share = batch_size // world
-        workers = default_workers() if workers is None else workers
+    def stream(self, start_step: int, batch_size: int, seed: int, share: Share = Share()) -> Iterator[Batch]:
+        """This process's share of each step's batch from `start_step` on, read by the share's reader processes
+        (None: default_workers())."""
+        part, rank = batch_size // share.world, share.rank
+        workers = default_workers() if share.workers is None else share.workers
 
         def steps() -> Iterator[list[Task]]:
             for step in itertools.count(start_step):
-                yield self.plan(step, batch_size, seed)[rank * share : (rank + 1) * share]
+                yield self.plan(step, batch_size, seed)[rank * part : (rank + 1) * part]
 
         if workers == 0:
             return (collate([self.read_sample(t) for t in tasks]).checked() for tasks in steps())
@@ -238,23 +228,13 @@ class ShardSet:
         batches = self._batches(batch_size, seed, epoch=0, skip=frozenset(), readers=(0, 1))
         return next(itertools.islice(batches, step, None)).checked().images
 
-    def stream(
-        self,
-        start_step: int,
-        batch_size: int,
-        seed: int,
-        *,
-        rank: int = 0,
-        world: int = 1,
-        workers: int | None = 0,
-        state: dict[str, Any] | None = None,
-    ) -> Iterator[Batch]:
-        """This process's batches; `state` (from a checkpoint) names the shards already started in its epoch.
-
-        Without a `workers` count, no more readers than shards: a default must not refuse a small collection.
+    def stream(self, start_step: int, batch_size: int, seed: int, share: Share = Share()) -> Iterator[Batch]:
+        """This process's batches; the share's `state` (from a checkpoint) names the shards already started in its
+        epoch. Without a `workers` count, no more readers than shards: a default must not refuse a small collection.
         """
-        epoch = int((state or {}).get("epoch", 0))
-        skip = frozenset((state or {}).get("started", ()))
+        state, rank, world, workers = share.state or {}, share.rank, share.world, share.workers
+        epoch = int(state.get("epoch", 0))
+        skip = frozenset(state.get("started", ()))
         local = batch_size // world
         if workers is None:
             workers = min(default_workers(), len(self.shards) // world)
