@@ -358,7 +358,8 @@ def sweep(
     from vqtool.model.config import ModelConfig, TrainConfig
     from vqtool.model.presets import preset_settings
     from vqtool.train.run import read_training_set
-    from vqtool.train.sweep import publish_sweep, run_sweep, summary_table, sweep_variants
+    from vqtool.train.sweep import run_sweep, sweep_variants
+    from vqtool.train.sweep_report import publish_sweep, summary_table
 
     # Without a preset, K and D default to the article's sweep; with one, to the preset's own values.
     preset, data = options["preset"], options["data"]
