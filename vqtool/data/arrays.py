@@ -41,10 +41,9 @@ class NpyRows:
     """The images of a .npy, read row by row with positioned reads: never read whole, and never mapped.
 
     A memory map (np.load(mmap_mode="r")) reads only the rows asked for too, but every page it maps counts
-    in the process's RSS, and with the kernel's large page-cache folios a run over 200,000 images had the
-    whole 600 MB file mapped after reading its 2,000 validation rows. Reads leave pages in the page cache,
-    outside any process. One descriptor per process; os.pread needs no shared file position, so forked
-    readers can share it.
+    in the process's RSS, and with the kernel's large page-cache folios a few scattered rows can map most of
+    the file (docs/performance.md). Reads leave pages in the page cache, outside any process. One
+    descriptor per process; os.pread needs no shared file position, so forked readers can share it.
     """
 
     def __init__(self, path: Path) -> None:
