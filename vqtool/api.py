@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from vqtool.data import image_set
+from vqtool.data.specs import image_set
 from vqtool.errors import VqtoolError
 from vqtool.formats.atomic import partial_path
 from vqtool.formats.manifest import Manifest, code_dtype_for, fitting_batch, read_manifest
