@@ -49,11 +49,9 @@ class Report:
 
 def _run(command: list[str], limit: float, cwd: Path | None = None) -> tuple[bool, str, float]:
     """A subprocess with the working tree on PYTHONPATH: (succeeded, output, seconds)."""
-    # The installed layout first on PYTHONPATH must win over the checkout's vqtool/ (which lacks train/ and
-    # export/): PYTHONSAFEPATH keeps `python -m` from putting the working folder first, and pytest appends the
-    # rootdir it would otherwise prepend (--import-mode=append, in main).
+    # The checkout is laid out as an install lays it (vqtool/train and vqtool/export link to the top-level folders).
     path = f"{os.environ.get('PYTHONPATH', '')}{os.pathsep}{REPO}"
-    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "PYTHONSAFEPATH": "1"}
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
     started = time.monotonic()
     try:
         done = subprocess.run(command, cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=limit)
@@ -223,13 +221,13 @@ def main() -> int:
     if device == "cuda" and not torch.cuda.is_available():
         report.section("environment", "PyTorch sees no CUDA GPU here; nothing to check", ok=False)
         return 1
-    sys.path.append(str(REPO))  # after the installed layout that gpu-check.sh puts first
+    sys.path.append(str(REPO))
     report.section("environment", environment() if device == "cuda" else "rehearsal on the CPU: no GPU figures")
     python = [sys.executable]
     work = Path(tempfile.mkdtemp(prefix="vqtool-gpu-check-"))
 
     ok, output, seconds = _run(
-        [*python, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider", "--import-mode=append"],
+        [*python, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider"],
         LIMITS["tests"],
     )
     report.section(f"gpu-marked tests ({seconds:.0f} s)", _fenced(output, 25), ok)

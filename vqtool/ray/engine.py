@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from vqtool.data.specs import image_set
 from vqtool.data.sets import located_refs
+from vqtool.data.specs import image_set
 from vqtool.errors import VqtoolError, first_line, missing_extra
 from vqtool.formats.atomic import partial_path, write_json
 from vqtool.formats.manifest import read_manifest
