@@ -2,22 +2,26 @@
 and memory, on the embedded photographs.
 
     python -m benchmarks.imported [--models ldm-vq-f4,ldm-vq-f8,kandinsky-movq,amused-256,janus-pro-vq16]
-        [--work DIR] [--parity-images 8] [--rounds 3] [--int8] [--memory 50,200]
+        [--checkpoints NAME=PATH,...] [--work DIR] [--parity-images 8] [--rounds 3] [--int8] [--memory 50,200]
 
 No weights can be downloaded here, so each model is built with its library's own class from the values of its
 published config.json (PUBLISHED, with their sources), seeded, its codebook drawn from latents of the embedded
 photographs (so that codes spread over the images as a trained model's do), and saved with save_pretrained. Then:
-  parity  `vqtool import`, `vqtool export --fp16` (ONNX Runtime FP32 and FP16 against the library, on
-          --parity-images of the embedded photographs), and `vqtool parity --backend openvino` (FP32, BF16);
+  parity  `vqtool import`, `vqtool export --fp16 --bf16` (ONNX Runtime FP32 and FP16 and OpenVINO BF16 against the
+          library, on --parity-images of the embedded photographs, each published under the contract it meets),
+          and `vqtool parity --backend openvino --precision fp32`; vqtool checkpoints (--checkpoints) are
+          compared on their own held-out data;
   speed   batch 4 at the native resolution, ONNX Runtime FP32 and each opt-in precision against the library's
-          eager encode (VQModel.encode + quantize, JanusVQVAE.encode) and decode from codes, in alternating
-          rounds; the goals: FP32 encode >= 1.3x and decode >= 1.2x eager, the best opt-in encode >= 2x.
+          eager encode (VQModel.encode + quantize, JanusVQVAE.encode) and decode from codes, and against that
+          eager code under BF16 autocast (what users run for speed today), in alternating rounds; the goals:
+          FP32 encode >= 1.3x and decode >= 1.2x eager, the best opt-in encode >= 2x.
           Each encode's arithmetic rate (the encoder's FLOP per image x images/s) is printed beside this CPU's
           FP32 matrix-product rate, measured after the rounds: an FP32 runtime near that rate is as fast as
           FP32 can be, so its ratio to eager is bounded by how far eager falls below it;
   memory  peak RSS of `vqtool encode` of --memory photographs at the native size (the first model only); the
           goal: under 1.5 GB for VQ-f4 at 200 and at 50 images.
-Figures go to WORK/imported.json. Each model takes minutes on two cores: choose a few with --models.
+Figures go to WORK/imported.json; the drift table (Choosing a precision) is printed at the end. Each model takes
+minutes on two cores: choose a few with --models.
 """
 
 from __future__ import annotations
@@ -207,16 +211,21 @@ def _photo_folder(folder: Path, size: int, count: int) -> Path:
 
 
 def parity(name: str, work: Path, spec: dict[str, Any], images: int, int8: bool) -> dict[str, Any]:
-    checkpoint, export = work / f"{name}.pt", work / f"{name}-export"
+    """Export (FP32, FP16, OpenVINO BF16, INT8 if asked) with parity on `images` photographs, and OpenVINO FP32's
+    parity. A vqtool checkpoint (spec "checkpoint") is compared on its own held-out data instead."""
+    checkpoint, export = Path(spec.get("checkpoint", work / f"{name}.pt")), work / f"{name}-export"
+    photos = work / f"parity-{spec['image_size']}-{images}"
     if not (export / "manifest.json").is_file():
-        imported = _vqtool(
-            "import", str(work / name), "--out", str(checkpoint), "--image-size", str(spec["image_size"]), "--overwrite"
-        )
-        print(imported.stdout.strip(), flush=True)
-        photos = _photo_folder(work / f"parity-{spec['image_size']}-{images}", spec["image_size"], images)
+        options = ["--fp16", "--bf16", *(["--int8"] if int8 else [])]
+        if "checkpoint" not in spec:
+            imported = _vqtool(
+                "import", str(work / name), "--out", str(checkpoint), "--image-size", str(spec["image_size"]),
+                "--overwrite",
+            )  # fmt: skip
+            print(imported.stdout.strip(), flush=True)
+            options += ["--images", str(_photo_folder(photos, spec["image_size"], images))]
         started = time.perf_counter()
-        options = ["--fp16", *(["--int8"] if int8 else [])]
-        exported = _vqtool("export", str(checkpoint), "--out", str(export), "--images", str(photos), *options)
+        exported = _vqtool("export", str(checkpoint), "--out", str(export), *options)
         print(
             f"{name}: export {'passed' if exported.returncode == 0 else 'FAILED'} parity in "
             f"{time.perf_counter() - started:.0f} s",
@@ -227,8 +236,8 @@ def parity(name: str, work: Path, spec: dict[str, Any], images: int, int8: bool)
                 print(f"{name}: {line}", flush=True)
         if exported.returncode != 0:
             export = export.with_name(f"{export.name}.failed-parity")
-    photos = work / f"parity-{spec['image_size']}-{images}"
-    _vqtool("parity", str(export), "--backend", "openvino", "--images", str(photos))
+    on_photos = [] if "checkpoint" in spec else ["--images", str(photos)]
+    _vqtool("parity", str(export), "--backend", "openvino", "--precision", "fp32", *on_photos)
     record = json.loads((export / "parity.json").read_text())
     return {"export": str(export), "reports": record["reports"]}
 
@@ -238,7 +247,17 @@ def _eager_calls(export: Path) -> tuple[Callable[[torch.Tensor], Any], Callable[
     from vqtool.model.checkpoint import load_checkpoint
 
     model = load_checkpoint(export / "model.pt").model
-    return model.library_encode, model.decode, model
+    return getattr(model, "library_encode", model.encode), model.decode, model
+
+
+def _autocast(call: Callable[[torch.Tensor], Any]) -> Callable[[torch.Tensor], Any]:
+    """What a user does today for speed: the library's eager code under BF16 autocast, nothing recorded."""
+
+    def under_autocast(x: torch.Tensor) -> Any:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return call(x)
+
+    return under_autocast
 
 
 def speed(name: str, export: Path, rounds: int) -> list[dict[str, Any]]:
@@ -256,6 +275,13 @@ def speed(name: str, export: Path, rounds: int) -> list[dict[str, Any]]:
     contenders: dict[str, list[tuple[str, Callable[[], Any]]]] = {"encode": [], "decode": []}
     contenders["encode"].append(("library eager", lambda: encode_eager(x)))
     contenders["decode"].append(("library eager", lambda: decode_eager(codes)))
+    encode_autocast, decode_autocast = _autocast(encode_eager), _autocast(decode_eager)
+    with torch.no_grad():
+        rounded = torch.as_tensor(encode_autocast(x)).reshape(len(x), -1)
+        autocast_identical = float((rounded == torch.as_tensor(encode_eager(x)).reshape(len(x), -1)).float().mean())
+    print(f"{name}: library eager under BF16 autocast keeps {autocast_identical:.2%} of codes", flush=True)
+    contenders["encode"].append(("library autocast bf16", lambda: encode_autocast(x)))
+    contenders["decode"].append(("library autocast bf16", lambda: decode_autocast(codes)))
     opened = []
     for backend, precision in (
         ("onnxruntime", "fp32"),
@@ -295,6 +321,8 @@ def speed(name: str, export: Path, rounds: int) -> list[dict[str, Any]]:
             ratio = float(np.median(np.divide(seconds[0], per_round)))
             images_per_s = BATCH / float(np.median(per_round))
             row = {"model": name, "stage": stage, "runtime": label, "images_per_s": images_per_s, "vs_eager": ratio}
+            if label == "library autocast bf16" and stage == "encode":
+                row["identical"] = autocast_identical
             rate = ""
             if stage == "encode":
                 row["gflop_per_s"] = images_per_s * flop_per_image / 1e9
@@ -376,6 +404,49 @@ def plot_parity(figures: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def drift_table(figures: dict[str, Any]) -> str:
+    """The drift table of the docs (Choosing a precision), in Markdown: per model, runtime and precision, the codes
+    identical to the exact ones, batch invariance, the changed codes' regret and rank, their decode against the
+    exact codes', the contract met, and the encode's speed against the library's eager code."""
+    lines = [
+        "| model | runtime | identical | batch-invariant | regret p99 / max | rank max | drift PSNR | contract "
+        "| encode × eager |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model, result in figures["models"].items():
+        speeds = {r["runtime"]: r for r in result.get("speed", []) if r["stage"] == "encode"}
+        for r in result["reports"]:
+            label = f"{r['runtime']} {r['precision']}"
+            changed = r["identical"] < r["codes"]
+            speed = speeds.get(label)
+            lines.append(
+                f"| {model} | {label} | {r['identical'] / r['codes']:.2%} | {r.get('batch_identical', 1.0):.2%} | "
+                + (f"{r['regret_p99']:.3g} / {r['regret_max']:.3g} | {r['rank_max']} | " if changed else "— | — | ")
+                + ("—" if r.get("drift_psnr") is None else f"{r['drift_psnr']:.1f} dB")
+                + f" | {r.get('contract') or '—'} | "
+                + ("—" if speed is None else f"{speed['vs_eager']:.2f}×")
+                + " |"
+            )
+        autocast = speeds.get("library autocast bf16")
+        if autocast is not None:
+            lines.append(
+                f"| {model} | library eager, BF16 autocast | {autocast['identical']:.2%} | — | — | — | — | "
+                f"not recorded | {autocast['vs_eager']:.2f}× |"
+            )
+    return "\n".join(lines)
+
+
+def _own_checkpoints(listed: str) -> dict[str, dict[str, Any]]:
+    """NAME=PATH pairs of vqtool checkpoints, as specs the steps take."""
+    from vqtool.model.checkpoint import load_checkpoint
+
+    specs = {}
+    for pair in filter(None, listed.split(",")):
+        name, path = pair.split("=", 1)
+        specs[name] = {"checkpoint": path, "image_size": load_checkpoint(Path(path)).model_config.image_size}
+    return specs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(m for m in PUBLISHED if PUBLISHED[m].get("default", True)))
@@ -383,6 +454,9 @@ def main() -> None:
     parser.add_argument("--parity-images", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--int8", action="store_true", help="export and time INT8 encoders too (slow to calibrate)")
+    parser.add_argument(
+        "--checkpoints", default="", help="NAME=PATH,...: vqtool checkpoints (the presets) to measure beside them"
+    )
     parser.add_argument("--memory", default="50,200", help="photograph counts for the peak-RSS figures")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--figure", type=Path, help="also draw the parity figure (identical codes per runtime) here")
@@ -393,7 +467,8 @@ def main() -> None:
     if args.plot_only:
         plot_parity(json.loads((args.work / "imported.json").read_text()), args.figure)
         return
-    names = [n for n in args.models.split(",") if n]
+    specs = {**PUBLISHED, **_own_checkpoints(args.checkpoints)}
+    names = [n for n in args.models.split(",") if n] + [n for n in specs if n not in PUBLISHED]
     record = args.work / "imported.json"
     # Models measured by an earlier run in the same WORK stay in the record; this run's replace theirs.
     figures: dict[str, Any] = json.loads(record.read_text()) if record.is_file() else {"models": {}}
@@ -401,8 +476,9 @@ def main() -> None:
 
     figures["machine"] = f"{cpu_description()}, {len(os.sched_getaffinity(0))} cores"
     for index, name in enumerate(names):
-        spec = PUBLISHED[name]
-        build(name, spec, args.work / name)
+        spec = specs[name]
+        if "checkpoint" not in spec:
+            build(name, spec, args.work / name)
         result = parity(name, args.work, spec, args.parity_images, args.int8)
         export = Path(result["export"])
         if not args.skip_speed:
@@ -414,6 +490,7 @@ def main() -> None:
         (args.work / "imported.json").write_text(json.dumps(figures, indent=1))
     if args.figure:
         plot_parity(figures, args.figure)
+    print(drift_table(figures))
     print(f"\nfigures: {args.work / 'imported.json'}")
 
 

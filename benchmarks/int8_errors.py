@@ -31,7 +31,7 @@ def main() -> None:
 
     from benchmarks.int8_layers import quantizable
     from vqtool.export.graphs import write_graphs
-    from vqtool.export.quantize import code_agreement, write_int8_encoder
+    from vqtool.export.quantize import bounded_judge, write_int8_encoder
     from vqtool.model.vqvae import images_to_input
 
     start = quantizable(args.checkpoint)
@@ -40,7 +40,7 @@ def main() -> None:
         work = Path(scratch)
         fp32 = write_graphs(model, "benchmark", work, "fp32")["encoder"]
         entry = write_int8_encoder(work, fp32, calibration)
-        onnx_runtime = code_agreement(model, data.val)(work / entry.file)
+        onnx_runtime = bounded_judge(model, data.val)(work / entry.file)[0]
         graph = onnx.load(str(work / entry.file)).graph
 
     values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import torch
 
 from vqtool.data.whole import read_image_set
 from vqtool.errors import VqtoolError
+from vqtool.export.drift import measure_drift, torch_decoder
 from vqtool.export.graphs import write_graphs
 from vqtool.formats.atomic import write_json
 from vqtool.formats.manifest import (
@@ -38,7 +39,18 @@ from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.images.quality import psnr
 from vqtool.model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from vqtool.model.face import TokenizerModel
-from vqtool.precisions import FP32, NAIVE_BF16, NAIVE_FP16, PRECISIONS, ParityRule, decoder_precision
+from vqtool.precisions import (
+    BOUNDED_CONTRACT,
+    EXACT_CONTRACT,
+    FP32,
+    NAIVE_BF16,
+    NAIVE_FP16,
+    NO_CONTRACT,
+    PRECISIONS,
+    ParityRule,
+    PrecisionRow,
+    decoder_precision,
+)
 from vqtool.precisions import row as precision_row
 from vqtool.runtime.base import REFERENCE, RUNTIMES, GraphToOpen, runs
 from vqtool.runtime.select import open_backend, open_runner
@@ -74,27 +86,62 @@ def torch_reference(model: TokenizerModel, images: np.ndarray, *, batch: int = B
 
 
 def classify_mismatches(reference: Reference, codebook: torch.Tensor, other: np.ndarray, rtol: float):
-    """(near_ties, unexplained, largest relative distance gap) among codes that differ.
+    """(near_ties, unexplained, largest relative distance gap) among codes that differ from PyTorch's."""
+    return classify_pairs(reference.latents, codebook, reference.codes, other, rtol)
+
+
+def classify_pairs(latents: torch.Tensor, codebook: torch.Tensor, ours: np.ndarray, other: np.ndarray, rtol: float):
+    """(near_ties, unexplained, largest relative distance gap) among the places where two code grids differ.
 
     A near-tie is a pair whose distances differ by less than `rtol` times |z|^2 + |e|^2: the distance is
     computed as |z|^2 - 2 z.e + |e|^2, whose rounding error scales with those terms, not with the distance
     itself. The two differ where latents lie close to their codes, as l2-normalised ones do (distance
     ~0.01 from terms ~2): there, judging by the distance would call rounding a defect.
     """
-    where = np.nonzero(reference.codes != other)
+    where = np.nonzero(ours != other)
     if len(where[0]) == 0:
         return 0, 0, 0.0
-    z = reference.latents[where].to(torch.float64)
+    z = latents[where].to(torch.float64)
     book = codebook.to(torch.float64)
-    ours = torch.from_numpy(reference.codes[where])
-    theirs = torch.from_numpy(other[where].astype(np.int64))
-    d_ours = ((z - book[ours]) ** 2).sum(-1)
-    d_theirs = ((z - book[theirs]) ** 2).sum(-1)
-    difference = (d_theirs - d_ours).abs()
-    scale = (z * z).sum(-1) + torch.maximum((book[ours] ** 2).sum(-1), (book[theirs] ** 2).sum(-1))
+    first = torch.from_numpy(ours[where].astype(np.int64))
+    second = torch.from_numpy(other[where].astype(np.int64))
+    d_first = ((z - book[first]) ** 2).sum(-1)
+    d_second = ((z - book[second]) ** 2).sum(-1)
+    difference = (d_second - d_first).abs()
+    scale = (z * z).sum(-1) + torch.maximum((book[first] ** 2).sum(-1), (book[second] ** 2).sum(-1))
     ties = int((difference <= rtol * scale).sum().item())
-    gap = difference / d_ours.clamp_min(1e-30)
+    gap = difference / d_first.clamp_min(1e-30)
     return ties, len(gap) - ties, float(gap.max().item())
+
+
+# Batch invariance: the first images of the parity set encoded alone and in batches of these sizes, against the
+# parity run's codes for the same images: the sizes below the parity run's own batch, and 4 (a serving batch of
+# large images) where the activation budget holds the parity run to fewer.
+INVARIANCE_BATCHES = (1, 4, 16, 64)
+SMALL_BATCH = 4
+
+
+def batch_invariance(
+    encode: Callable[[np.ndarray], np.ndarray],
+    images: np.ndarray,
+    codes: np.ndarray,
+    reference: Reference,
+    codebook: torch.Tensor,
+    rtol: float,
+    batch: int,
+) -> dict[str, Any]:
+    """How far an image's codes depend on what it is batched with: the share identical (the lowest over the batch
+    sizes tried) and how many differences are not near-ties."""
+    count = min(len(images), max(INVARIANCE_BATCHES))
+    sizes = [size for size in INVARIANCE_BATCHES if size < min(max(batch, SMALL_BATCH + 1), len(images))]
+    sizes = [size for size in sizes if size != batch]
+    identical, unexplained = 1.0, 0
+    for size in sizes:
+        alone = np.concatenate([encode(images[s : min(s + size, count)]) for s in range(0, count, size)])
+        _, differing, _ = classify_pairs(reference.latents[:count], codebook, codes[:count], alone, rtol)
+        identical = min(identical, float((alone == codes[:count]).mean()))
+        unexplained += differing
+    return dict(batch_sizes=tuple(sizes), batch_identical=identical, batch_unexplained=unexplained)
 
 
 def check_parity(
@@ -108,10 +155,14 @@ def check_parity(
     precision: str,
     reference: Reference | None = None,
     batch: int = BATCH,
+    min_identical: float = 0.0,
 ) -> ParityReport:
     """Compare PyTorch with `encode`/`decode` (uint8 images -> codes, int32 codes -> uint8 images), `batch` images
-    at a time; with no `decode` (a model with no decoder), codes alone."""
-    tolerance = precision_row(precision).rule
+    at a time; with no `decode` (a model with no decoder), codes alone. The report says which contract the
+    runtime meets: the precision's own rule (exact), else the bounded one (asking at least `min_identical` of the
+    codes to be identical), else none, and the codes' drift and batch invariance."""
+    row = precision_row(precision)
+    tolerance = row.rule
     reference = reference or torch_reference(model, images, batch=batch)
     codes = np.concatenate([encode(images[s : s + batch]) for s in range(0, len(images), batch)])
     if codes.shape != reference.codes.shape:
@@ -130,9 +181,35 @@ def check_parity(
         max_gap_rtol=max_gap,
         decoded="none",
     )
+    report.update(batch_invariance(encode, images, codes, reference, codebook, tolerance.tie_rtol, batch))
     if decode is not None and reference.reconstructions is not None:
         report.update(_reconstruction_report(images, codes, reference, decode, tolerance, batch))
-    return ParityReport(**report, failures=tuple(_failures(report, tolerance)))
+    drift = measure_drift(
+        reference,
+        codebook,
+        codes,
+        torch_decoder(model, batch) if model.has_decoder else None,
+        images if model.trained_by_vqtool else None,
+    )
+    report.update(drift.__dict__)
+    del report["changed"]
+    return _with_contract(report, row, min_identical)
+
+
+def _with_contract(report: dict[str, Any], row: PrecisionRow, min_identical: float) -> ParityReport:
+    """The report with the contract it meets: its precision's exact rule, else the bounded contract, else none."""
+    outside = _failures(report, row.rule) if row.rule.exact else [f"{row.name} has no exact contract"]
+    if not outside:
+        return ParityReport(**report, contract=EXACT_CONTRACT)
+    if row.bounded is None:
+        return ParityReport(**report, contract=NO_CONTRACT, failures=tuple(outside))
+    rule = replace(row.bounded, min_identical=min_identical)
+    beyond = rule.missed(
+        report["identical"] / report["codes"], report["regret_p99"], report["rank_max"], report["drift_psnr"]
+    )
+    if not beyond:
+        return ParityReport(**report, contract=BOUNDED_CONTRACT, outside_exact=tuple(outside))
+    return ParityReport(**report, contract=NO_CONTRACT, failures=tuple(outside + [f"bounded: {b}" for b in beyond]))
 
 
 def _reconstruction_report(
@@ -163,6 +240,8 @@ def _failures(report: dict[str, Any], tolerance: ParityRule) -> list[str]:
     if tolerance.max_unexplained is not None and report["unexplained"] > tolerance.max_unexplained:
         failures.append(f"{report['unexplained']} codes differ from PyTorch without a near-tie to explain them")
     identical = report["identical"] / report["codes"]
+    if tolerance.max_unexplained is not None and report["batch_unexplained"] > tolerance.max_unexplained:
+        failures.append(f"{report['batch_unexplained']} codes change with the batch size, not near-ties")
     if tolerance.min_identical is not None and identical < tolerance.min_identical:
         failures.append(f"{identical:.2%} identical codes, below {tolerance.min_identical:.1%}")
     if tolerance.max_abs_diff is not None and report["recon_max_abs"] > tolerance.max_abs_diff:
@@ -200,6 +279,21 @@ class Verification:
     @property
     def passed(self) -> bool:
         return bool(self.reports) and all(r.passed for r in self.reports)
+
+    @property
+    def exact_held(self) -> bool:
+        """Whether FP32 met its exact rule wherever it ran: without that there is no export to publish."""
+        fp32 = [r for r in self.reports if r.precision == FP32]
+        return bool(fp32) and all(r.passed for r in fp32)
+
+    @property
+    def refused(self) -> tuple[ParityReport, ...]:
+        """The reduced precisions that met no contract: refused, while the rest of the export stands."""
+        return tuple(r for r in self.reports if not r.passed and r.precision != FP32)
+
+    def joined(self, other: Verification) -> Verification:
+        """Both verifications' reports and reasons, with this one's comparisons."""
+        return Verification(self.reports + other.reports, self.skipped + other.skipped, self.naive, self.naive_bf16)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -263,10 +357,12 @@ def verify_export(
     naive_fp16: bool = False,
     naive_bf16: bool = False,
     precisions: tuple[str, ...] = PRECISIONS,
+    min_identical: float = 0.0,
     log: Callable[[str], None] = print,
 ) -> Verification:
     """Parity for each runtime in the table (but the reference) and each precision it runs that starts here;
-    `backends` and `precisions` limit which. Batches hold as many images as the graphs' activations allow."""
+    `backends` and `precisions` limit which; `min_identical`, the share of identical codes the bounded contract
+    asks for. Batches hold as many images as the graphs' activations allow."""
     batch = min(fitting_batch(manifest, role, FP32, BATCH) for role in manifest.roles)
     reference = torch_reference(model, images, batch=batch)
     reports, skipped = [], []
@@ -307,6 +403,7 @@ def verify_export(
                     precision=precision,
                     reference=reference,
                     batch=batch,
+                    min_identical=min_identical,
                 )
             )
             encoder.close()
@@ -327,6 +424,7 @@ def check_export(
     naive_bf16: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     crop: str = "resize",
+    min_identical: float = 0.0,
     log: Callable[[str], None] = print,
 ) -> Verification:
     """What `vqtool parity` does: compare an export's PyTorch model (model.pt) with every runtime that starts
@@ -353,6 +451,7 @@ def check_export(
         naive_fp16=naive_fp16,
         naive_bf16=naive_bf16,
         precisions=precisions,
+        min_identical=min_identical,
         log=log,
     )
     checked = {(r.runtime, r.precision) for r in verification.reports}

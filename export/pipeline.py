@@ -1,7 +1,8 @@
 """`vqtool export`, step by step: graphs, INT8, manifest, TensorRT engines, parity, then the folder published whole.
 
 Everything is written to a staging folder beside the target and renamed into place at the end, so readers see
-the old export or the new one, never a mix; a failed parity keeps the graphs aside for inspection.
+the old export or the new one, never a mix; FP32 failing parity keeps the graphs aside for inspection, while a
+reduced precision that meets no contract is refused on its own (recorded, never started) and the rest published.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from vqtool.export.quantize import (
     AGREEMENT_IMAGES,
     AGREEMENT_SEED,
     CALIBRATION_IMAGES,
+    bounded_judge,
     calibration_images,
-    code_agreement,
     write_checked_int8_encoder,
 )
 from vqtool.export.tensorrt import EngineProfile
@@ -42,7 +43,9 @@ from vqtool.formats.manifest import (
     Manifest,
     code_dtype_for,
     graph_key,
+    read_manifest,
     sha256_file,
+    verify_pytorch_file,
 )
 from vqtool.formats.outputs import check_export_target, remove_export, replace_export
 from vqtool.images.embedded import embedded_photographs
@@ -128,6 +131,34 @@ def _build_engines(
         )
 
 
+def _bf16_parity(export_dir: Path, images: np.ndarray, min_identical: float) -> Verification:
+    """OpenVINO BF16's parity on `images`, run in a fresh process (see EXPORT_RUNTIMES); refused in one line where
+    it cannot run here (no OpenVINO, or a CPU without BF16)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        verification = pool.submit(_openvino_bf16_parity, export_dir, images, min_identical).result()
+    if not verification.reports:
+        raise VqtoolError(f"--bf16: {'; '.join(verification.skipped) or 'OpenVINO BF16 did not run'}")
+    return verification
+
+
+def _openvino_bf16_parity(export_dir: Path, images: np.ndarray, min_identical: float) -> Verification:
+    manifest = read_manifest(export_dir)
+    checkpoint = load_for_export(verify_pytorch_file(export_dir, manifest))
+    return verify_export(
+        checkpoint.model,
+        export_dir,
+        manifest,
+        images,
+        backends=("openvino",),
+        precisions=(BF16,),
+        min_identical=min_identical,
+        log=lambda _: None,
+    )
+
+
 def _write_int8(
     staging: Path,
     checkpoint: Checkpoint,
@@ -153,9 +184,9 @@ def _write_int8(
         photos = photos[:count]
         log(f"calibrating INT8 ranges on {len(photos)} images from {source}, at {size}x{size}")
         checked = photos[: -(-AGREEMENT_CODES // checkpoint.model_config.grid**2)]
-        agreement = code_agreement(checkpoint.model, checked, fp32_encoder.activation_bytes)
+        judge = bounded_judge(checkpoint.model, checked, fp32_encoder.activation_bytes, options.min_identical)
         return write_checked_int8_encoder(
-            staging, fp32_encoder, photos, agreement, log, f"{len(checked)} of the same images"
+            staging, fp32_encoder, photos, judge, log, f"{len(checked)} of the same images"
         )
     if calibration is not None:
         from vqtool.train.data.streaming import load_training_set
@@ -166,8 +197,8 @@ def _write_int8(
         data, source = own_data(), checkpoint.data or "the embedded default data"
     images = calibration_images(data, count, source, log)
     held_out = data.batch(0, AGREEMENT_IMAGES, seed=AGREEMENT_SEED)
-    agreement = code_agreement(checkpoint.model, held_out, fp32_encoder.activation_bytes)
-    return write_checked_int8_encoder(staging, fp32_encoder, images, agreement, log)
+    judge = bounded_judge(checkpoint.model, held_out, fp32_encoder.activation_bytes, options.min_identical)
+    return write_checked_int8_encoder(staging, fp32_encoder, images, judge, log)
 
 
 def _write_manifest(
@@ -212,7 +243,7 @@ def _check_options(int8: bool, calibration_count: int, trt: bool) -> None:
 
 
 def _fail_parity(staging: Path, out_dir: Path, verification: Verification) -> ParityFailed:
-    """Keep the graphs that failed parity beside the target for inspection; the error that says where. An earlier
+    """Keep the graphs whose FP32 failed parity beside the target for inspection; the error that says where. An earlier
     failed export kept there is replaced in what it holds of its own; a folder of that name that is not one stays,
     and the graphs go beside it under a numbered name."""
     kept = out_dir.with_name(f"{out_dir.name}.failed-parity")
@@ -222,7 +253,7 @@ def _fail_parity(staging: Path, out_dir: Path, verification: Verification) -> Pa
         kept = out_dir.with_name(f"{out_dir.name}.failed-parity-{number}")
     staging.rename(kept)
     failed = [r for r in verification.reports if not r.passed]
-    reasons = "; ".join(f"{r.runtime} {r.precision}: {', '.join(r.failures)}" for r in failed)
+    reasons = "; ".join(f"{r.runtime} {r.precision} meets no contract: {', '.join(r.failures)}" for r in failed)
     return ParityFailed(f"parity failed ({reasons}); graphs kept for inspection in {kept}", verification)
 
 
@@ -231,6 +262,7 @@ class ExportOptions:
     """What `vqtool export` writes besides the FP32 graphs, and how: the command's options as one value."""
 
     fp16: bool = False  # FP16 graphs, with the quantizer FP32
+    bf16: bool = False  # OpenVINO's BF16 over the FP32 graphs, checked (no file of its own)
     int8: bool = False  # an INT8 encoder for CPUs, calibrated on `calibration` (default: the checkpoint's own data)
     calibration: Path | None = None
     calibration_count: int = CALIBRATION_IMAGES
@@ -240,6 +272,7 @@ class ExportOptions:
     timing_cache: Path | None = None
     images: Path | None = None  # the images parity compares on (default: the held-out data)
     overwrite: bool = False  # over an earlier export, replacing only what its manifest lists
+    min_identical: float = 0.0  # the share of identical codes the bounded contract asks for
 
 
 def export_model(
@@ -251,7 +284,9 @@ def export_model(
     log: Callable[[str], None] = print,
     **keywords: Any,
 ) -> ExportResult:
-    """Write graphs (+ engines), manifest and parity.json to `out_dir`; a failed parity fails the export.
+    """Write graphs (+ engines), manifest and parity.json to `out_dir`; FP32 failing its exact parity fails the
+    export, while a reduced precision that meets no contract is refused (`verification.refused`, recorded in
+    parity.json, and no runtime starts it) and the rest is published.
 
     `options` (an ExportOptions, or its fields as keywords) say what to write besides the FP32 graphs. Parity
     compares on `options.images` (a collection, read at the model's size), or `parity_images` (an array), or by
@@ -280,7 +315,7 @@ def export_model(
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        if not verification.passed:
+        if not verification.exact_held:
             raise _fail_parity(staging, out_dir, verification)
         replace_export(staging, out_dir)
         return ExportResult(out_dir, manifest, verification)
@@ -312,7 +347,17 @@ def _write_export(
     compared = parity_images if parity_images is not None else default_parity_images(checkpoint, own_data)
     written = tuple(p for p in PRECISIONS if p != BF16)
     verification = verify_export(
-        checkpoint.model, staging, manifest, compared, backends=EXPORT_RUNTIMES, precisions=written, log=log
+        checkpoint.model,
+        staging,
+        manifest,
+        compared,
+        backends=EXPORT_RUNTIMES,
+        precisions=written,
+        min_identical=options.min_identical,
+        log=log,
     )
+    if options.bf16:
+        log("parity: openvino on CPU (bf16), in a process of its own")
+        verification = verification.joined(_bf16_parity(staging, compared, options.min_identical))
     write_json(staging / PARITY_NAME, verification.to_dict())
     return manifest, verification

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -108,6 +109,19 @@ def run_cli(
     )
 
 
+def in_subprocess(code: str) -> object:
+    """Run `code` in a fresh Python and return the JSON it prints last.
+
+    OpenVINO stays out of the test process: a process that has run OpenVINO segfaults when it later forks
+    PyTorch DataLoader workers (torch 2.13, OpenVINO 2026.4), which the streaming tests do.
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(REPO)}
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def one_error_line(result: subprocess.CompletedProcess[str], *fragments: str) -> str:
     """The run failed with exit 1 and ended on exactly one `error:` line, holding every fragment; no traceback."""
     assert result.returncode == 1, result.stdout + result.stderr
@@ -170,15 +184,48 @@ def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def export_dir(trained_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference model exported in FP32 and FP16. Not INT8: on its 2 x 2 grid a changed code repaints a quarter
+    of the image, so its INT8 codes miss the bounded contract's decode limit and export refuses them."""
+
     def export(folder: Path) -> Path:
         from vqtool.export.pipeline import export_model
 
-        export_model(
-            trained_checkpoint, folder / "model", fp16=True, int8=True, calibration_count=512, log=lambda _: None
-        )
+        export_model(trained_checkpoint, folder / "model", fp16=True, log=lambda _: None)
         return folder / "model"
 
     return built_once(tmp_path_factory, "exports", export)
+
+
+# A small model with every option of the family at once (factor 4: an 8 x 8 grid of 64 codes, one residual block,
+# codes looked up in 8 l2-normalised dimensions), the one whose INT8 encoder the tests publish.
+SMALL = {"codes": 64, "dim": 32, "channels": (16, 32, 64)}
+EVERYTHING = {"downsample": 4, "res_blocks": 1, "lookup_dim": 8, "l2_codes": True}
+
+
+def train_small(folder: Path, options: dict[str, object], steps: int) -> Path:
+    """A SMALL model with `options`, trained `steps` steps on the embedded data at 32 x 32."""
+    from vqtool.model.config import ModelConfig, TrainConfig
+    from vqtool.train.data.memory import default_training_set
+    from vqtool.train.loop import fit
+
+    config = ModelConfig(**{**SMALL, **options})
+    train = TrainConfig(steps=steps, batch_size=32, seed=3, device="cpu", restart_dead=20)
+    photos = default_training_set(32)
+    return fit(config, train, photos, folder, data_source=None, show_progress=False, log_epochs=False).checkpoint
+
+
+@pytest.fixture(scope="session")
+def int8_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The EVERYTHING model exported in FP32, FP16 and INT8 (published under the bounded contract)."""
+
+    def export(folder: Path) -> Path:
+        from vqtool.export.pipeline import export_model
+
+        checkpoint = train_small(folder / "run", EVERYTHING, steps=120)
+        export_model(checkpoint, folder / "export", fp16=True, int8=True, calibration_count=512, log=lambda _: None)
+        return folder / "export"
+
+    return built_once(tmp_path_factory, "int8-exports", export)
 
 
 def _gpu_missing() -> str | None:

@@ -120,9 +120,9 @@ def test_what_the_tokenizer_says_about_itself(export_dir: Path) -> None:
     assert "ONNX Runtime" in tok.describe()
     with pytest.raises(vqtool.VqtoolError, match="not a multiple of the model's factor 16"):
         tok.grid(40, 32)
-    int8 = vqtool.load(export_dir, precision="int8")
-    assert int8.precision == "int8" and "decoder fp32" in int8.describe()
-    assert int8.encode(photos(4)).dtype == np.uint8
+    assert tok.contract.name == "exact" and "codes under the exact contract" in tok.describe()
+    fp16 = vqtool.load(export_dir, precision="fp16")
+    assert fp16.precision == "fp16" and fp16.encode(photos(4)).dtype == np.uint8
 
 
 def test_lists_sizes_and_resizing(export_dir: Path) -> None:

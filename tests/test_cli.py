@@ -65,7 +65,7 @@ def test_train_writes_checkpoint_metrics_and_figures(tmp_path: Path) -> None:
 def test_export_encode_decode_end_to_end(trained_checkpoint: Path, tmp_path: Path) -> None:
     exported = run_cli("export", str(trained_checkpoint), "--out", str(tmp_path / "model"))
     assert exported.returncode == 0, exported.stderr
-    assert "pass" in exported.stdout and "CPU" in exported.stdout
+    assert "exact" in exported.stdout and "CPU" in exported.stdout
     images = tmp_path / "images"
     files = write_mixed_folder(images)
     encoded = run_cli(

@@ -13,19 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from tests.conftest import EVERYTHING, SMALL, run_cli, train_small
 from vqtool.export.graphs import write_graphs
 from vqtool.export.parity import check_parity
-from vqtool.export.pipeline import export_model
 from vqtool.export.tensorrt_ops import trt_problems
 from vqtool.model.checkpoint import load_checkpoint
-from vqtool.model.config import ModelConfig, TrainConfig
+from vqtool.model.config import ModelConfig
 from vqtool.model.vqvae import VQVAE
 from vqtool.runtime.onnxruntime import OnnxRuntimeRunner
 from vqtool.train.data.memory import default_training_set
-from vqtool.train.loop import fit
 
-SMALL = {"codes": 64, "dim": 32, "channels": (16, 32, 64)}
 ALONE = {
     "factor 8": {"downsample": 8},
     "factor 2": {"downsample": 2, "channels": (16, 32)},
@@ -33,18 +30,11 @@ ALONE = {
     "factorized codes": {"lookup_dim": 8},
     "l2 codes": {"l2_codes": True},
 }
-EVERYTHING = {"downsample": 4, "res_blocks": 1, "lookup_dim": 8, "l2_codes": True}
 
 
 @pytest.fixture(scope="module")
 def photos():  # noqa: ANN201
     return default_training_set(32)
-
-
-def _train(photos, folder: Path, options: dict[str, object], steps: int) -> Path:  # noqa: ANN001
-    config = ModelConfig(**{**SMALL, **options})
-    train = TrainConfig(steps=steps, batch_size=32, seed=3, device="cpu", restart_dead=20)
-    return fit(config, train, photos, folder, data_source=None, show_progress=False, log_epochs=False).checkpoint
 
 
 def test_the_default_is_still_exactly_the_article_model() -> None:
@@ -82,7 +72,7 @@ def test_each_option_shapes_the_model_as_it_says(options: dict[str, object]) -> 
 
 @pytest.mark.parametrize("options", list(ALONE.values()), ids=list(ALONE))
 def test_each_option_alone_exports_with_fp32_parity(photos, options: dict[str, object], tmp_path: Path) -> None:  # noqa: ANN001
-    checkpoint = load_checkpoint(_train(photos, tmp_path / "run", options, steps=40))
+    checkpoint = load_checkpoint(train_small(tmp_path / "run", options, steps=40))
     model = checkpoint.model
     entries = write_graphs(model, "test", tmp_path, "fp32")
     for entry in entries.values():
@@ -99,38 +89,33 @@ def test_each_option_alone_exports_with_fp32_parity(photos, options: dict[str, o
     assert len(np.unique(encoder(images))) > 3  # trained: the comparison is not trivial
 
 
-@pytest.fixture(scope="module")
-def everything_export(photos, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: ANN001
-    folder = tmp_path_factory.mktemp("family")
-    checkpoint = _train(photos, folder / "run", EVERYTHING, steps=120)
-    out = folder / "export"
-    export_model(checkpoint, out, fp16=True, int8=True, calibration_count=512, log=lambda _: None)
-    return out
-
-
 def test_int8_keeps_the_first_convolutions_fp32_until_codes_agree(
-    everything_export: Path,
+    int8_export: Path,
     photos,  # noqa: ANN001
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from vqtool.export import quantize
 
-    model = load_checkpoint(everything_export / "model.pt").model
+    model = load_checkpoint(int8_export / "model.pt").model
     fp32 = write_graphs(model, "test", tmp_path, "fp32")["encoder"]
     calibration = photos.batch(0, 256, seed=quantize.CALIBRATION_SEED)
-    agreement = quantize.code_agreement(model, photos.batch(0, 256, seed=quantize.AGREEMENT_SEED))
+    held_out = photos.batch(0, 256, seed=quantize.AGREEMENT_SEED)
     convolutions = quantize.convolutions_of(tmp_path / fp32.file)
     most = len(convolutions) // 2
     shares = []
+    measure = quantize.bounded_judge(model, held_out)
     for kept in range(most + 1):
         entry = quantize.write_int8_encoder(tmp_path, fp32, calibration, keep_fp32=convolutions[:kept])
-        shares.append(agreement(tmp_path / entry.file))
+        shares.append(measure(tmp_path / entry.file)[0])
     assert shares[0] < max(shares)  # all-INT8 moves codes that keeping convolutions FP32 keeps: the search bites
+    # A bounded rule that only the share of identical codes decides, set between what the prefixes give.
     target = (shares[0] + max(shares)) / 2
-    monkeypatch.setattr(quantize, "AGREEMENT_TARGET", target)
+    loose = quantize.SEARCH_RULE.__class__(max_regret_p99=1e9, max_rank=10**9, min_drift_psnr=-1e9)
+    monkeypatch.setattr(quantize, "SEARCH_RULE", loose)
+    judge = quantize.bounded_judge(model, held_out, min_identical=target)
     said: list[str] = []
-    entry = quantize.write_checked_int8_encoder(tmp_path, fp32, calibration, agreement, said.append)
+    entry = quantize.write_checked_int8_encoder(tmp_path, fp32, calibration, judge, said.append)
     import onnx
 
     metadata = {p.key: p.value for p in onnx.load(str(tmp_path / entry.file)).metadata_props}
@@ -140,26 +125,25 @@ def test_int8_keeps_the_first_convolutions_fp32_until_codes_agree(
     assert f"the first {kept} of {len(convolutions)} convolutions FP32" in said[0]
 
 
-def test_every_option_together_passes_parity_in_fp32_fp16_and_int8(everything_export: Path) -> None:
-    reports = {r["precision"]: r for r in json.loads((everything_export / "parity.json").read_text())["reports"]}
+def test_every_option_together_passes_parity_in_fp32_fp16_and_int8(int8_export: Path) -> None:
+    reports = {r["precision"]: r for r in json.loads((int8_export / "parity.json").read_text())["reports"]}
     assert set(reports) == {"fp32", "fp16", "int8"} and all(r["passed"] for r in reports.values())
     assert reports["fp32"]["unexplained"] == 0 and reports["fp32"]["recon_max_abs"] <= 1
-    manifest = json.loads((everything_export / "manifest.json").read_text())
+    assert reports["fp32"]["contract"] == "exact" and reports["int8"]["contract"] == "bounded"
+    manifest = json.loads((int8_export / "manifest.json").read_text())
     assert manifest["grid"] == 8 and manifest["model_config"]["lookup_dim"] == 8
 
 
-def test_encode_and_decode_a_factor_4_export_from_files(
-    everything_export: Path, mixed_folder: Path, tmp_path: Path
-) -> None:
+def test_encode_and_decode_a_factor_4_export_from_files(int8_export: Path, mixed_folder: Path, tmp_path: Path) -> None:
     codes = tmp_path / "codes.npy"
-    encoded = run_cli("encode", str(mixed_folder), "--model", str(everything_export), "--out", str(codes))
+    encoded = run_cli("encode", str(mixed_folder), "--model", str(int8_export), "--out", str(codes))
     assert encoded.returncode == 0, encoded.stderr
     assert np.load(codes).shape == (8, 8, 8)
     torch_codes = tmp_path / "torch.npy"
-    args = ("--model", str(everything_export), "--out", str(torch_codes), "--backend", "torch")
+    args = ("--model", str(int8_export), "--out", str(torch_codes), "--backend", "torch")
     assert run_cli("encode", str(mixed_folder), *args).returncode == 0
     assert (np.load(codes) == np.load(torch_codes)).mean() > 0.99  # ties aside, the graph is the model
-    decoded = run_cli("decode", str(codes), "--model", str(everything_export), "--out", str(tmp_path / "recon"))
+    decoded = run_cli("decode", str(codes), "--model", str(int8_export), "--out", str(tmp_path / "recon"))
     assert decoded.returncode == 0, decoded.stderr
     assert len(list((tmp_path / "recon").glob("*.png"))) == 8
 

@@ -19,8 +19,8 @@ from tests.test_import import SIZE, _model_input, _photos, make_vqmodel
 
 def make_coarse_vqmodel(folder: Path) -> Any:
     """make_vqmodel with 16 codes at k-means centres of the photographs' latents, as far apart as INT8 needs: with
-    seeded (untrained) weights, INT8 rounding moves latents across the boundaries of 64 codes too often for its
-    90% rule, even with half the convolutions FP32."""
+    seeded (untrained) weights, INT8 rounding moves latents across the boundaries of 64 codes too often, even with
+    half the convolutions FP32."""
     from vqtool.train.codebook import kmeans
 
     model = make_vqmodel(folder, codes=16)
@@ -40,12 +40,18 @@ def test_an_imported_model_calibrates_int8_on_whole_images_of_a_folder_at_its_si
         "export", str(checkpoint), "--out", str(export), "--int8", "--calibration", str(calibration),
         "--calibration-images", "40",
     )  # fmt: skip
-    assert exported.returncode == 0, exported.stderr
     # Whole files, at most --calibration-images of them: not that many crops drawn from them.
     assert f"calibrating INT8 ranges on 40 images from {calibration}, at {SIZE}x{SIZE}" in exported.stderr
     assert "of codes as PyTorch's on 40 of the same images" in exported.stderr  # 16,384 codes would take 256
+    # Its seeded decoder was never trained to decode neighbouring codes alike, so the bounded contract's decode
+    # limit may refuse the INT8 graph: the figures decide, and the export says which.
+    assert exported.returncode == 0, exported.stderr
     reports = {r["precision"]: r for r in json.loads((export / "parity.json").read_text())["reports"]}
-    assert reports["int8"]["passed"] and reports["int8"]["identical_fraction"] >= 0.9
+    refused = "refused: onnxruntime int8" in exported.stdout
+    assert refused == (reports["int8"]["contract"] == "none"), exported.stdout
+    assert reports["int8"]["identical_fraction"] >= 0.9 and reports["int8"]["rank_max"] <= 8
+    if refused:
+        return
 
     import vqtool
 
@@ -91,12 +97,12 @@ def test_int8_calibration_hands_onnx_runtime_a_budget_of_images_at_a_time(
         given.append(sum(seen))
 
     monkeypatch.setattr(HistogramCalibrater, "collect_data", counted)
-    agreement = quantize.code_agreement(model, _photos(24, seed=3))
-    whole = agreement(tmp_path / quantize.write_int8_encoder(tmp_path, fp32, images).file)
+    judge = quantize.bounded_judge(model, _photos(24, seed=3))
+    whole = judge(tmp_path / quantize.write_int8_encoder(tmp_path, fp32, images).file)[0]
     assert given == [24]
     given.clear()
     monkeypatch.setattr(quantize, "CALIBRATION_MEMORY", 5 * per_image)
-    chunked = agreement(tmp_path / quantize.write_int8_encoder(tmp_path, fp32, images).file)
+    chunked = judge(tmp_path / quantize.write_int8_encoder(tmp_path, fp32, images).file)[0]
     assert given == [5, 5, 5, 5, 4]
     assert chunked >= whole - 0.03  # histograms merged across chunks give ranges as good
 
@@ -109,5 +115,5 @@ def test_int8_calibration_hands_onnx_runtime_a_budget_of_images_at_a_time(
     run = OnnxRuntimeRunner.__call__
     monkeypatch.setattr(OnnxRuntimeRunner, "__call__", lambda self, b: batches.append(len(b)) or run(self, b))
     large = ACTIVATION_BUDGET // (2 * LIVE_ACTIVATIONS)  # two images fit
-    measured = quantize.code_agreement(model, _photos(24, seed=3), activation_bytes=large)
-    assert measured(tmp_path / "encoder.int8.onnx") == chunked and batches == [2] * 12
+    measured = quantize.bounded_judge(model, _photos(24, seed=3), activation_bytes=large)
+    assert measured(tmp_path / "encoder.int8.onnx")[0] == chunked and batches == [2] * 12

@@ -63,7 +63,7 @@ def test_merge_refuses_incomplete_duplicated_or_foreign_shards(
     _encode(other, export_dir, tmp_path / "o1.npy", "--shard", "1/2")
     foreign = run_cli("merge", str(tmp_path / "s0.npy"), str(tmp_path / "o1.npy"), "--out", str(tmp_path / "m.npy"))
     assert foreign.returncode == 1 and "different sharding" in foreign.stderr
-    _encode(png_folder, export_dir, tmp_path / "i1.npy", "--shard", "1/2", "--precision", "int8")
+    _encode(png_folder, export_dir, tmp_path / "i1.npy", "--shard", "1/2", "--precision", "fp16")
     mixed = run_cli("merge", str(tmp_path / "s0.npy"), str(tmp_path / "i1.npy"), "--out", str(tmp_path / "m.npy"))
     assert mixed.returncode == 1 and "different precision" in mixed.stderr
     _encode(png_folder, export_dir, tmp_path / "full.npy")
@@ -130,11 +130,11 @@ def test_resume_refuses_a_different_file_list(png_folder: Path, export_dir: Path
 
 
 def test_bench_reports_every_backend_against_the_eager_baseline(
-    export_dir: Path, png_folder: Path, tmp_path: Path
+    int8_export: Path, png_folder: Path, tmp_path: Path
 ) -> None:
     result = run_cli(
         "bench",
-        str(export_dir),
+        str(int8_export),
         "--batch",
         "1",
         "--batch",
@@ -162,6 +162,7 @@ def test_bench_reports_every_backend_against_the_eager_baseline(
         assert folder["images"] == 61 and folder["vs_naive"] > 0 and folder["vs_slower_stage"] > 0
     assert folders[("onnxruntime", "fp32")]["agreement_with_naive"] == 1.0
     assert "× eager" in result.stdout and "naive script" in result.stdout
+    assert "bounded" in result.stdout and "exact" in result.stdout  # each runtime's contract beside its speed
     roofline = report["fp32_roofline"]
     assert roofline["fp32_matmul_flop_per_s"] > 0 and {"torch", "onnxruntime"} <= set(roofline["reached"])
     assert "FP32 ceiling" in result.stderr

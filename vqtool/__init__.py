@@ -18,6 +18,7 @@ from vqtool.errors import VqtoolError
 
 __version__ = "0.1.0"
 __all__ = [
+    "Contract",
     "DecodeResult",
     "EncodeOptions",
     "EncodeResult",
@@ -30,7 +31,7 @@ __all__ = [
 _API = frozenset(__all__) - {"VqtoolError"}
 
 if TYPE_CHECKING:
-    from vqtool.api import DecodeResult, EncodeOptions, EncodeResult, Fit, RuntimeChoice, Tokenizer, load
+    from vqtool.api import Contract, DecodeResult, EncodeOptions, EncodeResult, Fit, RuntimeChoice, Tokenizer, load
 
 
 def __getattr__(name: str) -> Any:

@@ -23,6 +23,7 @@ import numpy as np
 from vqtool.data.specs import image_set
 from vqtool.errors import VqtoolError
 from vqtool.formats.atomic import partial_path
+from vqtool.formats.contract import Contract, contract_of
 from vqtool.formats.manifest import Manifest, code_dtype_for, fitting_batch, read_manifest
 from vqtool.host import inference_threads
 from vqtool.images.fit import Fit
@@ -32,15 +33,15 @@ from vqtool.pipeline.decode import DecodeResult, check_decodable
 from vqtool.pipeline.decode import decode_file as _decode_file
 from vqtool.pipeline.encode import EncodeKeywords, EncodeOptions, EncodeResult, codes_output, plan_encode, run_encode
 from vqtool.pipeline.resume import progress_path
-from vqtool.precisions import BF16, decoder_precision
+from vqtool.precisions import BF16, FASTEST, decoder_precision
 from vqtool.runtime import tensors
 from vqtool.runtime.base import CudaTensorRunner, Runner
-from vqtool.runtime.select import ChosenRunner, RuntimeChoice, check_bf16, open_runner
+from vqtool.runtime.select import ChosenRunner, RuntimeChoice, check_bf16, fastest_choice, open_runner
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["DecodeResult", "EncodeOptions", "EncodeResult", "Fit", "RuntimeChoice", "Tokenizer", "load"]
+__all__ = ["Contract", "DecodeResult", "EncodeOptions", "EncodeResult", "Fit", "RuntimeChoice", "Tokenizer", "load"]
 
 _log = logging.getLogger("vqtool")
 # Images (or code grids) per graph call: the CLI's default, so the API's codes are the CLI's byte for byte.
@@ -64,9 +65,11 @@ def load(
     The manifest is read and every graph (or `model.pt`) is checked against its recorded checksum before
     it runs. `backend` is auto, onnxruntime, onnxruntime-trt, tensorrt, openvino or torch; `device` auto, cpu
     or cuda; `precision` fp32, fp16 (export --fp16), bf16 (OpenVINO; refused where parity.json records that it
-    missed its rule) or int8 (export --int8; an encoder precision, so the decoder runs fp32). With auto, a GPU
-    runtime if one starts, else the CPU runtime bench.json measured fastest among those parity.json shows
-    exact; `describe()` says which ran and why. `threads` caps the CPU threads (default: a core each).
+    met no contract), int8 (export --int8; an encoder precision, so the decoder runs fp32), or fastest: the
+    runtime and precision bench.json measured fastest among those parity.json publishes under the exact or
+    bounded contract (fp32 where bench.json measures none of them). With auto, a GPU runtime if one starts,
+    else the CPU runtime bench.json measured fastest among those parity.json shows exact; `describe()` says
+    which ran and why, and `contract` what its codes promise. `threads` caps the CPU threads (default: a core each).
     With `lazy`, each graph starts on its first use instead (a job that only encodes never starts the decoder).
     A TensorRT engine is code that TensorRT runs, not data: with `engines=False`, engine files in the folder are
     ignored (no tensorrt or onnxruntime-trt backend starts), for exports from sources you do not trust.
@@ -76,7 +79,11 @@ def load(
     folder = Path(export_dir)
     manifest = read_manifest(folder)
     runtime = runtime or RuntimeChoice(backend, device, precision, inference_threads(threads), engines)
-    note = check_bf16(folder) if runtime.precision == BF16 else ""
+    note = ""
+    if runtime.precision == FASTEST:
+        runtime, note = fastest_choice(folder, manifest, runtime)
+    if runtime.precision == BF16:
+        note = "; ".join(filter(None, (note, check_bf16(folder))))
     tok = Tokenizer(folder, manifest, runtime, note)
     if not lazy:
         tok.start()
@@ -159,14 +166,22 @@ class Tokenizer:
             return self._encoder.runner.provider
         return _joined(self._encoder.runner.provider, self._decoder.runner.provider)
 
+    @property
+    def contract(self) -> Contract:
+        """The contract the encoder's codes are made under (exact, bounded, none or unchecked), with the runtime,
+        precision and the drift parity measured for it; every codes file this tokenizer writes records it."""
+        runner = self._encoder.runner
+        return contract_of(self.export_dir, runner.backend, self.precision, runner.provider)
+
     def describe(self) -> str:
-        """One line: what runs each graph, and why faster backends were passed over."""
+        """One line: what runs each graph, why faster backends were passed over, and the codes' contract."""
+        terms = f"; codes under the {self.contract.describe()}"
         if not self.has_decoder:
-            return f"encoder {self.precision}: {self._encoder.describe()}{self._note}"
+            return f"encoder {self.precision}: {self._encoder.describe()}{self._note}{terms}"
         encoder, decoder = self._encoder.describe(), self._decoder.describe()
         if (encoder, self.precision) == (decoder, self._decode_precision):
-            return f"{self.precision}: {encoder}{self._note}"
-        return f"encoder {self.precision}: {encoder}; decoder {self._decode_precision}: {decoder}{self._note}"
+            return f"{self.precision}: {encoder}{self._note}{terms}"
+        return f"encoder {self.precision}: {encoder}; decoder {self._decode_precision}: {decoder}{self._note}{terms}"
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
         """The code grid (h, w) of a height x width image encoded without resizing."""
@@ -269,12 +284,13 @@ class Tokenizer:
                 image_column=options.image_column,
                 key_column=options.key_column,
             )
-            plan = plan_encode(images, self.manifest, self.export_dir, out, options, self.precision)
+            contract = self.contract
+            plan = plan_encode(images, self.manifest, self.export_dir, out, options, self.precision, contract)
             if not fast_png_available() and any(str(name).lower().endswith(".png") for name in images.keys[:1000]):
                 log("reading PNG files with Pillow; pip install 'vqtool[fast-png]' reads them about twice as fast")
             shard = options.shard
             part = f" (shard {shard.index}/{shard.count})" if shard else ""
-            runs = f"in {self.precision} with {self._encoder.describe()}{self._note}"
+            runs = f"in {self.precision} with {self._encoder.describe()}{self._note}, under the {contract.describe()}"
             log(f"encoding {len(images.keys)} images{part} {runs}")
             if plan.batch_size < options.batch_size:
                 log(f"batches of {plan.batch_size} images, not {options.batch_size}: the model's activations are large")

@@ -17,6 +17,7 @@ from rich.markup import escape
 from vqtool.errors import VqtoolError, missing_extra
 from vqtool.images.fit import CROPS
 from vqtool.model.presets import PRESET_ALIASES, PRESETS
+from vqtool.precisions import FASTEST, PRECISIONS
 from vqtool.runtime.base import Device
 
 app = typer.Typer(
@@ -87,6 +88,7 @@ def choices(name: str, values: Iterable[str]) -> Any:
 
 Preset = choices("Preset", (*PRESETS, *PRESET_ALIASES))  # vqtool.model.presets: what each sets
 Crop = choices("Crop", CROPS)  # vqtool.images.fit: how images reach the model's size
+RunPrecision = choices("RunPrecision", (*PRECISIONS, FASTEST))  # vqtool.precisions, and "fastest" of them
 
 
 DeviceOption = Annotated[Device, typer.Option(help="Where to run: a CUDA GPU if one starts (auto), cpu or cuda.")]

@@ -4,6 +4,7 @@ library functions behind it. None of them needs PyTorch but bench, whose baselin
 from __future__ import annotations
 
 import enum
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -15,6 +16,7 @@ from vqtool.cli.common import (
     DeviceOption,
     MaxPixelsOption,
     OverwriteOption,
+    RunPrecision,
     SkipBadOption,
     app,
     out,
@@ -26,7 +28,6 @@ from vqtool.cli.common import (
 )
 from vqtool.errors import VqtoolError
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
-from vqtool.precisions import Precision
 from vqtool.runtime.base import Backend, CheckedBackend, Device
 
 if TYPE_CHECKING:
@@ -37,10 +38,11 @@ BackendOption = Annotated[
     typer.Option(help="auto takes the fastest that starts here: tensorrt, then ONNX Runtime on CUDA, then on the CPU."),
 ]
 PrecisionOption = Annotated[
-    Precision,
+    RunPrecision,
     typer.Option(
-        help="fp32; fp16 (needs export --fp16); int8, encode on CPU only (needs export --int8; "
-        "codes may differ from PyTorch's, parity.json says how often)."
+        help="fp32; fp16 (needs export --fp16); bf16 (OpenVINO); int8, encode on CPU only (needs export --int8); "
+        "fastest: the fastest that parity.json publishes under the exact or bounded contract, by bench.json. "
+        "The codes' sidecar records the contract they were made under."
     ),
 ]
 
@@ -98,7 +100,7 @@ def encode(
     ] = True,
     backend: BackendOption = Backend.auto,
     device: DeviceOption = Device.auto,
-    precision: PrecisionOption = Precision.fp32,
+    precision: PrecisionOption = RunPrecision.fp32,
     shard: Annotated[
         str | None,
         typer.Option(help="Encode only slice I of N (I/N, I from 0) of the sorted file list; join with vqtool merge."),
@@ -166,6 +168,7 @@ def _print_encoded(result: EncodeResult) -> None:
     print_result(
         f"wrote {result.codes_path} ({result.count} x {result.grid[0]} x {result.grid[1]} codes){beside} "
         f"in {result.seconds:.2f}s ({result.count / result.seconds:.0f} images/s)"
+        + (f", under the {result.contract.describe()}" if result.contract is not None else "")
     )
 
 
@@ -192,7 +195,7 @@ def decode(
     batch_size: Annotated[int, typer.Option(help="Code grids per inference batch.")] = 64,
     backend: BackendOption = Backend.auto,
     device: DeviceOption = Device.auto,
-    precision: PrecisionOption = Precision.fp32,
+    precision: PrecisionOption = RunPrecision.fp32,
     writers: Annotated[
         int | None, typer.Option(help="Processes that write PNG files, at low priority (default: one per 2 cores).")
     ] = None,
@@ -257,12 +260,17 @@ def bench(
         max_pixels=pixel_limit(max_pixels),
         out=out_path,
         log=say,
-        show=_show_bench_part,
+        show=functools.partial(_show_bench_part, export_dir),
     )
     print_result(f"wrote {target}")
 
 
-def _show_bench_part(part: str, rows: list[dict[str, Any]]) -> None:
+def _show_bench_part(export_dir: Path, part: str, rows: list[dict[str, Any]]) -> None:
     from vqtool.cli.tables import bench_table, folder_table
+    from vqtool.formats.contract import contract_of
 
-    out.print(bench_table(rows) if part == "model_only" else folder_table(rows))
+    if part != "model_only":
+        out.print(folder_table(rows))
+        return
+    contracts = [contract_of(export_dir, r["backend"], r["precision"], r["provider"]).name for r in rows]
+    out.print(bench_table([{**r, "contract": c} for r, c in zip(rows, contracts, strict=True)]))

@@ -40,6 +40,9 @@ class CodesSidecar:
     # The runtime that ran the encoder (onnxruntime, openvino, tensorrt, torch); "mixed" for shards of several.
     # Absent from files written before it was recorded.
     backend: str | None = None
+    # The contract the codes were made under (vqtool.formats.contract.Contract): exact, bounded, none or unchecked,
+    # with the runtime, precision and the drift parity measured. Absent from files written before it was recorded.
+    contract: dict[str, Any] | None = None
     format: str = SIDECAR_FORMAT
 
     def to_dict(self) -> dict[str, object]:
@@ -47,8 +50,9 @@ class CodesSidecar:
         raw = {f.name: getattr(self, f.name) for f in fields(self)}
         if self.skipped is None:  # a run without --skip-bad writes the sidecar it always wrote
             del raw["skipped"]
-        if self.backend is None:
-            del raw["backend"]
+        for optional in ("backend", "contract"):
+            if raw[optional] is None:
+                del raw[optional]
         return raw
 
 
@@ -70,6 +74,11 @@ def _sidecar_problem(raw: dict[str, Any]) -> str | None:
     for name in ("dtype", "manifest_sha256", "checkpoint_sha256", "precision"):
         if not isinstance(raw.get(name, ""), str):
             return f"'{name}' must be a string"
+    contract = raw.get("contract")
+    if contract is not None and not (
+        isinstance(contract, dict) and all(isinstance(contract.get(k), str) for k in ("name", "backend", "precision"))
+    ):
+        return "'contract' must hold name, backend and precision"
     shard = raw.get("shard")
     shard_fields = ("index", "count", "start", "stop", "total")
     if shard is not None and not (

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from vqtool.formats.manifest import BENCH_NAME, PARITY_NAME
+from vqtool.precisions import BOUNDED_CONTRACT, EXACT_CONTRACT, NO_CONTRACT, TABLE
 
 R = TypeVar("R")
 
@@ -36,7 +37,25 @@ class ParityReport:
     recon_psnr: float = math.inf  # against PyTorch's reconstructions; stored as null when they are equal
     quality_drop_db: float = 0.0  # PSNR against the input images: PyTorch's reconstructions minus these
     decoded: str = "pytorch"  # whose codes the reconstructions come from: "pytorch" or "own"
-    failures: tuple[str, ...] = ()
+    # Drift of the codes from PyTorch's (export/drift.py): the changed codes' regret and rank (p50, p99, max), the
+    # PSNR of their decode against the exact codes' (null: nothing changed), the change in PSNR against the images.
+    regret_p50: float = 0.0
+    regret_p99: float = 0.0
+    regret_max: float = 0.0
+    rank_p50: float = 0.0
+    rank_p99: float = 0.0
+    rank_max: int = 0
+    drift_psnr: float = math.inf
+    quality_change_db: float | None = None
+    # Batch invariance: the sizes the first images were also encoded at, the lowest share of their codes identical
+    # to the parity run's, and the differences that are not near-ties.
+    batch_sizes: tuple[int, ...] = ()
+    batch_identical: float = 1.0
+    batch_unexplained: int = 0
+    # The contract met: "exact" (the precision's own rule), "bounded", or "none" ("" in records older than it).
+    contract: str = ""
+    failures: tuple[str, ...] = ()  # why no contract was met
+    outside_exact: tuple[str, ...] = ()  # under the bounded contract: why the exact rule was not met
     # Kept as read where `codes` is unknown (a record written by hand); computed otherwise.
     recorded_identical_fraction: float | None = None
 
@@ -53,25 +72,41 @@ class ParityReport:
 
     @property
     def passed(self) -> bool:
+        """Whether it met a contract (exact or bounded)."""
         return not self.failures
+
+    @property
+    def met(self) -> str:
+        """The contract met: the record's, or for a record older than contracts, the one its pass stood for."""
+        if self.contract or not self.passed:
+            return self.contract or NO_CONTRACT
+        known = TABLE.get(self.precision)
+        return EXACT_CONTRACT if known is None or known.rule.exact else BOUNDED_CONTRACT
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         del out["recorded_identical_fraction"]
         out["failures"] = list(self.failures)
+        out["outside_exact"] = list(self.outside_exact)
+        out["batch_sizes"] = list(self.batch_sizes)
         out["identical_fraction"] = self.identical_fraction
         out["passed"] = self.passed
-        out["recon_psnr"] = None if math.isinf(self.recon_psnr) else self.recon_psnr
+        out["contract"] = self.met
+        for name in ("recon_psnr", "drift_psnr"):
+            out[name] = None if math.isinf(getattr(self, name)) else getattr(self, name)
         return out
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ParityReport:
         values = _known(cls, raw)
         values["failures"] = tuple(str(f) for f in raw.get("failures") or ())
+        values["outside_exact"] = tuple(str(f) for f in raw.get("outside_exact") or ())
+        values["batch_sizes"] = tuple(int(b) for b in raw.get("batch_sizes") or ())
         if raw.get("passed") is False and not values["failures"]:
             values["failures"] = ("failed",)
-        if values.get("recon_psnr") is None:
-            values["recon_psnr"] = math.inf
+        for name in ("recon_psnr", "drift_psnr"):
+            if values.get(name) is None:
+                values[name] = math.inf
         values["recorded_identical_fraction"] = raw.get("identical_fraction")
         return cls(**values)
 

@@ -25,6 +25,7 @@ from vqtool.errors import VqtoolError
 from vqtool.formats.atomic import StagedOutput, json_bytes, partial_path, usual_mode, write_json
 from vqtool.formats.codes import CodesSidecar, sidecar_path
 from vqtool.formats.codes_parquet import is_parquet, require_pyarrow, write_codes_parquet
+from vqtool.formats.contract import Contract, contract_of
 from vqtool.formats.lock import output_lock
 from vqtool.formats.manifest import Manifest, code_dtype_for, fitting_batch, manifest_checksum
 from vqtool.formats.outputs import check_codes_output
@@ -36,7 +37,7 @@ from vqtool.images.reading import SkippedFile, describe_skipped
 from vqtool.pipeline.reading import ReadOptions, first_shape, read_batches
 from vqtool.pipeline.resume import Progress, progress_path, resume_point, shrink_rows
 from vqtool.pipeline.shards import Shard, list_checksum
-from vqtool.precisions import FP32
+from vqtool.precisions import EXACT_CONTRACT, FP32
 from vqtool.runtime.base import Runner
 
 # Progress is made durable this often (and on interrupt), not per batch: each sync is an msync + fsync.
@@ -57,6 +58,7 @@ class EncodeResult:
     resumed_from: int
     # Files left out under --skip-bad (None without it); `count` is the rows written, files read.
     skipped: tuple[SkippedFile, ...] | None = None
+    contract: Contract | None = None  # the contract the codes were made under, as their sidecar records it
 
 
 class EncodeInterrupted(VqtoolError):
@@ -88,6 +90,9 @@ class EncodePlan:
     shard: dict[str, int | str] | None
     # What a resumed run must share with the interrupted one.
     signature: dict[str, object]
+    export_dir: Path
+    # The contract the encoder runs under, where known before the run (the local engine); Ray's actors say theirs.
+    contract: Contract | None = None
 
     def kept_keys(self, skipped: Sequence[SkippedFile]) -> list[str]:
         """The keys of the rows written: every image's but those skipped (named as messages name them)."""
@@ -97,7 +102,7 @@ class EncodePlan:
         keys = self.images.keys
         return [keys[i] for i in range(len(keys)) if self.images.name(i) not in names]
 
-    def sidecar(self, backend: str, skipped: Sequence[SkippedFile]) -> CodesSidecar:
+    def sidecar(self, contract: Contract, skipped: Sequence[SkippedFile]) -> CodesSidecar:
         return CodesSidecar(
             files=self.kept_keys(skipped),
             grid=list(self.grid),
@@ -108,7 +113,8 @@ class EncodePlan:
             shard=self.shard,
             precision=self.precision,
             skipped=[s.to_dict() for s in skipped] if self.options.skip_bad else None,
-            backend=backend,
+            backend=contract.backend,
+            contract=contract.to_dict(),
         )
 
 
@@ -180,10 +186,12 @@ def plan_encode(
     out: Path,
     options: EncodeOptions = EncodeOptions(),
     precision: str = FP32,
+    contract: Contract | None = None,
 ) -> EncodePlan:
     """Every check an encode can make before it reads an image: files, batch size, shard, the first size.
 
-    `images`: the files, tar members or Parquet rows to encode, as vqtool.data.image_set gives them."""
+    `images`: the files, tar members or Parquet rows to encode, as vqtool.data.image_set gives them; `contract`:
+    the one the encoder runs under where it is known before the run (a resumed run must share it)."""
     if not images.keys:
         raise VqtoolError("no images to encode")
     if options.batch_size < 1:
@@ -211,10 +219,25 @@ def plan_encode(
         "max_pixels": options.fit.max_pixels,
         # Only where it is not the default: progress records written before the option resume as they were.
         **({"crop": "center"} if options.fit.mode == CENTER else {}),
+        # Only where it is not exact: exact codes are the same whichever runtime made them.
+        **({"contract": contract.key} if contract is not None and contract.key != EXACT_CONTRACT else {}),
     }
     workers = reader_count(options.readers)
     return EncodePlan(
-        images, out, reading, shape, grid, dtype, batch_size, workers, manifest, precision, shard_info, signature
+        images,
+        out,
+        reading,
+        shape,
+        grid,
+        dtype,
+        batch_size,
+        workers,
+        manifest,
+        precision,
+        shard_info,
+        signature,
+        export_dir,
+        contract,
     )
 
 
@@ -228,6 +251,9 @@ def run_encode(
     """
     started = time.perf_counter()
     out, total = plan.out, len(plan.images.keys)
+    contract = plan.contract or contract_of(plan.export_dir, encoder.backend, plan.precision, encoder.provider)
+    if contract.backend != encoder.backend:
+        raise ValueError(f"the plan was made for {contract.backend}'s contract, not for {encoder.backend}")
     progress = resume_point(out, plan.signature, resume, log)
     out.parent.mkdir(parents=True, exist_ok=True)
     if progress.done:
@@ -243,11 +269,11 @@ def run_encode(
     # the run), so it is written and synced while the images are encoded, and only renamed into place at the end.
     early = None
     if not plan.options.skip_bad and not is_parquet(out):
-        early = StagedOutput(sidecar_path(out), lambda: json_bytes(plan.sidecar(encoder.backend, []).to_dict()))
+        early = StagedOutput(sidecar_path(out), lambda: json_bytes(plan.sidecar(contract, []).to_dict()))
     with early or contextlib.nullcontext():
         done = _encode_batches(plan, encoder, codes_out, progress)
         del codes_out
-        finish_codes(plan, encoder.backend, done.written, done.skipped, early)
+        finish_codes(plan, contract, done.written, done.skipped, early)
     report_notes(plan, done.written, done.resized, done.skipped, log)
     return EncodeResult(
         out,
@@ -259,6 +285,7 @@ def run_encode(
         time.perf_counter() - started,
         progress.done,
         tuple(done.skipped) if plan.options.skip_bad else None,
+        contract,
     )
 
 
@@ -339,7 +366,7 @@ def _encode_batches(plan: EncodePlan, encoder: Runner, codes_out: np.memmap, pro
 
 def finish_codes(
     plan: EncodePlan,
-    backend: str,
+    contract: Contract,
     written: int,
     skipped: Sequence[SkippedFile],
     early_sidecar: StagedOutput | None = None,
@@ -357,7 +384,7 @@ def finish_codes(
         shrink_rows(partial, written)
     if is_parquet(out):
         codes = np.load(partial, mmap_mode="r")
-        sidecar = plan.sidecar(backend, skipped)
+        sidecar = plan.sidecar(contract, skipped)
         write_codes_parquet(out, codes, sidecar.files, sidecar)
         del codes
         partial.unlink()
@@ -368,7 +395,7 @@ def finish_codes(
     if early_sidecar is not None:
         early_sidecar.commit()
     else:
-        write_json(sidecar_path(out), plan.sidecar(backend, skipped).to_dict())
+        write_json(sidecar_path(out), plan.sidecar(contract, skipped).to_dict())
     usual_mode(partial)
     os.replace(partial, out)
     progress_path(out).unlink(missing_ok=True)

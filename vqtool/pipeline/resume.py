@@ -14,6 +14,7 @@ from vqtool.data.arrays import read_npy_header
 from vqtool.errors import VqtoolError
 from vqtool.formats.atomic import partial_path
 from vqtool.images.reading import SkippedFile
+from vqtool.precisions import EXACT_CONTRACT
 
 
 def progress_path(out: Path) -> Path:
@@ -41,6 +42,13 @@ def resume_point(out: Path, signature: dict[str, object], resume: bool, log: Cal
         return Progress()
     try:
         saved = json.loads(progress.read_text())
+        theirs, ours = saved.get("contract", EXACT_CONTRACT), signature.get("contract", EXACT_CONTRACT)
+        if theirs != ours:
+            raise VqtoolError(
+                f"the interrupted run's codes were made under the {theirs} contract and this run's would be "
+                f"under the {ours} one; rerun without --resume, or with the interrupted run's runtime",
+                out,
+            )
         if {k: saved.get(k) for k in signature} != signature:
             raise VqtoolError(
                 "the interrupted run encoded other files or used another model; rerun without --resume", out

@@ -13,6 +13,7 @@ import numpy as np
 from vqtool.errors import VqtoolError
 from vqtool.formats.atomic import atomic_output, write_json
 from vqtool.formats.codes import CodesSidecar, load_codes_array, read_sidecar, sidecar_path
+from vqtool.formats.contract import UNRECORDED, Contract, joined
 from vqtool.formats.lock import output_lock
 from vqtool.formats.outputs import check_codes_output
 from vqtool.formats.space import allocated_memmap
@@ -69,6 +70,13 @@ def merge_shards(paths: Sequence[Path], out: Path, *, overwrite: bool = False) -
         return _merge(paths, out)
 
 
+def _contract(sidecar: CodesSidecar) -> Contract:
+    """The contract a shard records; for a shard written before contracts were recorded, one of its own kind."""
+    if sidecar.contract is not None:
+        return Contract.from_dict(sidecar.contract)
+    return Contract(UNRECORDED, sidecar.backend or "unknown", sidecar.precision)
+
+
 def _merge(paths: Sequence[Path], out: Path) -> CodesSidecar:
     loaded = []
     for path in paths:
@@ -81,10 +89,23 @@ def _merge(paths: Sequence[Path], out: Path) -> CodesSidecar:
     first_path, first = loaded[0]
     assert first.shard is not None  # every sidecar was checked to be a shard's above
     count = int(first.shard["count"])
+    first_contract = _contract(first)
     for path, sidecar in loaded[1:]:
-        for field in ("checkpoint_sha256", "manifest_sha256", "grid", "dtype", "codes", "precision"):
+        if sidecar.manifest_sha256 != first.manifest_sha256:
+            raise VqtoolError(
+                f"was made by another export (manifest {sidecar.manifest_sha256[:12]}) than {first_path} "
+                f"(manifest {first.manifest_sha256[:12]})",
+                path,
+            )
+        for field in ("checkpoint_sha256", "grid", "dtype", "codes", "precision"):
             if getattr(sidecar, field) != getattr(first, field):
                 raise VqtoolError(f"was made with a different {field} than {first_path}", path)
+        if _contract(sidecar).key != first_contract.key:
+            raise VqtoolError(
+                f"was made under the {_contract(sidecar).key} contract, {first_path} under the {first_contract.key} "
+                "one: codes of two contracts are never joined",
+                path,
+            )
         assert sidecar.shard is not None and first.shard is not None
         for field in ("count", "total", "list_sha256"):
             if sidecar.shard[field] != first.shard[field]:
@@ -124,6 +145,7 @@ def _merge(paths: Sequence[Path], out: Path) -> CodesSidecar:
         precision=first.precision,
         skipped=skipped if any(sidecar.skipped is not None for _, sidecar in ordered) else None,
         backend=backends.pop() if len(backends := {s.backend for _, s in ordered}) == 1 else "mixed",
+        contract=joined([_contract(s) for _, s in ordered], "the shards").to_dict() if first.contract else None,
     )
     with atomic_output(out) as temp:
         target = allocated_memmap(temp, np.dtype(first.dtype), (len(files), *first.grid), shown=out)

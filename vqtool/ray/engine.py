@@ -33,6 +33,7 @@ from vqtool.data.sets import located_refs
 from vqtool.data.specs import image_set
 from vqtool.errors import VqtoolError, first_line, missing_extra
 from vqtool.formats.atomic import partial_path, write_json
+from vqtool.formats.contract import contract_of, joined
 from vqtool.formats.manifest import read_manifest
 from vqtool.formats.space import allocated_memmap
 from vqtool.images.fit import KEEP, Fit
@@ -126,7 +127,9 @@ def encode_on_ray(
                 except Exception as exc:
                     raise _user_error(exc) from None
         written, resized, skipped, runtimes = _join(plan, staging)
-        finish_codes(plan, runtimes.pop() if len(runtimes) == 1 else "mixed", written, skipped)
+        contracts = [contract_of(model, backend, runtime.precision) for backend in sorted(runtimes)]
+        contract = joined(contracts, f"the blocks Ray stored for {out}")
+        finish_codes(plan, contract, written, skipped)
         shutil.rmtree(staging, ignore_errors=True)
         report_notes(plan, written, resized, skipped, log)
         return EncodeResult(
@@ -139,6 +142,7 @@ def encode_on_ray(
             time.perf_counter() - started,
             len(done_before),
             tuple(skipped) if options.skip_bad else None,
+            contract,
         )
 
 

@@ -3,6 +3,7 @@
 `auto` tries the GPU runtimes first (RUNTIMES' auto_rank) and keeps the first that actually starts, remembering
 why the others did not, so every command can say what really ran. On the CPU it chooses by measurement: the
 fastest runtime in the export's bench.json among those whose codes parity.json shows exact (FP32).
+`precision="fastest"` widens that to every precision parity.json publishes under a contract, exact or bounded.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from vqtool.errors import VqtoolError
-from vqtool.formats.manifest import Manifest, graph_key, verify_graph
-from vqtool.formats.records import parity_report, read_bench_rows
+from vqtool.formats.contract import UNCHECKED, contract_of
+from vqtool.formats.manifest import PARITY_NAME, Manifest, graph_key, verify_graph
+from vqtool.formats.records import parity_report, read_bench_rows, read_parity_reports
 from vqtool.host import inference_threads, nvidia_gpu_present
-from vqtool.precisions import BF16, FP32, INT8, PRECISIONS
+from vqtool.precisions import BF16, BOUNDED_CONTRACT, EXACT_CONTRACT, FASTEST, FP32, INT8, NO_CONTRACT, PRECISIONS
 from vqtool.precisions import row as precision_row
 from vqtool.runtime.base import (
     BACKENDS,
@@ -30,6 +32,7 @@ from vqtool.runtime.base import (
     Runner,
     backends_running,
     refusal,
+    runs,
     runtime_for,
 )
 
@@ -49,7 +52,8 @@ class ChosenRunner:
 
 
 def check_bf16(export_dir: Path) -> str:
-    """Refuse BF16 where parity.json records that it missed its rule; say so where it was never checked."""
+    """Refuse BF16 where parity.json records that it met no contract; say so where it was never checked, and under
+    which contract it runs where it was."""
     report = parity_report(export_dir, Backend.openvino.value, BF16)
     if report is None:
         return "bf16 not yet checked on this export: vqtool parity EXPORT_DIR --precision bf16"
@@ -57,10 +61,42 @@ def check_bf16(export_dir: Path) -> str:
         int8 = parity_report(export_dir, Backend.onnxruntime.value, INT8)
         instead = "fp32 or int8" if int8 is not None and int8.passed else "fp32"
         raise VqtoolError(
-            f"bf16 failed parity on this export here ({report.failures[0]}); use {instead}",
+            f"bf16 met no contract on this export here ({report.failures[-1]}); use {instead}",
             export_dir / "parity.json",
         )
-    return f"bf16 passed parity: {report.identical_fraction:.2%} identical codes"
+    return f"bf16 {report.met} contract: {report.identical_fraction:.2%} identical codes"
+
+
+def fastest_choice(export_dir: Path, manifest: Manifest, choice: RuntimeChoice) -> tuple[RuntimeChoice, str]:
+    """precision="fastest" made concrete: among the runtimes and precisions parity.json publishes under a contract
+    (exact or bounded) whose encoder graph this export has and that `choice`'s backend and device allow, the one
+    bench.json measured fastest to encode at its largest batch; with the reason. Where bench.json measures none
+    of them, fp32 (exact) on `choice`'s backend, and the reason says how to measure them."""
+    published = []
+    for report in read_parity_reports(export_dir):
+        if report.met not in (EXACT_CONTRACT, BOUNDED_CONTRACT) or report.precision not in PRECISIONS:
+            continue
+        if graph_key("encoder", report.precision) not in manifest.graphs:
+            continue
+        if choice.backend not in (Backend.auto.value, report.runtime):
+            continue
+        if choice.device != Device.auto.value and not runs(report.runtime, report.precision, choice.device):
+            continue
+        published.append(report)
+    rows = [r for r in read_bench_rows(export_dir) if r.stage == "encode"]
+    largest = max((r.batch for r in rows), default=0)
+    speeds = {(r.backend, r.precision): r.images_per_s for r in rows if r.batch == largest}
+    measured = [r for r in published if (r.runtime, r.precision) in speeds]
+    if not measured:
+        why = "bench.json measures no runtime parity published (vqtool bench EXPORT_DIR measures them): fp32"
+        return replace(choice, precision=FP32), f"fastest: {why}"
+    best = max(measured, key=lambda r: speeds[(r.runtime, r.precision)])
+    speed = speeds[(best.runtime, best.precision)]
+    why = (
+        f"fastest: {best.runtime} {best.precision}, {speed:,.0f} images/s at batch {largest} in bench.json, "
+        f"the fastest of {len(measured)} published under a contract"
+    )
+    return replace(choice, backend=best.runtime, precision=best.precision), why
 
 
 def cpu_choice(export_dir: Path, role: str, precision: str) -> tuple[list[str], str]:
@@ -131,7 +167,31 @@ def _open(export_dir: Path, manifest: Manifest, role: str, choice: RuntimeChoice
     entry = manifest.graphs.get(key)
     activation_bytes = entry.activation_bytes if entry is not None else 0
     graph = GraphToOpen(path, role, precision, device, choice.threads, spin, activation_bytes, export_dir, manifest)
-    return runtime.open(graph)
+    runner = runtime.open(graph)
+    reason = _refused_by_parity(export_dir, backend, precision, runner.provider)
+    if reason is not None:
+        runner.close()
+        raise VqtoolError(reason, export_dir / PARITY_NAME)
+    return runner
+
+
+def _refused_by_parity(export_dir: Path, backend: str, precision: str, provider: str) -> str | None:
+    """Why parity.json forbids this runtime: export publishes a reduced precision that met no contract beside the
+    rest, recorded as refused, and `vqtool parity` may later find a runtime that meets none. The record of this
+    runtime where it ran (its provider) decides; where it was never checked, a record of the same graph refused on
+    another runtime refuses it too, until `vqtool parity` checks it here."""
+    contract = contract_of(export_dir, backend, precision, provider)
+    instead = "" if precision == FP32 else "; use fp32"
+    if contract.name == NO_CONTRACT:
+        return f"{backend} {precision} met no contract on this export (its figures are in this file){instead}"
+    if contract.name == UNCHECKED and precision != FP32:
+        for report in read_parity_reports(export_dir):
+            if report.precision == precision and report.met == NO_CONTRACT:
+                return (
+                    f"{precision} met no contract on this export on {report.runtime} ({report.provider}), and "
+                    f"{backend} was never checked: vqtool parity EXPORT_DIR --backend {backend}{instead}"
+                )
+    return None
 
 
 def open_backend(backend: str, graph: GraphToOpen) -> Runner:
@@ -143,7 +203,7 @@ def open_backend(backend: str, graph: GraphToOpen) -> Runner:
 
 
 def _check_names(backend: str, device: str, precision: str) -> None:
-    for kind, value, choices in (("backend", backend, BACKENDS), ("precision", precision, PRECISIONS)):
+    for kind, value, choices in (("backend", backend, BACKENDS), ("precision", precision, (*PRECISIONS, FASTEST))):
         if value not in choices:
             raise VqtoolError(f"unknown {kind} {value!r}; choose one of {', '.join(choices)}")
     if device not in DEVICES:

@@ -1,0 +1,277 @@
+"""The two contracts: exact and bounded. Drift measured against the exact codes, the contract chosen by the rule in the
+precision table, recorded in every output, and never mixed by merge or --resume."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import vqtool
+from tests.conftest import in_subprocess, one_error_line, run_cli
+from vqtool.export.drift import regret_and_rank
+from vqtool.export.parity import Reference, check_parity, torch_reference
+from vqtool.model.checkpoint import load_checkpoint
+from vqtool.precisions import BOUNDED
+
+
+def test_regret_and_rank_read_the_latent_space() -> None:
+    """Codes 0, 1, 3 on a line; latents at 0.1 and 2.9 (exact codes 0 and 2). Mean quantisation error: (0.01 +
+    0.01) / 2 = 0.01. The first latent given code 1: regret (0.81 - 0.01) / 0.01 = 80, rank 1; the second given
+    code 0: (8.41 - 0.01) / 0.01 = 840, rank 2 (code 1 lies between)."""
+    book = torch.tensor([[0.0], [1.0], [3.0]])
+    latents = torch.tensor([[[[0.1]], [[2.9]]]])  # 1 image, a 2 x 1 grid
+    reference = Reference(latents, np.array([[[0], [2]]]), None)
+    regret, rank = regret_and_rank(reference, book, np.array([[[1], [0]]]))
+    assert regret == pytest.approx([80.0, 840.0], rel=1e-5) and list(rank) == [1, 2]  # float32 latents
+    none_changed = regret_and_rank(reference, book, np.array([[[0], [2]]]))
+    assert len(none_changed[0]) == 0
+
+
+@pytest.fixture(scope="module")
+def png_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 real 32 x 32 crops of the embedded photographs, as PNG files."""
+    from PIL import Image
+
+    from vqtool.train.data.memory import default_training_set
+
+    folder = tmp_path_factory.mktemp("crops")
+    for index, crop in enumerate(default_training_set(32).batch(0, 24, seed=5)):
+        Image.fromarray(crop).save(folder / f"{index:03d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def int8_model(int8_export: Path):  # noqa: ANN201
+    return load_checkpoint(int8_export / "model.pt").model
+
+
+def _moved(reference: Reference, codebook: torch.Tensor, share: float, rank: int) -> np.ndarray:
+    """The exact codes with `share` of them moved to their latent's `rank`-th nearest code: those of the latents
+    nearest to a tie between their two nearest codes, as rounding moves them."""
+    distances = torch.cdist(reference.latents.to(torch.float64).flatten(0, 2), codebook.to(torch.float64)) ** 2
+    nearest, order = distances.sort(1)
+    codes = reference.codes.reshape(-1).copy()
+    moved = (nearest[:, 1] - nearest[:, 0]).argsort()[: max(1, round(share * len(codes)))].numpy()
+    codes[moved] = order[moved, rank].numpy()
+    return codes.reshape(reference.codes.shape)
+
+
+def _judged(model, images: np.ndarray, reference: Reference, codes: np.ndarray, **keywords):  # noqa: ANN001, ANN202
+    """Parity of an encoder that gives `codes` (and decodes with PyTorch), as the runtime of `precision`."""
+    decode = lambda c: model.model_output(model.decode(torch.from_numpy(c.astype(np.int64)))).numpy()  # noqa: E731
+    given = {"rows": 0}
+
+    def encode(batch: np.ndarray) -> np.ndarray:
+        start = given["rows"] % len(images)
+        given["rows"] += len(batch)
+        return codes[start : start + len(batch)]
+
+    with torch.no_grad():
+        return check_parity(
+            model, images, encode, decode, runtime="test", provider="test", reference=reference, batch=len(images),
+            **keywords,
+        )  # fmt: skip
+
+
+def test_the_contract_is_the_best_the_codes_meet(int8_model, int8_export: Path) -> None:  # noqa: ANN001
+    from vqtool.train.data.run_data import held_out_images
+
+    images = held_out_images(load_checkpoint(int8_export / "model.pt"), log=lambda _: None)[:64]
+    with torch.no_grad():
+        reference = torch_reference(int8_model, images)
+    codebook = int8_model.quantizer.search_codebook().detach()
+    exact = _judged(int8_model, images, reference, reference.codes, precision="int8")
+    assert exact.contract == "bounded" and exact.identical_fraction == 1.0  # INT8 has no exact contract
+    fp16 = _judged(int8_model, images, reference, reference.codes, precision="fp16")
+    assert fp16.contract == "exact" and fp16.batch_identical == 1.0
+    # 1 code in 50 moved to its second-nearest: a near neighbour, decoded within the limit.
+    near = _judged(int8_model, images, reference, _moved(reference, codebook, 0.02, 1), precision="fp16")
+    assert near.rank_max == 1 and near.regret_p99 <= BOUNDED.max_regret_p99, near
+    assert near.drift_psnr >= BOUNDED.min_drift_psnr and near.contract == "bounded", near
+    assert "below 99.5%" in near.outside_exact[0]  # FP16's exact rule misses it...
+    demanding = _judged(
+        int8_model, images, reference, _moved(reference, codebook, 0.02, 1), precision="fp16", min_identical=0.99
+    )
+    assert demanding.contract == "none" and "below the 99.0% asked for" in demanding.failures[-1]
+    # The same share moved to far codes: no contract.
+    far = _judged(int8_model, images, reference, _moved(reference, codebook, 0.02, 40), precision="fp16")
+    assert far.rank_max == 40 and far.contract == "none" and not far.passed
+    assert any("ranks 40" in failure for failure in far.failures)
+    # Nothing but FP32's rule at FP32: a moved code is no contract at all.
+    fp32 = _judged(int8_model, images, reference, _moved(reference, codebook, 0.02, 1), precision="fp32")
+    assert fp32.contract == "none"
+
+
+def test_batch_invariance_is_measured_and_exact_needs_it(int8_model, int8_export: Path) -> None:  # noqa: ANN001
+    from vqtool.train.data.run_data import held_out_images
+
+    images = held_out_images(load_checkpoint(int8_export / "model.pt"), log=lambda _: None)[:32]
+    with torch.no_grad():
+        reference = torch_reference(int8_model, images)
+    codebook = int8_model.quantizer.search_codebook().detach()
+    far = _moved(reference, codebook, 1.0, 5)
+    decode = lambda c: int8_model.model_output(int8_model.decode(torch.from_numpy(c.astype(np.int64)))).numpy()  # noqa: E731
+
+    def batch_dependent(batch: np.ndarray) -> np.ndarray:
+        """The exact codes for the whole set at once; alone, or in small batches, the first image's are far codes."""
+        index = [int(np.flatnonzero((images == one).all((1, 2, 3)))[0]) for one in batch]
+        codes = reference.codes[index].copy()
+        if len(batch) < len(images):
+            codes[0] = far[index[0]]
+        return codes
+
+    with torch.no_grad():
+        report = check_parity(
+            int8_model, images, batch_dependent, decode, runtime="test", provider="test", precision="fp32",
+            reference=reference, batch=len(images),
+        )  # fmt: skip
+    assert report.identical_fraction == 1.0 and report.batch_sizes == (1, 4, 16)
+    assert report.batch_identical < 1.0 and report.batch_unexplained > 0
+    assert report.contract == "none" and "change with the batch size" in report.failures[0]
+
+
+def test_every_output_says_what_made_it(int8_export: Path, png_folder: Path, tmp_path: Path) -> None:
+    pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    tok = vqtool.load(int8_export, precision="int8")
+    contract = tok.contract
+    assert (contract.name, contract.backend, contract.precision) == ("bounded", "onnxruntime", "int8")
+    assert contract.identical_fraction is not None and contract.identical_fraction < 1.0
+    assert "codes under the bounded contract (" in tok.describe()
+    result = run_cli("encode", str(png_folder), "--model", str(int8_export), "--out", str(tmp_path / "c.parquet"),
+                     "--precision", "int8")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "under the bounded contract" in result.stdout
+    recorded = json.loads(pq.read_schema(tmp_path / "c.parquet").metadata[b"vqtool.codes"])
+    assert recorded["contract"]["name"] == "bounded" and recorded["contract"]["backend"] == "onnxruntime"
+    assert recorded["manifest_sha256"] and recorded["contract"]["regret_p99"] == contract.regret_p99
+    exact = vqtool.load(int8_export).contract
+    assert exact.name == "exact" and exact.key == "exact"
+
+
+def test_merge_refuses_shards_of_two_contracts(int8_export: Path, png_folder: Path, tmp_path: Path) -> None:
+    pytest.importorskip("openvino")
+
+    def shard(index: int, backend: str) -> Path:
+        out = tmp_path / f"{backend}{index}.npy"
+        result = run_cli(
+            "encode", str(png_folder), "--model", str(int8_export), "--out", str(out), "--shard", f"{index}/2",
+            "--precision", "int8", "--backend", backend,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return out
+
+    ours = [shard(0, "onnxruntime"), shard(1, "onnxruntime")]
+    merged = run_cli("merge", *map(str, ours), "--out", str(tmp_path / "m.npy"))
+    assert merged.returncode == 0, merged.stderr  # the same contract: joined, and recorded
+    assert json.loads((tmp_path / "m.json").read_text())["contract"]["name"] == "bounded"
+    # OpenVINO's INT8 was not checked by export's parity: its codes are under no promise, never joined to others.
+    mixed = run_cli("merge", str(ours[0]), str(shard(1, "openvino")), "--out", str(tmp_path / "x.npy"))
+    one_error_line(mixed, "under the unchecked (openvino int8) contract")
+    assert "under the bounded (onnxruntime int8) one" in mixed.stderr and not (tmp_path / "x.npy").exists()
+
+
+def test_resume_refuses_to_continue_under_another_contract(int8_export: Path, png_folder: Path, tmp_path: Path) -> None:
+    out = tmp_path / "codes.npy"
+
+    def interrupted(contract: str) -> None:
+        signature = {"list_sha256": "0" * 64, "rows": 24, "done": 8, "contract": contract}
+        np.lib.format.open_memmap(tmp_path / ".codes.npy.partial", mode="w+", dtype=np.uint8, shape=(24, 8, 8))
+        (tmp_path / ".codes.npy.progress.json").write_text(json.dumps(signature))
+
+    def resume(*runtime: str) -> subprocess.CompletedProcess[str]:
+        return run_cli("encode", str(png_folder), "--model", str(int8_export), "--out", str(out), "--resume", *runtime)
+
+    interrupted("bounded (openvino int8)")
+    refused = resume("--precision", "int8", "--backend", "onnxruntime")
+    one_error_line(refused, "the interrupted run's codes were made under the bounded (openvino int8) contract")
+    assert "this run's would be under the bounded (onnxruntime int8) one" in refused.stderr
+    interrupted("exact")
+    refused = resume("--precision", "int8", "--backend", "onnxruntime")
+    one_error_line(refused, "made under the exact contract and this run's would be under the bounded (onnxruntime")
+    # The same contract passes that check (and stops at the next: this record names other files).
+    interrupted("bounded (onnxruntime int8)")
+    one_error_line(resume("--precision", "int8", "--backend", "onnxruntime"), "other files or used another model")
+    assert not out.exists()
+
+
+def test_fastest_starts_the_fastest_runtime_published_under_a_contract(
+    int8_export: Path, png_folder: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    export = tmp_path / "export"
+    shutil.copytree(int8_export, export)
+    # Nothing measured: FP32, and the reason says how to measure.
+    unmeasured = vqtool.load(export, precision="fastest")
+    assert unmeasured.precision == "fp32" and "bench.json measures no runtime" in unmeasured.describe()
+
+    def measured(speeds: dict[tuple[str, str], float]) -> None:
+        rows = [
+            {"stage": "encode", "backend": b, "precision": p, "batch": 64, "images_per_s": v, "provider": ""}
+            for (b, p), v in speeds.items()
+        ]
+        (export / "bench.json").write_text(json.dumps({"model_only": rows}))
+
+    measured({("onnxruntime", "fp32"): 1000.0, ("onnxruntime", "int8"): 3000.0, ("onnxruntime", "fp16"): 500.0})
+    fastest = vqtool.load(export, precision="fastest")
+    assert (fastest.backend, fastest.precision, fastest.contract.name) == ("onnxruntime", "int8", "bounded")
+    assert "fastest: onnxruntime int8, 3,000 images/s at batch 64" in fastest.describe()
+    # A faster runtime parity never published is passed over.
+    measured({("onnxruntime", "fp32"): 1000.0, ("onnxruntime", "int8"): 3000.0, ("openvino", "bf16"): 9000.0})
+    assert vqtool.load(export, precision="fastest").precision == "int8"
+    # The command line takes it too, and the codes say what made them.
+    result = run_cli("encode", str(png_folder), "--model", str(export), "--out", str(tmp_path / "c.npy"),
+                     "--precision", "fastest")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    sidecar = json.loads((tmp_path / "c.json").read_text())
+    assert sidecar["precision"] == "int8" and sidecar["contract"]["name"] == "bounded"
+
+
+def test_a_refused_graph_starts_nowhere_until_checked_there(int8_export: Path, tmp_path: Path) -> None:
+    """Export publishes a reduced precision that met no contract beside the rest: no runtime starts it, one never
+    checked included, until `vqtool parity` records a contract there."""
+    import shutil
+
+    from vqtool.errors import VqtoolError
+
+    export = tmp_path / "export"
+    shutil.copytree(int8_export, export)
+    record = json.loads((export / "parity.json").read_text())
+    int8 = next(r for r in record["reports"] if (r["runtime"], r["precision"]) == ("onnxruntime", "int8"))
+    assert int8["contract"] == "bounded"  # as published: the fault below is what refuses it
+    with vqtool.load(export, "onnxruntime", precision="int8") as tokenizer:
+        assert tokenizer.contract.name == "bounded"
+    int8.update(contract="none", passed=False, failures=["bounded: changed codes' regret p99 9 > 2"])
+    (export / "parity.json").write_text(json.dumps(record))
+    with pytest.raises(VqtoolError, match="onnxruntime int8 met no contract on this export"):
+        vqtool.load(export, "onnxruntime", precision="int8")
+    with pytest.raises(VqtoolError, match="no backend could start: onnxruntime on cpu: .* onnxruntime int8 met no"):
+        vqtool.load(export, precision="int8")
+    with vqtool.load(export) as exact:  # the FP32 graphs stand
+        assert exact.contract.name == "exact"
+    if importlib.util.find_spec("openvino") is None:
+        return
+
+    def openvino_int8() -> object:  # OpenVINO runs outside the test process (see in_subprocess)
+        return in_subprocess(f"""
+import json, vqtool
+try:
+    print(json.dumps(vqtool.load({str(export)!r}, "openvino", precision="int8").contract.name))
+except vqtool.VqtoolError as exc:
+    print(json.dumps(str(exc)))
+""")
+
+    refused = str(openvino_int8())
+    assert "int8 met no contract on this export on onnxruntime" in refused and "openvino was never check" in refused
+    record["reports"].append({**int8, "runtime": "openvino", "provider": "CPU", "contract": "bounded", "passed": True,
+                              "failures": []})  # fmt: skip
+    (export / "parity.json").write_text(json.dumps(record))
+    assert openvino_int8() == "bounded"
