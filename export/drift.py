@@ -10,36 +10,19 @@ decoder on the exact codes, so the decoder's own rounding stays out of it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from vqtool.formats.records import Drift
 from vqtool.images.quality import psnr
 
 if TYPE_CHECKING:
     from vqtool.export.parity import Reference
     from vqtool.model.face import TokenizerModel
-
-
-@dataclass(frozen=True)
-class Drift:
-    """A runtime's codes against the exact ones: how many changed, their regret and rank (p50, p99, max over the
-    changed codes; 0 where none changed), the decode PSNR (inf: no code changed, or no decoder), and, for a model
-    vqtool trained, how much closer to the images (+) or farther (-) its codes decode than the exact codes do."""
-
-    changed: int = 0
-    regret_p50: float = 0.0
-    regret_p99: float = 0.0
-    regret_max: float = 0.0
-    rank_p50: float = 0.0
-    rank_p99: float = 0.0
-    rank_max: int = 0
-    drift_psnr: float = math.inf
-    quality_change_db: float | None = None
 
 
 def _percentile(values: np.ndarray, q: float) -> float:
@@ -78,7 +61,6 @@ def measure_drift(
     PSNR is then compared too)."""
     regret, rank = regret_and_rank(reference, codebook, codes)
     drift = Drift(
-        changed=len(regret),
         regret_p50=_percentile(regret, 50),
         regret_p99=_percentile(regret, 99),
         regret_max=float(regret.max()) if len(regret) else 0.0,
@@ -93,7 +75,7 @@ def measure_drift(
     decoded = exact.copy()
     decoded[touched] = decode(codes[touched].astype(np.int64))
     quality = None if images is None else psnr(decoded, images) - psnr(exact, images)
-    return Drift(**{**drift.__dict__, "drift_psnr": psnr(decoded, exact), "quality_change_db": quality})
+    return replace(drift, drift_psnr=psnr(decoded, exact), quality_change_db=quality)
 
 
 def torch_decoder(model: TokenizerModel, batch: int) -> Callable[[np.ndarray], np.ndarray]:

@@ -191,8 +191,7 @@ def check_parity(
         torch_decoder(model, batch) if model.has_decoder else None,
         images if model.trained_by_vqtool else None,
     )
-    report.update(drift.__dict__)
-    del report["changed"]
+    report.update(asdict(drift))
     return _with_contract(report, row, min_identical)
 
 

@@ -20,8 +20,24 @@ R = TypeVar("R")
 
 
 @dataclass(frozen=True)
-class ParityReport:
-    """Agreement of one runtime (backend + precision) with the PyTorch model, on a set of images."""
+class Drift:
+    """How far a runtime's codes moved from the exact ones (measured by export/drift.py): the changed codes' regret
+    and rank (p50, p99, max; 0 where none changed), the PSNR of their decode against the exact codes' (inf: none
+    changed, or no decoder; stored as null), and for a model vqtool trained, the change in PSNR against the images."""
+
+    regret_p50: float = 0.0
+    regret_p99: float = 0.0
+    regret_max: float = 0.0
+    rank_p50: float = 0.0
+    rank_p99: float = 0.0
+    rank_max: int = 0
+    drift_psnr: float = math.inf
+    quality_change_db: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParityReport(Drift):
+    """Agreement of one runtime (backend + precision) with the PyTorch model, on a set of images, and its drift."""
 
     runtime: str
     provider: str = ""
@@ -37,16 +53,6 @@ class ParityReport:
     recon_psnr: float = math.inf  # against PyTorch's reconstructions; stored as null when they are equal
     quality_drop_db: float = 0.0  # PSNR against the input images: PyTorch's reconstructions minus these
     decoded: str = "pytorch"  # whose codes the reconstructions come from: "pytorch" or "own"
-    # Drift of the codes from PyTorch's (export/drift.py): the changed codes' regret and rank (p50, p99, max), the
-    # PSNR of their decode against the exact codes' (null: nothing changed), the change in PSNR against the images.
-    regret_p50: float = 0.0
-    regret_p99: float = 0.0
-    regret_max: float = 0.0
-    rank_p50: float = 0.0
-    rank_p99: float = 0.0
-    rank_max: int = 0
-    drift_psnr: float = math.inf
-    quality_change_db: float | None = None
     # Batch invariance: the sizes the first images were also encoded at, the lowest share of their codes identical
     # to the parity run's, and the differences that are not near-ties.
     batch_sizes: tuple[int, ...] = ()
@@ -85,6 +91,7 @@ class ParityReport:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        out.update((f.name, out.pop(f.name)) for f in fields(Drift))  # after the agreement figures
         del out["recorded_identical_fraction"]
         out["failures"] = list(self.failures)
         out["outside_exact"] = list(self.outside_exact)
