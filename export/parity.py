@@ -373,8 +373,9 @@ def verify_export(
             if graph_key("encoder", precision) not in manifest.graphs or not runs(backend, precision, device):
                 continue
             try:
+                # A runtime refused in an earlier parity.json is measured afresh: refusals=False.
                 encoder = open_runner(
-                    export_dir, manifest, "encoder", backend=backend, device=device, precision=precision
+                    export_dir, manifest, "encoder", refusals=False, backend=backend, device=device, precision=precision
                 ).runner
                 # An encoder-only precision's codes are decoded by the FP32 decoder on the same provider.
                 decoder = None
@@ -383,6 +384,7 @@ def verify_export(
                         export_dir,
                         manifest,
                         "decoder",
+                        refusals=False,
                         backend=backend,
                         device=device,
                         precision=decoder_precision(precision),

@@ -257,6 +257,15 @@ def test_a_refused_graph_starts_nowhere_until_checked_there(int8_export: Path, t
         vqtool.load(export, precision="int8")
     with vqtool.load(export) as exact:  # the FP32 graphs stand
         assert exact.contract.name == "exact"
+    # vqtool parity measures the refused runtime afresh (its graph is sound), and its record lets it start again.
+    remeasured = run_cli("parity", str(export), "--backend", "onnxruntime", "--precision", "int8")
+    assert remeasured.returncode == 0, remeasured.stderr
+    with vqtool.load(export, "onnxruntime", precision="int8") as again:
+        assert again.contract.name == "bounded"
+    record = json.loads((export / "parity.json").read_text())
+    int8 = next(r for r in record["reports"] if (r["runtime"], r["precision"]) == ("onnxruntime", "int8"))
+    int8.update(contract="none", passed=False, failures=["bounded: changed codes' regret p99 9 > 2"])
+    (export / "parity.json").write_text(json.dumps(record))
     if importlib.util.find_spec("openvino") is None:
         return
 

@@ -150,7 +150,9 @@ class RuntimeChoice:
         inference_threads(self.threads)  # at least 1, where given
 
 
-def _open(export_dir: Path, manifest: Manifest, role: str, choice: RuntimeChoice, spin: bool) -> Runner:
+def _open(
+    export_dir: Path, manifest: Manifest, role: str, choice: RuntimeChoice, spin: bool, refusals: bool = True
+) -> Runner:
     """Start the choice's backend (named, not auto) on its device (auto: the backend's own) through its loader;
     refused in one sentence where it cannot. A runtime that runs the graph file gets it checked first."""
     backend, device, precision = choice.backend, choice.device, choice.precision
@@ -168,7 +170,7 @@ def _open(export_dir: Path, manifest: Manifest, role: str, choice: RuntimeChoice
     activation_bytes = entry.activation_bytes if entry is not None else 0
     graph = GraphToOpen(path, role, precision, device, choice.threads, spin, activation_bytes, export_dir, manifest)
     runner = runtime.open(graph)
-    reason = _refused_by_parity(export_dir, backend, precision, runner.provider)
+    reason = _refused_by_parity(export_dir, backend, precision, runner.provider) if refusals else None
     if reason is not None:
         runner.close()
         raise VqtoolError(reason, export_dir / PARITY_NAME)
@@ -217,6 +219,7 @@ def open_runner(
     choice: RuntimeChoice | None = None,
     *,
     spin: bool = False,
+    refusals: bool = True,
     **keywords: Any,
 ) -> ChosenRunner:
     """Start the chosen backend (a RuntimeChoice, or its fields as keywords), or with auto the fastest one that
@@ -224,7 +227,8 @@ def open_runner(
 
     `spin` keeps ONNX Runtime's idle threads spinning for small batches: faster alone, slower beside readers and
     writers. Without `engines`, no backend that deserializes TensorRT engine files from the export folder is
-    started: an engine is code.
+    started: an engine is code. Without `refusals`, a runtime parity.json records under no contract starts too:
+    for parity itself, which measures it afresh.
     """
     choice = choice or RuntimeChoice(**keywords)
     backend, device, precision = choice.backend, choice.device, choice.precision
@@ -238,7 +242,7 @@ def open_runner(
     if not choice.engines and backend in ENGINE_BACKENDS:
         raise VqtoolError(f"--backend {backend} runs TensorRT engine files, which engines=False (--no-engines) ignores")
     if backend != Backend.auto.value:
-        return ChosenRunner(_open(export_dir, manifest, role, replace(choice, device=device), spin), ())
+        return ChosenRunner(_open(export_dir, manifest, role, replace(choice, device=device), spin, refusals), ())
     skipped: list[str] = []
     cpu_order, why = cpu_choice(export_dir, role, precision)
     gpus = sorted(
@@ -256,7 +260,7 @@ def open_runner(
             skipped.append(f"{name} on {where}: no NVIDIA GPU here")
             continue
         try:
-            runner = _open(export_dir, manifest, role, replace(choice, backend=name, device=where), spin)
+            runner = _open(export_dir, manifest, role, replace(choice, backend=name, device=where), spin, refusals)
         except VqtoolError as exc:
             skipped.append(f"{name} on {where}: {str(exc).split('; ')[0]}")
             continue
