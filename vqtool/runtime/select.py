@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from vqtool.errors import VqtoolError
-from vqtool.formats.contract import UNCHECKED, contract_of
 from vqtool.formats.manifest import PARITY_NAME, Manifest, graph_key, verify_graph
 from vqtool.formats.records import parity_report, read_bench_rows, read_parity_reports
 from vqtool.host import inference_threads, nvidia_gpu_present
@@ -57,13 +56,9 @@ def check_bf16(export_dir: Path) -> str:
     report = parity_report(export_dir, Backend.openvino.value, BF16)
     if report is None:
         return "bf16 not yet checked on this export: vqtool parity EXPORT_DIR --precision bf16"
-    if not report.passed:
-        int8 = parity_report(export_dir, Backend.onnxruntime.value, INT8)
-        instead = "fp32 or int8" if int8 is not None and int8.passed else "fp32"
-        raise VqtoolError(
-            f"bf16 met no contract on this export here ({report.failures[-1]}); use {instead}",
-            export_dir / "parity.json",
-        )
+    reason = _refused_by_parity(export_dir, Backend.openvino.value, BF16)
+    if reason is not None:
+        raise VqtoolError(reason, export_dir / PARITY_NAME)
     return f"bf16 {report.met} contract: {report.identical_fraction:.2%} identical codes"
 
 
@@ -177,22 +172,29 @@ def _open(
     return runner
 
 
-def _refused_by_parity(export_dir: Path, backend: str, precision: str, provider: str) -> str | None:
-    """Why parity.json forbids this runtime: export publishes a reduced precision that met no contract beside the
-    rest, recorded as refused, and `vqtool parity` may later find a runtime that meets none. The record of this
-    runtime where it ran (its provider) decides; where it was never checked, a record of the same graph refused on
-    another runtime refuses it too, until `vqtool parity` checks it here."""
-    contract = contract_of(export_dir, backend, precision, provider)
-    instead = "" if precision == FP32 else "; use fp32"
-    if contract.name == NO_CONTRACT:
-        return f"{backend} {precision} met no contract on this export (its figures are in this file){instead}"
-    if contract.name == UNCHECKED and precision != FP32:
-        for report in read_parity_reports(export_dir):
-            if report.precision == precision and report.met == NO_CONTRACT:
-                return (
-                    f"{precision} met no contract on this export on {report.runtime} ({report.provider}), and "
-                    f"{backend} was never checked: vqtool parity EXPORT_DIR --backend {backend}{instead}"
-                )
+def _refused_by_parity(export_dir: Path, backend: str, precision: str, provider: str = "") -> str | None:
+    """Why parity.json forbids this runtime, or None: export publishes a reduced precision that met no contract
+    beside the rest, recorded as refused, and `vqtool parity` may later find a runtime that meets none. The record
+    of this runtime where it ran (its provider, where given) decides; where it was never checked, a record of the
+    same graph refused on another runtime refuses it too, until `vqtool parity` checks it here."""
+    reports = read_parity_reports(export_dir)
+    own = next(
+        (r for r in reports if (r.runtime, r.precision) == (backend, precision) and provider in ("", r.provider)), None
+    )
+    int8_published = any(r.runtime == Backend.onnxruntime.value and r.precision == INT8 and r.passed for r in reports)
+    instead = "" if precision == FP32 else f"; use {'fp32 or int8' if int8_published and precision != INT8 else 'fp32'}"
+    if own is not None:
+        if own.met != NO_CONTRACT:
+            return None
+        return f"{backend} {precision} met no contract on this export ({(own.failures or ('refused',))[-1]}){instead}"
+    if precision == FP32:
+        return None
+    for report in reports:
+        if report.precision == precision and report.met == NO_CONTRACT:
+            return (
+                f"{precision} met no contract on this export on {report.runtime} ({report.provider}), and "
+                f"{backend} was never checked: vqtool parity EXPORT_DIR --backend {backend}{instead}"
+            )
     return None
 
 
