@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 import vqtool
 from vqtool.errors import VqtoolError, missing_extra
-from vqtool.formats.manifest import GraphEntry, graph_key, sha256_file
+from vqtool.formats.manifest import QUANTIZE, GraphEntry, graph_key, sha256_file
 from vqtool.model.face import GraphParts, TokenizerModel
 from vqtool.model.vqvae import code_distances, l2_normalize
 from vqtool.precisions import ROWS as PRECISION_ROWS
@@ -40,6 +40,7 @@ GRAPH_DTYPES = {
 OPSET = 18
 ENCODER_INPUT, ENCODER_OUTPUT = "images", "codes"
 DECODER_INPUT, DECODER_OUTPUT = "codes", "images"
+LATENTS = "latents"
 
 
 def _dtypes(precision: str) -> tuple[torch.dtype, torch.dtype]:
@@ -69,14 +70,19 @@ class EncoderGraph(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.input_scaling(images).to(self.conv_dtype)
-        latents = self.body(x).to(self.code_dtype)
-        if self.search_prefix is not None:
-            latents = self.search_prefix(latents)
-        if self.cosine:
-            latents = l2_normalize(latents)
-        distances = code_distances(latents, self.codebook, self.code_sq)
-        # int32: what TensorRT's ArgMin/TopK produces natively, and enough for any codebook.
-        return torch.argmin(distances, dim=-1).to(torch.int32)
+        return nearest_codes(self, self.body(x).to(self.code_dtype))
+
+
+def nearest_codes(search: Any, latents: torch.Tensor) -> torch.Tensor:
+    """int32 codes of channels-last latents, by `search`'s search_prefix, cosine, codebook and code_sq (an
+    EncoderGraph, or a DecoderLatentsGraph that quantises)."""
+    if search.search_prefix is not None:
+        latents = search.search_prefix(latents)
+    if search.cosine:
+        latents = l2_normalize(latents)
+    distances = code_distances(latents, search.codebook, search.code_sq)
+    # int32: what TensorRT's ArgMin/TopK produces natively, and enough for any codebook.
+    return torch.argmin(distances, dim=-1).to(torch.int32)
 
 
 def _copy_to(module: nn.Module | None, dtype: torch.dtype) -> nn.Module | None:
@@ -209,6 +215,51 @@ class DecoderGraph(nn.Module):
         return self.output_scaling(self.body(vectors.to(self.conv_dtype)))
 
 
+class EncoderLatentsGraph(nn.Module):
+    """uint8 N x H x W x 3 -> float32 latents N x D x h x w, before quantisation and in the library's layout (what
+    diffusers' encode(x).latents gives): the model's input scaling and its encoder body, no search."""
+
+    def __init__(self, parts: GraphParts, precision: str = "fp32") -> None:
+        super().__init__()
+        self.conv_dtype, _ = _dtypes(precision)
+        self.input_scaling = copy.deepcopy(parts.input_scaling)
+        self.body = _at_precision(parts.encoder_body, self.conv_dtype)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        latents = self.body(self.input_scaling(images).to(self.conv_dtype))
+        return latents.to(torch.float32).permute(0, 3, 1, 2)
+
+
+class DecoderLatentsGraph(nn.Module):
+    """float32 latents N x D x h x w (the library's layout) -> uint8 images, decoded as the model's pipeline decodes
+    them: quantised first (latent diffusion's vqvae.decode: the nearest code's vector, searched as the encoder
+    graph searches, in the quantizer's precision) or directly (Kandinsky's movq.decode(force_not_quantize=True))."""
+
+    def __init__(self, parts: GraphParts, quantize: bool, precision: str = "fp32") -> None:
+        super().__init__()
+        if parts.decoder_body is None:
+            raise ValueError("this model has no decoder")
+        self.conv_dtype, self.code_dtype = _dtypes(precision)
+        self.quantize = quantize
+        self.search_prefix = _copy_to(parts.search_prefix, self.code_dtype)
+        self.cosine = parts.cosine
+        search = parts.search_codebook.detach().float()
+        self.register_buffer("codebook", search.to(self.code_dtype).clone())
+        self.register_buffer("code_sq", (search * search).sum(dim=-1).to(self.code_dtype))
+        self.register_buffer("vectors", parts.decode_codebook.detach().float().to(self.code_dtype).clone())
+        self.lookup_suffix = _copy_to(parts.lookup_suffix, self.code_dtype)
+        self.body = _four_phase(_at_precision(parts.decoder_body, self.conv_dtype))
+        self.output_scaling = copy.deepcopy(parts.output_scaling)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        vectors = latents.permute(0, 2, 3, 1)
+        if self.quantize:
+            vectors = F.embedding(nearest_codes(self, vectors.to(self.code_dtype)), self.vectors)
+            if self.lookup_suffix is not None:
+                vectors = self.lookup_suffix(vectors)
+        return self.output_scaling(self.body(vectors.to(self.conv_dtype)))
+
+
 # ---- writing them as ONNX ----------------------------------------------------------------------------------------
 
 
@@ -295,6 +346,42 @@ def write_graphs(model: TokenizerModel, checkpoint_sha: str, out_dir: Path, prec
     for name, module, example, names, scale in written if model.has_decoder else written[:1]:
         path = out_dir / f"{name}.onnx"
         _export_graph(module, example, path, names, scale, {**meta, "vqtool.role": name.split(".")[0]})
+        largest = largest_activation_bytes(module, example)
+        entries[name] = GraphEntry(path.name, sha256_file(path), precision, names[0], names[1], largest)
+    return entries
+
+
+def write_latent_graphs(
+    model: TokenizerModel, checkpoint_sha: str, out_dir: Path, precision: str, decode: str
+) -> dict[str, GraphEntry]:
+    """Export the latent graphs (`export --latents`) at one precision into `out_dir`; `decode` says whether the
+    latent decoder quantises (QUANTIZE) or not (DIRECT). Returns their manifest entries."""
+    model, config = model.eval(), model.config
+    parts = model.graph_parts()
+    if parts.decoder_body is None:
+        raise VqtoolError(f"{config.to_dict().get('class_name', 'this model')} has no decoder: --latents needs one")
+    size = config.image_size
+    encoder = EncoderLatentsGraph(parts, precision)
+    images = torch.zeros(2, size, size, 3, dtype=torch.uint8)
+    with torch.no_grad():
+        latents = encoder(images)
+    decoder = DecoderLatentsGraph(parts, decode == QUANTIZE, precision)
+    meta = {
+        "vqtool.model_config": json.dumps(config.to_dict()),
+        "vqtool.checkpoint_sha256": checkpoint_sha,
+        "vqtool.precision": precision,
+        "vqtool.latent_decode": decode,
+        "vqtool.version": vqtool.__version__,
+    }
+    scale = parts.dynamic_sides
+    entries = {}
+    for role, module, example, names, sides in (
+        ("encoder_latents", encoder, images, (ENCODER_INPUT, LATENTS), scale),
+        ("decoder_latents", decoder, torch.zeros_like(latents), (LATENTS, DECODER_OUTPUT), None),
+    ):
+        name = graph_key(role, precision)
+        path = out_dir / f"{name}.onnx"
+        _export_graph(module, example, path, names, sides, {**meta, "vqtool.role": role})
         largest = largest_activation_bytes(module, example)
         entries[name] = GraphEntry(path.name, sha256_file(path), precision, names[0], names[1], largest)
     return entries

@@ -22,6 +22,7 @@ from vqtool.data.whole import read_image_set
 from vqtool.errors import VqtoolError
 from vqtool.export.drift import measure_drift, torch_decoder
 from vqtool.export.graphs import write_graphs
+from vqtool.export.latents import verify_latents
 from vqtool.formats.atomic import write_json
 from vqtool.formats.manifest import (
     PARITY_NAME,
@@ -32,7 +33,7 @@ from vqtool.formats.manifest import (
     verify_graph,
     verify_pytorch_file,
 )
-from vqtool.formats.records import ParityReport, read_parity_reports
+from vqtool.formats.records import LatentReport, ParityReport, read_latent_reports, read_parity_reports
 from vqtool.images.embedded import embedded_photographs
 from vqtool.images.fit import Fit
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
@@ -274,16 +275,18 @@ class Verification:
     skipped: tuple[str, ...]
     naive: ParityReport | None
     naive_bf16: ParityReport | None = None
+    latents: tuple[LatentReport, ...] = ()  # the latent graphs', where export wrote them (export/latents.py)
 
     @property
     def passed(self) -> bool:
-        return bool(self.reports) and all(r.passed for r in self.reports)
+        return bool(self.reports) and all(r.passed for r in (*self.reports, *self.latents))
 
     @property
     def exact_held(self) -> bool:
         """Whether FP32 met its exact rule wherever it ran: without that there is no export to publish."""
         fp32 = [r for r in self.reports if r.precision == FP32]
-        return bool(fp32) and all(r.passed for r in fp32)
+        latents = [r for r in self.latents if r.precision == FP32]
+        return bool(fp32) and all(r.passed for r in fp32) and all(r.passed for r in latents)
 
     @property
     def refused(self) -> tuple[ParityReport, ...]:
@@ -292,7 +295,13 @@ class Verification:
 
     def joined(self, other: Verification) -> Verification:
         """Both verifications' reports and reasons, with this one's comparisons."""
-        return Verification(self.reports + other.reports, self.skipped + other.skipped, self.naive, self.naive_bf16)
+        return Verification(
+            self.reports + other.reports,
+            self.skipped + other.skipped,
+            self.naive,
+            self.naive_bf16,
+            self.latents + other.latents,
+        )
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -301,6 +310,7 @@ class Verification:
             "skipped": list(self.skipped),
             "naive_fp16_for_comparison": self.naive.to_dict() if self.naive else None,
             "naive_bf16_for_comparison": self.naive_bf16.to_dict() if self.naive_bf16 else None,
+            "latents": [r.to_dict() for r in self.latents],
         }
 
 
@@ -455,10 +465,21 @@ def check_export(
         min_identical=min_identical,
         log=log,
     )
+    if manifest.latent_decode:
+        latents = verify_latents(
+            checkpoint.model, export_dir, manifest, pixels, backends=backends, precisions=precisions, log=log
+        )
+        verification = replace(verification, latents=latents)
     checked = {(r.runtime, r.precision) for r in verification.reports}
     kept = [r for r in read_parity_reports(export_dir) if (r.runtime, r.precision) not in checked]
     reports = [*kept, *verification.reports]
-    record: dict[str, Any] = {**verification.to_dict(), "reports": [r.to_dict() for r in reports]}
+    checked_latents = {(r.runtime, r.precision) for r in verification.latents}
+    kept_latents = [r for r in read_latent_reports(export_dir) if (r.runtime, r.precision) not in checked_latents]
+    record: dict[str, Any] = {
+        **verification.to_dict(),
+        "reports": [r.to_dict() for r in reports],
+        "latents": [r.to_dict() for r in (*kept_latents, *verification.latents)],
+    }
     record["passed"] = bool(reports) and all(r.passed for r in reports)
     write_json(export_dir / PARITY_NAME, record)
     return verification

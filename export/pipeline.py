@@ -11,7 +11,7 @@ import functools
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,8 @@ import torch
 
 import vqtool
 from vqtool.errors import VqtoolError
-from vqtool.export.graphs import DECODER_INPUT, ENCODER_INPUT, OPSET, write_graphs
+from vqtool.export.graphs import DECODER_INPUT, ENCODER_INPUT, OPSET, write_graphs, write_latent_graphs
+from vqtool.export.latents import verify_latents
 from vqtool.export.parity import Verification, default_parity_images, verify_export
 from vqtool.export.quantize import (
     AGREEMENT_CODES,
@@ -36,9 +37,13 @@ from vqtool.export.tensorrt_ops import trt_problems
 from vqtool.formats.atomic import usual_mode, write_json
 from vqtool.formats.lock import output_lock
 from vqtool.formats.manifest import (
+    LATENT_DECODES,
+    LATENT_ROLES,
     MANIFEST_NAME,
     PARITY_NAME,
     PYTORCH_FILE,
+    QUANTIZE,
+    ROLES,
     GraphEntry,
     Manifest,
     code_dtype_for,
@@ -48,6 +53,7 @@ from vqtool.formats.manifest import (
     verify_pytorch_file,
 )
 from vqtool.formats.outputs import check_export_target, remove_export, replace_export
+from vqtool.formats.records import LatentReport
 from vqtool.images.embedded import embedded_photographs
 from vqtool.images.fit import CENTER, Fit
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
@@ -147,7 +153,7 @@ def _bf16_parity(export_dir: Path, images: np.ndarray, min_identical: float) -> 
 def _openvino_bf16_parity(export_dir: Path, images: np.ndarray, min_identical: float) -> Verification:
     manifest = read_manifest(export_dir)
     checkpoint = load_for_export(verify_pytorch_file(export_dir, manifest))
-    return verify_export(
+    verification = verify_export(
         checkpoint.model,
         export_dir,
         manifest,
@@ -157,6 +163,12 @@ def _openvino_bf16_parity(export_dir: Path, images: np.ndarray, min_identical: f
         min_identical=min_identical,
         log=lambda _: None,
     )
+    if not manifest.latent_decode or not verification.reports:
+        return verification
+    latents = verify_latents(
+        checkpoint.model, export_dir, manifest, images, backends=("openvino",), precisions=(BF16,), log=lambda _: None
+    )
+    return replace(verification, latents=latents)
 
 
 def _write_int8(
@@ -202,7 +214,7 @@ def _write_int8(
 
 
 def _write_manifest(
-    staging: Path, checkpoint: Checkpoint, checkpoint_sha: str, graphs: dict[str, GraphEntry]
+    staging: Path, checkpoint: Checkpoint, checkpoint_sha: str, graphs: dict[str, GraphEntry], latent_decode: str = ""
 ) -> Manifest:
     """The slim PyTorch checkpoint that travels with the graphs (parity and --backend torch need no other file),
     and manifest.json over everything written."""
@@ -228,6 +240,7 @@ def _write_manifest(
         torch_version=str(torch.__version__),
         pytorch_file=PYTORCH_FILE,
         pytorch_sha256=sha256_file(staging / PYTORCH_FILE),
+        latent_decode=latent_decode,
     )
     write_json(staging / MANIFEST_NAME, manifest.to_dict())
     return manifest
@@ -252,9 +265,16 @@ def _fail_parity(staging: Path, out_dir: Path, verification: Verification) -> Pa
         number += 1
         kept = out_dir.with_name(f"{out_dir.name}.failed-parity-{number}")
     staging.rename(kept)
-    failed = [r for r in verification.reports if not r.passed]
-    reasons = "; ".join(f"{r.runtime} {r.precision} meets no contract: {', '.join(r.failures)}" for r in failed)
-    return ParityFailed(f"parity failed ({reasons}); graphs kept for inspection in {kept}", verification)
+    reasons = [
+        f"{r.runtime} {r.precision} meets no contract: {', '.join(r.failures)}"
+        for r in verification.reports
+        if not r.passed
+    ] + [
+        f"{r.runtime} {r.precision} latent graphs: {', '.join(r.failures)}"
+        for r in verification.latents
+        if not r.passed and r.precision == FP32
+    ]
+    return ParityFailed(f"parity failed ({'; '.join(reasons)}); graphs kept for inspection in {kept}", verification)
 
 
 @dataclass(frozen=True)
@@ -273,6 +293,8 @@ class ExportOptions:
     images: Path | None = None  # the images parity compares on (default: the held-out data)
     overwrite: bool = False  # over an earlier export, replacing only what its manifest lists
     min_identical: float = 0.0  # the share of identical codes the bounded contract asks for
+    latents: bool = False  # the latent graphs too, at each graph precision written (FP32, and FP16 with fp16)
+    latent_decode: str | None = None  # QUANTIZE or DIRECT; None: as the model's pipeline decodes
 
 
 def export_model(
@@ -331,8 +353,17 @@ def _write_export(
 ) -> tuple[Manifest, Verification]:
     """Every file of the export, written into `staging`, and parity over them."""
     entries: dict[str, GraphEntry] = {}
+    latent_decode = ""
+    if options.latents:
+        latent_decode = options.latent_decode or checkpoint.model.pipeline_latent_decode
+        if latent_decode not in LATENT_DECODES:
+            raise VqtoolError(f"--latent-decode takes {' or '.join(LATENT_DECODES)}, got {latent_decode!r}")
     for precision in (FP32, FP16) if options.fp16 else (FP32,):
         entries.update(write_graphs(checkpoint.model, checkpoint_sha, staging, precision))
+        if latent_decode:
+            how = "through their nearest codes" if latent_decode == QUANTIZE else "as they are"
+            log(f"latent graphs ({precision}): latents decoded {how}")
+            entries.update(write_latent_graphs(checkpoint.model, checkpoint_sha, staging, precision, latent_decode))
     _check_trt_compatible(staging, entries, strict=options.trt, log=log)
     # The checkpoint's own data is read (and its skipped files reported) once, for calibration and parity.
     own_data = functools.cache(lambda: training_set_of(checkpoint, log))
@@ -341,9 +372,10 @@ def _write_export(
         # After the TensorRT check: the INT8 graph is for the CPU runtimes, not TensorRT.
         fp32_encoder = entries[graph_key("encoder", FP32)]
         graphs[graph_key("encoder", INT8)] = _write_int8(staging, checkpoint, fp32_encoder, options, own_data, log)
-    manifest = _write_manifest(staging, checkpoint, checkpoint_sha, graphs)
+    manifest = _write_manifest(staging, checkpoint, checkpoint_sha, graphs, latent_decode)
     if options.trt:
-        _build_engines(staging, entries, checkpoint.model_config, options.profile, options.timing_cache, log)
+        coded = {key: entry for key, entry in entries.items() if key.split(".")[0] in ROLES}  # no engines for latents
+        _build_engines(staging, coded, checkpoint.model_config, options.profile, options.timing_cache, log)
     compared = parity_images if parity_images is not None else default_parity_images(checkpoint, own_data)
     written = tuple(p for p in PRECISIONS if p != BF16)
     verification = verify_export(
@@ -359,5 +391,29 @@ def _write_export(
     if options.bf16:
         log("parity: openvino on CPU (bf16), in a process of its own")
         verification = verification.joined(_bf16_parity(staging, compared, options.min_identical))
+    if latent_decode:
+        latents = verify_latents(checkpoint.model, staging, manifest, compared, backends=EXPORT_RUNTIMES, log=log)
+        verification = replace(verification, latents=latents + verification.latents)
+        manifest = _drop_refused_latents(staging, manifest, latents, log)
     write_json(staging / PARITY_NAME, verification.to_dict())
     return manifest, verification
+
+
+def _drop_refused_latents(
+    staging: Path, manifest: Manifest, reports: tuple[LatentReport, ...], log: Callable[[str], None]
+) -> Manifest:
+    """Leave out the reduced-precision latent graphs that miss their rule (FP32's missing it fails the export):
+    what no runtime may start is not published."""
+    refused = {r.precision for r in reports if not r.passed and r.precision != FP32}
+    if not refused:
+        return manifest
+    graphs = dict(manifest.graphs)
+    for precision in sorted(refused):
+        failures = next(r.failures for r in reports if r.precision == precision and not r.passed)
+        log(f"refused: latent graphs {precision} ({'; '.join(failures)}); left out of the export")
+        for role in LATENT_ROLES:
+            entry = graphs.pop(graph_key(role, precision))
+            (staging / entry.file).unlink()
+    kept = replace(manifest, graphs=graphs)
+    write_json(staging / MANIFEST_NAME, kept.to_dict())
+    return kept

@@ -150,14 +150,20 @@ def _chameleon_input(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() * 0.0078 - 1.0
 
 
-def _near_ties_only(latents: torch.Tensor, book: torch.Tensor, ours: np.ndarray, theirs: np.ndarray) -> bool:
-    """Whether every code that differs is a near-tie: distances within rounding of each other (parity's rule)."""
+def near_ties(latents: torch.Tensor, book: torch.Tensor, ours: np.ndarray, theirs: np.ndarray) -> torch.Tensor:
+    """For each code that differs, whether it is a near-tie: the two codes' distances to the latent within rounding
+    of each other (parity's FP32 rule: 1e-5 of |z|^2 + |e|^2)."""
     where = np.nonzero(ours != theirs)
     z = latents[where].double()
     a, b = book[torch.from_numpy(ours[where])].double(), book[torch.from_numpy(theirs[where])].double()
     gap = (((z - a) ** 2).sum(-1) - ((z - b) ** 2).sum(-1)).abs()
     scale = (z * z).sum(-1) + torch.maximum((a * a).sum(-1), (b * b).sum(-1))
-    return bool((gap <= 1e-5 * scale).all())
+    return gap <= 1e-5 * scale
+
+
+def _near_ties_only(latents: torch.Tensor, book: torch.Tensor, ours: np.ndarray, theirs: np.ndarray) -> bool:
+    """Whether every code that differs is a near-tie."""
+    return bool(near_ties(latents, book, ours, theirs).all())
 
 
 def _batches_shrink_where_activations_are_large(export: Path) -> None:

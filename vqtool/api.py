@@ -33,7 +33,7 @@ from vqtool.pipeline.decode import DecodeResult, check_decodable
 from vqtool.pipeline.decode import decode_file as _decode_file
 from vqtool.pipeline.encode import EncodeKeywords, EncodeOptions, EncodeResult, codes_output, plan_encode, run_encode
 from vqtool.pipeline.resume import progress_path
-from vqtool.precisions import BF16, FASTEST, decoder_precision
+from vqtool.precisions import BF16, FASTEST, FP32, decoder_precision, row
 from vqtool.runtime import tensors
 from vqtool.runtime.base import CudaTensorRunner, Runner
 from vqtool.runtime.select import ChosenRunner, RuntimeChoice, check_bf16, fastest_choice, open_runner
@@ -106,6 +106,8 @@ class Tokenizer:
         self.precision = runtime.precision
         self.code_dtype = code_dtype_for(manifest.codes)
         self._decode_precision = decoder_precision(runtime.precision)
+        # The latent graphs run at the precisions the precision table gives a latent rule; the others (INT8) in FP32.
+        self._latent_precision = runtime.precision if row(runtime.precision).latents is not None else FP32
         self._started: dict[str, ChosenRunner] = {}
         self._start_lock = threading.Lock()
 
@@ -118,7 +120,10 @@ class Tokenizer:
     def _runner_of(self, role: str) -> ChosenRunner:
         with self._start_lock:
             if role not in self._started:
-                choice = self.runtime if role == "encoder" else replace(self.runtime, precision=self._decode_precision)
+                precision = {"encoder": self.precision, "decoder": self._decode_precision}.get(
+                    role, self._latent_precision
+                )
+                choice = replace(self.runtime, precision=precision)
                 # In-memory calls run small batches on spinning threads, which answer them sooner; the file pipelines
                 # run the same sessions without them (Runner.pipelined): their readers and writers need the cores.
                 self._started[role] = open_runner(self.export_dir, self.manifest, role, choice, spin=True)
@@ -252,6 +257,47 @@ class Tokenizer:
         grids = np.ascontiguousarray(grids, dtype=np.int32)
         images = _chunked(self._decoder.runner, grids, (height, width, 3), np.dtype(np.uint8), batch_size)
         return tensors.like(images, codes) if tensors.is_tensor(codes) else images
+
+    @property
+    def has_latents(self) -> bool:
+        """Whether the export has its latent graphs (vqtool export --latents)."""
+        return bool(self.manifest.latent_decode)
+
+    def encode_latents(
+        self,
+        images: ImageInput,
+        *,
+        resize: bool = True,
+        batch_size: int = DEFAULT_BATCH,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        crop: str = "resize",
+        fit: Fit | None = None,
+    ) -> Any:
+        """Images -> float32 latents N x D x h x w before quantisation, in the library's layout (what diffusers'
+        `encode(x).latents` gives): the input a diffusion pipeline's latent space starts from. Images are taken as
+        by `encode`; a torch tensor gives a torch tensor. Needs an export made with --latents."""
+        fit = fit or Fit.of(resize, crop, max_pixels)
+        _check_batch_size(batch_size)
+        runner = self._runner_of("encoder_latents").runner
+        pixels = self._image_batch(images, fit)
+        self.grid(pixels.shape[1], pixels.shape[2])  # sides the model's factor divides
+        batch_size = fitting_batch(self.manifest, "encoder_latents", self._latent_precision, batch_size)
+        latents = _in_slices(runner, pixels, batch_size, np.dtype(np.float32))
+        return tensors.like(latents, images) if tensors.is_tensor(images) else latents
+
+    def decode_latents(self, latents: Any, *, batch_size: int = DEFAULT_BATCH) -> Any:
+        """float32 latents N x D x h x w (the library's layout, as `encode_latents` gives and diffusion pipelines
+        produce) -> uint8 images N x H x W x 3, decoded as the export's latent decoder does: through the nearest
+        codes (`quantize`, latent diffusion's vqvae.decode) or as they are (`direct`, Kandinsky's MoVQ); which is
+        `manifest.latent_decode`. A torch tensor gives a torch tensor."""
+        _check_batch_size(batch_size)
+        runner = self._runner_of("decoder_latents").runner
+        array = tensors.to_numpy(latents) if tensors.is_tensor(latents) else np.asarray(latents)
+        if array.ndim != 4 or not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
+            raise VqtoolError(f"latents must be finite floats shaped N x D x h x w, got {_kind(latents)}")
+        batch_size = fitting_batch(self.manifest, "decoder_latents", self._latent_precision, batch_size)
+        images = _in_slices(runner, np.ascontiguousarray(array, dtype=np.float32), batch_size, np.dtype(np.uint8))
+        return tensors.like(images, latents) if tensors.is_tensor(latents) else images
 
     def encode_files(
         self,
@@ -439,6 +485,14 @@ def _chunked(runner: Runner, batch: np.ndarray, tail: tuple[int, ...], dtype: np
     for start in range(0, len(batch), batch_size):
         result[start : start + batch_size] = runner(batch[start : start + batch_size])
     return result
+
+
+def _in_slices(runner: Runner, batch: np.ndarray, batch_size: int, dtype: np.dtype) -> np.ndarray:
+    """The runner over `batch` in slices of at most batch_size, whatever shape its output takes."""
+    if not len(batch):
+        raise VqtoolError("no images or latents given")
+    parts = [runner(batch[start : start + batch_size]) for start in range(0, len(batch), batch_size)]
+    return np.concatenate(parts).astype(dtype, copy=False) if len(parts) > 1 else parts[0].astype(dtype, copy=False)
 
 
 def _chunked_cuda(runner: Runner, batch: Any, out_shape: tuple[int, ...], dtype: np.dtype, batch_size: int) -> Any:

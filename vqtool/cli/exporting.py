@@ -13,6 +13,7 @@ from vqtool.cli.common import (
     MaxPixelsOption,
     OverwriteOption,
     app,
+    choices,
     out,
     pixel_limit,
     print_result,
@@ -21,10 +22,12 @@ from vqtool.cli.common import (
     user_errors,
 )
 from vqtool.errors import VqtoolError
+from vqtool.formats.manifest import LATENT_DECODES
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.precisions import FP32, NO_CONTRACT, Precision
 from vqtool.runtime.base import CheckedBackend
 
+LatentDecode = choices("LatentDecode", LATENT_DECODES)  # vqtool.formats.manifest: how decoder_latents decodes
 MinIdenticalOption = Annotated[
     float,
     typer.Option(
@@ -70,6 +73,13 @@ def _show_verification(verification: dict[str, Any]) -> None:
                 f"{r['runtime']} {r['precision']}: refused, it meets no contract ({'; '.join(r['failures'])}); "
                 "no runtime will start it"
             )
+    for r in verification.get("latents", []):
+        quality = _decibels(r["decode_psnr"])
+        verdict = "meets its rule" if r["passed"] else f"refused ({'; '.join(r['failures'])})"
+        say(
+            f"{r['runtime']} {r['precision']} latent graphs: {verdict}; latents within {r['latent_error']:.2g} of "
+            f"the library's range, decoded {quality} from the library's decode ({r['decode']})"
+        )
     for reason in verification["skipped"]:
         say(f"not checked: {reason}")
 
@@ -139,6 +149,23 @@ def export_command(
         ),
     ] = None,
     min_identical: MinIdenticalOption = 0.0,
+    latents: Annotated[
+        bool,
+        typer.Option(
+            "--latents",
+            help="Also write encoder_latents.onnx (images -> the latents before quantisation, as the library's "
+            "encode(x).latents) and decoder_latents.onnx (latents -> images), for diffusion pipelines that hand "
+            "latents rather than codes; checked against the library's own code.",
+        ),
+    ] = False,
+    latent_decode: Annotated[
+        LatentDecode | None,
+        typer.Option(
+            help="How decoder_latents.onnx decodes: quantize (through the nearest codes, as latent diffusion's "
+            "vqvae.decode) or direct (as they are, as Kandinsky's movq.decode(force_not_quantize=True)); default: "
+            "as the model's pipeline decodes (direct for spatial-norm models such as MoVQ)."
+        ),
+    ] = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Export encoder/decoder ONNX graphs (and TensorRT engines), and verify parity against PyTorch."""
@@ -167,6 +194,8 @@ def export_command(
             images=images,
             overwrite=overwrite,
             min_identical=min_identical,
+            latents=latents or latent_decode is not None,
+            latent_decode=latent_decode.value if latent_decode is not None else None,
         )
         result = export_model(checkpoint, target, options, log=say)
     except ParityFailed as failed:
@@ -232,5 +261,6 @@ def parity(
         raise VqtoolError("no backend could run here, so nothing was compared")
     if not verification.passed:
         failed = [f"{r.runtime} {r.precision} ({r.failures[0]})" for r in verification.reports if not r.passed]
+        failed += [f"{r.runtime} {r.precision} latents ({r.failures[0]})" for r in verification.latents if not r.passed]
         raise VqtoolError(f"parity failed for {'; '.join(failed)}; details in {export_dir / PARITY_NAME}")
     print_result(f"parity passed for {len(verification.reports)} runtime(s); wrote {export_dir / PARITY_NAME}")

@@ -8,9 +8,10 @@ from typing import Annotated
 import typer
 
 from vqtool.cli.common import OverwriteOption, app, choices, print_result, require_torch, say, user_errors
-from vqtool.model.config import QUANTIZERS
+from vqtool.model.config import QUANTIZERS, SOURCE_FORMATS
 
 Quantizer = choices("Quantizer", QUANTIZERS)  # vqtool.model.config: how an imported model's codes are searched
+SourceFormat = choices("SourceFormat", SOURCE_FORMATS)  # vqtool.model.config: what vqtool import reads
 
 
 @app.command("import")
@@ -20,8 +21,9 @@ def import_command(
         Path,
         typer.Argument(
             help="A local folder in the library's own layout (config.json and safetensors weights, as save_pretrained "
-            "writes and a hub snapshot holds), or a pipeline folder with the model in a subfolder. Nothing outside "
-            "it is read."
+            "writes and a hub snapshot holds), a pipeline folder with the model in a subfolder, or an original "
+            "checkpoint: LlamaGen's .pt, a Janus / Janus-Pro folder, a taming / latent-diffusion / Chameleon .ckpt "
+            "with its YAML beside it. Nothing outside it is read."
         ),
     ],
     out: Annotated[Path, typer.Option("--out", help="The checkpoint to write (e.g. movq.pt).")],
@@ -34,25 +36,43 @@ def import_command(
     image_size: Annotated[
         int | None, typer.Option(help="The image side to run at (default: the model's own, from its config).")
     ] = None,
+    source_format: Annotated[
+        SourceFormat | None,
+        typer.Option(
+            "--format",
+            help="What SOURCE holds: library (a diffusers or transformers folder), llamagen, janus or taming; "
+            "recognised from the files when left out.",
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="A taming / latent-diffusion / Chameleon checkpoint's YAML, where it is not beside the checkpoint "
+            "as CHECKPOINT.yaml, model.yaml, config.yaml or vqgan.yaml.",
+        ),
+    ] = None,
     quantizer: Annotated[
-        Quantizer,
+        Quantizer | None,
         typer.Option(
             help="library: codes as the library's own quantizer picks them; original: as the model's original design "
-            "does, where the two differ (transformers' Janus: l2-normalised latents and codes, as LlamaGen)."
+            "does, where the two differ (transformers' Janus: l2-normalised latents and codes, as LlamaGen). "
+            "Default: library for a library's folder, original for an original checkpoint."
         ),
-    ] = Quantizer.library,
+    ] = None,
     allow_pickle: Annotated[
         bool,
         typer.Option(
             "--allow-pickle",
-            help="Read pickled weights (.bin, .pt) where the folder has no safetensors, with torch.load(weights_only="
-            "True): that loader runs no code from the file, but any pickle is a larger surface than safetensors.",
+            help="Read pickled weights (.bin, .pt, .ckpt) where there are no safetensors, with PyTorch's weights-only "
+            "loader: it builds tensors only and runs no code from the file (every other object in it is left out "
+            "unread), but any pickle is a larger surface than safetensors.",
         ),
     ] = False,
     overwrite: OverwriteOption = False,
 ) -> None:
-    """Import a VQ model from diffusers (VQModel) or transformers (JanusVQVAE, Emu3VQVAE, ChameleonVQVAE) as a
-    vqtool checkpoint."""
+    """Import a VQ model from diffusers (VQModel), transformers (JanusVQVAE, Emu3VQVAE, ChameleonVQVAE) or an
+    original checkpoint (LlamaGen, Janus, taming, latent diffusion, Chameleon) as a vqtool checkpoint."""
     require_torch("import")
     from vqtool.model.importing import import_model
 
@@ -61,8 +81,10 @@ def import_command(
         out,
         subfolder=subfolder,
         image_size=image_size,
-        quantizer=quantizer.value,
+        quantizer=quantizer.value if quantizer is not None else None,
         allow_pickle=allow_pickle,
+        source_format=source_format.value if source_format is not None else None,
+        config_file=config,
         overwrite=overwrite,
         log=say,
     )

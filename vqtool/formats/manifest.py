@@ -24,12 +24,19 @@ PYTORCH_FILE = "model.pt"
 PARITY_NAME = "parity.json"
 BENCH_NAME = "bench.json"
 ROLES = ("encoder", "decoder")
+# The graphs `export --latents` adds, for diffusion pipelines that hand latents rather than codes: uint8 images ->
+# the latents before quantisation (the library's encode(x).latents), and latents -> uint8 images, decoded as the
+# model's pipeline decodes them (LATENT_DECODES: quantising them first, or directly).
+LATENT_ROLES = ("encoder_latents", "decoder_latents")
+QUANTIZE, DIRECT = "quantize", "direct"
+LATENT_DECODES = (QUANTIZE, DIRECT)
 
 
 def graph_key(role: str, precision: str) -> str:
     """Manifest key and file stem of the graph `role` runs at `precision` (the precision table says which graph a
-    precision runs): encoder, decoder, encoder.fp16, decoder.fp16, encoder.int8 (and *.fp16-naive)."""
-    if role not in ROLES or precision not in TABLE:
+    precision runs): encoder, decoder, encoder.fp16, decoder.fp16, encoder.int8 (and *.fp16-naive), and the latent
+    graphs encoder_latents, decoder_latents (and their .fp16)."""
+    if role not in ROLES + LATENT_ROLES or precision not in TABLE:
         raise VqtoolError(f"unknown graph {role}/{precision}")
     graph = TABLE[precision].graph
     return role if graph == FP32 else f"{role}.{graph}"
@@ -119,6 +126,8 @@ class Manifest:
     torch_version: str
     pytorch_file: str = ""
     pytorch_sha256: str = ""
+    # How decoder_latents decodes (QUANTIZE or DIRECT); "": the export has no latent graphs.
+    latent_decode: str = ""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -133,7 +142,11 @@ class Manifest:
         return tuple(role for role in ROLES if graph_key(role, "fp32") in self.graphs)
 
     def require(self, export_dir: Path, role: str) -> None:
-        """One sentence where the model has no such graph (an encoder-only import)."""
+        """One sentence where the model has no such graph (an encoder-only import, an export without latents)."""
+        if role in LATENT_ROLES:
+            if graph_key(role, FP32) not in self.graphs:
+                raise VqtoolError("this export has no latent graphs; export again with --latents", export_dir)
+            return
         if role not in self.roles:
             name = self.model_config.get("class_name", "this model")
             raise VqtoolError(
@@ -206,6 +219,8 @@ def _manifest_problem(raw: dict[str, Any]) -> str | None:
             return f"graph '{name}' must give {', '.join(entry_fields)} as strings"
         if not _plain_name(entry["file"]):
             return f"graph '{name}' must name a file inside the export folder"
+    if raw.get("latent_decode", "") not in ("", *LATENT_DECODES):
+        return f"'latent_decode' must be one of {', '.join(LATENT_DECODES)}"
     if raw.get("pytorch_file") and not _plain_name(raw["pytorch_file"]):
         return "'pytorch_file' must name a file inside the export folder"
     return None

@@ -119,6 +119,41 @@ class ParityReport(Drift):
 
 
 @dataclass(frozen=True)
+class LatentReport:
+    """The latent graphs (export --latents) of one runtime and precision against the library's own code: the
+    encoder's latents (largest difference over the latents' largest magnitude) and the decoder's pictures from the
+    library's latents (PSNR against the library's decode, decoding as `decode` says)."""
+
+    runtime: str
+    provider: str = ""
+    precision: str = ""
+    decode: str = ""
+    images: int = 0
+    latent_error: float = 0.0
+    decode_psnr: float = math.inf  # stored as null when the pictures are equal
+    failures: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["failures"] = list(self.failures)
+        out["decode_psnr"] = None if math.isinf(self.decode_psnr) else self.decode_psnr
+        out["passed"] = self.passed
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> LatentReport:
+        values = _known(cls, raw)
+        values["failures"] = tuple(str(f) for f in raw.get("failures") or ())
+        if values.get("decode_psnr") is None:
+            values["decode_psnr"] = math.inf
+        return cls(**values)
+
+
+@dataclass(frozen=True)
 class ModelRow:
     """One model-only timing of bench.json: a stage of one runtime at one precision and batch."""
 
@@ -163,6 +198,11 @@ def _entries(cls: Any, items: Any) -> list[Any]:
 def read_parity_reports(export_dir: Path) -> list[ParityReport]:
     """Every report of the export's parity.json, or none where it is missing or unreadable."""
     return _entries(ParityReport, _read_object(export_dir / PARITY_NAME).get("reports"))
+
+
+def read_latent_reports(export_dir: Path) -> list[LatentReport]:
+    """The latent graphs' reports of the export's parity.json, or none."""
+    return _entries(LatentReport, _read_object(export_dir / PARITY_NAME).get("latents"))
 
 
 def parity_report(export_dir: Path, runtime: str, precision: str) -> ParityReport | None:

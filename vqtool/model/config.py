@@ -88,6 +88,12 @@ class ModelConfig:
 LR_SCHEDULES = ("constant", "cosine")
 # How an imported model's codes are searched: as its library does, or as its original design does (where they differ).
 QUANTIZERS = ("library", "original")
+# What `vqtool import` reads: a diffusers or transformers folder in the library's own layout, or an original
+# checkpoint as its authors published it (vqtool.model.originals reads those).
+LIBRARY_LAYOUT = "library"
+LLAMAGEN, JANUS, TAMING = "llamagen", "janus", "taming"
+ORIGINAL_FORMATS = (LLAMAGEN, JANUS, TAMING)
+SOURCE_FORMATS = (LIBRARY_LAYOUT, *ORIGINAL_FORMATS)
 
 
 @dataclass(frozen=True)

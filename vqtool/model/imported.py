@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from vqtool.errors import VqtoolError, missing_extra
+from vqtool.formats.manifest import DIRECT, QUANTIZE
 from vqtool.model.config import QUANTIZERS
 from vqtool.model.face import GraphParts, Scaling
 from vqtool.model.vqvae import code_distances, l2_normalize
@@ -192,8 +193,7 @@ class ImportedVQ(nn.Module):
         )
 
     def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
-        latents = self.encoder_body()(x)
-        return l2_normalize(latents) if self.cosine else latents
+        return self.encode_latents_from(self.encoder_body()(x))
 
     def nearest(self, latents: torch.Tensor) -> torch.Tensor:
         if self.config.quantizer == "library":
@@ -207,6 +207,26 @@ class ImportedVQ(nn.Module):
         vectors = nn.functional.embedding(codes, self.decode_codebook())
         result: torch.Tensor = self.decoder_body()(vectors)
         return result
+
+    @property
+    def pipeline_latent_decode(self) -> str:
+        """How the model's pipelines decode latents: quantising them first, unless a family says otherwise."""
+        return QUANTIZE
+
+    def pipeline_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """Model-scale images -> the latents before quantisation, N x D x h x w (the library's layout)."""
+        return self.encoder_body()(x).permute(0, 3, 1, 2)
+
+    def decode_pipeline_latents(self, latents: torch.Tensor, quantize: bool) -> torch.Tensor:
+        """Latents N x D x h x w -> model-scale images: through their nearest codes, or as they are."""
+        if quantize:
+            return self.decode(self.nearest(self.encode_latents_from(latents.permute(0, 2, 3, 1))))
+        result: torch.Tensor = self.decoder_body()(latents.permute(0, 2, 3, 1))
+        return result
+
+    def encode_latents_from(self, latents: torch.Tensor) -> torch.Tensor:
+        """encoder_body's latents -> the space codes are searched in."""
+        return l2_normalize(latents) if self.cosine else latents
 
 
 # ---- the halves both libraries' models share ---------------------------------------------------------------------
@@ -270,6 +290,24 @@ class DiffusersVQ(ImportedVQ):
     def library_encode(self, x: torch.Tensor) -> torch.Tensor:
         vq = self.library_model
         result: torch.Tensor = vq.quantize(vq.encode(x).latents)[2][2]
+        return result
+
+    @property
+    def pipeline_latent_decode(self) -> str:
+        """Kandinsky decodes MoVQ's (spatial-norm) latents as they are (movq.decode(force_not_quantize=True)); latent
+        diffusion's pipelines hand vqvae.decode latents it quantises."""
+        return DIRECT if self.library_model.config.norm_type == "spatial" else QUANTIZE
+
+    def pipeline_latents(self, x: torch.Tensor) -> torch.Tensor:
+        result: torch.Tensor = self.library_model.encode(x).latents
+        return result
+
+    def decode_pipeline_latents(self, latents: torch.Tensor, quantize: bool) -> torch.Tensor:
+        """The library's own decode of latents, as the pipelines call it (aMUSEd's decode takes indices only: its
+        latents go through the common path)."""
+        if self.library_model.config.lookup_from_codebook:
+            return super().decode_pipeline_latents(latents, quantize)
+        result: torch.Tensor = self.library_model.decode(latents, force_not_quantize=not quantize).sample
         return result
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:

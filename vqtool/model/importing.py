@@ -17,8 +17,9 @@ from vqtool.formats.lock import output_lock
 from vqtool.formats.outputs import check_new_file
 from vqtool.images.embedded import embedded_photographs
 from vqtool.model.checkpoint import require_safe_torch_load, save_checkpoint
-from vqtool.model.config import QUANTIZERS, TrainConfig
-from vqtool.model.imported import FAMILIES, LIBRARIES, ImportedConfig, ImportedVQ, pixel_scaling
+from vqtool.model.config import LIBRARY_LAYOUT, QUANTIZERS, SOURCE_FORMATS, TAMING, TrainConfig
+from vqtool.model.imported import FAMILIES, LIBRARIES, SIGNED_UNIT, ImportedConfig, ImportedVQ, pixel_scaling
+from vqtool.model.originals import read_original, recognise
 from vqtool.model.vqvae import code_distances, l2_normalize
 
 # Where an image processor's settings (rescale factor, mean, std) may lie: the model's folder and, where the model is
@@ -196,54 +197,126 @@ def import_model(
     *,
     subfolder: str | None = None,
     image_size: int | None = None,
-    quantizer: str = "library",
+    quantizer: str | None = None,
     allow_pickle: bool = False,
+    source_format: str | None = None,
+    config_file: Path | None = None,
     overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> ImportResult:
-    """Read a diffusers or transformers VQ model from SOURCE and write it to `out` as a vqtool checkpoint.
+    """Read a VQ model from SOURCE and write it to `out` as a vqtool checkpoint: a diffusers or transformers folder,
+    or an original checkpoint (`source_format` llamagen, janus or taming; recognised from the files where None).
 
-    Weights are read from safetensors, or with `allow_pickle` from pickles that load with weights_only=True. An
-    existing `out` is replaced only with `overwrite`, and no other run may write it meanwhile."""
-    if quantizer not in QUANTIZERS:
+    Weights are read from safetensors, or with `allow_pickle` from pickles, of which only the tensors are read. The
+    quantizer is the original design's for an original checkpoint and the library's for a library's folder unless
+    `quantizer` says otherwise. An existing `out` is replaced only with `overwrite`, and no other run may write it
+    meanwhile."""
+    if quantizer is not None and quantizer not in QUANTIZERS:
         raise VqtoolError(f"--quantizer takes {' or '.join(QUANTIZERS)}, got {quantizer!r}")
+    if source_format is not None and source_format not in SOURCE_FORMATS:
+        raise VqtoolError(f"--format takes {', '.join(SOURCE_FORMATS)}, got {source_format!r}")
     with output_lock(out):
         check_new_file(out, overwrite=overwrite)
-        return _import(source, out, subfolder, image_size, quantizer, allow_pickle, log)
+        fmt = source_format or recognise(source) or LIBRARY_LAYOUT
+        if config_file is not None and fmt != TAMING:
+            raise VqtoolError(f"--config names a taming checkpoint's YAML; {source} is read as {fmt}")
+        if fmt == LIBRARY_LAYOUT:
+            loaded = _from_library(source, subfolder, quantizer or "library", allow_pickle)
+        else:
+            loaded = _from_original(source, fmt, config_file, image_size, quantizer, allow_pickle)
+        return _finish(loaded, out, image_size, log)
 
 
-def _import(
-    source: Path,
-    out: Path,
-    subfolder: str | None,
-    image_size: int | None,
-    quantizer: str,
-    allow_pickle: bool,
-    log: Callable[[str], None],
-) -> ImportResult:
-    folder = find_model_folder(source, subfolder)
-    library, class_name = _library_of(_read_config(folder), folder)
-    family = FAMILIES[(library, class_name)]
+@dataclass(frozen=True)
+class _Loaded:
+    """A library model ready to import: its family, the model with its weights, where it came from, and how its
+    inputs are scaled and its codes searched."""
+
+    family: type[ImportedVQ]
+    model: Any
+    folder: Path
+    quantizer: str
+    gain: tuple[float, ...]
+    bias: tuple[float, ...]
+    scaling_from: str
+    image_size: int | None
+    described: str
+
+
+def _check_quantizer(family: type[ImportedVQ], quantizer: str, where: Path) -> None:
     if quantizer not in family.quantizers:
         raise VqtoolError(
             f"--quantizer {quantizer} applies to {family.class_name} only where its library and its "
-            f"original design search codes differently; {class_name} has one quantizer",
-            folder,
+            f"original design search codes differently; {family.class_name} has one quantizer",
+            where,
         )
+
+
+def _from_library(source: Path, subfolder: str | None, quantizer: str, allow_pickle: bool) -> _Loaded:
+    folder = find_model_folder(source, subfolder)
+    library, class_name = _library_of(_read_config(folder), folder)
+    family = FAMILIES[(library, class_name)]
+    _check_quantizer(family, quantizer, folder)
     gain, bias, scaling_from = _input_scaling(source, folder, family)  # a malformed one stops the import before loading
-    library_model = _load_library_model(library, class_name, folder, _weights_check(folder, allow_pickle))
+    model = _load_library_model(library, class_name, folder, _weights_check(folder, allow_pickle))
+    return _Loaded(family, model, folder, quantizer, gain, bias, scaling_from, None, f"{library} {class_name}")
+
+
+def _from_original(
+    source: Path, fmt: str, config_file: Path | None, image_size: int | None, quantizer: str | None, allow_pickle: bool
+) -> _Loaded:
+    original = read_original(source, fmt, config_file=config_file, image_size=image_size, allow_pickle=allow_pickle)
+    family = FAMILIES[(original.library, original.class_name)]
+    chosen = quantizer or original.quantizer
+    _check_quantizer(family, chosen, source)
+    model = LIBRARIES[original.library].build(original.class_name, original.config)
+    _load_weights(model, original.state, f"the {fmt} design they were read as", source)
+    gain, bias = SIGNED_UNIT
+    return _Loaded(
+        family,
+        model.float().eval(),
+        source,
+        chosen,
+        gain,
+        bias,
+        f"{fmt}'s own preprocessing",
+        original.image_size,
+        f"{original.described}, run by {original.library}'s {original.class_name}",
+    )
+
+
+def _load_weights(model: Any, state: dict[str, torch.Tensor], design: str, source: Path) -> None:
+    """Every weight of `model` from `state`, and nothing else; a missing, extra or misshapen one refused by name."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    misshapen = [k for k in own if k in state and own[k].shape != state[k].shape]
+    for problem, names in (("lacks", missing), ("holds an unknown", extra), ("has a misshapen", misshapen)):
+        if names:
+            shapes = (
+                f" {tuple(state[names[0]].shape)}, expected {tuple(own[names[0]].shape)}" if names is misshapen else ""
+            )
+            raise VqtoolError(f"{problem} weight {names[0]}{shapes} ({len(names)} such): not {design}", source)
+    model.load_state_dict(state, strict=True)
+
+
+def _finish(loaded: _Loaded, out: Path, image_size: int | None, log: Callable[[str], None]) -> ImportResult:
+    family, library_model = loaded.family, loaded.model
+    library, class_name = family.library, family.class_name
     # Plain JSON values: a checkpoint is read with weights_only, which unpickles no library's config classes.
     own = library_model.config
     config = json.loads(json.dumps(own.to_dict() if hasattr(own, "to_dict") else dict(own)))
-    size = image_size or family.native_size(config)
+    size = image_size or loaded.image_size or family.native_size(config)
     version = LIBRARIES[library].version()
     decoder = family.implements_decoder
+    gain, bias, quantizer = loaded.gain, loaded.bias, loaded.quantizer
     draft = ImportedConfig(library, class_name, version, config, size, 1, 0, quantizer, gain, bias, decoder)
     model = family(draft, library_model)  # the loaded model itself, weights and all
     codes = int(model.embedding().shape[0])
     imported = replace(draft, downsample=_downsample(model, size), codes=codes)
     model.config = imported
-    log(f"input: pixel x {_rounded(gain)} + {_rounded(bias)} per channel ({scaling_from})")
+    log(f"read: {loaded.described}")
+    log(f"input: pixel x {_rounded(gain)} + {_rounded(bias)} per channel ({loaded.scaling_from})")
     note = ""
     if len(family.quantizers) > 1:
         differ, total = _quantizer_disagreement(model)
@@ -258,5 +331,6 @@ def _import(
         )
         log(note)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out, model, TrainConfig(), step=0, epoch=0, data=None, extra={"imported_from": str(folder)})
-    return ImportResult(out, imported, folder, note)
+    extra = {"imported_from": str(loaded.folder), "read_as": loaded.described}
+    save_checkpoint(out, model, TrainConfig(), step=0, epoch=0, data=None, extra=extra)
+    return ImportResult(out, imported, loaded.folder, note)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from vqtool.formats.manifest import QUANTIZE
 from vqtool.model.config import ModelConfig
 from vqtool.model.face import GraphParts, Permute, Scaling
 
@@ -225,6 +226,22 @@ class VQVAE(nn.Module):
         """Channels-last search-space latents N x h x w x d -> model-scale images N x 3 x H x W."""
         latents = self.quantizer.from_search_space(latents)
         images: torch.Tensor = self.decoder(self.after_quantize(latents.permute(0, 3, 1, 2)))
+        return images
+
+    @property
+    def pipeline_latent_decode(self) -> str:
+        return QUANTIZE
+
+    def pipeline_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """Model-scale images -> the latents before any projection or quantisation, N x D x h x w."""
+        latents: torch.Tensor = self.before_quantize(self.encoder(x))
+        return latents
+
+    def decode_pipeline_latents(self, latents: torch.Tensor, quantize: bool) -> torch.Tensor:
+        """pipeline_latents -> model-scale images: through their nearest codes, or as they are."""
+        if quantize:
+            return self.decode(self.quantizer.nearest(self.quantizer.to_search_space(latents.permute(0, 2, 3, 1))))
+        images: torch.Tensor = self.decoder(self.after_quantize(latents))
         return images
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from vqtool.formats.manifest import LATENT_ROLES
 from vqtool.precisions import ENCODER_ONLY, PRECISIONS
 from vqtool.precisions import ROWS as PRECISION_ROWS
 from vqtool.precisions import row as precision_row
@@ -161,7 +162,13 @@ def backends_running(precision: str, device: str) -> tuple[str, ...]:
 
 def refusal(role: str, backend: str, device: str, precision: str) -> str | None:
     """Why `backend` (auto: any) cannot run `role` at `precision` on `device` (auto: any), in one sentence, or None."""
-    if precision in ENCODER_ONLY and role != "encoder":
+    if role in LATENT_ROLES:
+        if backend == REFERENCE:
+            return f"--backend {backend} runs codes; the latent graphs run on onnxruntime or openvino"
+        latent_precisions = [p for p in PRECISIONS if precision_row(p).latents is not None]
+        if precision not in latent_precisions:
+            return f"latent graphs run at {' or '.join(latent_precisions)}, not {precision}"
+    elif precision in ENCODER_ONLY and role != "encoder":
         return f"--precision {precision} is for encoding only; decode with fp32 or fp16"
     rows = [r for r in RUNTIMES if precision in r.precisions]
     devices, backends = {r.device for r in rows}, tuple(dict.fromkeys(r.backend for r in rows))

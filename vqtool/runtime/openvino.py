@@ -34,13 +34,19 @@ def import_openvino() -> Any:
     return openvino
 
 
+def _decodes(role: str) -> bool:
+    """Whether the graph of `role` is a decoder (decoder, decoder_latents): its quantizer side comes first."""
+    return role.split("_")[0] == "decoder"
+
+
 def _quantizer_cut(model: Any, role: str) -> Any:
-    """The tensor where the quantizer begins: on the encoder, the output of its last convolution (bias added);
-    on the decoder, the input of its first convolution. Everything on the quantizer's side stays FP32."""
+    """The tensor where the quantizer begins: on an encoder, the output of its last convolution (bias added);
+    on a decoder, the input of its first convolution. Everything on the quantizer's side stays FP32 (for the latent
+    graphs, the layout change, and a quantising latent decoder's search and lookup)."""
     convolutions = [op for op in model.get_ordered_ops() if op.get_type_name() in ("Convolution", "GroupConvolution")]
     if not convolutions:
         raise VqtoolError("graph has no convolution to cut the BF16 part at")
-    if role == "decoder":
+    if _decodes(role):
         return convolutions[0].input_value(0)
     last = convolutions[-1].output(0)
     bias = [t.get_node() for t in last.get_target_inputs() if t.get_node().get_type_name() == "Add"]
@@ -89,7 +95,7 @@ class OpenVinoRunner:
         try:
             if precision == "bf16" and island:
                 head, tail = split_at_quantizer(ov, core, path, role)
-                hints = ("bf16", "f32") if role == "encoder" else ("f32", "bf16")
+                hints = ("f32", "bf16") if _decodes(role) else ("bf16", "f32")
                 self.stages = [
                     core.compile_model(m, "CPU", config(h)) for m, h in zip((head, tail), hints, strict=True)
                 ]

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from vqtool.errors import VqtoolError
-from vqtool.formats.manifest import PARITY_NAME, Manifest, graph_key, verify_graph
-from vqtool.formats.records import parity_report, read_bench_rows, read_parity_reports
+from vqtool.formats.manifest import LATENT_ROLES, PARITY_NAME, Manifest, graph_key, verify_graph
+from vqtool.formats.records import parity_report, read_bench_rows, read_latent_reports, read_parity_reports
 from vqtool.host import inference_threads, nvidia_gpu_present
 from vqtool.precisions import BF16, BOUNDED_CONTRACT, EXACT_CONTRACT, FASTEST, FP32, INT8, NO_CONTRACT, PRECISIONS
 from vqtool.precisions import row as precision_row
@@ -165,7 +165,8 @@ def _open(
     activation_bytes = entry.activation_bytes if entry is not None else 0
     graph = GraphToOpen(path, role, precision, device, choice.threads, spin, activation_bytes, export_dir, manifest)
     runner = runtime.open(graph)
-    reason = _refused_by_parity(export_dir, backend, precision, runner.provider) if refusals else None
+    refused_by = _latents_refused if role in LATENT_ROLES else _refused_by_parity
+    reason = refused_by(export_dir, backend, precision, runner.provider) if refusals else None
     if reason is not None:
         runner.close()
         raise VqtoolError(reason, export_dir / PARITY_NAME)
@@ -195,6 +196,15 @@ def _refused_by_parity(export_dir: Path, backend: str, precision: str, provider:
                 f"{precision} met no contract on this export on {report.runtime} ({report.provider}), and "
                 f"{backend} was never checked: vqtool parity EXPORT_DIR --backend {backend}{instead}"
             )
+    return None
+
+
+def _latents_refused(export_dir: Path, backend: str, precision: str, provider: str = "") -> str | None:
+    """Why parity.json forbids this runtime's latent graphs (they missed their rule), or None."""
+    for report in read_latent_reports(export_dir):
+        matches = (report.runtime, report.precision) == (backend, precision) and provider in ("", report.provider)
+        if matches and not report.passed:
+            return f"{backend} {precision} latent graphs missed their rule on this export ({report.failures[-1]})"
     return None
 
 

@@ -1,0 +1,124 @@
+"""The latent graphs against the library's own eager code, at the model's size, batch 4.
+
+    python -m benchmarks.latents CHECKPOINT [CHECKPOINT ...] [--work DIR] [--rounds 3] [--calls 5] [--fp16]
+
+For each imported checkpoint (a diffusers VQModel: latent diffusion's VQ-f4 / VQ-f8, Kandinsky's MoVQ): exports it
+with `--latents` (FP32, and FP16 with --fp16; parity on 8 of the embedded photographs), then times, in alternating
+rounds of one run, the library's `decode(latents, force_not_quantize=...)` as the model's pipeline calls it and its
+`encode(x).latents`, against vqtool's latent graphs on ONNX Runtime and OpenVINO (the CPU, one process, all cores).
+The goals: the latent decoder in FP32 >= 1.2x the library's eager decode; the best published reduced precision
+>= 2x. Prints the ratios (median call of each round) and each graph's parity against the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+BATCH = 4
+
+
+def _median_seconds(call: Callable[[], Any], calls: int) -> float:
+    call()  # warm-up
+    times = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def measure(checkpoint: Path, work: Path, rounds: int, calls: int, fp16: bool) -> None:
+    import vqtool
+    from vqtool.export.pipeline import export_model
+    from vqtool.images.embedded import embedded_photographs
+    from vqtool.model.checkpoint import load_checkpoint
+
+    model = load_checkpoint(checkpoint).model
+    size = model.config.image_size
+    photos = embedded_photographs(size)
+    export = work / f"{checkpoint.stem}-latents"
+    if not (export / "manifest.json").exists():
+        export_model(checkpoint, export, parity_images=photos[:8], latents=True, fp16=fp16, log=lambda _: None)
+    print(f"{checkpoint.stem}: exported", flush=True)
+    manifest = vqtool.load(export, "onnxruntime", "cpu", lazy=True).manifest
+    quantize = manifest.latent_decode == "quantize"
+    images = photos[:BATCH]
+    x = model.model_input(torch.from_numpy(np.ascontiguousarray(images)))
+    library = model.library_model
+    with torch.no_grad():
+        latents = library.encode(x).latents
+    array = latents.numpy()
+
+    def eager_decode() -> Any:
+        with torch.no_grad():
+            return library.decode(latents, force_not_quantize=not quantize).sample
+
+    def eager_encode() -> Any:
+        with torch.no_grad():
+            return library.encode(x).latents
+
+    contenders: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {"eager": (eager_encode, eager_decode)}
+    opened = []
+    # ONNX Runtime's CPU provider has no FP16 kernels (it computes FP16 graphs in FP32 behind casts): timed on
+    # request only.
+    precisions = ["fp32"] + (["fp16"] if fp16 and "decoder_latents.fp16" in manifest.graphs else [])
+    for backend in ("onnxruntime", "openvino"):
+        for precision in precisions if backend == "onnxruntime" else ["fp32"]:
+            tok = vqtool.load(export, backend, "cpu", precision=precision, lazy=True)
+            opened.append(tok)
+            contenders[f"{backend} {precision}"] = (
+                lambda tok=tok: tok.encode_latents(images),
+                lambda tok=tok: tok.decode_latents(array),
+            )
+    seconds: dict[tuple[str, str], list[float]] = {}
+    for _ in range(rounds):
+        for name, (encode, decode) in contenders.items():
+            seconds.setdefault((name, "encode"), []).append(_median_seconds(encode, calls))
+            seconds.setdefault((name, "decode"), []).append(_median_seconds(decode, calls))
+            print(
+                f"  {name}: encode {seconds[(name, 'encode')][-1]:.3f} s, decode {seconds[(name, 'decode')][-1]:.3f} s",
+                flush=True,
+            )
+    for tok in opened:
+        tok.close()
+    print(f"\n{checkpoint.stem} at {size}x{size}, batch {BATCH}, latents decoded {manifest.latent_decode}")
+    print("| runtime | encode_latents x eager (per round) | decode_latents x eager (per round) |")
+    print("| --- | --- | --- |")
+    for name in contenders:
+        cells = []
+        for stage in ("encode", "decode"):
+            ratios = [e / s for e, s in zip(seconds[("eager", stage)], seconds[(name, stage)], strict=True)]
+            cells.append(" / ".join(f"{r:.2f}x" for r in ratios))
+        print(f"| {name} | {cells[0]} | {cells[1]} |")
+    import json
+
+    for report in json.loads((export / "parity.json").read_text())["latents"]:
+        print(
+            f"parity {report['runtime']} {report['precision']}: latents within {report['latent_error']:.2g}, decode "
+            f"{report['decode_psnr'] or float('inf'):.1f} dB, {'passed' if report['passed'] else report['failures']}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoints", nargs="+", type=Path)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/vqtool-latents"))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--calls", type=int, default=5)
+    parser.add_argument("--fp16", action="store_true")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    for checkpoint in args.checkpoints:
+        measure(checkpoint, args.work, args.rounds, args.calls, args.fp16)
+
+
+if __name__ == "__main__":
+    main()

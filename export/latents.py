@@ -1,0 +1,121 @@
+"""The latent graphs' parity (`export --latents`): each runtime that starts here runs encoder_latents and
+decoder_latents at each exported precision, against the library's own code on the same images: its latents
+(`encode(x).latents`) and its decode of those latents, as the model's pipeline decodes them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vqtool.errors import VqtoolError
+from vqtool.formats.manifest import LATENT_ROLES, QUANTIZE, Manifest, fitting_batch, graph_key
+from vqtool.formats.records import LatentReport
+from vqtool.images.quality import psnr
+from vqtool.model.face import TokenizerModel
+from vqtool.precisions import PRECISIONS
+from vqtool.precisions import row as precision_row
+from vqtool.runtime.base import REFERENCE, RUNTIMES, Runner, runs
+from vqtool.runtime.select import open_runner
+
+
+@torch.no_grad()
+def library_latents(
+    model: TokenizerModel, images: np.ndarray, batch: int, quantize: bool
+) -> tuple[torch.Tensor, np.ndarray]:
+    """(the library's latents of `images`, N x D x h x w; its decode of them, quantising them first or not, as uint8
+    images), `batch` images at a time."""
+    latents, pictures = [], []
+    for start in range(0, len(images), batch):
+        x = model.model_input(torch.from_numpy(np.ascontiguousarray(images[start : start + batch])))
+        part = model.pipeline_latents(x).float()
+        latents.append(part)
+        pictures.append(model.model_output(model.decode_pipeline_latents(part, quantize)).numpy())
+    return torch.cat(latents), np.concatenate(pictures)
+
+
+def _run(runner: Runner, inputs: np.ndarray, batch: int) -> np.ndarray:
+    return np.concatenate([runner(inputs[start : start + batch]) for start in range(0, len(inputs), batch)])
+
+
+def check_latents(
+    model: TokenizerModel,
+    images: np.ndarray,
+    encoder: Runner,
+    decoder: Runner,
+    *,
+    runtime: str,
+    precision: str,
+    decode: str,
+    reference: tuple[torch.Tensor, np.ndarray],
+    batch: int,
+) -> LatentReport:
+    """One runtime's latent graphs at `precision` against the library's latents and decode (`reference`)."""
+    latents, pictures = reference
+    ours = _run(encoder, images, batch)
+    expected = latents.numpy()
+    error = float(np.abs(ours - expected).max() / max(float(np.abs(expected).max()), 1e-12))
+    decoded = _run(decoder, np.ascontiguousarray(expected, dtype=np.float32), batch)
+    quality = psnr(pictures, decoded)
+    rule = precision_row(precision).latents
+    failures = tuple(rule.missed(error, quality)) if rule is not None else ("no latent rule at this precision",)
+    return LatentReport(runtime, encoder.provider, precision, decode, len(images), error, quality, failures)
+
+
+def verify_latents(
+    model: TokenizerModel,
+    export_dir: Path,
+    manifest: Manifest,
+    images: np.ndarray,
+    *,
+    backends: tuple[str, ...] | None = None,
+    precisions: tuple[str, ...] = PRECISIONS,
+    log: Callable[[str], None] = print,
+) -> tuple[LatentReport, ...]:
+    """The latent graphs' parity on every runtime (but the reference) and precision they run at (`backends` and
+    `precisions` limit which)."""
+    batch = min(fitting_batch(manifest, role, "fp32", 16) for role in LATENT_ROLES)
+    reference = library_latents(model, images, batch, manifest.latent_decode == QUANTIZE)
+    reports = []
+    for runtime in RUNTIMES:
+        backend, device = runtime.backend, runtime.device
+        if backend == REFERENCE or (backends is not None and backend not in backends):
+            continue
+        for precision in precisions:
+            if precision_row(precision).latents is None or not runs(backend, precision, device):
+                continue
+            if graph_key("encoder_latents", precision) not in manifest.graphs:
+                continue
+            opened: list[Runner] = []
+            try:
+                for role in LATENT_ROLES:
+                    chosen = open_runner(
+                        export_dir, manifest, role, refusals=False, backend=backend, device=device, precision=precision
+                    )
+                    opened.append(chosen.runner)
+            except VqtoolError:
+                for runner in opened:
+                    runner.close()
+                continue
+            encoder, decoder = opened
+            log(f"parity: latents on {backend} ({encoder.provider}, {precision})")
+            try:
+                reports.append(
+                    check_latents(
+                        model,
+                        images,
+                        encoder,
+                        decoder,
+                        runtime=backend,
+                        precision=precision,
+                        decode=manifest.latent_decode,
+                        reference=reference,
+                        batch=batch,
+                    )
+                )
+            finally:
+                encoder.close()
+                decoder.close()
+    return tuple(reports)

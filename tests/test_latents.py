@@ -1,0 +1,109 @@
+"""Latents in and out (`export --latents`): the interface diffusion pipelines use. Latent diffusion hands
+`vqvae.decode` continuous latents that it quantises; Kandinsky decodes MoVQ's with `force_not_quantize=True`.
+Both are built here from diffusers' own VQModel with seeded weights, exported with their latent graphs, and compared
+with the library's own `encode(x).latents` and `decode(latents)` on real photographs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import one_error_line, run_cli
+from tests.test_import import _model_input, _photos, make_vqmodel
+from vqtool.images.quality import psnr
+
+
+def _library(model: Any, images: np.ndarray, quantize: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The library's latents of `images` and its decode of them, as uint8 images."""
+    with torch.no_grad():
+        latents = model.encode(_model_input(images)).latents
+        decoded = model.decode(latents, force_not_quantize=not quantize).sample
+    pictures = ((decoded.permute(0, 2, 3, 1) + 1.0) * 127.5).clamp(0, 255).round().to(torch.uint8).numpy()
+    return latents.numpy(), pictures
+
+
+@pytest.mark.parametrize(
+    ("options", "decode", "fp16"),
+    [({}, "quantize", False), ({"norm_type": "spatial", "mid_block_add_attention": False}, "direct", True)],
+    ids=["latent-diffusion-quantizes", "movq-decodes-as-they-are"],
+)
+def test_latent_graphs_give_the_librarys_latents_and_decode_them_as_its_pipeline_does(
+    options: dict[str, Any], decode: str, fp16: bool, tmp_path: Path
+) -> None:
+    import vqtool
+    from vqtool.export.pipeline import export_model
+    from vqtool.model.importing import import_model
+
+    model = make_vqmodel(tmp_path / "vq", **options)
+    import_model(tmp_path / "vq", tmp_path / "vq.pt", log=lambda _: None)
+    result = export_model(tmp_path / "vq.pt", tmp_path / "export", latents=True, fp16=fp16, log=lambda _: None)
+    assert result.manifest.latent_decode == decode  # as the model's pipeline decodes, unasked
+    (fp32,) = [r for r in result.verification.latents if r.precision == "fp32"]
+    assert fp32.passed and fp32.decode_psnr >= 50 and fp32.latent_error <= 1e-4
+    # FP16's latent graphs are published where they meet their rule, and left out where they miss it.
+    for report in [r for r in result.verification.latents if r.precision == "fp16"]:
+        assert ("decoder_latents.fp16" in result.manifest.graphs) == report.passed
+        assert (tmp_path / "export" / "decoder_latents.fp16.onnx").exists() == report.passed
+    recorded = json.loads((tmp_path / "export" / "parity.json").read_text())["latents"]
+    assert {r["precision"] for r in recorded} == {r.precision for r in result.verification.latents}
+
+    images = _photos(12, seed=11)
+    latents, pictures = _library(model, images, quantize=decode == "quantize")
+    with vqtool.load(tmp_path / "export", "onnxruntime", "cpu") as tok:
+        ours = tok.encode_latents(images)
+        assert ours.dtype == np.float32 and ours.shape == latents.shape
+        assert np.abs(ours - latents).max() <= 1e-4 * np.abs(latents).max()
+        decoded = tok.decode_latents(latents)
+        assert psnr(pictures, decoded) >= 50
+        # A torch tensor gives a torch tensor; the codes path is unchanged beside it.
+        assert torch.equal(tok.decode_latents(torch.from_numpy(latents)), torch.from_numpy(decoded))
+        assert tok.encode(images).shape == (12, 8, 8)
+    # The other decode gives other pictures: which one runs matters, and the manifest says it.
+    other = _library(model, images, quantize=decode != "quantize")[1]
+    assert psnr(other, decoded) < 45
+
+
+def test_latent_options_and_refusals_on_the_command_line(tmp_path: Path, export_dir: Path) -> None:
+    make_vqmodel(tmp_path / "vq")
+    checkpoint, export = tmp_path / "vq.pt", tmp_path / "export"
+    assert run_cli("import", str(tmp_path / "vq"), "--out", str(checkpoint)).returncode == 0
+    exported = run_cli("export", str(checkpoint), "--out", str(export), "--latent-decode", "direct")
+    assert exported.returncode == 0, exported.stderr
+    assert "encoder_latents.onnx" in exported.stdout and "decoder_latents.onnx" in exported.stdout
+    assert "latent graphs: meets its rule" in exported.stderr
+    assert json.loads((export / "manifest.json").read_text())["latent_decode"] == "direct"
+    # vqtool parity measures the latent graphs again, and keeps their record.
+    checked = run_cli("parity", str(export), "--backend", "onnxruntime")
+    assert checked.returncode == 0, checked.stderr
+    (latents,) = json.loads((export / "parity.json").read_text())["latents"]
+    assert latents["passed"] and latents["decode"] == "direct"
+
+    import vqtool
+
+    with vqtool.load(export, "torch", "cpu") as tok:
+        with pytest.raises(vqtool.VqtoolError, match="latent graphs run on onnxruntime or openvino"):
+            tok.encode_latents(_photos(2))
+    with vqtool.load(export_dir, "onnxruntime", "cpu") as tok:  # an export without --latents
+        assert not tok.has_latents
+        with pytest.raises(vqtool.VqtoolError, match="export again with --latents"):
+            tok.decode_latents(np.zeros((1, 4, 8, 8), np.float32))
+    with vqtool.load(export, "onnxruntime", "cpu") as tok:
+        with pytest.raises(vqtool.VqtoolError, match="latents must be finite floats"):
+            tok.decode_latents(np.full((1, 4, 8, 8), np.nan, np.float32))
+    refused = run_cli("export", str(checkpoint), "--out", str(tmp_path / "x"), "--latent-decode", "sideways")
+    assert refused.returncode != 0 and "sideways" in refused.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_an_encoder_only_model_is_refused_latents_in_one_line(tmp_path: Path) -> None:
+    from tests.test_import import make_chameleon
+
+    make_chameleon(tmp_path / "chameleon")
+    checkpoint = tmp_path / "c.pt"
+    assert run_cli("import", str(tmp_path / "chameleon"), "--out", str(checkpoint)).returncode == 0
+    one_error_line(run_cli("export", str(checkpoint), "--out", str(tmp_path / "e"), "--latents"), "has no decoder")
