@@ -115,8 +115,8 @@ class LatentRule:
 
 
 # FP32 reorders sums only: latents agree to 2e-6 (small models) to 5e-5 (latent diffusion's VQ-f4 at 256 x 256) of
-# their range, and 50 dB is under a grey level's rounding on a few pixels. FP16 and BF16 round activations to 11 and 8 bits: their decode is held to the bounded contract's
-# 40 dB, their latents to 2% of the latents' range.
+# their range, and 50 dB is under a grey level's rounding on a few pixels. FP16 and BF16 round activations to 11
+# and 8 bits: their decode is held to the bounded contract's 40 dB, their latents to 2% of the latents' range.
 LATENTS_EXACT = LatentRule(max_error=5e-4, min_decode_psnr=50.0)
 LATENTS_HALF = LatentRule(max_error=2e-2, min_decode_psnr=40.0)
 

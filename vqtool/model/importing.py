@@ -241,6 +241,7 @@ class _Loaded:
     scaling_from: str
     image_size: int | None
     described: str
+    original: bool = False  # an original checkpoint, renamed into the library's class (its reading is told)
 
 
 def _check_quantizer(family: type[ImportedVQ], quantizer: str, where: Path) -> None:
@@ -282,6 +283,7 @@ def _from_original(
         f"{fmt}'s own preprocessing",
         original.image_size,
         f"{original.described}, run by {original.library}'s {original.class_name}",
+        original=True,
     )
 
 
@@ -315,7 +317,8 @@ def _finish(loaded: _Loaded, out: Path, image_size: int | None, log: Callable[[s
     codes = int(model.embedding().shape[0])
     imported = replace(draft, downsample=_downsample(model, size), codes=codes)
     model.config = imported
-    log(f"read: {loaded.described}")
+    if loaded.original:
+        log(f"read: {loaded.described}")
     log(f"input: pixel x {_rounded(gain)} + {_rounded(bias)} per channel ({loaded.scaling_from})")
     note = ""
     if len(family.quantizers) > 1:
