@@ -232,6 +232,8 @@ def read_pickled(path: Path, allow_pickle: bool) -> Any:
 # The VQ models of those repositories whose inference is the plain nearest-code VQGAN (taming's VQModel and its EMA
 # variant, latent diffusion's, Chameleon's), by the class their YAML's `target` names; only the name is read.
 TAMING_TARGETS = ("VQModel", "EMAVQ", "VQModelInterface", "VQGAN")
+# What the conversion reads of the YAML's ddconfig.
+TAMING_DDCONFIG = ("ch", "ch_mult", "num_res_blocks", "resolution", "z_channels", "in_channels", "out_ch")
 TAMING_DROPPED = ("loss.", "model_ema.")  # the discriminator and perceptual loss; latent diffusion's EMA copy
 _ATTENTION_NAMES = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 
@@ -268,14 +270,15 @@ def read_taming_yaml(path: Path) -> TamingConfig:
             int(params["embed_dim"]),
             params.get("remap"),
         )
-        for name in ("ch", "ch_mult", "num_res_blocks", "resolution", "z_channels", "in_channels", "out_ch"):
-            ddconfig[name]  # noqa: B018 -- each is needed below; a missing one is refused here, by name
     except (OSError, yaml.YAMLError) as exc:
         raise VqtoolError(f"not a readable YAML file ({first_line(exc)})", path) from None
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise VqtoolError(
             f"does not describe a VQ model as taming's YAML does (model.params.ddconfig: {exc})", path
         ) from None
+    missing = [name for name in TAMING_DDCONFIG if name not in config.ddconfig]
+    if missing:
+        raise VqtoolError(f"its model.params.ddconfig lacks {', '.join(missing)}", path)
     if config.target.rsplit(".", 1)[-1] not in TAMING_TARGETS:
         raise VqtoolError(
             f"describes a {config.target or 'model without a target'}; vqtool imports the plain VQGANs of taming, "
