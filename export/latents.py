@@ -15,7 +15,7 @@ from vqtool.formats.manifest import LATENT_ROLES, QUANTIZE, Manifest, fitting_ba
 from vqtool.formats.records import LatentReport
 from vqtool.images.quality import psnr
 from vqtool.model.face import TokenizerModel
-from vqtool.precisions import PRECISIONS
+from vqtool.precisions import PRECISIONS, LatentRule
 from vqtool.precisions import row as precision_row
 from vqtool.runtime.base import REFERENCE, RUNTIMES, Runner, runs
 from vqtool.runtime.select import open_runner
@@ -48,19 +48,20 @@ def check_latents(
     *,
     runtime: str,
     precision: str,
+    rule: LatentRule,
     decode: str,
     reference: tuple[torch.Tensor, np.ndarray],
     batch: int,
 ) -> LatentReport:
-    """One runtime's latent graphs at `precision` against the library's latents and decode (`reference`)."""
+    """One runtime's latent graphs at `precision` against the library's latents and decode (`reference`), held to
+    that precision's `rule`."""
     latents, pictures = reference
     ours = _run(encoder, images, batch)
     expected = latents.numpy()
     error = float(np.abs(ours - expected).max() / max(float(np.abs(expected).max()), 1e-12))
     decoded = _run(decoder, np.ascontiguousarray(expected, dtype=np.float32), batch)
     quality = psnr(pictures, decoded)
-    rule = precision_row(precision).latents
-    failures = tuple(rule.missed(error, quality)) if rule is not None else ("no latent rule at this precision",)
+    failures = tuple(rule.missed(error, quality))
     return LatentReport(runtime, encoder.provider, precision, decode, len(images), error, quality, failures)
 
 
@@ -84,7 +85,8 @@ def verify_latents(
         if backend == REFERENCE or (backends is not None and backend not in backends):
             continue
         for precision in precisions:
-            if precision_row(precision).latents is None or not runs(backend, precision, device):
+            rule = precision_row(precision).latents
+            if rule is None or not runs(backend, precision, device):
                 continue
             if graph_key("encoder_latents", precision) not in manifest.graphs:
                 continue
@@ -110,6 +112,7 @@ def verify_latents(
                         decoder,
                         runtime=backend,
                         precision=precision,
+                        rule=rule,
                         decode=manifest.latent_decode,
                         reference=reference,
                         batch=batch,

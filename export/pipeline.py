@@ -246,13 +246,15 @@ def _write_manifest(
     return manifest
 
 
-def _check_options(int8: bool, calibration_count: int, trt: bool) -> None:
+def _check_options(int8: bool, calibration_count: int, trt: bool, latent_decode: str | None) -> None:
     if trt:
         from vqtool.runtime.tensorrt import require_tensorrt_gpu
 
         require_tensorrt_gpu()  # before any work: a missing TensorRT or GPU is one sentence, not a half export
     if int8 and calibration_count < 1:
         raise VqtoolError(f"--calibration-images must be at least 1, got {calibration_count}")
+    if latent_decode is not None and latent_decode not in LATENT_DECODES:
+        raise VqtoolError(f"--latent-decode takes {' or '.join(LATENT_DECODES)}, got {latent_decode!r}")
 
 
 def _fail_parity(staging: Path, out_dir: Path, verification: Verification) -> ParityFailed:
@@ -318,7 +320,7 @@ def export_model(
     if options is not None and keywords:
         raise TypeError("export_model takes an ExportOptions or its keywords, not both")
     options = options or ExportOptions(**keywords)
-    _check_options(options.int8, options.calibration_count, options.trt)
+    _check_options(options.int8, options.calibration_count, options.trt, options.latent_decode)
     with output_lock(out_dir):
         check_export_target(out_dir, overwrite=options.overwrite)
         checkpoint = load_for_export(checkpoint_path)
@@ -353,11 +355,7 @@ def _write_export(
 ) -> tuple[Manifest, Verification]:
     """Every file of the export, written into `staging`, and parity over them."""
     entries: dict[str, GraphEntry] = {}
-    latent_decode = ""
-    if options.latents:
-        latent_decode = options.latent_decode or checkpoint.model.pipeline_latent_decode
-        if latent_decode not in LATENT_DECODES:
-            raise VqtoolError(f"--latent-decode takes {' or '.join(LATENT_DECODES)}, got {latent_decode!r}")
+    latent_decode = (options.latent_decode or checkpoint.model.pipeline_latent_decode) if options.latents else ""
     for precision in (FP32, FP16) if options.fp16 else (FP32,):
         entries.update(write_graphs(checkpoint.model, checkpoint_sha, staging, precision))
         if latent_decode:

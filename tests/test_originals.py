@@ -15,22 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from PIL import Image
 
-from tests.conftest import one_error_line, photo_crops, run_cli
+from tests.conftest import one_error_line, run_cli
 from tests.reference import llamagen, taming
-from tests.test_import import _near_ties_only
+from tests.test_import import SIZE, _model_input, _near_ties_only, _photos
 
-SIZE = 32
 PAYLOAD_FILE = "payload-ran"
-
-
-def _photos(count: int, seed: int = 0) -> np.ndarray:
-    return np.stack([np.asarray(Image.fromarray(c).resize((SIZE, SIZE))) for c in photo_crops(count, seed)])
-
-
-def _model_input(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def _codebook_from(embedding: torch.nn.Embedding, latents: torch.Tensor) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from vqtool.errors import VqtoolError
-from vqtool.formats.records import read_parity_reports
+from vqtool.formats.records import read_parity_reports, runtime_record
 from vqtool.precisions import EXACT_CONTRACT, FP32
 
 UNCHECKED = "unchecked"  # no parity report for this runtime and precision: nothing is promised
@@ -70,9 +70,8 @@ def contract_of(export_dir: Path, backend: str, precision: str, provider: str = 
     """The contract parity.json records for this runtime (`provider` narrows it where given) and precision."""
     if backend == REFERENCE and precision == FP32 and provider.endswith("on cpu"):
         return Contract(EXACT_CONTRACT, backend, precision, provider, identical_fraction=1.0)
-    for report in read_parity_reports(export_dir):
-        if (report.runtime, report.precision) != (backend, precision) or provider not in ("", report.provider):
-            continue
+    report = runtime_record(read_parity_reports(export_dir), backend, precision, provider)
+    if report is not None:
         return Contract(
             report.met,
             backend,

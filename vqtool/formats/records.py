@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,6 +18,8 @@ from vqtool.formats.manifest import BENCH_NAME, PARITY_NAME
 from vqtool.precisions import BOUNDED_CONTRACT, EXACT_CONTRACT, NO_CONTRACT, TABLE
 
 R = TypeVar("R")
+# A runtime's record of parity.json: a ParityReport or a LatentReport.
+Record = TypeVar("Record", "ParityReport", "LatentReport")
 
 
 @dataclass(frozen=True)
@@ -205,12 +208,17 @@ def read_latent_reports(export_dir: Path) -> list[LatentReport]:
     return _entries(LatentReport, _read_object(export_dir / PARITY_NAME).get("latents"))
 
 
-def parity_report(export_dir: Path, runtime: str, precision: str) -> ParityReport | None:
-    """This runtime's report in parity.json (written by export and by `vqtool parity`), if any."""
-    for report in read_parity_reports(export_dir):
-        if (report.runtime, report.precision) == (runtime, precision):
+def runtime_record(reports: Iterable[Record], runtime: str, precision: str, provider: str = "") -> Record | None:
+    """The record of this runtime and precision among `reports` (`provider` narrows it where given), if any."""
+    for report in reports:
+        if (report.runtime, report.precision) == (runtime, precision) and provider in ("", report.provider):
             return report
     return None
+
+
+def parity_report(export_dir: Path, runtime: str, precision: str) -> ParityReport | None:
+    """This runtime's report in parity.json (written by export and by `vqtool parity`), if any."""
+    return runtime_record(read_parity_reports(export_dir), runtime, precision)
 
 
 def read_bench_rows(export_dir: Path) -> list[ModelRow]:

@@ -221,10 +221,10 @@ def import_model(
         if config_file is not None and fmt != TAMING:
             raise VqtoolError(f"--config names a taming checkpoint's YAML; {source} is read as {fmt}")
         if fmt == LIBRARY_LAYOUT:
-            loaded = _from_library(source, subfolder, quantizer or "library", allow_pickle)
+            loaded = _from_library(source, subfolder, image_size, quantizer or "library", allow_pickle)
         else:
             loaded = _from_original(source, fmt, config_file, image_size, quantizer, allow_pickle)
-        return _finish(loaded, out, image_size, log)
+        return _finish(loaded, out, log)
 
 
 @dataclass(frozen=True)
@@ -239,7 +239,7 @@ class _Loaded:
     gain: tuple[float, ...]
     bias: tuple[float, ...]
     scaling_from: str
-    image_size: int | None
+    image_size: int | None  # asked for, or an original's published size; None: the library configuration's
     described: str
     original: bool = False  # an original checkpoint, renamed into the library's class (its reading is told)
 
@@ -253,14 +253,16 @@ def _check_quantizer(family: type[ImportedVQ], quantizer: str, where: Path) -> N
         )
 
 
-def _from_library(source: Path, subfolder: str | None, quantizer: str, allow_pickle: bool) -> _Loaded:
+def _from_library(
+    source: Path, subfolder: str | None, image_size: int | None, quantizer: str, allow_pickle: bool
+) -> _Loaded:
     folder = find_model_folder(source, subfolder)
     library, class_name = _library_of(_read_config(folder), folder)
     family = FAMILIES[(library, class_name)]
     _check_quantizer(family, quantizer, folder)
     gain, bias, scaling_from = _input_scaling(source, folder, family)  # a malformed one stops the import before loading
     model = _load_library_model(library, class_name, folder, _weights_check(folder, allow_pickle))
-    return _Loaded(family, model, folder, quantizer, gain, bias, scaling_from, None, f"{library} {class_name}")
+    return _Loaded(family, model, folder, quantizer, gain, bias, scaling_from, image_size, f"{library} {class_name}")
 
 
 def _from_original(
@@ -302,13 +304,13 @@ def _load_weights(model: Any, state: dict[str, torch.Tensor], design: str, sourc
     model.load_state_dict(state, strict=True)
 
 
-def _finish(loaded: _Loaded, out: Path, image_size: int | None, log: Callable[[str], None]) -> ImportResult:
+def _finish(loaded: _Loaded, out: Path, log: Callable[[str], None]) -> ImportResult:
     family, library_model = loaded.family, loaded.model
     library, class_name = family.library, family.class_name
     # Plain JSON values: a checkpoint is read with weights_only, which unpickles no library's config classes.
     own = library_model.config
     config = json.loads(json.dumps(own.to_dict() if hasattr(own, "to_dict") else dict(own)))
-    size = image_size or loaded.image_size or family.native_size(config)
+    size = loaded.image_size or family.native_size(config)
     version = LIBRARIES[library].version()
     decoder = family.implements_decoder
     gain, bias, quantizer = loaded.gain, loaded.bias, loaded.quantizer

@@ -35,7 +35,6 @@ class Original:
     """An original checkpoint, read and renamed: the library class that runs its design, that class's
     configuration, the weights under that class's names, and which quantizer gives the original's codes."""
 
-    format: str
     library: str
     class_name: str
     config: dict[str, Any]
@@ -135,14 +134,13 @@ def _llamagen_weights(payload: Any, path: Path) -> dict[str, torch.Tensor]:
     return tensors_under(payload, None, path)
 
 
-def _llamagen_design(fmt: str, state: dict[str, torch.Tensor], size: int, where: Path, described: str) -> Original:
+def _llamagen_design(state: dict[str, torch.Tensor], size: int, where: Path, described: str) -> Original:
     """LlamaGen's VQ model (its weights in `state`, under LlamaGen's names) at `size`, run by JanusVQVAE with the
     original's l2-normalised search."""
     config = llamagen_config(state, size, where)
     what = f"({config['num_embeddings']} codes of {config['embed_dim']} dimensions)"
     factor = 2 ** (len(config["channel_multiplier"]) - 1)
     return Original(
-        fmt,
         "transformers",
         "JanusVQVAE",
         config,
@@ -157,7 +155,7 @@ def read_llamagen(path: Path, image_size: int | None, allow_pickle: bool) -> Ori
     """A LlamaGen tokenizer checkpoint (vq_ds8_c2i.pt, vq_ds16_c2i.pt, vq_ds16_t2i.pt)."""
     state = _llamagen_weights(read_pickled(path, allow_pickle), path)
     size = image_size or LLAMAGEN_SIZE
-    return _llamagen_design(LLAMAGEN, state, size, path, f"LlamaGen VQ-{{factor}} {{what}} from {path.name}")
+    return _llamagen_design(state, size, path, f"LlamaGen VQ-{{factor}} {{what}} from {path.name}")
 
 
 def _inside(folder: Path, name: str) -> Path:
@@ -203,7 +201,7 @@ def read_janus(folder: Path, image_size: int | None, allow_pickle: bool) -> Orig
         raise VqtoolError(f"its weights hold no {JANUS_PREFIX}* tensors: not a Janus checkpoint", folder)
     size = image_size or JANUS_SIZE
     described = f"Janus's generation VQ model {{what}} from {len(shards)} of its checkpoint files"
-    return _llamagen_design(JANUS, state, size, folder, described)
+    return _llamagen_design(state, size, folder, described)
 
 
 def _safetensors_with_prefix(path: Path, prefix: str) -> dict[str, torch.Tensor]:
@@ -398,7 +396,6 @@ def read_taming(path: Path, config_file: Path | None, image_size: int | None, al
     size = image_size or int(config.ddconfig["resolution"])
     factor = 2 ** (len(config.ddconfig["ch_mult"]) - 1)
     return Original(
-        TAMING,
         "diffusers",
         "VQModel",
         taming_vqmodel_config(config),

@@ -14,7 +14,13 @@ from typing import Any
 
 from vqtool.errors import VqtoolError
 from vqtool.formats.manifest import LATENT_ROLES, PARITY_NAME, Manifest, graph_key, verify_graph
-from vqtool.formats.records import parity_report, read_bench_rows, read_latent_reports, read_parity_reports
+from vqtool.formats.records import (
+    parity_report,
+    read_bench_rows,
+    read_latent_reports,
+    read_parity_reports,
+    runtime_record,
+)
 from vqtool.host import inference_threads, nvidia_gpu_present
 from vqtool.precisions import BF16, BOUNDED_CONTRACT, EXACT_CONTRACT, FASTEST, FP32, INT8, NO_CONTRACT, PRECISIONS
 from vqtool.precisions import row as precision_row
@@ -179,9 +185,7 @@ def _refused_by_parity(export_dir: Path, backend: str, precision: str, provider:
     of this runtime where it ran (its provider, where given) decides; where it was never checked, a record of the
     same graph refused on another runtime refuses it too, until `vqtool parity` checks it here."""
     reports = read_parity_reports(export_dir)
-    own = next(
-        (r for r in reports if (r.runtime, r.precision) == (backend, precision) and provider in ("", r.provider)), None
-    )
+    own = runtime_record(reports, backend, precision, provider)
     int8_published = any(r.runtime == Backend.onnxruntime.value and r.precision == INT8 and r.passed for r in reports)
     instead = "" if precision == FP32 else f"; use {'fp32 or int8' if int8_published and precision != INT8 else 'fp32'}"
     if own is not None:
@@ -201,10 +205,9 @@ def _refused_by_parity(export_dir: Path, backend: str, precision: str, provider:
 
 def _latents_refused(export_dir: Path, backend: str, precision: str, provider: str = "") -> str | None:
     """Why parity.json forbids this runtime's latent graphs (they missed their rule), or None."""
-    for report in read_latent_reports(export_dir):
-        matches = (report.runtime, report.precision) == (backend, precision) and provider in ("", report.provider)
-        if matches and not report.passed:
-            return f"{backend} {precision} latent graphs missed their rule on this export ({report.failures[-1]})"
+    report = runtime_record(read_latent_reports(export_dir), backend, precision, provider)
+    if report is not None and not report.passed:
+        return f"{backend} {precision} latent graphs missed their rule on this export ({report.failures[-1]})"
     return None
 
 
