@@ -227,12 +227,16 @@ def test_a_janus_folder_imports_its_generation_vq_and_says_how_transformers_code
 
 def test_a_taming_lightning_checkpoint_imports_without_running_anything_in_it(tmp_path: Path) -> None:
     model = small_taming()
-    source = tmp_path / "logs"
-    source.mkdir()
-    lightning_checkpoint(model, source / "last.ckpt", tmp_path)
-    taming_yaml(source / "model.yaml", TAMING_CONFIG, 128, 8)
+    # As taming releases a run: logs/NAME/checkpoints/last.ckpt and logs/NAME/configs/model.yaml; a checkpoint of
+    # another kind beside them does not make the folder ambiguous.
+    source = tmp_path / "vqgan_f2"
+    (source / "checkpoints").mkdir(parents=True)
+    (source / "configs").mkdir()
+    lightning_checkpoint(model, source / "checkpoints" / "last.ckpt", tmp_path)
+    taming_yaml(source / "configs" / "model.yaml", TAMING_CONFIG, 128, 8)
+    torch.save({"unrelated": torch.zeros(1)}, source / "notes.pt")
     # The planted payloads bite: a full unpickle runs them.
-    torch.load(source / "last.ckpt", weights_only=False)
+    torch.load(source / "checkpoints" / "last.ckpt", weights_only=False)
     assert (tmp_path / PAYLOAD_FILE).exists()
     (tmp_path / PAYLOAD_FILE).unlink()
 

@@ -49,7 +49,7 @@ def import_command(
         typer.Option(
             "--config",
             help="A taming / latent-diffusion / Chameleon checkpoint's YAML, where it is not beside the checkpoint "
-            "as CHECKPOINT.yaml, model.yaml, config.yaml or vqgan.yaml.",
+            "(CHECKPOINT.yaml, model.yaml, config.yaml, vqgan.yaml) or in the release folder's configs/.",
         ),
     ] = None,
     quantizer: Annotated[

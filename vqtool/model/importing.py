@@ -284,7 +284,7 @@ def _from_original(
         bias,
         f"{fmt}'s own preprocessing",
         original.image_size,
-        f"{original.described}, run by {original.library}'s {original.class_name}",
+        f"{original.described}, run by {original.library} {original.class_name}",
         original=True,
     )
 

@@ -25,6 +25,8 @@ from vqtool.model.pickled import read_pickled_checkpoint, tensors_under
 
 # The YAML beside a taming / latent-diffusion / Chameleon checkpoint, by the names their releases use.
 TAMING_CONFIG_NAMES = ("model.yaml", "config.yaml", "vqgan.yaml", "project.yaml")
+# taming's released runs keep the checkpoint and the YAML in subfolders: logs/NAME/{checkpoints,configs}/.
+TAMING_CHECKPOINTS, TAMING_CONFIGS = "checkpoints", "configs"
 CHECKPOINT_SUFFIXES = {".ckpt": TAMING, ".pt": LLAMAGEN, ".pth": LLAMAGEN}
 JANUS_PREFIX = "gen_vision_model."
 JANUS_INDEX = "model.safetensors.index.json"
@@ -373,21 +375,29 @@ def taming_state(state: dict[str, torch.Tensor], config: TamingConfig, path: Pat
     return renamed
 
 
-def _taming_yaml(checkpoint: Path, config_file: Path | None) -> Path:
-    """The YAML that describes `checkpoint`: the one given, else one beside it by its releases' names."""
+def _taming_yaml(checkpoint: Path, source: Path, config_file: Path | None) -> Path:
+    """The YAML that describes `checkpoint`: the one given, else one beside it by its releases' names, else, where
+    SOURCE is a release folder, one in it or the one in its configs/ (taming's logs/NAME/configs/)."""
     if config_file is not None:
         return config_file
-    candidates = [checkpoint.with_suffix(".yaml")] + [checkpoint.parent / name for name in TAMING_CONFIG_NAMES]
+    folders = [checkpoint.parent] + ([source, source / TAMING_CONFIGS] if source.is_dir() else [])
+    candidates = [checkpoint.with_suffix(".yaml")] + [f / name for f in folders for name in TAMING_CONFIG_NAMES]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    names = ", ".join(c.name for c in candidates)
-    raise VqtoolError(f"has no YAML beside it ({names}); name it with --config", checkpoint)
+    in_configs = sorted((source / TAMING_CONFIGS).glob("*.yaml")) if source.is_dir() else []
+    if len(in_configs) == 1:
+        return in_configs[0]
+    names = ", ".join(dict.fromkeys(c.name for c in candidates))
+    raise VqtoolError(f"has no YAML beside it or in configs/ ({names}); name it with --config", checkpoint)
 
 
-def read_taming(path: Path, config_file: Path | None, image_size: int | None, allow_pickle: bool) -> Original:
-    """A taming-transformers / latent-diffusion / Chameleon VQGAN: its Lightning checkpoint and YAML."""
-    yaml_path = _taming_yaml(path, config_file)
+def read_taming(
+    path: Path, source: Path, config_file: Path | None, image_size: int | None, allow_pickle: bool
+) -> Original:
+    """A taming-transformers / latent-diffusion / Chameleon VQGAN: its Lightning checkpoint and YAML (SOURCE: the
+    checkpoint itself or the release folder it was found in)."""
+    yaml_path = _taming_yaml(path, source, config_file)
     config = read_taming_yaml(yaml_path)
     _expressible(config, yaml_path)
     payload = read_pickled(path, allow_pickle)
@@ -420,9 +430,20 @@ def _janus_folder(folder: Path) -> bool:
     return isinstance(raw, dict) and isinstance(raw.get("gen_vision_config"), dict)
 
 
+def _checkpoints_in(folder: Path, fmt: str) -> list[Path]:
+    """The checkpoint files of format `fmt` in `folder` and, for taming's releases (logs/NAME/checkpoints/last.ckpt),
+    in its checkpoints/ subfolder."""
+    places = [folder, folder / TAMING_CHECKPOINTS] if fmt == TAMING else [folder]
+    suffixes = [suffix for suffix, kind in CHECKPOINT_SUFFIXES.items() if kind == fmt]
+    return sorted(
+        p for place in places if place.is_dir() for p in place.iterdir() if p.is_file() and p.suffix in suffixes
+    )
+
+
 def recognise(source: Path) -> str | None:
     """The original format SOURCE holds, or None where it is not one (a library's own layout is checked elsewhere):
-    a .ckpt (taming) or .pt/.pth (LlamaGen) file, a folder holding exactly one such file, or a Janus folder."""
+    a .ckpt (taming) or .pt/.pth (LlamaGen) file, a folder holding exactly one such file (a taming release's in
+    checkpoints/), or a Janus folder."""
     if source.is_file():
         return CHECKPOINT_SUFFIXES.get(source.suffix)
     if not source.is_dir():
@@ -431,19 +452,17 @@ def recognise(source: Path) -> str | None:
         return JANUS
     if (source / "config.json").is_file():
         return None  # a library's own layout
-    files = [p for p in source.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES]
-    return CHECKPOINT_SUFFIXES[files[0].suffix] if len(files) == 1 else None
+    return next((fmt for fmt in (TAMING, LLAMAGEN) if len(_checkpoints_in(source, fmt)) == 1), None)
 
 
 def _checkpoint_file(source: Path, fmt: str) -> Path:
-    """The checkpoint file of SOURCE: itself, or the one file of the format's suffix in the folder."""
+    """The checkpoint file of SOURCE: itself, or the one file of the format in the folder."""
     if source.is_file():
         return source
-    suffixes = [suffix for suffix, kind in CHECKPOINT_SUFFIXES.items() if kind == fmt]
-    files = sorted(p for p in source.iterdir() if p.is_file() and p.suffix in suffixes)
+    files = _checkpoints_in(source, fmt)
     if len(files) != 1:
-        found = ", ".join(p.name for p in files) or "none"
-        raise VqtoolError(f"holds {len(files)} {'/'.join(suffixes)} files ({found}); name the one to import", source)
+        found = ", ".join(str(p.relative_to(source)) for p in files) or "none"
+        raise VqtoolError(f"holds {len(files)} {fmt} checkpoint files ({found}); name the one to import", source)
     return files[0]
 
 
@@ -458,4 +477,4 @@ def read_original(
     path = _checkpoint_file(source, fmt)
     if fmt == LLAMAGEN:
         return read_llamagen(path, image_size, allow_pickle)
-    return read_taming(path, config_file, image_size, allow_pickle)
+    return read_taming(path, source, config_file, image_size, allow_pickle)
