@@ -353,9 +353,9 @@ def write_graphs(model: TokenizerModel, checkpoint_sha: str, out_dir: Path, prec
 
 def write_latent_graphs(
     model: TokenizerModel, checkpoint_sha: str, out_dir: Path, precision: str, decode: str
-) -> dict[str, GraphEntry]:
+) -> tuple[dict[str, GraphEntry], int]:
     """Export the latent graphs (`export --latents`) at one precision into `out_dir`; `decode` says whether the
-    latent decoder quantises (QUANTIZE) or not (DIRECT). Returns their manifest entries."""
+    latent decoder quantises (QUANTIZE) or not (DIRECT). Returns their manifest entries and the latents' channels."""
     model, config = model.eval(), model.config
     parts = model.graph_parts()
     if parts.decoder_body is None:
@@ -384,7 +384,7 @@ def write_latent_graphs(
         _export_graph(module, example, path, names, sides, {**meta, "vqtool.role": role})
         largest = largest_activation_bytes(module, example)
         entries[name] = GraphEntry(path.name, sha256_file(path), precision, names[0], names[1], largest)
-    return entries
+    return entries, int(latents.shape[1])
 
 
 @torch.no_grad()

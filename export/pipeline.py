@@ -214,7 +214,12 @@ def _write_int8(
 
 
 def _write_manifest(
-    staging: Path, checkpoint: Checkpoint, checkpoint_sha: str, graphs: dict[str, GraphEntry], latent_decode: str = ""
+    staging: Path,
+    checkpoint: Checkpoint,
+    checkpoint_sha: str,
+    graphs: dict[str, GraphEntry],
+    latent_decode: str = "",
+    latent_channels: int = 0,
 ) -> Manifest:
     """The slim PyTorch checkpoint that travels with the graphs (parity and --backend torch need no other file),
     and manifest.json over everything written."""
@@ -241,6 +246,7 @@ def _write_manifest(
         pytorch_file=PYTORCH_FILE,
         pytorch_sha256=sha256_file(staging / PYTORCH_FILE),
         latent_decode=latent_decode,
+        latent_channels=latent_channels,
     )
     write_json(staging / MANIFEST_NAME, manifest.to_dict())
     return manifest
@@ -356,12 +362,16 @@ def _write_export(
     """Every file of the export, written into `staging`, and parity over them."""
     entries: dict[str, GraphEntry] = {}
     latent_decode = (options.latent_decode or checkpoint.model.pipeline_latent_decode) if options.latents else ""
+    latent_channels = 0
     for precision in (FP32, FP16) if options.fp16 else (FP32,):
         entries.update(write_graphs(checkpoint.model, checkpoint_sha, staging, precision))
         if latent_decode:
             how = "through their nearest codes" if latent_decode == QUANTIZE else "as they are"
             log(f"latent graphs ({precision}): latents decoded {how}")
-            entries.update(write_latent_graphs(checkpoint.model, checkpoint_sha, staging, precision, latent_decode))
+            written, latent_channels = write_latent_graphs(
+                checkpoint.model, checkpoint_sha, staging, precision, latent_decode
+            )
+            entries.update(written)
     _check_trt_compatible(staging, entries, strict=options.trt, log=log)
     # The checkpoint's own data is read (and its skipped files reported) once, for calibration and parity.
     own_data = functools.cache(lambda: training_set_of(checkpoint, log))
@@ -370,7 +380,7 @@ def _write_export(
         # After the TensorRT check: the INT8 graph is for the CPU runtimes, not TensorRT.
         fp32_encoder = entries[graph_key("encoder", FP32)]
         graphs[graph_key("encoder", INT8)] = _write_int8(staging, checkpoint, fp32_encoder, options, own_data, log)
-    manifest = _write_manifest(staging, checkpoint, checkpoint_sha, graphs, latent_decode)
+    manifest = _write_manifest(staging, checkpoint, checkpoint_sha, graphs, latent_decode, latent_channels)
     if options.trt:
         coded = {key: entry for key, entry in entries.items() if key.split(".")[0] in ROLES}  # no engines for latents
         _build_engines(staging, coded, checkpoint.model_config, options.profile, options.timing_cache, log)

@@ -95,6 +95,8 @@ def test_latent_options_and_refusals_on_the_command_line(tmp_path: Path, export_
     with vqtool.load(export, "onnxruntime", "cpu") as tok:
         with pytest.raises(vqtool.VqtoolError, match="latents must be finite floats"):
             tok.decode_latents(np.full((1, 4, 8, 8), np.nan, np.float32))
+        with pytest.raises(vqtool.VqtoolError, match=r"this model's latents are N x 4 x 8 x 8, got float32 shaped"):
+            tok.decode_latents(np.zeros((1, 3, 8, 8), np.float32))
     refused = run_cli("export", str(checkpoint), "--out", str(tmp_path / "x"), "--latent-decode", "sideways")
     assert refused.returncode != 0 and "sideways" in refused.stderr
     assert not (tmp_path / "x").exists()

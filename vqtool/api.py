@@ -293,8 +293,12 @@ class Tokenizer:
         _check_batch_size(batch_size)
         runner = self._runner_of("decoder_latents").runner
         array = tensors.to_numpy(latents) if tensors.is_tensor(latents) else np.asarray(latents)
+        manifest = self.manifest
+        shape = (manifest.latent_channels, manifest.grid, manifest.grid)  # the latent decoder's, fixed at export
         if array.ndim != 4 or not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
             raise VqtoolError(f"latents must be finite floats shaped N x D x h x w, got {_kind(latents)}")
+        if manifest.latent_channels and array.shape[1:] != shape:
+            raise VqtoolError(f"this model's latents are N x {' x '.join(map(str, shape))}, got {_kind(latents)}")
         batch_size = fitting_batch(self.manifest, "decoder_latents", self._latent_precision, batch_size)
         images = _in_slices(runner, np.ascontiguousarray(array, dtype=np.float32), batch_size, np.dtype(np.uint8))
         return tensors.like(images, latents) if tensors.is_tensor(latents) else images

@@ -128,6 +128,8 @@ class Manifest:
     pytorch_sha256: str = ""
     # How decoder_latents decodes (QUANTIZE or DIRECT); "": the export has no latent graphs.
     latent_decode: str = ""
+    # D of the latents N x D x h x w the latent graphs give and take (0: no latent graphs).
+    latent_channels: int = 0
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -221,6 +223,8 @@ def _manifest_problem(raw: dict[str, Any]) -> str | None:
             return f"graph '{name}' must name a file inside the export folder"
     if raw.get("latent_decode", "") not in ("", *LATENT_DECODES):
         return f"'latent_decode' must be one of {', '.join(LATENT_DECODES)}"
+    if type(raw.get("latent_channels", 0)) is not int or raw.get("latent_channels", 0) < 0:
+        return "'latent_channels' must be a non-negative integer"
     if raw.get("pytorch_file") and not _plain_name(raw["pytorch_file"]):
         return "'pytorch_file' must name a file inside the export folder"
     return None
