@@ -53,7 +53,7 @@ from vqtool.precisions import (
     decoder_precision,
 )
 from vqtool.precisions import row as precision_row
-from vqtool.runtime.base import REFERENCE, RUNTIMES, GraphToOpen, runs
+from vqtool.runtime.base import REFERENCE, RUNTIMES, Device, GraphToOpen, runs
 from vqtool.runtime.select import open_backend, open_runner
 from vqtool.train.data.memory import TrainingData
 from vqtool.train.data.run_data import training_set_of
@@ -369,7 +369,8 @@ def verify_export(
     min_identical: float = 0.0,
     log: Callable[[str], None] = print,
 ) -> Verification:
-    """Parity for each runtime in the table (but the reference) and each precision it runs that starts here;
+    """Parity for each runtime in the table (but the reference: PyTorch's FP32 on the CPU) and each precision it
+    runs that starts here, PyTorch's reduced precisions included;
     `backends` and `precisions` limit which; `min_identical`, the share of identical codes the bounded contract
     asks for. Batches hold as many images as the graphs' activations allow."""
     batch = min(fitting_batch(manifest, role, FP32, BATCH) for role in manifest.roles)
@@ -377,10 +378,13 @@ def verify_export(
     reports, skipped = [], []
     for runtime in RUNTIMES:
         backend, device = runtime.backend, runtime.device
-        if backend == REFERENCE or (backends is not None and backend not in backends):
+        if backends is not None and backend not in backends:
             continue
         for precision in precisions:
-            if graph_key("encoder", precision) not in manifest.graphs or not runs(backend, precision, device):
+            if (backend, device, precision) == (REFERENCE, Device.cpu.value, FP32) or not runs(backend, precision, device):
+                continue  # the reference itself, or a precision this runtime does not run
+            # A precision is checked where the export has its graph (PyTorch: where it was exported at all).
+            if backend != REFERENCE and graph_key("encoder", precision) not in manifest.graphs:
                 continue
             try:
                 # A runtime refused in an earlier parity.json is measured afresh: refusals=False.

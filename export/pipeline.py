@@ -138,16 +138,13 @@ def _build_engines(
 
 
 def _bf16_parity(export_dir: Path, images: np.ndarray, min_identical: float) -> Verification:
-    """OpenVINO BF16's parity on `images`, run in a fresh process (see EXPORT_RUNTIMES); refused in one line where
-    it cannot run here (no OpenVINO, or a CPU without BF16)."""
+    """OpenVINO BF16's parity on `images`, run in a fresh process (see EXPORT_RUNTIMES); its reports are empty, and
+    its skipped list says why, where it cannot run here (no OpenVINO, or a CPU without BF16)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        verification = pool.submit(_openvino_bf16_parity, export_dir, images, min_identical).result()
-    if not verification.reports:
-        raise VqtoolError(f"--bf16: {'; '.join(verification.skipped) or 'OpenVINO BF16 did not run'}")
-    return verification
+        return pool.submit(_openvino_bf16_parity, export_dir, images, min_identical).result()
 
 
 def _openvino_bf16_parity(export_dir: Path, images: np.ndarray, min_identical: float) -> Verification:
@@ -385,7 +382,8 @@ def _write_export(
         coded = {key: entry for key, entry in entries.items() if key.split(".")[0] in ROLES}  # no engines for latents
         _build_engines(staging, coded, checkpoint.model_config, options.profile, options.timing_cache, log)
     compared = parity_images if parity_images is not None else default_parity_images(checkpoint, own_data)
-    written = tuple(p for p in PRECISIONS if p != BF16)
+    # BF16 has no graph of its own: with --bf16, PyTorch's autocast is checked here and OpenVINO's below.
+    written = tuple(p for p in PRECISIONS if p != BF16 or options.bf16)
     verification = verify_export(
         checkpoint.model,
         staging,
@@ -399,6 +397,9 @@ def _write_export(
     if options.bf16:
         log("parity: openvino on CPU (bf16), in a process of its own")
         verification = verification.joined(_bf16_parity(staging, compared, options.min_identical))
+        if not any(report.precision == BF16 for report in verification.reports):
+            bf16_skipped = [why for why in verification.skipped if f"({BF16})" in why]
+            raise VqtoolError(f"--bf16: {'; '.join(bf16_skipped) or 'BF16 ran on no runtime here'}")
     if latent_decode:
         latents = verify_latents(checkpoint.model, staging, manifest, compared, backends=EXPORT_RUNTIMES, log=log)
         verification = replace(verification, latents=latents + verification.latents)

@@ -86,8 +86,11 @@ def test_unavailable_backends_fail_clearly(export_dir: Path) -> None:
         open_runner(export_dir, manifest, "encoder", backend="tensorrt", device="cpu")
     with pytest.raises(VqtoolError, match="unknown backend"):
         open_runner(export_dir, manifest, "encoder", backend="tensorflow")
-    with pytest.raises(VqtoolError, match="FP32 PyTorch model only"):
+    # PyTorch runs FP16 on CUDA only (CPUs have BF16 arithmetic, not FP16 convolutions), and no INT8.
+    with pytest.raises(VqtoolError, match="runs fp16 on CUDA only"):
         open_runner(export_dir, manifest, "encoder", backend="torch", precision="fp16")
+    with pytest.raises(VqtoolError, match="use --backend onnxruntime or openvino"):
+        open_runner(export_dir, manifest, "encoder", backend="torch", precision="int8")
 
 
 def test_parity_command_compares_every_runtime_and_shows_the_naive_fp16(export_dir: Path, tmp_path: Path) -> None:

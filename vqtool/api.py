@@ -64,10 +64,11 @@ def load(
 
     The manifest is read and every graph (or `model.pt`) is checked against its recorded checksum before
     it runs. `backend` is auto, onnxruntime, onnxruntime-trt, tensorrt, openvino or torch; `device` auto, cpu
-    or cuda; `precision` fp32, fp16 (export --fp16), bf16 (OpenVINO; refused where parity.json records that it
-    met no contract), int8 (export --int8; an encoder precision, so the decoder runs fp32), or fastest: the
-    runtime and precision bench.json measured fastest among those parity.json publishes under the exact or
-    bounded contract (fp32 where bench.json measures none of them). With auto, a GPU runtime if one starts,
+    or cuda; `precision` fp32, fp16 (export --fp16; PyTorch: on CUDA), bf16 (OpenVINO, or PyTorch under
+    autocast; refused where parity.json records that it met no contract), int8 (export --int8; an encoder
+    precision, so the decoder runs fp32), or fastest: the runtime and precision bench.json measured fastest
+    among those parity.json publishes under the exact or bounded contract (fp32 where bench.json measures none of
+    them). With auto, a GPU runtime if one starts,
     else the CPU runtime bench.json measured fastest among those parity.json shows exact; `describe()` says
     which ran and why, and `contract` what its codes promise. `threads` caps the CPU threads (default: a core each).
     With `lazy`, each graph starts on its first use instead (a job that only encodes never starts the decoder).
@@ -83,7 +84,7 @@ def load(
     if runtime.precision == FASTEST:
         runtime, note = fastest_choice(folder, manifest, runtime)
     if runtime.precision == BF16:
-        note = "; ".join(filter(None, (note, check_bf16(folder))))
+        note = "; ".join(filter(None, (note, check_bf16(folder, runtime.backend))))
     tok = Tokenizer(folder, manifest, runtime, note)
     if not lazy:
         tok.start()

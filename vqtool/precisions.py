@@ -17,7 +17,7 @@ class Precision(str, enum.Enum):
 
     fp32 = "fp32"
     fp16 = "fp16"  # FP16 graphs with an FP32 quantizer (export --fp16)
-    bf16 = "bf16"  # OpenVINO's BF16 inference over the FP32 graph; no file of its own
+    bf16 = "bf16"  # OpenVINO's BF16 inference over the FP32 graph, or PyTorch's BF16 autocast; no file of its own
     int8 = "int8"  # an INT8 encoder for CPUs (export --int8)
 
 
@@ -132,7 +132,9 @@ class PrecisionRow:
     `arithmetic`, the (convolutions, quantizer) dtypes of the graph the exporter writes for it (None: none is
     written for it, or it is written another way, as INT8's by quantization); `encoder_only`, whether it exists for
     the encoder alone (its codes are decoded in FP32); `rule`, its parity rule; `runtimes`, which run it;
-    `exported`, False for a comparison variant parity builds aside; `bounded`, the bounded contract's rule."""
+    `exported`, False for a comparison variant parity builds aside; `bounded`, the bounded contract's rule;
+    `autocast`, the dtype the PyTorch runtime runs the encoder and decoder bodies in at this precision, under
+    torch.autocast with the quantizer's search and lookup kept in FP32 (None: PyTorch does not run it)."""
 
     name: str
     graph: str
@@ -145,6 +147,7 @@ class PrecisionRow:
     bounded: BoundedRule | None = BOUNDED
     # The latent graphs' rule at this precision (None: export --latents writes none for it).
     latents: LatentRule | None = None
+    autocast: str | None = None
 
 
 ROWS = (
@@ -158,10 +161,20 @@ ROWS = (
         bounded=None,
         latents=LATENTS_EXACT,
     ),
+    # PyTorch runs FP16 on CUDA only: CPUs have BF16 arithmetic (AVX-512 BF16, AMX) but no FP16 convolutions.
     PrecisionRow(
-        FP16, FP16, ("float16", "float32"), False, HALF, (ORT_CPU, ORT_CUDA, ORT_TRT, TENSORRT), latents=LATENTS_HALF
+        FP16,
+        FP16,
+        ("float16", "float32"),
+        False,
+        HALF,
+        (ORT_CPU, ORT_CUDA, ORT_TRT, TENSORRT, TORCH_CUDA),
+        latents=LATENTS_HALF,
+        autocast="float16",
     ),
-    PrecisionRow(BF16, FP32, None, False, HALF, (OPENVINO_CPU,), latents=LATENTS_HALF),
+    PrecisionRow(
+        BF16, FP32, None, False, HALF, (OPENVINO_CPU, TORCH_CPU, TORCH_CUDA), latents=LATENTS_HALF, autocast="bfloat16"
+    ),
     PrecisionRow(INT8, INT8, None, True, INT8_RULE, (ORT_CPU, OPENVINO_CPU)),
     PrecisionRow(NAIVE_FP16, NAIVE_FP16, ("float16", "float16"), False, HALF, (ORT_CPU,), exported=False),
     PrecisionRow(NAIVE_BF16, FP32, None, False, HALF, (OPENVINO_CPU,), exported=False),

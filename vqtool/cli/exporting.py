@@ -98,8 +98,8 @@ def export_command(
         bool,
         typer.Option(
             "--bf16",
-            help="Also check OpenVINO's BF16 on this CPU (over the FP32 graphs, quantizer in FP32) and publish it "
-            "under the contract it meets.",
+            help="Also check BF16 on this CPU (OpenVINO over the FP32 graphs, PyTorch under autocast; the quantizer "
+            "in FP32 in both) and publish each under the contract it meets.",
         ),
     ] = False,
     int8: Annotated[

@@ -40,7 +40,8 @@ BackendOption = Annotated[
 PrecisionOption = Annotated[
     RunPrecision,
     typer.Option(
-        help="fp32; fp16 (needs export --fp16); bf16 (OpenVINO); int8, encode on CPU only (needs export --int8); "
+        help="fp32; fp16 (needs export --fp16); bf16 (OpenVINO, or --backend torch under autocast); "
+        "int8, encode on CPU only (needs export --int8); "
         "fastest: the fastest that parity.json publishes under the exact or bounded contract, by bench.json. "
         "The codes' sidecar records the contract they were made under."
     ),

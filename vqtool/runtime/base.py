@@ -142,8 +142,9 @@ if any(pair not in _NAMED for row in PRECISION_ROWS for pair in row.runtimes):
     raise AssertionError("the precision table names a runtime that RUNTIMES has no row for")
 # The backends that run engine files: an export opened with engines=False (--no-engines) never starts them.
 ENGINE_BACKENDS = frozenset(r.backend for r in RUNTIMES if r.engine_files)
-# The backends parity compares with the reference (the command line's --backend of parity and bench).
-CHECKED_BACKENDS = tuple(dict.fromkeys(r.backend for r in RUNTIMES if r.backend != REFERENCE))
+# The backends parity compares with the reference (the command line's --backend of parity and bench): every one,
+# PyTorch's own included (on CUDA, and at the precisions it autocasts to); only its FP32 on the CPU is the reference.
+CHECKED_BACKENDS = tuple(dict.fromkeys(r.backend for r in RUNTIMES))
 if TYPE_CHECKING:
     CheckedBackend = Backend
 else:
@@ -185,9 +186,10 @@ def refusal(role: str, backend: str, device: str, precision: str) -> str | None:
         return f"--backend {backend} runs {_where({other})} only; use --device {other} or auto"
     offered = [p for p in PRECISIONS if any(p in r.precisions for r in own)]
     if precision in offered:
+        there = {r.device for r in own if precision in r.precisions}
+        if device not in (Device.auto.value, *there):
+            return f"--backend {backend} runs {precision} {_where(there)} only; use --device {there.pop()}"
         return None
-    if backend == REFERENCE:
-        return f"--backend {backend} runs the FP32 PyTorch model only; use --precision fp32"
     return f"--backend {backend} runs {', '.join(offered[:-1])} or {offered[-1]}; use one of those"
 
 

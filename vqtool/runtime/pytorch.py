@@ -1,22 +1,34 @@
-"""The PyTorch model itself as a runner: the one place the inference side loads PyTorch (export_dir/model.pt)."""
+"""The PyTorch model itself as a runner: the one place the inference side loads PyTorch (export_dir/model.pt).
+
+In FP32 it runs the model as it is: parity's reference and bench's baseline. At a reduced precision (BF16 on the CPU
+and CUDA, FP16 on CUDA: the precision table's `autocast`) it runs the pieces the exported graphs are made of
+(GraphParts), the encoder and decoder bodies under torch.autocast and the nearest-code search and codebook lookup in
+FP32, as the exported graphs keep their quantizer island; parity judges its codes under the contracts like any
+other runtime's.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from vqtool.errors import VqtoolError, missing_extra
 from vqtool.formats.manifest import Manifest, verify_pytorch_file
+from vqtool.host import cpu_description
+from vqtool.precisions import FP32
+from vqtool.precisions import row as precision_row
 from vqtool.runtime.base import GraphToOpen, Runner
 
 
 class TorchRunner:
-    """The exported PyTorch model itself (export_dir/model.pt), for comparison and as a fallback."""
+    """The exported PyTorch model itself (export_dir/model.pt): in FP32 for comparison and as a fallback, or its
+    bodies under autocast at `precision`."""
 
     backend = "torch"
 
-    def __init__(self, export_dir: Path, manifest: Manifest, role: str, device: str) -> None:
+    def __init__(self, export_dir: Path, manifest: Manifest, role: str, device: str, precision: str = FP32) -> None:
         try:
             import torch
         except ModuleNotFoundError:
@@ -29,6 +41,14 @@ class TorchRunner:
         self.device = torch.device(
             "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
         )
+        row = precision_row(precision)
+        if (self.backend, self.device.type) not in row.runtimes:
+            there = " or ".join(d for b, d in row.runtimes if b == self.backend).upper()
+            raise VqtoolError(f"--backend torch runs {precision} on {there} only, and PyTorch found no GPU here")
+        autocast = row.autocast
+        self.autocast = getattr(torch, autocast) if autocast is not None and precision != FP32 else None
+        if self.autocast is not None:
+            _check_arithmetic(torch, self.device.type, precision)
         if self.device.type == "cuda":
             # TF32 would round FP32 convolutions and matmuls to 10 mantissa bits: codes would stop being FP32's.
             torch.backends.cuda.matmul.allow_tf32 = False
@@ -39,18 +59,51 @@ class TorchRunner:
             raise VqtoolError(str(exc)) from None
         self.role = role
         self.provider = f"PyTorch {torch.__version__} on {self.device.type}"
+        self.parts: Any = None
+        if self.autocast is not None:
+            self.parts = _parts_on(self.model.graph_parts(), self.device)
+            book = self.parts.search_codebook
+            self.code_sq = (book * book).sum(dim=-1)  # from the FP32 codebook, as the model and the graphs do
+            self.provider += f", {precision.upper()} autocast with the quantizer in FP32"
         self.torch = torch
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         torch = self.torch
         with torch.inference_mode():
             data = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
-            if self.role == "encoder":
-                result = self.model.encode(self.model.model_input(data)).to(torch.int32)
-            else:
-                result = self.model.model_output(self.model.decode(data.long()))
+            result = self._encode(data).to(torch.int32) if self.role == "encoder" else self._decode(data.long())
             array: np.ndarray = result.cpu().numpy()
             return array
+
+    def _encode(self, images: Any) -> Any:
+        """Codes: from the model in FP32, or from the encoder body under autocast and the search in FP32, as the
+        encoder graph computes them."""
+        from vqtool.model.vqvae import code_distances, l2_normalize
+
+        parts, torch = self.parts, self.torch
+        if parts is None:
+            return self.model.encode(self.model.model_input(images))
+        x = parts.input_scaling(images)
+        with torch.autocast(self.device.type, dtype=self.autocast):
+            latents = parts.encoder_body(x)
+        latents = latents.float()
+        if parts.search_prefix is not None:
+            latents = parts.search_prefix(latents)
+        if parts.cosine:
+            latents = l2_normalize(latents)
+        return torch.argmin(code_distances(latents, parts.search_codebook, self.code_sq), dim=-1)
+
+    def _decode(self, codes: Any) -> Any:
+        """Images: from the model in FP32, or from the codebook lookup in FP32 and the decoder body under autocast."""
+        parts, torch = self.parts, self.torch
+        if parts is None:
+            return self.model.model_output(self.model.decode(codes))
+        vectors = torch.nn.functional.embedding(codes, parts.decode_codebook)
+        if parts.lookup_suffix is not None:
+            vectors = parts.lookup_suffix(vectors)
+        with torch.autocast(self.device.type, dtype=self.autocast):
+            output = parts.decoder_body(vectors)
+        return parts.output_scaling(output.float())
 
     def describe(self) -> str:
         return self.provider
@@ -62,7 +115,28 @@ class TorchRunner:
         pass
 
 
+def _check_arithmetic(torch: Any, device: str, precision: str) -> None:
+    """Refuse, in one sentence, a reduced precision this device has no arithmetic for: PyTorch would emulate it,
+    slower than FP32."""
+    if device == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        raise VqtoolError(f"this CPU has no BF16 arithmetic for PyTorch ({cpu_description()}); use fp32")
+    if device == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise VqtoolError(f"this GPU ({torch.cuda.get_device_name()}) has no BF16 arithmetic; use fp16 or fp32")
+
+
+def _parts_on(parts: Any, device: Any) -> Any:
+    """The graph's pieces on `device` (the pixel scalings are built with their buffers on the CPU)."""
+    from dataclasses import fields, replace
+
+    moved = {f.name: getattr(parts, f.name) for f in fields(parts)}
+    for name, value in moved.items():
+        if hasattr(value, "to"):  # modules and tensors
+            moved[name] = value.to(device)
+    return replace(parts, **moved)
+
+
 def load(graph: GraphToOpen) -> TorchRunner:
-    """The runtime table's loader for the PyTorch model itself (the export's model.pt), on the CPU or CUDA."""
+    """The runtime table's loader for the PyTorch model itself (the export's model.pt), on the CPU or CUDA, in FP32
+    or at a precision it autocasts to."""
     export_dir, manifest = graph.export()
-    return TorchRunner(export_dir, manifest, graph.role, graph.device)
+    return TorchRunner(export_dir, manifest, graph.role, graph.device, graph.precision)

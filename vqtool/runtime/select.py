@@ -56,13 +56,15 @@ class ChosenRunner:
         return f"{self.runner.backend}: {self.runner.describe()}{note}"
 
 
-def check_bf16(export_dir: Path) -> str:
-    """Refuse BF16 where parity.json records that it met no contract; say so where it was never checked, and under
-    which contract it runs where it was."""
-    report = parity_report(export_dir, Backend.openvino.value, BF16)
+def check_bf16(export_dir: Path, backend: str = Backend.auto.value) -> str:
+    """Refuse BF16 on `backend` (auto: the one auto starts, OpenVINO) where parity.json records that it met no
+    contract; say so where it was never checked, and under which contract it runs where it was."""
+    if backend == Backend.auto.value:
+        backend = Backend.openvino.value  # auto starts no PyTorch runner: it is the reference, chosen by name only
+    report = parity_report(export_dir, backend, BF16)
     if report is None:
-        return "bf16 not yet checked on this export: vqtool parity EXPORT_DIR --precision bf16"
-    reason = _refused_by_parity(export_dir, Backend.openvino.value, BF16)
+        return f"bf16 not yet checked on this export: vqtool parity EXPORT_DIR --backend {backend} --precision bf16"
+    reason = _refused_by_parity(export_dir, backend, BF16)
     if reason is not None:
         raise VqtoolError(reason, export_dir / PARITY_NAME)
     return f"bf16 {report.met} contract: {report.identical_fraction:.2%} identical codes"
@@ -107,9 +109,12 @@ def cpu_choice(export_dir: Path, role: str, precision: str) -> tuple[list[str], 
     PyTorch's (ONNX Runtime always is: export checks it), and at other precisions only if it passed their rule.
     Among those, bench.json (written by `vqtool bench` on this machine) decides by speed at its largest batch.
     """
-    candidates = [b for b in backends_running(precision, Device.cpu.value) if b != REFERENCE]
+    running = backends_running(precision, Device.cpu.value)
+    candidates = [b for b in running if b != REFERENCE]
     if len(candidates) == 1:
-        return candidates, f"{precision} runs on {LABELS[candidates[0]]} only"
+        # PyTorch, the reference, starts only when named (--backend torch), at any precision.
+        also = f"; PyTorch runs it too when named (--backend {REFERENCE})" if REFERENCE in running else ""
+        return candidates, f"{precision} on the CPU: {LABELS[candidates[0]]}, the one runtime auto starts for it{also}"
     default = Backend.onnxruntime.value  # export's own parity always covers it
     exact = {default}
     for backend in candidates:
