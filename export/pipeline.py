@@ -359,6 +359,12 @@ def _write_export(
     """Every file of the export, written into `staging`, and parity over them."""
     entries: dict[str, GraphEntry] = {}
     latent_decode = (options.latent_decode or checkpoint.model.pipeline_latent_decode) if options.latents else ""
+    if latent_decode == QUANTIZE and getattr(checkpoint.model_config, "used_codes", None) is not None:
+        # The library quantises latents to the nearest of all rows, code ids to rows in use: not one codebook.
+        raise VqtoolError(
+            "--latents: this model remaps its codes to the codebook rows in use (taming's remap), and its pipeline "
+            "would quantise latents to rows outside them; use --latent-decode direct"
+        )
     latent_channels = 0
     for precision in (FP32, FP16) if options.fp16 else (FP32,):
         entries.update(write_graphs(checkpoint.model, checkpoint_sha, staging, precision))

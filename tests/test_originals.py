@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 import yaml
 
@@ -225,15 +226,24 @@ def test_a_janus_folder_imports_its_generation_vq_and_says_how_transformers_code
     _matches_the_original(export, model, llamagen, cosine=True)
 
 
-def test_a_taming_lightning_checkpoint_imports_without_running_anything_in_it(tmp_path: Path) -> None:
-    model = small_taming()
+def test_a_taming_release_imports_without_running_anything_and_gives_its_remapped_codes(tmp_path: Path) -> None:
+    """taming's remap: code ids are positions in the list of codebook rows in use (quantize.used, saved with the
+    weights; the YAML names the .npy it was first read from, on the machine that trained it). A latent whose nearest
+    row is not in use gets a random id from the original; from vqtool, the nearest row in use."""
+    import vqtool
+    from vqtool.errors import VqtoolError
+    from vqtool.export.pipeline import export_model
+
+    used = torch.randperm(128, generator=torch.Generator().manual_seed(2))[:96]  # 96 rows in use, shuffled
+    model = taming.VQModel(TAMING_CONFIG, n_embed=128, embed_dim=8, remap=used.numpy()).eval()
+    model.load_state_dict({**small_taming().state_dict(), "quantize.used": used})
     # As taming releases a run: logs/NAME/checkpoints/last.ckpt and logs/NAME/configs/model.yaml; a checkpoint of
     # another kind beside them does not make the folder ambiguous.
     source = tmp_path / "vqgan_f2"
     (source / "checkpoints").mkdir(parents=True)
     (source / "configs").mkdir()
     lightning_checkpoint(model, source / "checkpoints" / "last.ckpt", tmp_path)
-    taming_yaml(source / "configs" / "model.yaml", TAMING_CONFIG, 128, 8)
+    taming_yaml(source / "configs" / "model.yaml", TAMING_CONFIG, 128, 8, remap="data/vqgan_used.npy")
     torch.save({"unrelated": torch.zeros(1)}, source / "notes.pt")
     # The planted payloads bite: a full unpickle runs them.
     torch.load(source / "checkpoints" / "last.ckpt", weights_only=False)
@@ -242,8 +252,37 @@ def test_a_taming_lightning_checkpoint_imports_without_running_anything_in_it(tm
 
     said, export = _import_and_export(source, tmp_path, "--allow-pickle")
     assert not (tmp_path / PAYLOAD_FILE).exists()
-    assert "VQModel of factor 2 (128 codes of 8 dimensions) from last.ckpt and model.yaml" in said
-    _matches_the_original(export, model, taming, cosine=False)
+    assert (
+        "VQModel of factor 2 (128 codes of 8 dimensions, remapped to the 96 in use) from last.ckpt and model.yaml"
+        in said
+    )
+    assert "remap: codes are positions among the 96 codebook rows in use;" in said
+
+    images = _photos(24, seed=9)
+    with torch.no_grad():
+        originals = taming.codes(model, _model_input(images)).numpy()  # random ids where the nearest is not in use
+        latents = model.quant_conv(model.encoder(_model_input(images))).permute(0, 2, 3, 1)
+        pictures = taming.decode_codes(model, torch.from_numpy(originals))
+    book = model.quantize.embedding.weight.detach()
+    nearest = torch.cdist(latents.double().flatten(0, 2), book.double()).argmin(1).reshape(latents.shape[:3])
+    in_use = torch.zeros(128, dtype=torch.bool)
+    in_use[used] = True
+    kept = in_use[nearest].numpy()
+    assert 0.5 < kept.mean() < 1.0  # some latents do lie nearest a row not in use: the rule below is exercised
+    with vqtool.load(export, "onnxruntime", "cpu") as tok:
+        codes = tok.encode(images).astype(np.int64)
+        decoded = tok.decode(originals).astype(int)
+    rows_in_use = book[used]
+    # Where the original's id is not drawn at random, it is vqtool's; elsewhere vqtool's is the nearest row in use.
+    assert (codes[kept] == originals[kept]).mean() >= 0.99
+    nearest_in_use = torch.cdist(latents.double().flatten(0, 2), rows_in_use.double()).argmin(1)
+    assert (codes.reshape(-1) == nearest_in_use.numpy()).mean() >= 0.99
+    assert _near_ties_only(latents, rows_in_use, codes, nearest_in_use.reshape(codes.shape).numpy())
+    # Decoding ids unmaps them to their rows, as the original's get_codebook_entry does.
+    theirs = ((pictures.permute(0, 2, 3, 1) + 1.0) * 127.5).clamp(0, 255).round().numpy().astype(int)
+    assert np.abs(decoded - theirs).max() <= 1
+    with pytest.raises(VqtoolError, match="remaps its codes .* use --latent-decode direct"):
+        export_model(tmp_path / "model.pt", tmp_path / "latents", latents=True, log=lambda _: None)
 
 
 def test_original_checkpoints_are_refused_in_one_line_where_they_are_not_what_they_claim(tmp_path: Path) -> None:
@@ -251,8 +290,10 @@ def test_original_checkpoints_are_refused_in_one_line_where_they_are_not_what_th
     lightning_checkpoint(model, tmp_path / "last.ckpt", tmp_path)
     out = str(tmp_path / "out.pt")
     one_error_line(run_cli("import", str(tmp_path / "last.ckpt"), "--out", out, "--allow-pickle"), "no YAML beside it")
-    taming_yaml(tmp_path / "last.yaml", TAMING_CONFIG, 128, 8, remap="used.npy")
-    one_error_line(run_cli("import", str(tmp_path / "last.ckpt"), "--out", out, "--allow-pickle"), "remap")
+    taming_yaml(tmp_path / "last.yaml", TAMING_CONFIG, 128, 8, remap="used.npy")  # and no quantize.used kept
+    one_error_line(
+        run_cli("import", str(tmp_path / "last.ckpt"), "--out", out, "--allow-pickle"), "remap", "no quantize.used"
+    )
     taming_yaml(tmp_path / "last.yaml", {**TAMING_CONFIG, "ch_mult": [1, 2, 2]}, 128, 8)
     one_error_line(
         run_cli("import", str(tmp_path / "last.ckpt"), "--out", out, "--allow-pickle"), "lacks weight", "taming"

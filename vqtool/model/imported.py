@@ -48,6 +48,9 @@ class ImportedConfig:
     pixel_bias: tuple[float, ...] = SIGNED_UNIT[1]
     decoder: bool = True  # False where the library implements only the encoder; the export then has no decoder
     family: str = field(default=IMPORTED)
+    # taming's index remapping (its YAML's `remap`): how many codebook rows are in use (the quantizer's `used`
+    # buffer, stored with the weights); code ids are positions in that list. None: no remapping.
+    used_codes: int | None = None
 
     @property
     def grid(self) -> int:
@@ -118,7 +121,8 @@ class ImportedVQ(nn.Module):
 
     # ---- what each family says about itself ----
     def embedding(self) -> torch.Tensor:
-        """The K x D codebook as the library stores it."""
+        """The K x D codebook the code ids index: as the library stores it (under taming's remap, its rows in use,
+        in the order of the quantizer's `used` list)."""
         raise NotImplementedError
 
     def encoder_body(self) -> nn.Module:
@@ -262,18 +266,42 @@ class _PostQuantConvThenDecoder(nn.Module):
 # ---- diffusers: VQModel ------------------------------------------------------------------------------------------
 
 
+def remap_codes(quantize: Any, used_codes: int) -> None:
+    """Switch on diffusers' VectorQuantizer's own index remapping, which VQModel builds switched off (remap=None):
+    the `used` buffer (filled when the weights load) lists the codebook rows in use, and code ids are positions in
+    it, as taming's VectorQuantizer2 gives them. Its unknown_index is taming's, "random"; vqtool never searches
+    the rows not in use (DiffusersVQ.library_codes)."""
+    quantize.remap = "used"  # diffusers asks only whether it is set; the table is the buffer
+    quantize.register_buffer("used", torch.zeros(used_codes, dtype=torch.long))
+    quantize.re_embed, quantize.unknown_index = used_codes, "random"
+
+
 class DiffusersVQ(ImportedVQ):
-    """diffusers' VQModel: encode(x).latents, then its VectorQuantizer (argmin of torch.cdist to the codebook)."""
+    """diffusers' VQModel: encode(x).latents, then its VectorQuantizer (argmin of torch.cdist to the codebook).
+
+    Under taming's remap (`used_codes`), the codebook is the rows in use: where taming draws a random id for a
+    latent whose nearest row is not in use, vqtool gives the nearest row in use, the one deterministic answer."""
 
     library, class_name, config_type = "diffusers", "VQModel", "VQModel"
+
+    def __init__(self, config: ImportedConfig, library_model: nn.Module) -> None:
+        super().__init__(config, library_model)
+        quantize = self.library_model.quantize
+        if config.used_codes is not None and getattr(quantize, "remap", None) is None:
+            remap_codes(quantize, config.used_codes)
 
     @classmethod
     def native_size(cls, config: dict[str, Any]) -> int:
         return int(config.get("sample_size") or 256)
 
+    @property
+    def remapped(self) -> bool:
+        return getattr(self.library_model.quantize, "remap", None) is not None
+
     def embedding(self) -> torch.Tensor:
-        result: torch.Tensor = self.library_model.quantize.embedding.weight
-        return result
+        quantize = self.library_model.quantize
+        result: torch.Tensor = quantize.embedding.weight
+        return result[quantize.used.long()] if self.remapped else result
 
     def encoder_body(self) -> nn.Module:
         return _EncoderThenQuantConv(self.library_model)
@@ -281,7 +309,18 @@ class DiffusersVQ(ImportedVQ):
     def decoder_body(self) -> nn.Module:
         return _PostQuantConvThenDecoder(self.library_model, self.library_model.config.norm_type == "spatial")
 
+    def outside_rows_in_use(self, latents: torch.Tensor) -> int:
+        """How many of these latents (N x h x w x D) have their nearest codebook row among the rows a remap leaves
+        out: those taming gives a random id, and vqtool the nearest row in use."""
+        quantize = self.library_model.quantize
+        in_use = torch.zeros(quantize.n_e, dtype=torch.bool)
+        in_use[quantize.used.long()] = True
+        nearest = torch.argmin(code_distances(latents, quantize.embedding.weight), dim=-1)
+        return int((~in_use[nearest]).sum())
+
     def library_codes(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.remapped:  # the nearest row in use, where the library would draw a random id for some latents
+            return torch.argmin(code_distances(latents, self.embedding()), dim=-1)
         quantize = self.library_model.quantize
         indices = quantize(latents.permute(0, 3, 1, 2))[2][2]
         result: torch.Tensor = indices.reshape(latents.shape[:3])

@@ -18,7 +18,16 @@ from vqtool.formats.outputs import check_new_file
 from vqtool.images.embedded import embedded_photographs
 from vqtool.model.checkpoint import require_safe_torch_load, save_checkpoint
 from vqtool.model.config import LIBRARY_LAYOUT, QUANTIZERS, SOURCE_FORMATS, TAMING, TrainConfig
-from vqtool.model.imported import FAMILIES, LIBRARIES, SIGNED_UNIT, ImportedConfig, ImportedVQ, pixel_scaling
+from vqtool.model.imported import (
+    FAMILIES,
+    LIBRARIES,
+    SIGNED_UNIT,
+    DiffusersVQ,
+    ImportedConfig,
+    ImportedVQ,
+    pixel_scaling,
+    remap_codes,
+)
 from vqtool.model.originals import read_original, recognise
 from vqtool.model.vqvae import code_distances, l2_normalize
 
@@ -179,12 +188,18 @@ def _downsample(model: ImportedVQ, size: int) -> int:
 
 
 @torch.no_grad()
+def _photo_latents(model: ImportedVQ) -> torch.Tensor:
+    """The encoder's latents of the embedded photographs at the model's size (N x h x w x D)."""
+    images = torch.from_numpy(np.ascontiguousarray(embedded_photographs(model.config.image_size)))
+    # A few at a time: at a published model's size one image's activations take tens of megabytes.
+    return torch.cat([model.encoder_body()(model.model_input(images[s : s + 4])) for s in range(0, len(images), 4)])
+
+
+@torch.no_grad()
 def _quantizer_disagreement(model: ImportedVQ) -> tuple[int, int]:
     """(codes that differ, codes) between the library's quantizer and the original design's, on the embedded
     photographs at the model's size."""
-    images = torch.from_numpy(np.ascontiguousarray(embedded_photographs(model.config.image_size)))
-    # A few at a time: at a published model's size one image's activations take tens of megabytes.
-    latents = torch.cat([model.encoder_body()(model.model_input(images[s : s + 4])) for s in range(0, len(images), 4)])
+    latents = _photo_latents(model)
     library = model.library_codes(latents)
     book = l2_normalize(model.embedding())
     original = torch.argmin(code_distances(l2_normalize(latents), book), dim=-1)
@@ -242,6 +257,7 @@ class _Loaded:
     image_size: int | None  # asked for, or an original's published size; None: the library configuration's
     described: str
     original: bool = False  # an original checkpoint, renamed into the library's class (its reading is told)
+    used_codes: int | None = None  # taming's remap: the codebook rows in use
 
 
 def _check_quantizer(family: type[ImportedVQ], quantizer: str, where: Path) -> None:
@@ -273,6 +289,8 @@ def _from_original(
     chosen = quantizer or original.quantizer
     _check_quantizer(family, chosen, source)
     model = LIBRARIES[original.library].build(original.class_name, original.config)
+    if original.used_codes is not None:
+        remap_codes(model.quantize, original.used_codes)  # before the weights: they hold its table of rows in use
     _load_weights(model, original.state, f"the {fmt} design they were read as", source)
     gain, bias = SIGNED_UNIT
     return _Loaded(
@@ -286,6 +304,7 @@ def _from_original(
         original.image_size,
         f"{original.described}, run by {original.library} {original.class_name}",
         original=True,
+        used_codes=original.used_codes,
     )
 
 
@@ -314,13 +333,23 @@ def _finish(loaded: _Loaded, out: Path, log: Callable[[str], None]) -> ImportRes
     version = LIBRARIES[library].version()
     decoder = family.implements_decoder
     gain, bias, quantizer = loaded.gain, loaded.bias, loaded.quantizer
-    draft = ImportedConfig(library, class_name, version, config, size, 1, 0, quantizer, gain, bias, decoder)
+    draft = ImportedConfig(
+        library, class_name, version, config, size, 1, 0, quantizer, gain, bias, decoder, used_codes=loaded.used_codes
+    )
     model = family(draft, library_model)  # the loaded model itself, weights and all
     codes = int(model.embedding().shape[0])
     imported = replace(draft, downsample=_downsample(model, size), codes=codes)
     model.config = imported
     if loaded.original:
         log(f"read: {loaded.described}")
+    if isinstance(model, DiffusersVQ) and model.remapped:
+        latents = _photo_latents(model)
+        outside = model.outside_rows_in_use(latents)
+        log(
+            f"remap: codes are positions among the {imported.codes} codebook rows in use; {outside} of "
+            f"{latents.shape[:3].numel()} latents of the embedded photographs lie nearest a row not in use, which "
+            "the original gives a random id and vqtool the nearest row in use"
+        )
     log(f"input: pixel x {_rounded(gain)} + {_rounded(bias)} per channel ({loaded.scaling_from})")
     note = ""
     if len(family.quantizers) > 1:

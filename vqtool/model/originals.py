@@ -44,6 +44,7 @@ class Original:
     quantizer: str
     image_size: int
     described: str  # one line: what was read, from where
+    used_codes: int | None = None  # taming's remap: the codebook rows in use (ImportedConfig.used_codes)
 
 
 # ---- LlamaGen and Janus: tokenizer/tokenizer_image/vq_model.py -> transformers' JanusVQVAE ------------------------
@@ -297,7 +298,6 @@ def _expressible(config: TamingConfig, path: Path) -> None:
         "give_pre_end": dd.get("give_pre_end", False),
         "tanh_out": dd.get("tanh_out", False),
         f"attn_type {dd.get('attn_type')}": dd.get("attn_type", "vanilla") not in ("vanilla", "none"),
-        f"remap ({config.remap})": config.remap is not None,
         f"in_channels {dd['in_channels']} / out_ch {dd['out_ch']}": (dd["in_channels"], dd["out_ch"]) != (3, 3),
     }
     for reason, present in reasons.items():
@@ -403,8 +403,10 @@ def read_taming(
     payload = read_pickled(path, allow_pickle)
     key = "state_dict" if isinstance(payload, dict) and "state_dict" in payload else None
     state = taming_state(tensors_under(payload, key, path), config, path)
+    used_codes = _rows_in_use(state, config, path) if config.remap is not None else None
     size = image_size or int(config.ddconfig["resolution"])
     factor = 2 ** (len(config.ddconfig["ch_mult"]) - 1)
+    remapped = f", remapped to the {used_codes} in use" if used_codes is not None else ""
     return Original(
         "diffusers",
         "VQModel",
@@ -413,8 +415,24 @@ def read_taming(
         "library",
         size,
         f"{config.target.rsplit('.', 1)[-1]} of factor {factor} ({config.n_embed} codes of {config.embed_dim} "
-        f"dimensions) from {path.name} and {yaml_path.name}",
+        f"dimensions{remapped}) from {path.name} and {yaml_path.name}",
+        used_codes,
     )
+
+
+def _rows_in_use(state: dict[str, torch.Tensor], config: TamingConfig, path: Path) -> int:
+    """How many codebook rows a remapping model uses: its quantizer's `used` buffer, which taming saves with the
+    weights (the YAML's remap names the .npy file it was first read from, on the machine that trained it)."""
+    used = state.get("quantize.used")
+    if used is None:
+        raise VqtoolError(
+            f"its model sets remap ({config.remap}) but it holds no quantize.used, the codes in use", path
+        )
+    if used.ndim != 1 or used.is_floating_point() or not len(used):
+        raise VqtoolError(f"its quantize.used is not a list of codebook rows ({tuple(used.shape)}, {used.dtype})", path)
+    if int(used.min()) < 0 or int(used.max()) >= config.n_embed:
+        raise VqtoolError(f"its quantize.used names rows outside the codebook's {config.n_embed}", path)
+    return len(used)
 
 
 # ---- which format a SOURCE is -------------------------------------------------------------------------------------
