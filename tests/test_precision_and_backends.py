@@ -89,7 +89,7 @@ def test_unavailable_backends_fail_clearly(export_dir: Path) -> None:
     # PyTorch runs FP16 on CUDA only (CPUs have BF16 arithmetic, not FP16 convolutions), and no INT8.
     with pytest.raises(VqtoolError, match="runs fp16 on CUDA only"):
         open_runner(export_dir, manifest, "encoder", backend="torch", precision="fp16")
-    with pytest.raises(VqtoolError, match="use --backend onnxruntime or openvino"):
+    with pytest.raises(VqtoolError, match="int8 runs on ONNX Runtime or OpenVINO only"):
         open_runner(export_dir, manifest, "encoder", backend="torch", precision="int8")
 
 

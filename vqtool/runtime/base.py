@@ -177,7 +177,11 @@ def refusal(role: str, backend: str, device: str, precision: str) -> str | None:
         return f"--precision {precision} runs on {LABELS[backends[0]]} only; use --backend {backends[0]}"
     elsewhere = device not in (Device.auto.value, *devices) or backend not in (Backend.auto.value, *backends)
     if len(devices) == 1 and elsewhere:
-        return f"--precision {precision} runs {_where(devices)} only; use --backend {' or '.join(backends)}"
+        use = f"use --backend {' or '.join(backends)}"
+        own_devices = {r.device for r in RUNTIMES if r.backend == backend}
+        if device in (Device.auto.value, *devices) and devices <= own_devices:  # the backend runs there, not this
+            return f"--precision {precision} runs on {' or '.join(LABELS.get(b, b) for b in backends)} only; {use}"
+        return f"--precision {precision} runs {_where(devices)} only; {use}"
     if backend == Backend.auto.value:
         return None
     own = [r for r in RUNTIMES if r.backend == backend]
