@@ -8,7 +8,8 @@ No weights can be downloaded here, so each model is built with its library's own
 published config.json (PUBLISHED, with their sources), seeded, its codebook drawn from latents of the embedded
 photographs (so that codes spread over the images as a trained model's do), and saved with save_pretrained. Then:
   parity  `vqtool import`, `vqtool export --fp16 --bf16` (ONNX Runtime FP32 and FP16, OpenVINO BF16 and PyTorch
-          BF16 under autocast against the library, on --parity-images of the embedded photographs, each published under the contract it meets),
+          BF16 under autocast against the library, on --parity-images of the embedded photographs, each published
+          under the contract it meets),
           and `vqtool parity --backend openvino --precision fp32`; vqtool checkpoints (--checkpoints) are
           compared on their own held-out data;
   speed   batch 4 at the native resolution, ONNX Runtime FP32 and each opt-in precision against the library's

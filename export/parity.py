@@ -381,8 +381,9 @@ def verify_export(
         if backends is not None and backend not in backends:
             continue
         for precision in precisions:
-            if (backend, device, precision) == (REFERENCE, Device.cpu.value, FP32) or not runs(backend, precision, device):
-                continue  # the reference itself, or a precision this runtime does not run
+            reference_itself = (backend, device, precision) == (REFERENCE, Device.cpu.value, FP32)
+            if reference_itself or not runs(backend, precision, device):
+                continue
             # A precision is checked where the export has its graph (PyTorch: where it was exported at all).
             if backend != REFERENCE and graph_key("encoder", precision) not in manifest.graphs:
                 continue

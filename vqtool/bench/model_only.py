@@ -15,7 +15,7 @@ from vqtool.errors import VqtoolError
 from vqtool.formats.manifest import Manifest, graph_key, verify_pytorch_file
 from vqtool.formats.records import ModelRow
 from vqtool.precisions import FP32, PRECISIONS
-from vqtool.runtime.base import REFERENCE, RUNTIMES, Runner, runs
+from vqtool.runtime.base import REFERENCE, RUNTIMES, Device, Runner, runs
 from vqtool.runtime.select import open_runner
 
 BATCH_SIZES = (1, 32, 256)
@@ -78,13 +78,15 @@ def fp32_roofline(export_dir: Path, manifest: Manifest, rows: Sequence[ModelRow]
 def _start_runners(
     export_dir: Path, manifest: Manifest, role: str, backends: Sequence[str] | None, skipped: list[str]
 ) -> list[tuple[str, Runner]]:
-    """Every runtime and precision in the table that starts here for `role` (the reference always), in its order."""
+    """Every runtime and precision in the table that starts here for `role` (`backends` limits which; the baseline,
+    eager FP32 PyTorch on the CPU, always), in its order."""
     stage = "encode" if role == "encoder" else "decode"
     runners: list[tuple[str, Runner]] = []
     for runtime in RUNTIMES:
-        if backends is not None and runtime.backend not in backends and runtime.backend != REFERENCE:
-            continue
         for precision in PRECISIONS:
+            baseline = (runtime.backend, runtime.device, precision) == (REFERENCE, Device.cpu.value, FP32)
+            if backends is not None and runtime.backend not in backends and not baseline:
+                continue
             if not runs(runtime.backend, precision, runtime.device):
                 continue
             if runtime.backend != REFERENCE and graph_key(role, precision) not in manifest.graphs:
