@@ -35,9 +35,9 @@ class TorchRunner:
             raise missing_extra("--backend torch", "PyTorch", "train") from None
         from vqtool.model.checkpoint import CheckpointError, load_checkpoint
 
-        path = verify_pytorch_file(export_dir, manifest)
         if device == "cuda" and not torch.cuda.is_available():
             raise VqtoolError("--backend torch --device cuda: PyTorch sees no CUDA GPU here")
+        path = verify_pytorch_file(export_dir, manifest)
         self.device = torch.device(
             "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
         )
