@@ -27,7 +27,7 @@ import vqtool
 from vqtool.errors import VqtoolError, missing_extra
 from vqtool.formats.manifest import QUANTIZE, GraphEntry, graph_key, sha256_file
 from vqtool.model.face import GraphParts, TokenizerModel
-from vqtool.model.vqvae import code_distances, l2_normalize
+from vqtool.model.vqvae import nearest_codes
 from vqtool.precisions import ROWS as PRECISION_ROWS
 
 # Each graph precision's (dtype of the convolutions, dtype of the codebook and distances): the precision table's.
@@ -56,6 +56,9 @@ class EncoderGraph(nn.Module):
     FP16 graph): any projection and normalisation, distances in the expanded form (one matrix product; never an
     exported cdist, whose ONNX form is slow or missing), ArgMin."""
 
+    codebook: torch.Tensor  # buffers, in the quantizer's precision
+    code_sq: torch.Tensor
+
     def __init__(self, parts: GraphParts, precision: str = "fp32") -> None:
         super().__init__()
         self.conv_dtype, self.code_dtype = _dtypes(precision)
@@ -70,19 +73,9 @@ class EncoderGraph(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.input_scaling(images).to(self.conv_dtype)
-        return nearest_codes(self, self.body(x).to(self.code_dtype))
-
-
-def nearest_codes(search: Any, latents: torch.Tensor) -> torch.Tensor:
-    """int32 codes of channels-last latents, by `search`'s search_prefix, cosine, codebook and code_sq (an
-    EncoderGraph, or a DecoderLatentsGraph that quantises)."""
-    if search.search_prefix is not None:
-        latents = search.search_prefix(latents)
-    if search.cosine:
-        latents = l2_normalize(latents)
-    distances = code_distances(latents, search.codebook, search.code_sq)
-    # int32: what TensorRT's ArgMin/TopK produces natively, and enough for any codebook.
-    return torch.argmin(distances, dim=-1).to(torch.int32)
+        return nearest_codes(
+            self.body(x).to(self.code_dtype), self.codebook, self.code_sq, self.search_prefix, self.cosine
+        )
 
 
 def _copy_to(module: nn.Module | None, dtype: torch.dtype) -> nn.Module | None:
@@ -198,6 +191,8 @@ class DecoderGraph(nn.Module):
     """int32 codes N x h x w -> uint8 images N x Fh x Fw x 3 (F: the model's downsampling factor): the lookup (and
     any back-projection) at the quantizer's precision, the decoder body at the graph's, the output scaling."""
 
+    codebook: torch.Tensor  # a buffer
+
     def __init__(self, parts: GraphParts, precision: str = "fp32") -> None:
         super().__init__()
         if parts.decoder_body is None:
@@ -235,6 +230,10 @@ class DecoderLatentsGraph(nn.Module):
     them: quantised first (latent diffusion's vqvae.decode: the nearest code's vector, searched as the encoder
     graph searches, in the quantizer's precision) or directly (Kandinsky's movq.decode(force_not_quantize=True))."""
 
+    codebook: torch.Tensor  # buffers
+    code_sq: torch.Tensor
+    vectors: torch.Tensor
+
     def __init__(self, parts: GraphParts, quantize: bool, precision: str = "fp32") -> None:
         super().__init__()
         if parts.decoder_body is None:
@@ -254,7 +253,10 @@ class DecoderLatentsGraph(nn.Module):
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         vectors = latents.permute(0, 2, 3, 1)
         if self.quantize:
-            vectors = F.embedding(nearest_codes(self, vectors.to(self.code_dtype)), self.vectors)
+            codes = nearest_codes(
+                vectors.to(self.code_dtype), self.codebook, self.code_sq, self.search_prefix, self.cosine
+            )
+            vectors = F.embedding(codes, self.vectors)
             if self.lookup_suffix is not None:
                 vectors = self.lookup_suffix(vectors)
         return self.output_scaling(self.body(vectors.to(self.conv_dtype)))

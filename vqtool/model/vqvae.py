@@ -50,6 +50,24 @@ def l2_normalize(vectors: torch.Tensor) -> torch.Tensor:
     return vectors / norm.clamp_min(L2_EPSILON)
 
 
+def nearest_codes(
+    latents: torch.Tensor,
+    codebook: torch.Tensor,
+    code_sq: torch.Tensor | None = None,
+    search_prefix: nn.Module | None = None,
+    cosine: bool = False,
+) -> torch.Tensor:
+    """int32 codes of channels-last latents, searched as the exported graphs search: any projection into the
+    search space (`search_prefix`), l2-normalisation where `cosine`, the expanded distances, the ArgMin. What the
+    encoder graph, a quantising latent decoder and PyTorch's reduced-precision runtime all compute."""
+    if search_prefix is not None:
+        latents = search_prefix(latents)
+    if cosine:
+        latents = l2_normalize(latents)
+    # int32: what TensorRT's ArgMin/TopK produces natively, and enough for any codebook.
+    return torch.argmin(code_distances(latents, codebook, code_sq), dim=-1).to(torch.int32)
+
+
 def soft_assignment_sums(latents: torch.Tensor, codebook: torch.Tensor, temperature: float) -> torch.Tensor:
     """Sum over the latents (..., d) of their soft assignments softmax(-distance / temperature) to the K codes -> (K,).
 

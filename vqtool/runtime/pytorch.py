@@ -78,20 +78,14 @@ class TorchRunner:
     def _encode(self, images: Any) -> Any:
         """Codes: from the model in FP32, or from the encoder body under autocast and the search in FP32, as the
         encoder graph computes them."""
-        from vqtool.model.vqvae import code_distances, l2_normalize
+        from vqtool.model.vqvae import nearest_codes
 
         parts, torch = self.parts, self.torch
         if parts is None:
             return self.model.encode(self.model.model_input(images))
-        x = parts.input_scaling(images)
         with torch.autocast(self.device.type, dtype=self.autocast):
-            latents = parts.encoder_body(x)
-        latents = latents.float()
-        if parts.search_prefix is not None:
-            latents = parts.search_prefix(latents)
-        if parts.cosine:
-            latents = l2_normalize(latents)
-        return torch.argmin(code_distances(latents, parts.search_codebook, self.code_sq), dim=-1)
+            latents = parts.encoder_body(parts.input_scaling(images))
+        return nearest_codes(latents.float(), parts.search_codebook, self.code_sq, parts.search_prefix, parts.cosine)
 
     def _decode(self, codes: Any) -> Any:
         """Images: from the model in FP32, or from the codebook lookup in FP32 and the decoder body under autocast."""
