@@ -1,11 +1,14 @@
 """The latent graphs against the library's own eager code, at the model's size, batch 4.
 
-    python -m benchmarks.latents CHECKPOINT [CHECKPOINT ...] [--work DIR] [--rounds 3] [--calls 5] [--fp16]
+    python -m benchmarks.latents CHECKPOINT [CHECKPOINT ...] [--work DIR] [--rounds 3] [--calls 5] [--fp16] [--bf16]
 
 For each imported checkpoint (a diffusers VQModel: latent diffusion's VQ-f4 / VQ-f8, Kandinsky's MoVQ): exports it
 with `--latents` (FP32, and FP16 with --fp16; parity on 8 of the embedded photographs), then times, in alternating
 rounds of one run, the library's `decode(latents, force_not_quantize=...)` as the model's pipeline calls it and its
 `encode(x).latents`, against vqtool's latent graphs on ONNX Runtime and OpenVINO (the CPU, one process, all cores).
+With --bf16 the export checks OpenVINO's BF16 too, which is timed where its parity held, beside what a user does
+today: the library's eager code under `torch.autocast("cpu", dtype=torch.bfloat16)` (its decode PSNR against the
+FP32 decode printed with it, as nothing else checks it).
 The goals: the latent decoder in FP32 >= 1.2x the library's eager decode; the best published reduced precision
 >= 2x. Prints the ratios (median call of each round) and each graph's parity against the library.
 """
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 
 BATCH = 4
+GRAPHS = {"encode": "encoder_latents", "decode": "decoder_latents"}  # the graph each timed stage runs
 
 
 def _median_seconds(call: Callable[[], Any], calls: int) -> float:
@@ -35,9 +39,10 @@ def _median_seconds(call: Callable[[], Any], calls: int) -> float:
     return statistics.median(times)
 
 
-def measure(checkpoint: Path, work: Path, rounds: int, calls: int, fp16: bool) -> None:
+def measure(checkpoint: Path, work: Path, rounds: int, calls: int, fp16: bool, bf16: bool) -> None:
     import vqtool
     from vqtool.export.pipeline import export_model
+    from vqtool.formats.records import read_latent_reports, runtime_record
     from vqtool.images.embedded import embedded_photographs
     from vqtool.model.checkpoint import load_checkpoint
 
@@ -46,7 +51,9 @@ def measure(checkpoint: Path, work: Path, rounds: int, calls: int, fp16: bool) -
     photos = embedded_photographs(size)
     export = work / f"{checkpoint.stem}-latents"
     if not (export / "manifest.json").exists():
-        export_model(checkpoint, export, parity_images=photos[:8], latents=True, fp16=fp16, log=lambda _: None)
+        export_model(
+            checkpoint, export, parity_images=photos[:8], latents=True, fp16=fp16, bf16=bf16, log=lambda _: None
+        )
     print(f"{checkpoint.stem}: exported", flush=True)
     manifest = vqtool.load(export, "onnxruntime", "cpu", lazy=True).manifest
     quantize = manifest.latent_decode == "quantize"
@@ -65,28 +72,48 @@ def measure(checkpoint: Path, work: Path, rounds: int, calls: int, fp16: bool) -
         with torch.no_grad():
             return library.encode(x).latents
 
-    contenders: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {"eager": (eager_encode, eager_decode)}
+    def autocast_decode() -> Any:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return library.decode(latents, force_not_quantize=not quantize).sample
+
+    def autocast_encode() -> Any:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return library.encode(x).latents
+
+    # What each contender times: {"encode": call, "decode": call}; a BF16 latent graph that missed its rule is left
+    # out, as no runtime starts it.
+    contenders: dict[str, dict[str, Callable[[], Any]]] = {"eager": {"encode": eager_encode, "decode": eager_decode}}
+    if bf16:
+        contenders["eager under bf16 autocast"] = {"encode": autocast_encode, "decode": autocast_decode}
+        reference, rounded = eager_decode().float(), autocast_decode().float()
+        error = float(((reference.clamp(-1, 1) - rounded.clamp(-1, 1)) ** 2).mean()) / 4  # on a [0, 1] scale
+        print(f"  eager under bf16 autocast: decode {10 * np.log10(1 / max(error, 1e-20)):.1f} dB from FP32's")
     opened = []
     # ONNX Runtime's CPU provider has no FP16 kernels (it computes FP16 graphs in FP32 behind casts): timed on
     # request only.
     precisions = ["fp32"] + (["fp16"] if fp16 and "decoder_latents.fp16" in manifest.graphs else [])
+    reports = read_latent_reports(export)
     for backend in ("onnxruntime", "openvino"):
-        for precision in precisions if backend == "onnxruntime" else ["fp32"]:
+        for precision in precisions if backend == "onnxruntime" else ["fp32", "bf16"] if bf16 else ["fp32"]:
+            report = runtime_record(reports, backend, precision)
+            # Timed where parity.json does not refuse it (FP32 on OpenVINO is not checked by the export).
+            held = {stage for stage, role in GRAPHS.items() if report is None or not report.failures_of(role)}
+            if not held or (precision == "bf16" and report is None):
+                continue
             tok = vqtool.load(export, backend, "cpu", precision=precision, lazy=True)
             opened.append(tok)
-            contenders[f"{backend} {precision}"] = (
-                lambda tok=tok: tok.encode_latents(images),
-                lambda tok=tok: tok.decode_latents(array),
-            )
+            calls_of = {
+                "encode": lambda tok=tok: tok.encode_latents(images),
+                "decode": lambda tok=tok: tok.decode_latents(array),
+            }
+            contenders[f"{backend} {precision}"] = {stage: calls_of[stage] for stage in sorted(held)}
     seconds: dict[tuple[str, str], list[float]] = {}
     for _ in range(rounds):
-        for name, (encode, decode) in contenders.items():
-            seconds.setdefault((name, "encode"), []).append(_median_seconds(encode, calls))
-            seconds.setdefault((name, "decode"), []).append(_median_seconds(decode, calls))
-            print(
-                f"  {name}: encode {seconds[(name, 'encode')][-1]:.3f} s, decode {seconds[(name, 'decode')][-1]:.3f} s",
-                flush=True,
-            )
+        for name, calls_by_stage in contenders.items():
+            for stage, call in calls_by_stage.items():
+                seconds.setdefault((name, stage), []).append(_median_seconds(call, calls))
+            took = ", ".join(f"{stage} {seconds[(name, stage)][-1]:.3f} s" for stage in calls_by_stage)
+            print(f"  {name}: {took}", flush=True)
     for tok in opened:
         tok.close()
     print(f"\n{checkpoint.stem} at {size}x{size}, batch {BATCH}, latents decoded {manifest.latent_decode}")
@@ -95,15 +122,17 @@ def measure(checkpoint: Path, work: Path, rounds: int, calls: int, fp16: bool) -
     for name in contenders:
         cells = []
         for stage in ("encode", "decode"):
+            if (name, stage) not in seconds:
+                cells.append("refused")
+                continue
             ratios = [e / s for e, s in zip(seconds[("eager", stage)], seconds[(name, stage)], strict=True)]
             cells.append(" / ".join(f"{r:.2f}x" for r in ratios))
         print(f"| {name} | {cells[0]} | {cells[1]} |")
-    import json
-
-    for report in json.loads((export / "parity.json").read_text())["latents"]:
+    for report in reports:
+        verdict = "passed" if report.passed else "; ".join(report.failures)
         print(
-            f"parity {report['runtime']} {report['precision']}: latents within {report['latent_error']:.2g}, decode "
-            f"{report['decode_psnr'] or float('inf'):.1f} dB, {'passed' if report['passed'] else report['failures']}"
+            f"parity {report.runtime} {report.precision}: latents within {report.latent_error:.2g}, decode "
+            f"{report.decode_psnr:.1f} dB, {verdict}"
         )
 
 
@@ -114,10 +143,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--fp16", action="store_true")
+    parser.add_argument("--bf16", action="store_true")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     for checkpoint in args.checkpoints:
-        measure(checkpoint, args.work, args.rounds, args.calls, args.fp16)
+        measure(checkpoint, args.work, args.rounds, args.calls, args.fp16, args.bf16)
 
 
 if __name__ == "__main__":

@@ -61,8 +61,17 @@ def check_latents(
     error = float(np.abs(ours - expected).max() / max(float(np.abs(expected).max()), 1e-12))
     decoded = _run(decoder, np.ascontiguousarray(expected, dtype=np.float32), batch)
     quality = psnr(pictures, decoded)
-    failures = tuple(rule.missed(error, quality))
-    return LatentReport(runtime, encoder.provider, precision, decode, len(images), error, quality, failures)
+    return LatentReport(
+        runtime,
+        encoder.provider,
+        precision,
+        decode,
+        len(images),
+        error,
+        quality,
+        encoder_failures=tuple(rule.encoder_missed(error)),
+        decoder_failures=tuple(rule.decoder_missed(quality)),
+    )
 
 
 def verify_latents(

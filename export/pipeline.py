@@ -417,18 +417,20 @@ def _write_export(
 def _drop_refused_latents(
     staging: Path, manifest: Manifest, reports: tuple[LatentReport, ...], log: Callable[[str], None]
 ) -> Manifest:
-    """Leave out the reduced-precision latent graphs that miss their rule (FP32's missing it fails the export):
-    what no runtime may start is not published."""
-    refused = {r.precision for r in reports if not r.passed and r.precision != FP32}
-    if not refused:
-        return manifest
+    """Leave out each reduced-precision latent graph that misses its rule (FP32's missing it fails the export): what
+    no runtime may start is not published. A precision without graphs of its own (BF16) has nothing to leave out:
+    parity.json's record keeps it from starting."""
     graphs = dict(manifest.graphs)
-    for precision in sorted(refused):
-        failures = next(r.failures for r in reports if r.precision == precision and not r.passed)
-        log(f"refused: latent graphs {precision} ({'; '.join(failures)}); left out of the export")
+    for report in reports:
         for role in LATENT_ROLES:
-            entry = graphs.pop(graph_key(role, precision))
-            (staging / entry.file).unlink()
+            key = graph_key(role, report.precision)
+            # FP32's graph is never left out: BF16 runs it too, and FP32 missing its rule fails the export.
+            if not report.failures_of(role) or key == graph_key(role, FP32) or key not in graphs:
+                continue
+            log(f"refused: {key} ({'; '.join(report.failures_of(role))}); left out of the export")
+            (staging / graphs.pop(key).file).unlink()
+    if graphs == manifest.graphs:
+        return manifest
     kept = replace(manifest, graphs=graphs)
     write_json(staging / MANIFEST_NAME, kept.to_dict())
     return kept

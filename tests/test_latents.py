@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import one_error_line, run_cli
+from tests.conftest import in_subprocess, one_error_line, run_cli
 from tests.test_import import _model_input, _photos, make_vqmodel
 from vqtool.images.quality import psnr
 
@@ -45,10 +45,12 @@ def test_latent_graphs_give_the_librarys_latents_and_decode_them_as_its_pipeline
     assert result.manifest.latent_decode == decode  # as the model's pipeline decodes, unasked
     (fp32,) = [r for r in result.verification.latents if r.precision == "fp32"]
     assert fp32.passed and fp32.decode_psnr >= 50 and fp32.latent_error <= 1e-4
-    # FP16's latent graphs are published where they meet their rule, and left out where they miss it.
+    # FP16's latent graphs are published where they meet their rule, and left out where they miss it, each graph
+    # on its own.
     for report in [r for r in result.verification.latents if r.precision == "fp16"]:
-        assert ("decoder_latents.fp16" in result.manifest.graphs) == report.passed
-        assert (tmp_path / "export" / "decoder_latents.fp16.onnx").exists() == report.passed
+        for role in ("encoder_latents", "decoder_latents"):
+            assert (f"{role}.fp16" in result.manifest.graphs) == (not report.failures_of(role))
+            assert (tmp_path / "export" / f"{role}.fp16.onnx").exists() == (not report.failures_of(role))
     recorded = json.loads((tmp_path / "export" / "parity.json").read_text())["latents"]
     assert {r["precision"] for r in recorded} == {r.precision for r in result.verification.latents}
 
@@ -66,6 +68,76 @@ def test_latent_graphs_give_the_librarys_latents_and_decode_them_as_its_pipeline
     # The other decode gives other pictures: which one runs matters, and the manifest says it.
     other = _library(model, images, quantize=decode != "quantize")[1]
     assert psnr(other, decoded) < 45
+    if fp16:
+        _each_latent_graph_is_judged_on_its_own(tmp_path / "export", latents, images)
+
+
+def _each_latent_graph_is_judged_on_its_own(export: Path, latents: np.ndarray, images: np.ndarray) -> None:
+    """A diffusion pipeline that decodes latents needs the decoder's rule met, not the encoder's: a record in which
+    only FP16's encoder missed refuses encode_latents and still decodes; a record without the per-graph lists (written
+    by hand or by an older vqtool) refuses both; and an export leaves out only the graph that missed."""
+    import vqtool
+    from vqtool.export.pipeline import _drop_refused_latents
+    from vqtool.formats.manifest import read_manifest
+    from vqtool.formats.records import LatentReport
+
+    parity_path = export / "parity.json"
+    record = json.loads(parity_path.read_text())
+    (fp16,) = [r for r in record["latents"] if r["precision"] == "fp16"]
+    assert fp16["passed"]  # the fault below is the only one
+    with vqtool.load(export, "onnxruntime", "cpu", precision="fp16") as tok:
+        tok.encode_latents(images[:2])  # both start before the record changes
+    fp16.update(encoder_failures=["latents differ by 0.03 of their range (> 0.02)"], decoder_failures=[])
+    parity_path.write_text(json.dumps(record))
+    with vqtool.load(export, "onnxruntime", "cpu", precision="fp16") as tok:
+        assert tok.decode_latents(latents[:2]).shape == (2, *images.shape[1:])
+        with pytest.raises(vqtool.VqtoolError, match=r"encoder_latents missed its rule .*0\.03 of their range"):
+            tok.encode_latents(images[:2])
+    for key in ("encoder_failures", "decoder_failures"):
+        del fp16[key]
+    fp16.update(failures=["decoded 30.0 dB from the library's decode (< 40)"], passed=False)
+    parity_path.write_text(json.dumps(record))
+    with vqtool.load(export, "onnxruntime", "cpu", precision="fp16") as tok:
+        with pytest.raises(vqtool.VqtoolError, match="decoder_latents missed its rule"):
+            tok.decode_latents(latents[:2])
+        with pytest.raises(vqtool.VqtoolError, match="encoder_latents missed its rule"):
+            tok.encode_latents(images[:2])
+    # BF16 runs no graph of its own: its refusal lives in parity.json. Codes that met no contract refuse a lazy
+    # tokenizer's codes graphs when they start, not its latent graphs, which have a record of their own; one made
+    # by another OpenVINO (another provider) still refuses the graph that missed until parity checks this one.
+    record["reports"].append({"runtime": "openvino", "precision": "bf16", "contract": "none", "failures": ["far"]})
+    elsewhere = {"runtime": "openvino", "provider": "OpenVINO elsewhere", "precision": "bf16"}
+    record["latents"].append({**elsewhere, "encoder_failures": ["latents differ"], "decoder_failures": []})
+    parity_path.write_text(json.dumps(record))
+    np.save(export.parent / "bf16-latents.npy", latents[:2])
+    outcome = in_subprocess(f"""
+import json, numpy as np, vqtool
+said = {{}}
+try:
+    vqtool.load({str(export)!r}, "openvino", "cpu", precision="bf16")
+except vqtool.VqtoolError as exc:
+    said["load"] = str(exc)
+with vqtool.load({str(export)!r}, "openvino", "cpu", precision="bf16", lazy=True) as tok:
+    said["decoded"] = list(tok.decode_latents(np.load({str(export.parent / "bf16-latents.npy")!r})).shape)
+    for name, call in (("encode", tok.encode), ("encode_latents", tok.encode_latents)):
+        try:
+            call(np.zeros({(1, *images.shape[1:])}, np.uint8))
+        except vqtool.VqtoolError as exc:
+            said[name] = str(exc)
+print(json.dumps(said))
+""")
+    assert isinstance(outcome, dict) and outcome["decoded"] == [2, *images.shape[1:]]
+    assert "openvino bf16 met no contract on this export (far)" in outcome["load"]
+    assert "openvino bf16 met no contract on this export (far)" in outcome["encode"]
+    refused = outcome["encode_latents"]
+    assert "bf16 encoder_latents missed its rule on this export on openvino (OpenVINO elsewhere)" in refused
+    assert "openvino was never checked" in refused
+    missed = LatentReport("onnxruntime", precision="fp16", decoder_failures=("decoded 30.0 dB (< 40)",))
+    kept = _drop_refused_latents(export, read_manifest(export), (missed,), log=lambda _: None)
+    assert "encoder_latents.fp16" in kept.graphs and "decoder_latents.fp16" not in kept.graphs
+    assert (export / "encoder_latents.fp16.onnx").exists() and not (export / "decoder_latents.fp16.onnx").exists()
+    assert read_manifest(export).graphs == kept.graphs
+    assert "encoder_latents" in kept.graphs and "decoder_latents" in kept.graphs  # FP32's are never left out
 
 
 def test_latent_options_and_refusals_on_the_command_line(tmp_path: Path, export_dir: Path) -> None:
@@ -75,7 +147,7 @@ def test_latent_options_and_refusals_on_the_command_line(tmp_path: Path, export_
     exported = run_cli("export", str(checkpoint), "--out", str(export), "--latent-decode", "direct")
     assert exported.returncode == 0, exported.stderr
     assert "encoder_latents.onnx" in exported.stdout and "decoder_latents.onnx" in exported.stdout
-    assert "latent graphs: meets its rule" in exported.stderr
+    assert "latent graphs: encoder_latents meets its rule, decoder_latents meets its rule" in exported.stderr
     assert json.loads((export / "manifest.json").read_text())["latent_decode"] == "direct"
     # vqtool parity measures the latent graphs again, and keeps their record.
     checked = run_cli("parity", str(export), "--backend", "onnxruntime")

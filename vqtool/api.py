@@ -71,7 +71,8 @@ def load(
     them). With auto, a GPU runtime if one starts,
     else the CPU runtime bench.json measured fastest among those parity.json shows exact; `describe()` says
     which ran and why, and `contract` what its codes promise. `threads` caps the CPU threads (default: a core each).
-    With `lazy`, each graph starts on its first use instead (a job that only encodes never starts the decoder).
+    With `lazy`, each graph starts on its first use instead (a job that only encodes never starts the decoder), and
+    a precision parity.json refuses is refused there, graph by graph (its latent graphs are judged apart).
     A TensorRT engine is code that TensorRT runs, not data: with `engines=False`, engine files in the folder are
     ignored (no tensorrt or onnxruntime-trt backend starts), for exports from sources you do not trust.
     `runtime` (a RuntimeChoice) says all of backend, device, precision, threads and engines at once, in place of
@@ -84,7 +85,13 @@ def load(
     if runtime.precision == FASTEST:
         runtime, note = fastest_choice(folder, manifest, runtime)
     if runtime.precision == BF16:
-        note = "; ".join(filter(None, (note, check_bf16(folder, runtime.backend))))
+        try:
+            note = "; ".join(filter(None, (note, check_bf16(folder, runtime.backend))))
+        except VqtoolError:
+            # Lazily, each graph is refused when it starts: BF16's codes may miss every contract while its latent
+            # graphs meet their own rule (parity.json records them apart), for a pipeline that uses latents only.
+            if not lazy:
+                raise
     tok = Tokenizer(folder, manifest, runtime, note)
     if not lazy:
         tok.start()

@@ -74,11 +74,15 @@ def _show_verification(verification: dict[str, Any]) -> None:
                 "no runtime will start it"
             )
     for r in verification.get("latents", []):
-        quality = _decibels(r["decode_psnr"])
-        verdict = "meets its rule" if r["passed"] else f"refused ({'; '.join(r['failures'])})"
+        verdicts = [
+            f"{side}_latents " + (f"refused ({'; '.join(failures)})" if failures else "meets its rule")
+            for side in ("encoder", "decoder")
+            for failures in [r[f"{side}_failures"]]
+        ]
         say(
-            f"{r['runtime']} {r['precision']} latent graphs: {verdict}; latents within {r['latent_error']:.2g} of "
-            f"the library's range, decoded {quality} from the library's decode ({r['decode']})"
+            f"{r['runtime']} {r['precision']} latent graphs: {', '.join(verdicts)}; latents within "
+            f"{r['latent_error']:.2g} of the library's range, decoded {_decibels(r['decode_psnr'])} from the "
+            f"library's decode ({r['decode']})"
         )
     for reason in verification["skipped"]:
         say(f"not checked: {reason}")

@@ -125,7 +125,8 @@ class ParityReport(Drift):
 class LatentReport:
     """The latent graphs (export --latents) of one runtime and precision against the library's own code: the
     encoder's latents (largest difference over the latents' largest magnitude) and the decoder's pictures from the
-    library's latents (PSNR against the library's decode, decoding as `decode` says)."""
+    library's latents (PSNR against the library's decode, decoding as `decode` says). Each graph meets its rule or
+    not on its own: `encoder_failures` and `decoder_failures` say why not."""
 
     runtime: str
     provider: str = ""
@@ -134,15 +135,25 @@ class LatentReport:
     images: int = 0
     latent_error: float = 0.0
     decode_psnr: float = math.inf  # stored as null when the pictures are equal
-    failures: tuple[str, ...] = ()
+    encoder_failures: tuple[str, ...] = ()
+    decoder_failures: tuple[str, ...] = ()
+
+    @property
+    def failures(self) -> tuple[str, ...]:
+        return self.encoder_failures + self.decoder_failures
 
     @property
     def passed(self) -> bool:
         return not self.failures
 
+    def failures_of(self, role: str) -> tuple[str, ...]:
+        """Why this graph ("encoder_latents" or "decoder_latents") missed its rule; empty where it met it."""
+        return self.encoder_failures if role == "encoder_latents" else self.decoder_failures
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out["failures"] = list(self.failures)
+        for name in ("encoder_failures", "decoder_failures", "failures"):
+            out[name] = list(getattr(self, name))
         out["decode_psnr"] = None if math.isinf(self.decode_psnr) else self.decode_psnr
         out["passed"] = self.passed
         return out
@@ -150,7 +161,9 @@ class LatentReport:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> LatentReport:
         values = _known(cls, raw)
-        values["failures"] = tuple(str(f) for f in raw.get("failures") or ())
+        for name in ("encoder_failures", "decoder_failures"):
+            # A record without them (older, or written by hand) holds both graphs to its one list.
+            values[name] = tuple(str(f) for f in raw.get(name, raw.get("failures")) or ())
         if values.get("decode_psnr") is None:
             values["decode_psnr"] = math.inf
         return cls(**values)
@@ -209,9 +222,12 @@ def read_latent_reports(export_dir: Path) -> list[LatentReport]:
 
 
 def runtime_record(reports: Iterable[Record], runtime: str, precision: str, provider: str = "") -> Record | None:
-    """The record of this runtime and precision among `reports` (`provider` narrows it where given), if any."""
+    """The record of this runtime and precision among `reports` (`provider` narrows it where given, and a record
+    that names none speaks for every provider of its runtime), if any."""
     for report in reports:
-        if (report.runtime, report.precision) == (runtime, precision) and provider in ("", report.provider):
+        if (report.runtime, report.precision) != (runtime, precision):
+            continue
+        if provider in ("", report.provider) or not report.provider:
             return report
     return None
 

@@ -176,8 +176,12 @@ def _open(
     activation_bytes = entry.activation_bytes if entry is not None else 0
     graph = GraphToOpen(path, role, precision, device, choice.threads, spin, activation_bytes, export_dir, manifest)
     runner = runtime.open(graph)
-    refused_by = _latents_refused if role in LATENT_ROLES else _refused_by_parity
-    reason = refused_by(export_dir, backend, precision, runner.provider) if refusals else None
+    reason = None
+    if refusals:
+        if role in LATENT_ROLES:
+            reason = _latents_refused(export_dir, role, backend, precision, runner.provider)
+        else:
+            reason = _refused_by_parity(export_dir, backend, precision, runner.provider)
     if reason is not None:
         runner.close()
         raise VqtoolError(reason, export_dir / PARITY_NAME)
@@ -208,11 +212,22 @@ def _refused_by_parity(export_dir: Path, backend: str, precision: str, provider:
     return None
 
 
-def _latents_refused(export_dir: Path, backend: str, precision: str, provider: str = "") -> str | None:
-    """Why parity.json forbids this runtime's latent graphs (they missed their rule), or None."""
-    report = runtime_record(read_latent_reports(export_dir), backend, precision, provider)
-    if report is not None and not report.passed:
-        return f"{backend} {precision} latent graphs missed their rule on this export ({report.failures[-1]})"
+def _latents_refused(export_dir: Path, role: str, backend: str, precision: str, provider: str = "") -> str | None:
+    """Why parity.json forbids this latent graph on this runtime (it missed its rule), or None. As for the codes, a
+    runtime never checked (its provider, where given, differs) is refused a precision that missed on another."""
+    reports = read_latent_reports(export_dir)
+    own = runtime_record(reports, backend, precision, provider)
+    if own is not None:
+        failures = own.failures_of(role)
+        return f"{backend} {precision} {role} missed its rule on this export ({failures[-1]})" if failures else None
+    if precision == FP32:
+        return None
+    for report in reports:
+        if report.precision == precision and report.failures_of(role):
+            return (
+                f"{precision} {role} missed its rule on this export on {report.runtime} ({report.provider}), and "
+                f"{backend} was never checked: vqtool parity EXPORT_DIR --backend {backend}"
+            )
     return None
 
 
