@@ -10,15 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vqtool.errors import VqtoolError
+from vqtool.export.checked import started_runtimes
 from vqtool.formats.manifest import LATENT_ROLES, QUANTIZE, Manifest, fitting_batch, graph_key
 from vqtool.formats.records import LatentReport
 from vqtool.images.quality import psnr
 from vqtool.model.face import TokenizerModel
 from vqtool.precisions import PRECISIONS, LatentRule
 from vqtool.precisions import row as precision_row
-from vqtool.runtime.base import REFERENCE, RUNTIMES, Runner, runs
-from vqtool.runtime.select import open_runner
+from vqtool.runtime.base import REFERENCE, Runner
 
 
 @torch.no_grad()
@@ -88,46 +87,38 @@ def verify_latents(
     `precisions` limit which)."""
     batch = min(fitting_batch(manifest, role, "fp32", 16) for role in LATENT_ROLES)
     reference = library_latents(model, images, batch, manifest.latent_decode == QUANTIZE)
+
+    def wanted(backend: str, device: str, precision: str) -> bool:
+        # The library's own code is the reference: PyTorch runs no latent graph.
+        has_graphs = graph_key("encoder_latents", precision) in manifest.graphs
+        return backend != REFERENCE and precision_row(precision).latents is not None and has_graphs
+
     reports = []
-    for runtime in RUNTIMES:
-        backend, device = runtime.backend, runtime.device
-        if backend == REFERENCE or (backends is not None and backend not in backends):
-            continue
-        for precision in precisions:
-            rule = precision_row(precision).latents
-            if rule is None or not runs(backend, precision, device):
-                continue
-            if graph_key("encoder_latents", precision) not in manifest.graphs:
-                continue
-            opened: list[Runner] = []
-            try:
-                for role in LATENT_ROLES:
-                    chosen = open_runner(
-                        export_dir, manifest, role, refusals=False, backend=backend, device=device, precision=precision
-                    )
-                    opened.append(chosen.runner)
-            except VqtoolError:
-                for runner in opened:
-                    runner.close()
-                continue
-            encoder, decoder = opened
-            log(f"parity: latents on {backend} ({encoder.provider}, {precision})")
-            try:
-                reports.append(
-                    check_latents(
-                        model,
-                        images,
-                        encoder,
-                        decoder,
-                        runtime=backend,
-                        precision=precision,
-                        rule=rule,
-                        decode=manifest.latent_decode,
-                        reference=reference,
-                        batch=batch,
-                    )
-                )
-            finally:
-                encoder.close()
-                decoder.close()
+    for started in started_runtimes(
+        export_dir,
+        manifest,
+        lambda precision: tuple((role, precision) for role in LATENT_ROLES),
+        precisions=precisions,
+        wanted=wanted,
+        backends=backends,
+    ):
+        encoder, decoder = started.runners
+        assert encoder is not None and decoder is not None
+        log(f"parity: latents on {started.backend} ({encoder.provider}, {started.precision})")
+        rule = precision_row(started.precision).latents
+        assert rule is not None
+        reports.append(
+            check_latents(
+                model,
+                images,
+                encoder,
+                decoder,
+                runtime=started.backend,
+                precision=started.precision,
+                rule=rule,
+                decode=manifest.latent_decode,
+                reference=reference,
+                batch=batch,
+            )
+        )
     return tuple(reports)

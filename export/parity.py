@@ -20,6 +20,7 @@ import torch
 
 from vqtool.data.whole import read_image_set
 from vqtool.errors import VqtoolError
+from vqtool.export.checked import started_runtimes
 from vqtool.export.drift import measure_drift, torch_decoder
 from vqtool.export.graphs import write_graphs
 from vqtool.export.latents import verify_latents
@@ -53,8 +54,8 @@ from vqtool.precisions import (
     decoder_precision,
 )
 from vqtool.precisions import row as precision_row
-from vqtool.runtime.base import REFERENCE, RUNTIMES, Device, GraphToOpen, runs
-from vqtool.runtime.select import open_backend, open_runner
+from vqtool.runtime.base import REFERENCE, Device, GraphToOpen
+from vqtool.runtime.select import open_backend
 from vqtool.train.data.memory import TrainingData
 from vqtool.train.data.run_data import training_set_of
 
@@ -375,56 +376,40 @@ def verify_export(
     asks for. Batches hold as many images as the graphs' activations allow."""
     batch = min(fitting_batch(manifest, role, FP32, BATCH) for role in manifest.roles)
     reference = torch_reference(model, images, batch=batch)
-    reports, skipped = [], []
-    for runtime in RUNTIMES:
-        backend, device = runtime.backend, runtime.device
-        if backends is not None and backend not in backends:
-            continue
-        for precision in precisions:
-            reference_itself = (backend, device, precision) == (REFERENCE, Device.cpu.value, FP32)
-            if reference_itself or not runs(backend, precision, device):
-                continue
-            # A precision is checked where the export has its graph (PyTorch: where it was exported at all).
-            if backend != REFERENCE and graph_key("encoder", precision) not in manifest.graphs:
-                continue
-            try:
-                # A runtime refused in an earlier parity.json is measured afresh: refusals=False.
-                encoder = open_runner(
-                    export_dir, manifest, "encoder", refusals=False, backend=backend, device=device, precision=precision
-                ).runner
-                # An encoder-only precision's codes are decoded by the FP32 decoder on the same provider.
-                decoder = None
-                if "decoder" in manifest.roles:
-                    decoder = open_runner(
-                        export_dir,
-                        manifest,
-                        "decoder",
-                        refusals=False,
-                        backend=backend,
-                        device=device,
-                        precision=decoder_precision(precision),
-                    ).runner
-            except VqtoolError as exc:
-                skipped.append(f"{backend} on {device} ({precision}): {str(exc).split('; ')[0]}")
-                continue
-            log(f"parity: {backend} on {encoder.provider} ({precision})")
-            reports.append(
-                check_parity(
-                    model,
-                    images,
-                    encoder,
-                    decoder,
-                    runtime=backend,
-                    provider=encoder.provider,
-                    precision=precision,
-                    reference=reference,
-                    batch=batch,
-                    min_identical=min_identical,
-                )
+
+    def wanted(backend: str, device: str, precision: str) -> bool:
+        if (backend, device, precision) == (REFERENCE, Device.cpu.value, FP32):
+            return False  # the reference itself
+        # A precision is checked where the export has its graph (PyTorch: where it was exported at all).
+        return backend == REFERENCE or graph_key("encoder", precision) in manifest.graphs
+
+    def graphs_at(precision: str) -> tuple[tuple[str, str] | None, ...]:
+        # An encoder-only precision's codes are decoded by the FP32 decoder on the same provider.
+        decoder = ("decoder", decoder_precision(precision)) if "decoder" in manifest.roles else None
+        return (("encoder", precision), decoder)
+
+    reports: list[ParityReport] = []
+    skipped: list[str] = []
+    for started in started_runtimes(
+        export_dir, manifest, graphs_at, precisions=precisions, wanted=wanted, backends=backends, skipped=skipped
+    ):
+        encoder, decoder = started.runners
+        assert encoder is not None
+        log(f"parity: {started.backend} on {encoder.provider} ({started.precision})")
+        reports.append(
+            check_parity(
+                model,
+                images,
+                encoder,
+                decoder,
+                runtime=started.backend,
+                provider=encoder.provider,
+                precision=started.precision,
+                reference=reference,
+                batch=batch,
+                min_identical=min_identical,
             )
-            encoder.close()
-            if decoder is not None:
-                decoder.close()
+        )
     naive = naive_fp16_report(model, manifest, images, reference) if naive_fp16 else None
     bf16_whole = naive_bf16_report(model, export_dir, manifest, images, reference) if naive_bf16 else None
     return Verification(tuple(reports), tuple(skipped), naive, bf16_whole)

@@ -1,0 +1,75 @@
+"""The runtimes a parity check walks: every row of the runtime table, at each precision the table says it runs and
+the caller wants, whose graphs start here; started for the graphs the check needs and closed after it. The codes'
+parity (export/parity.py) and the latent graphs' (export/latents.py) walk them alike."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from vqtool.errors import VqtoolError
+from vqtool.formats.manifest import Manifest
+from vqtool.runtime.base import RUNTIMES, Runner, runs
+from vqtool.runtime.select import open_runner
+
+# The graphs a check needs at a precision, as (role, the precision it runs at); None for one the export lacks.
+GraphsAt = Callable[[str], tuple[tuple[str, str] | None, ...]]
+
+
+@dataclass(frozen=True)
+class Started:
+    """One runtime at one precision, with a runner for each graph asked (None where the export lacks it)."""
+
+    backend: str
+    device: str
+    precision: str
+    runners: tuple[Runner | None, ...]
+
+
+def started_runtimes(
+    export_dir: Path,
+    manifest: Manifest,
+    graphs_at: GraphsAt,
+    *,
+    precisions: tuple[str, ...],
+    wanted: Callable[[str, str, str], bool],
+    backends: tuple[str, ...] | None = None,
+    skipped: list[str] | None = None,
+) -> Iterator[Started]:
+    """Each runtime (`backends` limit which) at each of `precisions` it runs for which `wanted(backend, device,
+    precision)` holds, its graphs started unrefused: a runtime an earlier parity.json refused is measured afresh.
+    One that does not start here is left out, and said in `skipped` where given."""
+    for runtime in RUNTIMES:
+        backend, device = runtime.backend, runtime.device
+        if backends is not None and backend not in backends:
+            continue
+        for precision in precisions:
+            if not runs(backend, precision, device) or not wanted(backend, device, precision):
+                continue
+            opened: list[Runner | None] = []
+            try:
+                for graph in graphs_at(precision):
+                    if graph is None:
+                        opened.append(None)
+                        continue
+                    role, at = graph
+                    chosen = open_runner(
+                        export_dir, manifest, role, refusals=False, backend=backend, device=device, precision=at
+                    )
+                    opened.append(chosen.runner)
+            except VqtoolError as exc:
+                _close(opened)
+                if skipped is not None:
+                    skipped.append(f"{backend} on {device} ({precision}): {str(exc).split('; ')[0]}")
+                continue
+            try:
+                yield Started(backend, device, precision, tuple(opened))
+            finally:
+                _close(opened)
+
+
+def _close(runners: list[Runner | None]) -> None:
+    for runner in runners:
+        if runner is not None:
+            runner.close()
