@@ -1,14 +1,15 @@
 """The latent graphs against the library's own eager code, at the model's size, batch 4.
 
     python -m benchmarks.latents CHECKPOINT [CHECKPOINT ...] [--work DIR] [--rounds 3] [--calls 5] [--fp16] [--bf16]
+        [--backend onnxruntime|openvino|torch ...]
 
 For each imported checkpoint (a diffusers VQModel: latent diffusion's VQ-f4 / VQ-f8, Kandinsky's MoVQ): exports it
 with `--latents` (FP32, and FP16 with --fp16; parity on 8 of the embedded photographs), then times, in alternating
 rounds of one run, the library's `decode(latents, force_not_quantize=...)` as the model's pipeline calls it and its
 `encode(x).latents`, against vqtool's latent graphs on ONNX Runtime and OpenVINO (the CPU, one process, all cores).
-With --bf16 the export checks OpenVINO's BF16 too, which is timed where its parity held, beside what a user does
-today: the library's eager code under `torch.autocast("cpu", dtype=torch.bfloat16)` (its decode PSNR against the
-FP32 decode printed with it, as nothing else checks it).
+With --bf16 the export checks BF16 on OpenVINO and PyTorch too, each timed where its parity held, beside what a
+user does today: the library's eager code under `torch.autocast("cpu", dtype=torch.bfloat16)` (its decode PSNR
+against the FP32 decode printed with it, as nothing else checks it).
 The goals: the latent decoder in FP32 >= 1.2x the library's eager decode; the best published reduced precision
 >= 2x. Prints the ratios (median call of each round) and each graph's parity against the library.
 """
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 BATCH = 4
+BACKENDS = ("onnxruntime", "openvino", "torch")
 GRAPHS = {"encode": "encoder_latents", "decode": "decoder_latents"}  # the graph each timed stage runs
 
 
@@ -39,7 +41,9 @@ def _median_seconds(call: Callable[[], Any], calls: int) -> float:
     return statistics.median(times)
 
 
-def measure(checkpoint: Path, work: Path, rounds: int, calls: int, fp16: bool, bf16: bool) -> None:
+def measure(
+    checkpoint: Path, work: Path, rounds: int, calls: int, fp16: bool, bf16: bool, backends: tuple[str, ...]
+) -> None:
     import vqtool
     from vqtool.export.pipeline import export_model
     from vqtool.formats.records import read_latent_reports, runtime_record
@@ -93,8 +97,13 @@ def measure(checkpoint: Path, work: Path, rounds: int, calls: int, fp16: bool, b
     # request only.
     precisions = ["fp32"] + (["fp16"] if fp16 and "decoder_latents.fp16" in manifest.graphs else [])
     reports = read_latent_reports(export)
-    for backend in ("onnxruntime", "openvino"):
-        for precision in precisions if backend == "onnxruntime" else ["fp32", "bf16"] if bf16 else ["fp32"]:
+    offered = {
+        "onnxruntime": precisions,
+        "openvino": ["fp32", "bf16"] if bf16 else ["fp32"],
+        "torch": ["bf16"] if bf16 else [],  # its FP32 is the library's own code: eager
+    }
+    for backend in backends:
+        for precision in offered[backend]:
             report = runtime_record(reports, backend, precision)
             # Timed where parity.json does not refuse it (FP32 on OpenVINO is not checked by the export).
             held = {stage for stage, role in GRAPHS.items() if report is None or not report.failures_of(role)}
@@ -144,10 +153,13 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--fp16", action="store_true")
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument(
+        "--backend", action="append", choices=BACKENDS, help="vqtool's runtimes to time (default: all); repeatable"
+    )
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     for checkpoint in args.checkpoints:
-        measure(checkpoint, args.work, args.rounds, args.calls, args.fp16, args.bf16)
+        measure(checkpoint, args.work, args.rounds, args.calls, args.fp16, args.bf16, tuple(args.backend or BACKENDS))
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ from vqtool.formats.manifest import LATENT_ROLES, QUANTIZE, Manifest, fitting_ba
 from vqtool.formats.records import LatentReport
 from vqtool.images.quality import psnr
 from vqtool.model.face import TokenizerModel
-from vqtool.precisions import PRECISIONS, LatentRule
+from vqtool.precisions import FP32, PRECISIONS, LatentRule
 from vqtool.precisions import row as precision_row
-from vqtool.runtime.base import REFERENCE, Runner
+from vqtool.runtime.base import REFERENCE, Device, Runner
 
 
 @torch.no_grad()
@@ -89,9 +89,11 @@ def verify_latents(
     reference = library_latents(model, images, batch, manifest.latent_decode == QUANTIZE)
 
     def wanted(backend: str, device: str, precision: str) -> bool:
-        # The library's own code is the reference: PyTorch runs no latent graph.
-        has_graphs = graph_key("encoder_latents", precision) in manifest.graphs
-        return backend != REFERENCE and precision_row(precision).latents is not None and has_graphs
+        if (backend, device, precision) == (REFERENCE, Device.cpu.value, FP32):
+            return False  # the library's own code: the reference itself
+        # Checked where the export has the graph (PyTorch, which reads none: where it has latent graphs at all).
+        graph = graph_key("encoder_latents", FP32 if backend == REFERENCE else precision)
+        return precision_row(precision).latents is not None and graph in manifest.graphs
 
     reports = []
     for started in started_runtimes(

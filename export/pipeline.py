@@ -407,7 +407,9 @@ def _write_export(
             bf16_skipped = [why for why in verification.skipped if f"({BF16})" in why]
             raise VqtoolError(f"--bf16: {'; '.join(bf16_skipped) or 'BF16 ran on no runtime here'}")
     if latent_decode:
-        latents = verify_latents(checkpoint.model, staging, manifest, compared, backends=EXPORT_RUNTIMES, log=log)
+        latents = verify_latents(
+            checkpoint.model, staging, manifest, compared, backends=EXPORT_RUNTIMES, precisions=written, log=log
+        )
         verification = replace(verification, latents=latents + verification.latents)
         manifest = _drop_refused_latents(staging, manifest, latents, log)
     write_json(staging / PARITY_NAME, verification.to_dict())

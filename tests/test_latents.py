@@ -69,7 +69,37 @@ def test_latent_graphs_give_the_librarys_latents_and_decode_them_as_its_pipeline
     other = _library(model, images, quantize=decode != "quantize")[1]
     assert psnr(other, decoded) < 45
     if fp16:
+        _pytorch_runs_the_latent_graphs(tmp_path / "export", images, latents, pictures)
         _each_latent_graph_is_judged_on_its_own(tmp_path / "export", latents, images)
+
+
+def _pytorch_runs_the_latent_graphs(
+    export: Path, images: np.ndarray, latents: np.ndarray, pictures: np.ndarray
+) -> None:
+    """`--backend torch` runs the model's own latents and decode in FP32 (the library's code: the reference), and
+    at BF16 the bodies under autocast, checked by parity like any other runtime's and started only as it allows."""
+    import vqtool
+    from vqtool.export.parity import check_export
+
+    with vqtool.load(export, "torch", "cpu") as tok:
+        assert np.abs(tok.encode_latents(images) - latents).max() <= 1e-5 * np.abs(latents).max()  # FP32 reordered
+        assert psnr(pictures, tok.decode_latents(latents)) >= 50
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return  # PyTorch refuses BF16 on a CPU without its arithmetic
+    verification = check_export(export, backends=("torch",), precisions=("bf16",), log=lambda _: None)
+    (report,) = verification.latents
+    assert (report.runtime, report.precision) == ("torch", "bf16")
+    assert 0 < report.latent_error < 0.5 and report.decode_psnr < 100  # really rounded, and still the same model
+    with vqtool.load(export, "torch", "cpu", precision="bf16", lazy=True) as tok:
+        for role, call in (
+            ("decoder_latents", lambda: tok.decode_latents(latents)),
+            ("encoder_latents", lambda: tok.encode_latents(images)),
+        ):
+            if report.failures_of(role):
+                with pytest.raises(vqtool.VqtoolError, match=f"torch bf16 {role} missed its rule"):
+                    call()
+            else:
+                assert call().shape[0] == len(images)
 
 
 def _each_latent_graph_is_judged_on_its_own(export: Path, latents: np.ndarray, images: np.ndarray) -> None:
@@ -157,8 +187,8 @@ def test_latent_options_and_refusals_on_the_command_line(tmp_path: Path, export_
 
     import vqtool
 
-    with vqtool.load(export, "torch", "cpu") as tok:
-        with pytest.raises(vqtool.VqtoolError, match="latent graphs run on onnxruntime or openvino"):
+    with vqtool.load(export_dir, "torch", "cpu", lazy=True) as tok:  # PyTorch too: only where exported with them
+        with pytest.raises(vqtool.VqtoolError, match="no latent graphs; export again with --latents"):
             tok.encode_latents(_photos(2))
     with vqtool.load(export_dir, "onnxruntime", "cpu") as tok:  # an export without --latents
         assert not tok.has_latents

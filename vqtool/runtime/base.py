@@ -164,8 +164,6 @@ def backends_running(precision: str, device: str) -> tuple[str, ...]:
 def refusal(role: str, backend: str, device: str, precision: str) -> str | None:
     """Why `backend` (auto: any) cannot run `role` at `precision` on `device` (auto: any), in one sentence, or None."""
     if role in LATENT_ROLES:
-        if backend == REFERENCE:
-            return f"--backend {backend} runs codes; the latent graphs run on onnxruntime or openvino"
         latent_precisions = [p for p in PRECISIONS if precision_row(p).latents is not None]
         if precision not in latent_precisions:
             return f"latent graphs run at {' or '.join(latent_precisions)}, not {precision}"

@@ -1,6 +1,7 @@
 """The PyTorch model itself as a runner: the one place the inference side loads PyTorch (export_dir/model.pt).
 
-In FP32 it runs the model as it is: parity's reference and bench's baseline. At a reduced precision (BF16 on the CPU
+In FP32 it runs the model as it is: parity's reference and bench's baseline (for the latent graphs, the model's own
+pipeline latents and decode: an imported model's are the library's). At a reduced precision (BF16 on the CPU
 and CUDA, FP16 on CUDA: the precision table's `autocast`) it runs the pieces the exported graphs are made of
 (GraphParts), the encoder and decoder bodies under torch.autocast and the nearest-code search and codebook lookup in
 FP32, as the exported graphs keep their quantizer island; parity judges its codes under the contracts like any
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from vqtool.errors import VqtoolError, missing_extra
-from vqtool.formats.manifest import Manifest, verify_pytorch_file
+from vqtool.formats.manifest import LATENT_ROLES, QUANTIZE, Manifest, verify_pytorch_file
 from vqtool.host import cpu_description
 from vqtool.precisions import FP32
 from vqtool.precisions import row as precision_row
@@ -35,6 +36,8 @@ class TorchRunner:
             raise missing_extra("--backend torch", "PyTorch", "train") from None
         from vqtool.model.checkpoint import CheckpointError, load_checkpoint
 
+        if role in LATENT_ROLES and not manifest.latent_decode:
+            raise VqtoolError(f"export has no {role} graph (export again with --latents)", export_dir)
         if device == "cuda" and not torch.cuda.is_available():
             raise VqtoolError("--backend torch --device cuda: PyTorch sees no CUDA GPU here")
         path = verify_pytorch_file(export_dir, manifest)
@@ -58,6 +61,7 @@ class TorchRunner:
         except CheckpointError as exc:
             raise VqtoolError(str(exc)) from None
         self.role = role
+        self.quantize = manifest.latent_decode == QUANTIZE
         self.provider = f"PyTorch {torch.__version__} on {self.device.type}"
         self.parts: Any = None
         if self.autocast is not None:
@@ -71,7 +75,14 @@ class TorchRunner:
         torch = self.torch
         with torch.inference_mode():
             data = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
-            result = self._encode(data).to(torch.int32) if self.role == "encoder" else self._decode(data.long())
+            if self.role == "encoder":
+                result = self._encode(data).to(torch.int32)
+            elif self.role == "decoder":
+                result = self._decode(data.long())
+            elif self.role == "encoder_latents":
+                result = self._encode_latents(data).contiguous()
+            else:
+                result = self._decode_latents(data.float())
             array: np.ndarray = result.cpu().numpy()
             return array
 
@@ -80,24 +91,59 @@ class TorchRunner:
         encoder graph computes them."""
         from vqtool.model.vqvae import nearest_codes
 
-        parts, torch = self.parts, self.torch
+        parts = self.parts
         if parts is None:
             return self.model.encode(self.model.model_input(images))
+        latents = self._encoded(images)
+        return nearest_codes(latents, parts.search_codebook, self.code_sq, parts.search_prefix, parts.cosine)
+
+    def _encoded(self, images: Any) -> Any:
+        """The encoder body's latents (N x h x w x D) under autocast, returned in FP32 for the search."""
+        parts, torch = self.parts, self.torch
         with torch.autocast(self.device.type, dtype=self.autocast):
             latents = parts.encoder_body(parts.input_scaling(images))
-        return nearest_codes(latents.float(), parts.search_codebook, self.code_sq, parts.search_prefix, parts.cosine)
+        return latents.float()
 
     def _decode(self, codes: Any) -> Any:
         """Images: from the model in FP32, or from the codebook lookup in FP32 and the decoder body under autocast."""
-        parts, torch = self.parts, self.torch
-        if parts is None:
+        if self.parts is None:
             return self.model.model_output(self.model.decode(codes))
-        vectors = torch.nn.functional.embedding(codes, parts.decode_codebook)
-        if parts.lookup_suffix is not None:
-            vectors = parts.lookup_suffix(vectors)
+        return self._decoded(self._looked_up(codes))
+
+    def _looked_up(self, codes: Any) -> Any:
+        """The codes' vectors, in FP32 as the graphs look them up."""
+        parts = self.parts
+        vectors = self.torch.nn.functional.embedding(codes, parts.decode_codebook)
+        return vectors if parts.lookup_suffix is None else parts.lookup_suffix(vectors)
+
+    def _decoded(self, vectors: Any) -> Any:
+        """The decoder body under autocast, its output scaled to uint8 in FP32."""
+        parts, torch = self.parts, self.torch
         with torch.autocast(self.device.type, dtype=self.autocast):
             output = parts.decoder_body(vectors)
         return parts.output_scaling(output.float())
+
+    def _encode_latents(self, images: Any) -> Any:
+        """Latents N x D x h x w before quantisation: the model's own (the library's, for an imported model), or the
+        encoder body under autocast, as encoder_latents computes them."""
+        if self.parts is None:
+            return self.model.pipeline_latents(self.model.model_input(images)).float()
+        return self._encoded(images).permute(0, 3, 1, 2)
+
+    def _decode_latents(self, latents: Any) -> Any:
+        """Images from latents, decoded as the export's latent decoder does (through their nearest codes or as they
+        are): by the model's own pipeline decode, or with the search and lookup in FP32 and the decoder body under
+        autocast, as decoder_latents computes them."""
+        from vqtool.model.vqvae import nearest_codes
+
+        parts = self.parts
+        if parts is None:
+            return self.model.model_output(self.model.decode_pipeline_latents(latents, self.quantize))
+        vectors = latents.permute(0, 2, 3, 1)
+        if self.quantize:
+            codes = nearest_codes(vectors, parts.search_codebook, self.code_sq, parts.search_prefix, parts.cosine)
+            vectors = self._looked_up(codes)
+        return self._decoded(vectors)
 
     def describe(self) -> str:
         return self.provider
