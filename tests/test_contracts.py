@@ -235,6 +235,22 @@ def test_fastest_starts_the_fastest_runtime_published_under_a_contract(
     assert sidecar["precision"] == "int8" and sidecar["contract"]["name"] == "bounded"
 
 
+def test_a_record_never_claims_more_than_it_can_hold() -> None:
+    """parity.json is read as written, by hand or by an older vqtool: a contract its precision cannot meet, a
+    contract beside failures, or a name no contract has, does not start a runtime under a better one."""
+    from vqtool.formats.records import ParityReport
+
+    def met(**fields: object) -> str:
+        return ParityReport.from_dict({"runtime": "onnxruntime", "precision": "fp32", **fields}).met
+
+    assert met(contract="exact") == "exact" and met(contract="bounded") == "bounded"
+    assert met(passed=True) == "exact" and met(precision="int8", passed=True) == "bounded"  # older than contracts
+    assert met(precision="int8", contract="exact") == "bounded"  # INT8's rule is end to end: bounded at best
+    assert met(contract="exact", failures=["17 codes differ"]) == "none"
+    assert met(contract="exact", passed=False) == "none"
+    assert met(contract="sideways") == "none"
+
+
 def test_a_refused_graph_starts_nowhere_until_checked_there(int8_export: Path, tmp_path: Path) -> None:
     """Export publishes a reduced precision that met no contract beside the rest: no runtime starts it, one never
     checked included, until `vqtool parity` records a contract there."""

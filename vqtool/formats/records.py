@@ -86,11 +86,17 @@ class ParityReport(Drift):
 
     @property
     def met(self) -> str:
-        """The contract met: the record's, or for a record older than contracts, the one its pass stood for."""
-        if self.contract or not self.passed:
-            return self.contract or NO_CONTRACT
+        """The contract met: the record's, or for a record older than contracts, the one its pass stood for; never
+        more than the record can hold (parity.json is read as written, by hand or by an older vqtool): a record
+        with failures met none, one naming no known contract met none, and `exact` at a precision whose rule
+        cannot be exact (INT8's) reads as bounded."""
         known = TABLE.get(self.precision)
-        return EXACT_CONTRACT if known is None or known.rule.exact else BOUNDED_CONTRACT
+        exact_possible = known is None or known.rule.exact
+        if not self.passed or (self.contract and self.contract not in (EXACT_CONTRACT, BOUNDED_CONTRACT)):
+            return NO_CONTRACT
+        if self.contract == BOUNDED_CONTRACT or not exact_possible:
+            return BOUNDED_CONTRACT
+        return EXACT_CONTRACT
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
