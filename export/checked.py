@@ -10,7 +10,7 @@ from pathlib import Path
 
 from vqtool.errors import VqtoolError
 from vqtool.formats.manifest import Manifest
-from vqtool.runtime.base import RUNTIMES, Runner, runs
+from vqtool.runtime.base import RUNTIMES, Runner, is_reference, runs
 from vqtool.runtime.select import open_runner
 
 # The graphs a check needs at a precision, as (role, the precision it runs at); None for one the export lacks.
@@ -38,14 +38,17 @@ def started_runtimes(
     skipped: list[str] | None = None,
 ) -> Iterator[Started]:
     """Each runtime (`backends` limit which) at each of `precisions` it runs for which `wanted(backend, device,
-    precision)` holds, its graphs started unrefused: a runtime an earlier parity.json refused is measured afresh.
+    precision)` holds, but the reference itself (PyTorch's FP32 on the CPU), its graphs started unrefused: a runtime
+    an earlier parity.json refused is measured afresh.
     One that does not start here is left out, and said in `skipped` where given."""
     for runtime in RUNTIMES:
         backend, device = runtime.backend, runtime.device
         if backends is not None and backend not in backends:
             continue
         for precision in precisions:
-            if not runs(backend, precision, device) or not wanted(backend, device, precision):
+            if is_reference(backend, device, precision) or not runs(backend, precision, device):
+                continue  # the reference is what every other runtime is compared with
+            if not wanted(backend, device, precision):
                 continue
             opened: list[Runner | None] = []
             try:

@@ -54,7 +54,7 @@ from vqtool.precisions import (
     decoder_precision,
 )
 from vqtool.precisions import row as precision_row
-from vqtool.runtime.base import REFERENCE, Device, GraphToOpen
+from vqtool.runtime.base import REFERENCE, GraphToOpen
 from vqtool.runtime.select import open_backend
 from vqtool.train.data.memory import TrainingData
 from vqtool.train.data.run_data import training_set_of
@@ -378,8 +378,6 @@ def verify_export(
     reference = torch_reference(model, images, batch=batch)
 
     def wanted(backend: str, device: str, precision: str) -> bool:
-        if (backend, device, precision) == (REFERENCE, Device.cpu.value, FP32):
-            return False  # the reference itself
         # A precision is checked where the export has its graph (PyTorch: where it was exported at all).
         return backend == REFERENCE or graph_key("encoder", precision) in manifest.graphs
 

@@ -15,7 +15,7 @@ from vqtool.errors import VqtoolError
 from vqtool.formats.manifest import Manifest, graph_key, verify_pytorch_file
 from vqtool.formats.records import ModelRow
 from vqtool.precisions import FP32, PRECISIONS
-from vqtool.runtime.base import REFERENCE, RUNTIMES, Device, Runner, runs
+from vqtool.runtime.base import REFERENCE, RUNTIMES, Runner, is_reference, runs
 from vqtool.runtime.select import open_runner
 
 BATCH_SIZES = (1, 32, 256)
@@ -77,14 +77,14 @@ def fp32_roofline(export_dir: Path, manifest: Manifest, rows: Sequence[ModelRow]
 
 def _start_runners(
     export_dir: Path, manifest: Manifest, role: str, backends: Sequence[str] | None, skipped: list[str]
-) -> list[tuple[str, Runner]]:
+) -> list[tuple[str, Runner, bool]]:
     """Every runtime and precision in the table that starts here for `role` (`backends` limits which; the baseline,
-    eager FP32 PyTorch on the CPU, always), in its order."""
+    eager FP32 PyTorch on the CPU, always), in its order: (precision, runner, whether it is the baseline)."""
     stage = "encode" if role == "encoder" else "decode"
-    runners: list[tuple[str, Runner]] = []
+    runners: list[tuple[str, Runner, bool]] = []
     for runtime in RUNTIMES:
         for precision in PRECISIONS:
-            baseline = (runtime.backend, runtime.device, precision) == (REFERENCE, Device.cpu.value, FP32)
+            baseline = is_reference(runtime.backend, runtime.device, precision)
             if backends is not None and runtime.backend not in backends and not baseline:
                 continue
             if not runs(runtime.backend, precision, runtime.device):
@@ -106,7 +106,7 @@ def _start_runners(
                     f"{stage} {runtime.backend} on {runtime.device} ({precision}): {str(exc).split('; ')[0]}"
                 )
                 continue
-            runners.append((precision, opened.runner))
+            runners.append((precision, opened.runner, baseline))
     return runners
 
 
@@ -134,14 +134,10 @@ def model_only(
                 data = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
             else:
                 data = rng.integers(0, manifest.codes, (batch, grid, grid), dtype=np.int32)
-            calls = [lambda r=runner, d=data: r(d) for _, runner in runners]
+            calls = [lambda r=runner, d=data: r(d) for _, runner, _ in runners]
             timings = time_interleaved(calls, batch, seconds=seconds)
-            base = [
-                s
-                for (precision, r), (_, s) in zip(runners, timings, strict=True)
-                if (r.backend, precision) == (REFERENCE, FP32) and r.provider.endswith("on cpu")
-            ]
-            for (precision, runner), (timing, speeds) in zip(runners, timings, strict=True):
+            base = [s for (_, _, baseline), (_, s) in zip(runners, timings, strict=True) if baseline]
+            for (precision, runner, _), (timing, speeds) in zip(runners, timings, strict=True):
                 # The median of per-round ratios: both sides of each ratio were timed seconds apart.
                 ratio = float(np.median(np.divide(speeds, base[0]))) if base else None
                 log(f"{stage} batch {batch:>3} {runner.backend} {precision}: {timing.images_per_s:,.0f} images/s")
@@ -158,7 +154,7 @@ def model_only(
                         vs_baseline=ratio,
                     )
                 )
-        for _, runner in runners:
+        for _, runner, _ in runners:
             runner.close()
     return rows, skipped
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from vqtool.formats.manifest import LATENT_ROLES
-from vqtool.precisions import ENCODER_ONLY, PRECISIONS
+from vqtool.precisions import ENCODER_ONLY, FP32, PRECISIONS
 from vqtool.precisions import ROWS as PRECISION_ROWS
 from vqtool.precisions import row as precision_row
 
@@ -154,6 +154,12 @@ else:
 def runs(backend: str, precision: str, device: str | None = None) -> bool:
     """Whether `backend` runs `precision` (on `device`, or on any device)."""
     return any(r.backend == backend and precision in r.precisions and device in (None, r.device) for r in RUNTIMES)
+
+
+def is_reference(backend: str, device: str, precision: str) -> bool:
+    """Whether this runtime is the reference itself: PyTorch's FP32 on the CPU, which parity compares every other
+    runtime with (PyTorch's own reduced precisions and CUDA included) and bench times every other against."""
+    return (backend, device, precision) == (REFERENCE, Device.cpu.value, FP32)
 
 
 def backends_running(precision: str, device: str) -> tuple[str, ...]:
