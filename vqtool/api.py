@@ -36,7 +36,7 @@ from vqtool.pipeline.resume import progress_path
 from vqtool.precisions import BF16, FASTEST, FP32, decoder_precision, row
 from vqtool.runtime import tensors
 from vqtool.runtime.base import CudaTensorRunner, Runner
-from vqtool.runtime.select import ChosenRunner, RuntimeChoice, check_bf16, fastest_choice, open_runner
+from vqtool.runtime.select import ChosenRunner, RuntimeChoice, bf16_note, fastest_choice, open_runner
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -85,13 +85,7 @@ def load(
     if runtime.precision == FASTEST:
         runtime, note = fastest_choice(folder, manifest, runtime)
     if runtime.precision == BF16:
-        try:
-            note = "; ".join(filter(None, (note, check_bf16(folder, runtime.backend))))
-        except VqtoolError:
-            # Lazily, each graph is refused when it starts: BF16's codes may miss every contract while its latent
-            # graphs meet their own rule (parity.json records them apart), for a pipeline that uses latents only.
-            if not lazy:
-                raise
+        note = "; ".join(filter(None, (note, bf16_note(folder, runtime.backend))))
     tok = Tokenizer(folder, manifest, runtime, note)
     if not lazy:
         tok.start()
