@@ -10,6 +10,7 @@ from pathlib import Path
 
 from vqtool.errors import VqtoolError
 from vqtool.formats.manifest import Manifest
+from vqtool.host import nvidia_gpu_present
 from vqtool.runtime.base import RUNTIMES, Runner, is_reference, runs
 from vqtool.runtime.select import open_runner
 
@@ -40,7 +41,9 @@ def started_runtimes(
     """Each runtime (`backends` limit which) at each of `precisions` it runs for which `wanted(backend, device,
     precision)` holds, but the reference itself (PyTorch's FP32 on the CPU), its graphs started unrefused: a runtime
     an earlier parity.json refused is measured afresh.
-    One that does not start here is left out, and said in `skipped` where given."""
+    One that does not start here is left out, and said in `skipped` where given: the CUDA runtimes in one line
+    where no NVIDIA GPU is present at all, rather than one refusal for each."""
+    without_gpu: list[str] = []
     for runtime in RUNTIMES:
         backend, device = runtime.backend, runtime.device
         if backends is not None and backend not in backends:
@@ -49,6 +52,9 @@ def started_runtimes(
             if is_reference(backend, device, precision) or not runs(backend, precision, device):
                 continue  # the reference is what every other runtime is compared with
             if not wanted(backend, device, precision):
+                continue
+            if device == "cuda" and not nvidia_gpu_present():
+                without_gpu.append(backend)
                 continue
             opened: list[Runner | None] = []
             try:
@@ -70,6 +76,8 @@ def started_runtimes(
                 yield Started(backend, device, precision, tuple(opened))
             finally:
                 _close(opened)
+    if without_gpu and skipped is not None:
+        skipped.append(f"{', '.join(dict.fromkeys(without_gpu))} on cuda: no NVIDIA GPU here")
 
 
 def _close(runners: list[Runner | None]) -> None:

@@ -34,7 +34,7 @@ from vqtool.formats.manifest import (
     verify_graph,
     verify_pytorch_file,
 )
-from vqtool.formats.records import LatentReport, ParityReport, read_latent_reports, read_parity_reports
+from vqtool.formats.records import LatentReport, ParityReport, judged, read_latent_reports, read_parity_reports
 from vqtool.images.embedded import embedded_photographs
 from vqtool.images.fit import Fit
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
@@ -42,15 +42,11 @@ from vqtool.images.quality import psnr
 from vqtool.model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from vqtool.model.face import TokenizerModel
 from vqtool.precisions import (
-    BOUNDED_CONTRACT,
-    EXACT_CONTRACT,
     FP32,
     NAIVE_BF16,
     NAIVE_FP16,
-    NO_CONTRACT,
     PRECISIONS,
     ParityRule,
-    PrecisionRow,
     decoder_precision,
 )
 from vqtool.precisions import row as precision_row
@@ -163,8 +159,7 @@ def check_parity(
     at a time; with no `decode` (a model with no decoder), codes alone. The report says which contract the
     runtime meets: the precision's own rule (exact), else the bounded one (asking at least `min_identical` of the
     codes to be identical), else none, and the codes' drift and batch invariance."""
-    row = precision_row(precision)
-    tolerance = row.rule
+    tolerance = precision_row(precision).rule
     reference = reference or torch_reference(model, images, batch=batch)
     codes = np.concatenate([encode(images[s : s + batch]) for s in range(0, len(images), batch)])
     if codes.shape != reference.codes.shape:
@@ -194,23 +189,7 @@ def check_parity(
         images if model.trained_by_vqtool else None,
     )
     report.update(asdict(drift))
-    return _with_contract(report, row, min_identical)
-
-
-def _with_contract(report: dict[str, Any], row: PrecisionRow, min_identical: float) -> ParityReport:
-    """The report with the contract it meets: its precision's exact rule, else the bounded contract, else none."""
-    outside = _failures(report, row.rule) if row.rule.exact else [f"{row.name} has no exact contract"]
-    if not outside:
-        return ParityReport(**report, contract=EXACT_CONTRACT)
-    if row.bounded is None:
-        return ParityReport(**report, contract=NO_CONTRACT, failures=tuple(outside))
-    rule = replace(row.bounded, min_identical=min_identical)
-    beyond = rule.missed(
-        report["identical"] / report["codes"], report["regret_p99"], report["rank_max"], report["drift_psnr"]
-    )
-    if not beyond:
-        return ParityReport(**report, contract=BOUNDED_CONTRACT, outside_exact=tuple(outside))
-    return ParityReport(**report, contract=NO_CONTRACT, failures=tuple(outside + [f"bounded: {b}" for b in beyond]))
+    return judged(ParityReport(**report), min_identical)
 
 
 def _reconstruction_report(
@@ -233,28 +212,6 @@ def _reconstruction_report(
         quality_drop_db=psnr(reference.reconstructions, images) - psnr(recons, images),
         decoded="own" if tolerance.end_to_end else "pytorch",
     )
-
-
-def _failures(report: dict[str, Any], tolerance: ParityRule) -> list[str]:
-    failures = []
-    report = {**asdict(ParityReport(runtime="")), **report}  # an encoder-only report has no reconstruction fields
-    if tolerance.max_unexplained is not None and report["unexplained"] > tolerance.max_unexplained:
-        failures.append(f"{report['unexplained']} codes differ from PyTorch without a near-tie to explain them")
-    identical = report["identical"] / report["codes"]
-    if tolerance.max_unexplained is not None and report["batch_unexplained"] > tolerance.max_unexplained:
-        failures.append(f"{report['batch_unexplained']} codes change with the batch size, not near-ties")
-    if tolerance.min_identical is not None and identical < tolerance.min_identical:
-        failures.append(f"{identical:.2%} identical codes, below {tolerance.min_identical:.1%}")
-    if tolerance.max_abs_diff is not None and report["recon_max_abs"] > tolerance.max_abs_diff:
-        failures.append(
-            f"reconstructions differ by up to {report['recon_max_abs']} grey levels (> {tolerance.max_abs_diff})"
-        )
-    if tolerance.min_psnr is not None and report["recon_psnr"] < tolerance.min_psnr:
-        failures.append(f"reconstruction PSNR against PyTorch {report['recon_psnr']:.1f} dB < {tolerance.min_psnr} dB")
-    drop = tolerance.max_quality_drop_db
-    if drop is not None and report["quality_drop_db"] > drop:
-        failures.append(f"reconstructions {report['quality_drop_db']:.2f} dB further from the images (> {drop} dB)")
-    return failures
 
 
 def default_parity_images(checkpoint: Checkpoint, own_data: Callable[[], TrainingData]) -> np.ndarray:

@@ -251,6 +251,37 @@ def test_a_record_never_claims_more_than_it_can_hold() -> None:
     assert met(contract="sideways") == "none"
 
 
+def test_a_record_is_held_to_todays_rules_by_its_own_figures() -> None:
+    """A record claims what its figures meet under the precision table's rules, and no more: one whose figures miss
+    them (written by hand, or by a vqtool whose rules were looser) reads as the contract they do meet, with why."""
+    from vqtool.formats.records import LatentReport, ParityReport
+    from vqtool.precisions import BOUNDED
+
+    def read(**fields: object) -> ParityReport:
+        return ParityReport.from_dict({"runtime": "openvino", "codes": 1000, "identical": 1000, **fields})
+
+    near = dict(regret_p99=0.5, rank_max=2, drift_psnr=45.0)
+    assert read(precision="bf16", contract="exact", identical=999, **near).met == "exact"  # 99.9%: HALF's rule holds
+    demoted = read(precision="bf16", contract="exact", identical=980, **near)  # 98%: below HALF's 99.5%
+    assert demoted.met == "bounded" and "98.00% identical codes" in demoted.outside_exact[0]
+    far = read(precision="int8", contract="bounded", identical=900, **{**near, "regret_p99": 9.0})
+    assert far.met == "none" and not far.passed
+    assert f"bounded: changed codes' regret p99 9 > {BOUNDED.max_regret_p99:g}" in far.failures
+    assert read(precision="int8", contract="bounded", identical=900, **{**near, "rank_max": 40}).met == "none"
+    assert read(precision="int8", contract="bounded", identical=900, **{**near, "drift_psnr": 31.0}).met == "none"
+    assert read(precision="int8", contract="bounded", identical=900, **near).met == "bounded"
+    unexplained = read(precision="fp32", contract="exact", identical=997, unexplained=3)
+    assert unexplained.met == "none" and "3 codes differ from PyTorch" in unexplained.failures[0]
+    assert read(precision="fp32", contract="exact", identical=997, near_ties=3).met == "exact"  # near-ties count
+    # A record claiming less than its figures meet keeps its claim (it may have asked for more: --min-identical).
+    assert read(precision="int8", contract="none", failures=["bounded: 90.00% identical"], **near).met == "none"
+    # The latent graphs are held to their rule the same way, each on its own.
+    latent = LatentReport.from_dict(
+        {"runtime": "openvino", "precision": "bf16", "latent_error": 0.01, "decode_psnr": 31.0, "passed": True}
+    )
+    assert not latent.failures_of("encoder_latents") and "31.0 dB" in latent.failures_of("decoder_latents")[0]
+
+
 def test_a_refused_graph_starts_nowhere_until_checked_there(int8_export: Path, tmp_path: Path) -> None:
     """Export publishes a reduced precision that met no contract beside the rest: no runtime starts it, one never
     checked included, until `vqtool parity` records a contract there."""

@@ -48,6 +48,33 @@ class ParityRule:
     end_to_end: bool = False
     exact: bool = True  # whether meeting it is the exact contract; False: the precision has only the bounded one
 
+    def missed(
+        self,
+        *,
+        identical: float,
+        unexplained: int,
+        batch_unexplained: int,
+        recon_max_abs: int,
+        recon_psnr: float,
+        quality_drop_db: float,
+    ) -> list[str]:
+        """Why a runtime with these parity figures (export/parity.py) misses the rule; empty where it meets it."""
+        failures = []
+        if self.max_unexplained is not None and unexplained > self.max_unexplained:
+            failures.append(f"{unexplained} codes differ from PyTorch without a near-tie to explain them")
+        if self.max_unexplained is not None and batch_unexplained > self.max_unexplained:
+            failures.append(f"{batch_unexplained} codes change with the batch size, not near-ties")
+        if self.min_identical is not None and identical < self.min_identical:
+            failures.append(f"{identical:.2%} identical codes, below {self.min_identical:.1%}")
+        if self.max_abs_diff is not None and recon_max_abs > self.max_abs_diff:
+            failures.append(f"reconstructions differ by up to {recon_max_abs} grey levels (> {self.max_abs_diff})")
+        if self.min_psnr is not None and recon_psnr < self.min_psnr:
+            failures.append(f"reconstruction PSNR against PyTorch {recon_psnr:.1f} dB < {self.min_psnr} dB")
+        drop = self.max_quality_drop_db
+        if drop is not None and quality_drop_db > drop:
+            failures.append(f"reconstructions {quality_drop_db:.2f} dB further from the images (> {drop} dB)")
+        return failures
+
 
 # FP32 must agree exactly apart from true ties: rounding of a length-D dot product is ~1e-6.
 EXACT = ParityRule(tie_rtol=1e-5, max_abs_diff=1)

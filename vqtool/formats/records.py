@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -86,17 +86,15 @@ class ParityReport(Drift):
 
     @property
     def met(self) -> str:
-        """The contract met: the record's, or for a record older than contracts, the one its pass stood for; never
-        more than the record can hold (parity.json is read as written, by hand or by an older vqtool): a record
-        with failures met none, one naming no known contract met none, and `exact` at a precision whose rule
-        cannot be exact (INT8's) reads as bounded."""
-        known = TABLE.get(self.precision)
-        exact_possible = known is None or known.rule.exact
+        """The contract met: the record's, or for a record older than contracts, the one its pass stood for; none
+        where the record has failures or names no known contract. (Read back, a record claims no more than its
+        figures meet: from_dict.)"""
         if not self.passed or (self.contract and self.contract not in (EXACT_CONTRACT, BOUNDED_CONTRACT)):
             return NO_CONTRACT
-        if self.contract == BOUNDED_CONTRACT or not exact_possible:
-            return BOUNDED_CONTRACT
-        return EXACT_CONTRACT
+        if self.contract:
+            return self.contract
+        known = TABLE.get(self.precision)
+        return EXACT_CONTRACT if known is None or known.rule.exact else BOUNDED_CONTRACT
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -124,7 +122,49 @@ class ParityReport(Drift):
             if values.get(name) is None:
                 values[name] = math.inf
         values["recorded_identical_fraction"] = raw.get("identical_fraction")
-        return cls(**values)
+        return _no_more_than_its_figures(cls(**values))
+
+
+# Contracts, worst first: a record is never read as meeting a better one than its figures do.
+CONTRACT_RANK = {NO_CONTRACT: 0, BOUNDED_CONTRACT: 1, EXACT_CONTRACT: 2}
+
+
+def judged(report: ParityReport, min_identical: float = 0.0) -> ParityReport:
+    """`report` with the contract its figures meet under its precision's rules (the precision table's): the exact
+    rule, else the bounded contract (asking at least `min_identical` of the codes to be identical), else none, and
+    why. Parity judges what it measured with it; a record read back is held to it."""
+    row = TABLE[report.precision]
+    outside = (
+        row.rule.missed(
+            identical=report.identical_fraction,
+            unexplained=report.unexplained,
+            batch_unexplained=report.batch_unexplained,
+            recon_max_abs=report.recon_max_abs,
+            recon_psnr=report.recon_psnr,
+            quality_drop_db=report.quality_drop_db,
+        )
+        if row.rule.exact
+        else [f"{row.name} has no exact contract"]
+    )
+    if not outside:
+        return replace(report, contract=EXACT_CONTRACT, failures=(), outside_exact=())
+    if row.bounded is None:
+        return replace(report, contract=NO_CONTRACT, failures=tuple(outside), outside_exact=())
+    rule = replace(row.bounded, min_identical=min_identical)
+    beyond = rule.missed(report.identical_fraction, report.regret_p99, report.rank_max, report.drift_psnr)
+    if not beyond:
+        return replace(report, contract=BOUNDED_CONTRACT, failures=(), outside_exact=tuple(outside))
+    failures = (*outside, *(f"bounded: {b}" for b in beyond))
+    return replace(report, contract=NO_CONTRACT, failures=failures, outside_exact=())
+
+
+def _no_more_than_its_figures(report: ParityReport) -> ParityReport:
+    """A record read back as it claims, unless its own figures meet a lesser contract under today's rules: then as
+    they do (parity.json is read as written, by hand or by a vqtool whose rules were looser)."""
+    if report.precision not in TABLE or not report.passed:
+        return report
+    held = judged(report)
+    return report if CONTRACT_RANK[held.met] >= CONTRACT_RANK[report.met] else held
 
 
 @dataclass(frozen=True)
@@ -172,7 +212,16 @@ class LatentReport:
             values[name] = tuple(str(f) for f in raw.get(name, raw.get("failures")) or ())
         if values.get("decode_psnr") is None:
             values["decode_psnr"] = math.inf
-        return cls(**values)
+        read = cls(**values)
+        row = TABLE.get(read.precision)
+        if row is None or row.latents is None:
+            return read
+        # Held to today's rule, as a ParityReport is: a graph whose figures miss it is refused, whatever it says.
+        return replace(
+            read,
+            encoder_failures=read.encoder_failures or tuple(row.latents.encoder_missed(read.latent_error)),
+            decoder_failures=read.decoder_failures or tuple(row.latents.decoder_missed(read.decode_psnr)),
+        )
 
 
 @dataclass(frozen=True)
