@@ -11,7 +11,9 @@ With --bf16 the export checks BF16 on OpenVINO and PyTorch too, each timed where
 user does today: the library's eager code under `torch.autocast("cpu", dtype=torch.bfloat16)` (its decode PSNR
 against the FP32 decode printed with it, as nothing else checks it).
 The goals: the latent decoder in FP32 >= 1.2x the library's eager decode; the best published reduced precision
->= 2x. Prints the ratios (median call of each round) and each graph's parity against the library.
+>= 2x. Prints the ratios (median call of each round) and each graph's parity against the library, and for FP32
+decode the arithmetic rate each contender reached against a 1024 x 1024 FP32 matrix product timed in each round
+(the decoder's FLOPs counted from its layers as they run: convolutions, linear layers, attention).
 """
 
 from __future__ import annotations
@@ -39,6 +41,37 @@ def _median_seconds(call: Callable[[], Any], calls: int) -> float:
         call()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+def decode_flop(library: Any, latents: torch.Tensor, quantize: bool) -> dict[str, float]:
+    """FLOPs of the library's decode of one of `latents`: convolutions and linear layers from their output shapes,
+    attention (scores and weighted sum) from its query and key lengths."""
+    macs = {"convolutions": 0, "linear": 0, "attention": 0}
+
+    def count(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        if isinstance(module, torch.nn.Conv2d):
+            fan_in = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            macs["convolutions"] += output.numel() * fan_in
+        else:
+            macs["linear"] += output.numel() * module.in_features  # type: ignore[operator]
+
+    attention = torch.nn.functional.scaled_dot_product_attention
+
+    def counted_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        macs["attention"] += q.shape[:-1].numel() * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+        return attention(q, k, v, *args, **kwargs)
+
+    layers = (torch.nn.Conv2d, torch.nn.Linear)
+    hooks = [m.register_forward_hook(count) for m in library.modules() if isinstance(m, layers)]
+    torch.nn.functional.scaled_dot_product_attention = counted_attention  # type: ignore[assignment]
+    try:
+        with torch.no_grad():
+            library.decode(latents, force_not_quantize=not quantize)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = attention
+        for hook in hooks:
+            hook.remove()
+    return {name: 2.0 * count / len(latents) for name, count in macs.items()}
 
 
 def measure(
@@ -116,8 +149,13 @@ def measure(
                 "decode": lambda tok=tok: tok.decode_latents(array),
             }
             contenders[f"{backend} {precision}"] = {stage: calls_of[stage] for stage in sorted(held)}
+    from vqtool.bench.model_only import fp32_matmul_flops
+
+    flop = decode_flop(library, latents, quantize)
     seconds: dict[tuple[str, str], list[float]] = {}
+    matmul_rates = []
     for _ in range(rounds):
+        matmul_rates.append(fp32_matmul_flops())
         for name, calls_by_stage in contenders.items():
             for stage, call in calls_by_stage.items():
                 seconds.setdefault((name, stage), []).append(_median_seconds(call, calls))
@@ -137,6 +175,14 @@ def measure(
             ratios = [e / s for e, s in zip(seconds[("eager", stage)], seconds[(name, stage)], strict=True)]
             cells.append(" / ".join(f"{r:.2f}x" for r in ratios))
         print(f"| {name} | {cells[0]} | {cells[1]} |")
+    counted = ", ".join(f"{name} {value / 1e9:.1f}" for name, value in flop.items())
+    rate = max(matmul_rates)
+    print(f"\ndecode: {sum(flop.values()) / 1e9:.1f} GFLOP per image ({counted}); a 1024x1024 FP32 matrix product "
+          f"ran at {' / '.join(f'{r / 1e9:.0f}' for r in matmul_rates)} GFLOP/s per round")  # fmt: skip
+    for name in contenders:
+        if (name, "decode") in seconds and not name.endswith(("bf16", "fp16", "autocast")):
+            rates = [sum(flop.values()) * BATCH / s for s in seconds[(name, "decode")]]
+            print(f"  {name} decode: " + " / ".join(f"{r / 1e9:.0f} GFLOP/s ({r / rate:.0%})" for r in rates))
     for report in reports:
         verdict = "passed" if report.passed else "; ".join(report.failures)
         print(
