@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 from pathlib import Path
 
@@ -270,6 +271,7 @@ def test_a_record_is_held_to_todays_rules_by_its_own_figures() -> None:
     assert read(precision="int8", contract="bounded", identical=900, **{**near, "rank_max": 40}).met == "none"
     assert read(precision="int8", contract="bounded", identical=900, **{**near, "drift_psnr": 31.0}).met == "none"
     assert read(precision="int8", contract="bounded", identical=900, **near).met == "bounded"
+    assert read(precision="int8", contract="bounded", identical=900, **{**near, "regret_p99": math.nan}).met == "none"
     unexplained = read(precision="fp32", contract="exact", identical=997, unexplained=3)
     assert unexplained.met == "none" and "3 codes differ from PyTorch" in unexplained.failures[0]
     assert read(precision="fp32", contract="exact", identical=997, near_ties=3).met == "exact"  # near-ties count
@@ -280,6 +282,8 @@ def test_a_record_is_held_to_todays_rules_by_its_own_figures() -> None:
         {"runtime": "openvino", "precision": "bf16", "latent_error": 0.01, "decode_psnr": 31.0, "passed": True}
     )
     assert not latent.failures_of("encoder_latents") and "31.0 dB" in latent.failures_of("decoder_latents")[0]
+    unmeasured = LatentReport.from_dict({"runtime": "openvino", "precision": "bf16", "latent_error": math.nan})
+    assert unmeasured.failures_of("encoder_latents") and not unmeasured.failures_of("decoder_latents")
 
 
 def test_a_refused_graph_starts_nowhere_until_checked_there(int8_export: Path, tmp_path: Path) -> None:

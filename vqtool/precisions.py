@@ -58,20 +58,22 @@ class ParityRule:
         recon_psnr: float,
         quality_drop_db: float,
     ) -> list[str]:
-        """Why a runtime with these parity figures (export/parity.py) misses the rule; empty where it meets it."""
+        """Why a runtime with these parity figures (export/parity.py) misses the rule; empty where it meets it.
+        Each limit is written as what a figure must be, so that one that is not a number (NaN, from a record
+        written by hand) misses it rather than passing every comparison; so in the rules below."""
         failures = []
-        if self.max_unexplained is not None and unexplained > self.max_unexplained:
+        if self.max_unexplained is not None and not unexplained <= self.max_unexplained:
             failures.append(f"{unexplained} codes differ from PyTorch without a near-tie to explain them")
-        if self.max_unexplained is not None and batch_unexplained > self.max_unexplained:
+        if self.max_unexplained is not None and not batch_unexplained <= self.max_unexplained:
             failures.append(f"{batch_unexplained} codes change with the batch size, not near-ties")
-        if self.min_identical is not None and identical < self.min_identical:
+        if self.min_identical is not None and not identical >= self.min_identical:
             failures.append(f"{identical:.2%} identical codes, below {self.min_identical:.1%}")
-        if self.max_abs_diff is not None and recon_max_abs > self.max_abs_diff:
+        if self.max_abs_diff is not None and not recon_max_abs <= self.max_abs_diff:
             failures.append(f"reconstructions differ by up to {recon_max_abs} grey levels (> {self.max_abs_diff})")
-        if self.min_psnr is not None and recon_psnr < self.min_psnr:
+        if self.min_psnr is not None and not recon_psnr >= self.min_psnr:
             failures.append(f"reconstruction PSNR against PyTorch {recon_psnr:.1f} dB < {self.min_psnr} dB")
         drop = self.max_quality_drop_db
-        if drop is not None and quality_drop_db > drop:
+        if drop is not None and not quality_drop_db <= drop:
             failures.append(f"reconstructions {quality_drop_db:.2f} dB further from the images (> {drop} dB)")
         return failures
 
@@ -102,13 +104,13 @@ class BoundedRule:
     def missed(self, identical: float, regret_p99: float, rank_max: int, drift_psnr: float) -> list[str]:
         """Why codes with these figures (export/drift.py) miss the rule; empty where they meet it."""
         failures = []
-        if identical < self.min_identical:
+        if not identical >= self.min_identical:
             failures.append(f"{identical:.2%} identical codes, below the {self.min_identical:.1%} asked for")
-        if regret_p99 > self.max_regret_p99:
+        if not regret_p99 <= self.max_regret_p99:
             failures.append(f"changed codes' regret p99 {regret_p99:.3g} > {self.max_regret_p99:g}")
-        if rank_max > self.max_rank:
+        if not rank_max <= self.max_rank:
             failures.append(f"a changed code ranks {rank_max} among its latent's nearest (> {self.max_rank})")
-        if drift_psnr < self.min_drift_psnr:
+        if not drift_psnr >= self.min_drift_psnr:
             failures.append(
                 f"decoded, the codes are {drift_psnr:.1f} dB from the exact codes' (< {self.min_drift_psnr:g})"
             )
@@ -134,12 +136,12 @@ class LatentRule:
     min_decode_psnr: float
 
     def encoder_missed(self, error: float) -> list[str]:
-        if error > self.max_error:
+        if not error <= self.max_error:
             return [f"latents differ by {error:.3g} of their range (> {self.max_error:g})"]
         return []
 
     def decoder_missed(self, decode_psnr: float) -> list[str]:
-        if decode_psnr < self.min_decode_psnr:
+        if not decode_psnr >= self.min_decode_psnr:
             return [f"decoded {decode_psnr:.1f} dB from the library's decode (< {self.min_decode_psnr:g})"]
         return []
 
