@@ -108,6 +108,10 @@ def test_parity_command_compares_every_runtime_and_shows_the_naive_fp16(export_d
     }
     assert report["naive_fp16_for_comparison"]["precision"] == "fp16-naive"
     assert "fp16-naive" in result.stdout and "not checked" in result.stderr
+    from vqtool.host import nvidia_gpu_present
+
+    if not nvidia_gpu_present():  # the CUDA runtimes it could not check, in one line rather than one per precision
+        assert result.stderr.count("on cuda") == 1 and "onnxruntime on cuda: no NVIDIA GPU here" in result.stderr
 
 
 def test_parity_command_on_user_images(export_dir: Path, mixed_folder: Path, tmp_path: Path) -> None:
