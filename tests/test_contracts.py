@@ -247,6 +247,7 @@ def test_a_record_never_claims_more_than_it_can_hold() -> None:
     assert met(contract="exact") == "exact" and met(contract="bounded") == "bounded"
     assert met(passed=True) == "exact" and met(precision="int8", passed=True) == "bounded"  # older than contracts
     assert met(precision="int8", contract="exact") == "bounded"  # INT8's rule is end to end: bounded at best
+    assert ParityReport(runtime="onnxruntime", precision="int8", contract="exact").met == "bounded"  # built, not read
     assert met(contract="exact", failures=["17 codes differ"]) == "none"
     assert met(contract="exact", passed=False) == "none"
     assert met(contract="sideways") == "none"
@@ -275,6 +276,9 @@ def test_a_record_is_held_to_todays_rules_by_its_own_figures() -> None:
     unexplained = read(precision="fp32", contract="exact", identical=997, unexplained=3)
     assert unexplained.met == "none" and "3 codes differ from PyTorch" in unexplained.failures[0]
     assert read(precision="fp32", contract="exact", identical=997, near_ties=3).met == "exact"  # near-ties count
+    # Figures it does not have are not held against it; figures that are not numbers are.
+    assert ParityReport.from_dict({"runtime": "openvino", "precision": "bf16", "passed": True}).met == "exact"
+    assert read(precision="int8", contract="bounded", identical=900, **{**near, "rank_max": None}).met == "none"
     # A record claiming less than its figures meet keeps its claim (it may have asked for more: --min-identical).
     assert read(precision="int8", contract="none", failures=["bounded: 90.00% identical"], **near).met == "none"
     # The latent graphs are held to their rule the same way, each on its own.

@@ -158,4 +158,6 @@ def available_memory() -> int | None:
 def nvidia_gpu_present() -> bool:
     """Whether an NVIDIA driver exposes a GPU here: auto skips the CUDA runtimes where none does, rather than
     start a session that can only fall back (onnxruntime-gpu lists its CUDA provider on any machine)."""
-    return Path("/proc/driver/nvidia/version").exists() or any(Path("/dev").glob("nvidia[0-9]*"))
+    # WSL2 exposes no /dev/nvidia*: its GPUs show through /dev/dxg, NVIDIA's by the driver's libcuda beside it.
+    wsl_cuda = Path("/dev/dxg").exists() and any(Path("/usr/lib/wsl/lib").glob("libcuda.so*"))
+    return Path("/proc/driver/nvidia/version").exists() or any(Path("/dev").glob("nvidia[0-9]*")) or wsl_cuda

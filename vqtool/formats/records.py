@@ -91,10 +91,11 @@ class ParityReport(Drift):
         figures meet: from_dict.)"""
         if not self.passed or (self.contract and self.contract not in (EXACT_CONTRACT, BOUNDED_CONTRACT)):
             return NO_CONTRACT
-        if self.contract:
-            return self.contract
         known = TABLE.get(self.precision)
-        return EXACT_CONTRACT if known is None or known.rule.exact else BOUNDED_CONTRACT
+        if self.contract == EXACT_CONTRACT or not self.contract:
+            # `exact` at a precision whose rule cannot be exact (INT8's) is bounded at best.
+            return EXACT_CONTRACT if known is None or known.rule.exact else BOUNDED_CONTRACT
+        return self.contract
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -163,7 +164,12 @@ def _no_more_than_its_figures(report: ParityReport) -> ParityReport:
     they do (parity.json is read as written, by hand or by a vqtool whose rules were looser)."""
     if report.precision not in TABLE or not report.passed:
         return report
-    held = judged(report)
+    if not report.codes and report.recorded_identical_fraction is None:
+        return report  # no count of identical codes to judge by (a record written by hand)
+    try:
+        held = judged(report)
+    except TypeError:  # a figure written as null or text: nothing to hold the claim to
+        return replace(report, contract=NO_CONTRACT, failures=("its figures are not all numbers",), outside_exact=())
     return report if CONTRACT_RANK[held.met] >= CONTRACT_RANK[report.met] else held
 
 
