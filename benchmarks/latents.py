@@ -44,7 +44,7 @@ def _median_seconds(call: Callable[[], Any], calls: int) -> float:
 
 
 def decode_flop(library: Any, latents: torch.Tensor, quantize: bool) -> dict[str, float]:
-    """FLOPs of the library's decode of one of `latents`: convolutions and linear layers from their output shapes,
+    """FLOPs of the library's decode of one latent (N = 1): convolutions and linear layers from their output shapes,
     attention (scores and weighted sum) from its query and key lengths."""
     macs = {"convolutions": 0, "linear": 0, "attention": 0}
 
@@ -53,7 +53,7 @@ def decode_flop(library: Any, latents: torch.Tensor, quantize: bool) -> dict[str
             fan_in = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
             macs["convolutions"] += output.numel() * fan_in
         else:
-            macs["linear"] += output.numel() * module.in_features  # type: ignore[operator]
+            macs["linear"] += output.numel() * int(module.in_features)  # type: ignore[arg-type]
 
     attention = torch.nn.functional.scaled_dot_product_attention
 
@@ -71,13 +71,14 @@ def decode_flop(library: Any, latents: torch.Tensor, quantize: bool) -> dict[str
         torch.nn.functional.scaled_dot_product_attention = attention
         for hook in hooks:
             hook.remove()
-    return {name: 2.0 * count / len(latents) for name, count in macs.items()}
+    return {name: 2.0 * count for name, count in macs.items()}
 
 
 def measure(
     checkpoint: Path, work: Path, rounds: int, calls: int, fp16: bool, bf16: bool, backends: tuple[str, ...]
 ) -> None:
     import vqtool
+    from vqtool.bench.model_only import fp32_matmul_flops
     from vqtool.export.pipeline import export_model
     from vqtool.formats.records import read_latent_reports, runtime_record
     from vqtool.images.embedded import embedded_photographs
@@ -149,9 +150,7 @@ def measure(
                 "decode": lambda tok=tok: tok.decode_latents(array),
             }
             contenders[f"{backend} {precision}"] = {stage: calls_of[stage] for stage in sorted(held)}
-    from vqtool.bench.model_only import fp32_matmul_flops
-
-    flop = decode_flop(library, latents, quantize)
+    flop = decode_flop(library, latents[:1], quantize)  # per image: one is enough to count
     seconds: dict[tuple[str, str], list[float]] = {}
     matmul_rates = []
     for _ in range(rounds):

@@ -89,13 +89,11 @@ class ParityReport(Drift):
         """The contract met: the record's, or for a record older than contracts, the one its pass stood for; none
         where the record has failures or names no known contract. (Read back, a record claims no more than its
         figures meet: from_dict.)"""
-        if not self.passed or (self.contract and self.contract not in (EXACT_CONTRACT, BOUNDED_CONTRACT)):
+        if not self.passed or self.contract not in ("", EXACT_CONTRACT, BOUNDED_CONTRACT):
             return NO_CONTRACT
         known = TABLE.get(self.precision)
-        if self.contract == EXACT_CONTRACT or not self.contract:
-            # `exact` at a precision whose rule cannot be exact (INT8's) is bounded at best.
-            return EXACT_CONTRACT if known is None or known.rule.exact else BOUNDED_CONTRACT
-        return self.contract
+        exact_possible = known is None or known.rule.exact  # INT8's rule cannot be exact: bounded at best
+        return EXACT_CONTRACT if self.contract != BOUNDED_CONTRACT and exact_possible else BOUNDED_CONTRACT
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
