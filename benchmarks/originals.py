@@ -116,7 +116,7 @@ def measure(name: str, work: Path) -> dict[str, Any]:
     x = _input(images)
     expected = _batched(lambda b: reference.codes(model, b), x).numpy()
     # The original code run one image at a time: PyTorch's CPU convolutions round differently at batch 1 and at
-    # batch 4, so its own codes differ between the two on some latents of the deeper encoders.
+    # batch 4, so its own codes can differ between the two on a few latents.
     expected_alone = _batched(lambda b: reference.codes(model, b), x, size=1).numpy()
     latents = _batched(lambda b: model.quant_conv(model.encoder(b)), x).permute(0, 2, 3, 1)
     pictures = _batched(lambda c: reference.decode_codes(model, c), torch.from_numpy(expected))
