@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import one_error_line, run_cli
 from vqtool.errors import VqtoolError
 from vqtool.formats.manifest import read_manifest
+from vqtool.host import nvidia_gpu_present
 from vqtool.runtime.select import open_runner
 
 
@@ -108,8 +109,6 @@ def test_parity_command_compares_every_runtime_and_shows_the_naive_fp16(export_d
     }
     assert report["naive_fp16_for_comparison"]["precision"] == "fp16-naive"
     assert "fp16-naive" in result.stdout and "not checked" in result.stderr
-    from vqtool.host import nvidia_gpu_present
-
     if not nvidia_gpu_present():  # the CUDA runtimes it could not check, in one line rather than one per precision
         assert result.stderr.count("on cuda") == 1 and "onnxruntime on cuda: no NVIDIA GPU here" in result.stderr
 
