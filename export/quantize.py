@@ -182,6 +182,10 @@ def write_int8_encoder(
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
+            # Weights in 7 bits: without VNNI, x86 CPUs multiply uint8 by int8 in pairs summed into int16
+            # (vpmaddubsw), which saturates for 8-bit weights (2 x 255 x 128 > 32767) and moves codes; 2 x 255 x 64
+            # fits, so the integer sums are the same on every x86 CPU (docs/experiments.md has the figures).
+            reduce_range=True,
             calibrate_method=CalibrationMethod.Percentile,
             # One collect_data call per chunk: despite its name the option strides any calibrator's data.
             extra_options={"CalibPercentile": PERCENTILE, "CalibStridedMinMax": 1},

@@ -17,6 +17,7 @@ import vqtool
 from tests.conftest import in_subprocess, one_error_line, run_cli
 from vqtool.export.drift import regret_and_rank
 from vqtool.export.parity import Reference, check_parity, torch_reference
+from vqtool.host import cpu_description
 from vqtool.model.checkpoint import load_checkpoint
 from vqtool.precisions import BOUNDED
 
@@ -234,6 +235,7 @@ def test_fastest_starts_the_fastest_runtime_published_under_a_contract(
     assert result.returncode == 0, result.stderr
     sidecar = json.loads((tmp_path / "c.json").read_text())
     assert sidecar["precision"] == "int8" and sidecar["contract"]["name"] == "bounded"
+    assert sidecar["contract"]["parity_cpu"] == cpu_description()  # the drift's figures name the CPU they hold on
 
 
 def test_a_record_never_claims_more_than_it_can_hold() -> None:

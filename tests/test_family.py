@@ -1,7 +1,7 @@
 """The model family: factors 8/4/2, residual blocks, factorized and l2-normalised codes, presets.
 
-Each option alone and all of them together, on trained models (an untrained codebook hides near-ties),
-exported and held to the same parity tolerances as the reference design.
+Each factor alone (each other option alone with -m slow) and all of them together, on trained models (an untrained
+codebook hides near-ties), exported and held to the same parity tolerances as the reference design.
 """
 
 from __future__ import annotations
@@ -70,7 +70,12 @@ def test_each_option_shapes_the_model_as_it_says(options: dict[str, object]) -> 
         assert model.quantizer.project_out.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("options", list(ALONE.values()), ids=list(ALONE))
+# The factors run alone only; the other options run together in EVERYTHING (int8_export), so alone they are slow.
+@pytest.mark.parametrize(
+    "options",
+    [pytest.param(o, marks=[] if "downsample" in o else [pytest.mark.slow]) for o in ALONE.values()],
+    ids=list(ALONE),
+)
 def test_each_option_alone_exports_with_fp32_parity(photos, options: dict[str, object], tmp_path: Path) -> None:  # noqa: ANN001
     checkpoint = load_checkpoint(train_small(tmp_path / "run", options, steps=40))
     model = checkpoint.model

@@ -260,7 +260,11 @@ def test_a_diffusers_vqmodel_imports_exports_encodes_and_decodes_as_the_library_
 
 @pytest.mark.parametrize(
     "options",
-    [{"norm_type": "spatial", "mid_block_add_attention": False}, {"lookup_from_codebook": True}],
+    [
+        # MoVQ's export and FP32 parity are also the latent tests' (test_latents.py), with its latent graphs.
+        pytest.param({"norm_type": "spatial", "mid_block_add_attention": False}, marks=pytest.mark.slow),
+        {"lookup_from_codebook": True},
+    ],
     ids=["movq-spatial-norm", "amused-lookup"],
 )
 def test_diffusers_variants_export_with_parity(options: dict[str, Any], tmp_path: Path) -> None:
@@ -382,3 +386,7 @@ def test_chameleon_exports_as_an_encoder_only_and_decode_says_so_in_one_line(tmp
     one_error_line(refused, "ChameleonVQVAE has no decoder")
     checked = run_cli("parity", str(export), "--backend", "onnxruntime")
     assert checked.returncode == 0, checked.stderr
+    # Latents need a decoder too: asked for them, the export is refused in one line and nothing is written.
+    refused = run_cli("export", str(checkpoint), "--out", str(tmp_path / "e"), "--latents")
+    one_error_line(refused, "has no decoder")
+    assert not (tmp_path / "e").exists()

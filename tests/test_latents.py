@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import in_subprocess, one_error_line, run_cli
-from tests.test_import import _model_input, _photos, make_vqmodel
+from tests.conftest import in_subprocess, run_cli
+from tests.test_import import SIZE, _model_input, _photos, make_vqmodel
 from vqtool.images.quality import psnr
 
 
@@ -141,33 +141,47 @@ def _each_latent_graph_is_judged_on_its_own(export: Path, latents: np.ndarray, i
     parity_path.write_text(json.dumps(record))
     np.save(export.parent / "bf16-latents.npy", latents[:2])
     outcome = in_subprocess(f"""
-import json, numpy as np, vqtool
-said = {{}}
+import json, numpy as np, openvino, vqtool
+said = {{"bf16_here": "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")}}
 try:
     vqtool.load({str(export)!r}, "openvino", "cpu", precision="bf16")
 except vqtool.VqtoolError as exc:
     said["load"] = str(exc)
+pictures = np.zeros({(1, *images.shape[1:])}, np.uint8)
 with vqtool.load({str(export)!r}, "openvino", "cpu", precision="bf16", lazy=True) as tok:
-    said["decoded"] = list(tok.decode_latents(np.load({str(export.parent / "bf16-latents.npy")!r})).shape)
-    for name, call in (("encode", tok.encode), ("encode_latents", tok.encode_latents)):
+    for name, call in (
+        ("decoded", lambda: list(tok.decode_latents(np.load({str(export.parent / "bf16-latents.npy")!r})).shape)),
+        ("encode", lambda: tok.encode(pictures)),
+        ("encode_latents", lambda: tok.encode_latents(pictures)),
+    ):
         try:
-            call(np.zeros({(1, *images.shape[1:])}, np.uint8))
+            said[name] = call()
         except vqtool.VqtoolError as exc:
             said[name] = str(exc)
 print(json.dumps(said))
 """)
-    assert isinstance(outcome, dict) and outcome["decoded"] == [2, *images.shape[1:]]
-    assert "openvino bf16 met no contract on this export (far)" in outcome["load"]
-    assert "openvino bf16 met no contract on this export (far)" in outcome["encode"]
-    refused = outcome["encode_latents"]
-    assert "bf16 encoder_latents missed its rule on this export on openvino (OpenVINO elsewhere)" in refused
-    assert "openvino was never checked" in refused
+    assert isinstance(outcome, dict)
+    if not outcome["bf16_here"]:  # OpenVINO runs no BF16 on this CPU: every graph says so, records or not
+        for name in ("load", "decoded", "encode", "encode_latents"):
+            assert "this CPU has no BF16 support in OpenVINO" in outcome[name], outcome
+    else:
+        _records_decide_each_graph(outcome)
     missed = LatentReport("onnxruntime", precision="fp16", decoder_failures=("decoded 30.0 dB (< 40)",))
     kept = _drop_refused_latents(export, read_manifest(export), (missed,), log=lambda _: None)
     assert "encoder_latents.fp16" in kept.graphs and "decoder_latents.fp16" not in kept.graphs
     assert (export / "encoder_latents.fp16.onnx").exists() and not (export / "decoder_latents.fp16.onnx").exists()
     assert read_manifest(export).graphs == kept.graphs
     assert "encoder_latents" in kept.graphs and "decoder_latents" in kept.graphs  # FP32's are never left out
+
+
+def _records_decide_each_graph(outcome: dict[str, Any]) -> None:
+    """Where OpenVINO runs BF16: the latent decode its record let through, and the refusals of the rest."""
+    assert outcome["decoded"] == [2, SIZE, SIZE, 3], outcome
+    assert "openvino bf16 met no contract on this export (far)" in outcome["load"]
+    assert "openvino bf16 met no contract on this export (far)" in outcome["encode"]
+    refused = outcome["encode_latents"]
+    assert "bf16 encoder_latents missed its rule on this export on openvino (OpenVINO elsewhere)" in refused
+    assert "openvino was never checked" in refused
 
 
 def test_latent_options_and_refusals_on_the_command_line(tmp_path: Path, export_dir: Path) -> None:
@@ -202,12 +216,3 @@ def test_latent_options_and_refusals_on_the_command_line(tmp_path: Path, export_
     refused = run_cli("export", str(checkpoint), "--out", str(tmp_path / "x"), "--latent-decode", "sideways")
     assert refused.returncode != 0 and "sideways" in refused.stderr
     assert not (tmp_path / "x").exists()
-
-
-def test_an_encoder_only_model_is_refused_latents_in_one_line(tmp_path: Path) -> None:
-    from tests.test_import import make_chameleon
-
-    make_chameleon(tmp_path / "chameleon")
-    checkpoint = tmp_path / "c.pt"
-    assert run_cli("import", str(tmp_path / "chameleon"), "--out", str(checkpoint)).returncode == 0
-    one_error_line(run_cli("export", str(checkpoint), "--out", str(tmp_path / "e"), "--latents"), "has no decoder")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO, in_subprocess, one_error_line, run_cli
+from vqtool.host import cpu_description
 from vqtool.precisions import BOUNDED, TABLE
 
 # Checked without importing OpenVINO: it stays out of the test process (see in_subprocess).
@@ -50,6 +51,7 @@ def test_parity_publishes_each_openvino_precision_under_the_contract_it_meets(in
     # Export's own reports (ONNX Runtime) are kept beside the ones this run added.
     assert {r["runtime"] for r in saved["reports"]} == {"onnxruntime", "openvino"}
     assert reports["fp32"]["contract"] == "exact" and reports["fp32"]["unexplained"] == 0
+    assert {r["cpu"] for r in checked} == {cpu_description()}  # each drift names the CPU family it was measured on
     assert reports["fp32"]["recon_max_abs"] <= 1
 
     def bounded_misses(report: dict[str, object]) -> list[str]:
@@ -73,6 +75,9 @@ def test_parity_publishes_each_openvino_precision_under_the_contract_it_meets(in
         expected = "exact" if exact else ("none" if bounded_misses(bf16) else "bounded")
         assert bf16["contract"] == expected
         assert naive["precision"] == "bf16-naive"
+    else:  # the comparison asked for cannot run here: said, and the rest measured and kept
+        assert saved["naive_bf16_for_comparison"] is None and "bf16" not in reports
+        assert "not checked: openvino on cpu (bf16-naive): this CPU has no BF16 support in OpenVINO" in result.stderr
     # The command's verdict is every report's: each met a contract.
     every = all(r["contract"] != "none" for r in checked)
     assert result.returncode == (0 if every else 1), result.stderr
@@ -265,8 +270,9 @@ def test_without_openvino_the_backend_names_the_extra(export_dir: Path, tmp_path
 def test_export_publishes_bf16_under_the_contract_it_meets(int8_export: Path, tmp_path: Path) -> None:
     checkpoint = int8_export.parent / "run" / "checkpoint.pt"
     result = run_cli("export", str(checkpoint), "--out", str(tmp_path / "export"), "--bf16")
-    if not _bf16_here():
-        one_error_line(result, "--bf16: openvino on cpu (bf16)")
+    if not _bf16_here():  # refused before anything is written, naming each runtime that cannot run BF16 here
+        line = one_error_line(result, "openvino on cpu (bf16): this CPU has no BF16 support in OpenVINO")
+        assert line.startswith("error: --bf16: ") and not (tmp_path / "export").exists()
         return
     assert result.returncode == 0, result.stderr  # a BF16 that meets no contract is refused, the rest published
     folder = tmp_path / "export"

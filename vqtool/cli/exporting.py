@@ -67,6 +67,7 @@ def _show_verification(verification: dict[str, Any]) -> None:
                     if r.get("quality_change_db") is not None
                     else ""
                 )
+                + (f" (measured on {r['cpu']})" if r.get("cpu") else "")
             )
         elif r.get("contract") == NO_CONTRACT and r["precision"] != FP32:
             say(

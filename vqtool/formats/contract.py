@@ -28,7 +28,7 @@ class Contract:
     (codes written before contracts were); `backend`, `provider` and `precision`: what ran; the figures parity
     measured on `parity_images` images (None where unchecked): the share of codes identical to PyTorch's, the
     changed codes' regret p99 and largest rank, and the PSNR of their decode against the exact codes' (None:
-    nothing changed, or no decoder)."""
+    nothing changed, or no decoder), and `parity_cpu`, the CPU they were measured on (None where unrecorded)."""
 
     name: str
     backend: str
@@ -39,6 +39,7 @@ class Contract:
     rank_max: int | None = None
     drift_psnr: float | None = None
     parity_images: int | None = None
+    parity_cpu: str | None = None
 
     @property
     def key(self) -> str:
@@ -82,6 +83,7 @@ def contract_of(export_dir: Path, backend: str, precision: str, provider: str = 
             rank_max=report.rank_max if report.identical < report.codes else None,
             drift_psnr=None if math.isinf(report.drift_psnr) else report.drift_psnr,
             parity_images=report.images,
+            parity_cpu=report.cpu or None,
         )
     return Contract(UNCHECKED, backend, precision, provider)
 

@@ -45,6 +45,9 @@ class ParityReport(Drift):
     runtime: str
     provider: str = ""
     precision: str = ""
+    # The CPU it was measured on (vqtool.host.cpu_description): reduced precisions round by its instructions (AMX,
+    # AVX-512 BF16, VNNI), so a drift measured on one CPU family is a measurement of that family.
+    cpu: str = ""
     images: int = 0
     codes: int = 0
     identical: int = 0
