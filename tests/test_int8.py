@@ -38,6 +38,10 @@ def test_int8_graph_quantizes_the_convolutions_and_keeps_the_quantizer_fp32(int8
         assert activation.op_type == weight.op_type == "DequantizeLinear"
         assert initializers[weight.input[0]].data_type == onnx.TensorProto.INT8
         assert len(initializers[weight.input[1]].dims) == 1  # one scale per output channel
+        # Weights in 7 bits: a CPU without VNNI sums pairs of uint8 x int8 products in int16, which 8-bit weights
+        # overflow (2 x 255 x 128); each channel's largest weight uses the 7-bit range, not the 8-bit one.
+        weights = np.abs(onnx.numpy_helper.to_array(initializers[weight.input[0]]).astype(np.int32))
+        assert weights.max() <= 64 and weights.reshape(len(weights), -1).max(axis=1).min() >= 60
     # The quantizer (the projection to the lookup dimensions, the distances, the ArgMin) stays FP32.
     searching = [n for n in graph.node if n.op_type in ("MatMul", "ArgMin")]
     assert {n.op_type for n in searching} == {"MatMul", "ArgMin"}
