@@ -134,12 +134,12 @@ def training_rates(folder: Path, rounds: int, steps: int, workers: int) -> tuple
     from vqtool.model.config import ModelConfig
     from vqtool.model.vqvae import VQVAE, images_to_input
     from vqtool.train.data.memory import Share, TrainingSet
-    from vqtool.train.data.streaming import IndexedSet, load_training_set
+    from vqtool.train.data.streaming import IndexedSet, load_training_set, read_image
 
     streamed = load_training_set(folder, 32, log=lambda _: None)
     assert isinstance(streamed, IndexedSet)
     # The same training images, read once into an array: what `--data` did before it streamed.
-    held = np.stack([streamed.images.read(int(i)) for i in streamed.train])
+    held = np.stack([read_image(streamed.images, int(i), streamed.max_pixels) for i in streamed.train])
     in_memory = TrainingSet(held, streamed.val, 32, len(held))
     torch.manual_seed(0)
     model = VQVAE(ModelConfig())
