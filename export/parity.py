@@ -305,12 +305,17 @@ def naive_bf16_report(
     skipped: list[str],
 ) -> ParityReport | None:
     """OpenVINO BF16 over the whole graphs, quantizer included: what the FP32 island buys, measured; None, and the
-    reason in `skipped`, where OpenVINO does not start at BF16 here (a CPU without BF16 arithmetic)."""
+    reason in `skipped`, where OpenVINO does not start at BF16 here (a CPU without BF16 arithmetic). A graph that
+    fails its manifest check is an error, as everywhere."""
+    paths = {role: verify_graph(export_dir, manifest, graph_key(role, NAIVE_BF16)) for role in manifest.roles}
     runners: dict[str, Runner] = {}
     try:
-        for role in manifest.roles:
-            path = verify_graph(export_dir, manifest, graph_key(role, NAIVE_BF16))
-            runners[role] = open_backend("openvino", GraphToOpen(path, role, NAIVE_BF16, "cpu"))
+        try:
+            for role, path in paths.items():
+                runners[role] = open_backend("openvino", GraphToOpen(path, role, NAIVE_BF16, "cpu"))
+        except VqtoolError as exc:
+            skipped.append(f"openvino on cpu ({NAIVE_BF16}): {str(exc).split('; ')[0]}")
+            return None
         return check_parity(
             model,
             images,
@@ -321,11 +326,6 @@ def naive_bf16_report(
             precision=NAIVE_BF16,
             reference=reference,
         )
-    except VqtoolError as exc:
-        if runners.keys() == set(manifest.roles):
-            raise  # it started: a failure while measuring is not a reason to skip
-        skipped.append(f"openvino on cpu ({NAIVE_BF16}): {str(exc).split('; ')[0]}")
-        return None
     finally:
         for runner in runners.values():
             runner.close()
