@@ -353,15 +353,22 @@ def write_graphs(model: TokenizerModel, checkpoint_sha: str, out_dir: Path, prec
     return entries
 
 
+def latent_graph_parts(model: TokenizerModel) -> GraphParts:
+    """The model's graph parts, refused in one sentence where it has no decoder for the latent graphs."""
+    parts = model.graph_parts()
+    if parts.decoder_body is None:
+        name = model.config.to_dict().get("class_name", "this model")
+        raise VqtoolError(f"{name} has no decoder: --latents needs one")
+    return parts
+
+
 def write_latent_graphs(
     model: TokenizerModel, checkpoint_sha: str, out_dir: Path, precision: str, decode: str
 ) -> tuple[dict[str, GraphEntry], int]:
     """Export the latent graphs (`export --latents`) at one precision into `out_dir`; `decode` says whether the
     latent decoder quantises (QUANTIZE) or not (DIRECT). Returns their manifest entries and the latents' channels."""
     model, config = model.eval(), model.config
-    parts = model.graph_parts()
-    if parts.decoder_body is None:
-        raise VqtoolError(f"{config.to_dict().get('class_name', 'this model')} has no decoder: --latents needs one")
+    parts = latent_graph_parts(model)
     size = config.image_size
     encoder = EncoderLatentsGraph(parts, precision)
     images = torch.zeros(2, size, size, 3, dtype=torch.uint8)

@@ -20,7 +20,14 @@ import torch
 
 import vqtool
 from vqtool.errors import VqtoolError
-from vqtool.export.graphs import DECODER_INPUT, ENCODER_INPUT, OPSET, write_graphs, write_latent_graphs
+from vqtool.export.graphs import (
+    DECODER_INPUT,
+    ENCODER_INPUT,
+    OPSET,
+    latent_graph_parts,
+    write_graphs,
+    write_latent_graphs,
+)
 from vqtool.export.latents import verify_latents
 from vqtool.export.parity import Verification, default_parity_images, verify_export
 from vqtool.export.quantize import (
@@ -359,6 +366,8 @@ def _write_export(
     """Every file of the export, written into `staging`, and parity over them."""
     entries: dict[str, GraphEntry] = {}
     latent_decode = (options.latent_decode or checkpoint.model.pipeline_latent_decode) if options.latents else ""
+    if latent_decode:
+        latent_graph_parts(checkpoint.model)  # before any graph: an encoder-only model is refused at once
     if latent_decode == QUANTIZE and getattr(checkpoint.model_config, "used_codes", None) is not None:
         # The library quantises latents to the nearest of all rows, code ids to rows in use: not one codebook.
         raise VqtoolError(

@@ -13,6 +13,10 @@ python3 -m venv .venv
 .venv/bin/lint-imports
 # The documentation site: a broken link, a missing anchor or a page left out of the navigation fails here.
 NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet --site-dir "$(mktemp -d)"
+# One worker per core, and so one PyTorch thread per worker: two threads in each of two workers on two cores
+# contend (OpenMP spins while it waits for the other core; docs/design-measurements.md).
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 # One worker per core (pytest-xdist), a test file's tests in one worker so that its module fixtures are built once;
-# much of the suite waits on imports, tracing and child processes, so two workers on two cores overlap well.
-.venv/bin/python -m pytest -n auto --dist loadfile "$@"
+# much of the suite waits on imports, tracing and child processes, so two workers on two cores overlap well. Files
+# go to the workers in collection order, which tests/conftest.py sets longest first.
+.venv/bin/python -m pytest -n auto --dist loadfile --no-loadscope-reorder "$@"

@@ -84,7 +84,8 @@ def test_int8_is_published_under_the_bounded_contract_judged_end_to_end(int8_exp
     assert int8["drift_psnr"] is None or int8["drift_psnr"] >= BOUNDED.min_drift_psnr
     assert "int8 has no exact contract" in int8["outside_exact"]
     (fp32,) = [r for r in reports if r["precision"] == "fp32" and r["runtime"] == "onnxruntime"]
-    assert fp32["decoded"] == "pytorch" and fp32["identical_fraction"] == 1.0 and fp32["contract"] == "exact"
+    # FP32 meets the exact contract: identical but for near-ties, which the CPU's and PyTorch's thread count decide.
+    assert fp32["decoded"] == "pytorch" and fp32["unexplained"] == 0 and fp32["contract"] == "exact"
 
 
 def test_int8_encode_of_image_files_agrees_with_what_parity_measured(int8_export: Path, tmp_path: Path) -> None:
@@ -137,7 +138,9 @@ def test_int8_refuses_what_it_cannot_do(int8_export: Path, tmp_path: Path) -> No
         open_runner(plain, read_manifest(plain), "encoder", precision="int8")
 
 
+@pytest.mark.slow  # calibration from a folder through the command: tests/test_import_int8.py
 def test_calibration_on_the_users_images(int8_export: Path, mixed_folder: Path, tmp_path: Path) -> None:
+    """The folder holds every awkward mode (grey, RGBA, palette, 16-bit), each read as encode reads it."""
     out = tmp_path / "export"
     checkpoint = int8_export.parent / "run" / "checkpoint.pt"
     result = run_cli(

@@ -185,9 +185,11 @@ def _records_decide_each_graph(outcome: dict[str, Any]) -> None:
 
 
 def test_latent_options_and_refusals_on_the_command_line(tmp_path: Path, export_dir: Path) -> None:
+    from vqtool.model.importing import import_model
+
     make_vqmodel(tmp_path / "vq")
     checkpoint, export = tmp_path / "vq.pt", tmp_path / "export"
-    assert run_cli("import", str(tmp_path / "vq"), "--out", str(checkpoint)).returncode == 0
+    import_model(tmp_path / "vq", checkpoint, log=lambda _: None)  # `vqtool import` itself: tests/test_import.py
     exported = run_cli("export", str(checkpoint), "--out", str(export), "--latent-decode", "direct")
     assert exported.returncode == 0, exported.stderr
     assert "encoder_latents.onnx" in exported.stdout and "decoder_latents.onnx" in exported.stdout
