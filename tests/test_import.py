@@ -357,7 +357,9 @@ def test_emu3_imports_with_its_image_processor_scaling_and_encodes_and_decodes_a
         assert np.abs(tok.decode(library).astype(int) - expected.astype(int)).max() <= 2
 
 
-def test_chameleon_exports_as_an_encoder_only_and_decode_says_so_in_one_line(tmp_path: Path) -> None:
+def test_chameleon_exports_as_an_encoder_only_and_decode_says_so_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import vqtool
     from vqtool.errors import VqtoolError
 
@@ -386,7 +388,10 @@ def test_chameleon_exports_as_an_encoder_only_and_decode_says_so_in_one_line(tmp
     one_error_line(refused, "ChameleonVQVAE has no decoder")
     checked = run_cli("parity", str(export), "--backend", "onnxruntime")
     assert checked.returncode == 0, checked.stderr
-    # Latents need a decoder too: asked for them, the export is refused in one line and nothing is written.
-    refused = run_cli("export", str(checkpoint), "--out", str(tmp_path / "e"), "--latents")
-    one_error_line(refused, "has no decoder")
+    # Latents need a decoder too: asked for them, the export is refused before any graph, and nothing is written.
+    from vqtool.export import pipeline
+
+    monkeypatch.setattr(pipeline, "write_graphs", lambda *_: pytest.fail("a graph was exported before the refusal"))
+    with pytest.raises(VqtoolError, match="ChameleonVQVAE has no decoder: --latents needs one"):
+        pipeline.export_model(checkpoint, tmp_path / "e", latents=True, log=lambda _: None)
     assert not (tmp_path / "e").exists()
