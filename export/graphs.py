@@ -353,13 +353,11 @@ def write_graphs(model: TokenizerModel, checkpoint_sha: str, out_dir: Path, prec
     return entries
 
 
-def latent_graph_parts(model: TokenizerModel) -> GraphParts:
-    """The model's graph parts, refused in one sentence where it has no decoder for the latent graphs."""
-    parts = model.graph_parts()
-    if parts.decoder_body is None:
+def refuse_latents_without_decoder(model: TokenizerModel) -> None:
+    """The latent graphs need a decoder: a model without one is refused in one sentence."""
+    if not model.has_decoder:
         name = model.config.to_dict().get("class_name", "this model")
         raise VqtoolError(f"{name} has no decoder: --latents needs one")
-    return parts
 
 
 def write_latent_graphs(
@@ -368,7 +366,8 @@ def write_latent_graphs(
     """Export the latent graphs (`export --latents`) at one precision into `out_dir`; `decode` says whether the
     latent decoder quantises (QUANTIZE) or not (DIRECT). Returns their manifest entries and the latents' channels."""
     model, config = model.eval(), model.config
-    parts = latent_graph_parts(model)
+    refuse_latents_without_decoder(model)
+    parts = model.graph_parts()
     size = config.image_size
     encoder = EncoderLatentsGraph(parts, precision)
     images = torch.zeros(2, size, size, 3, dtype=torch.uint8)

@@ -24,7 +24,7 @@ from vqtool.export.graphs import (
     DECODER_INPUT,
     ENCODER_INPUT,
     OPSET,
-    latent_graph_parts,
+    refuse_latents_without_decoder,
     write_graphs,
     write_latent_graphs,
 )
@@ -367,7 +367,7 @@ def _write_export(
     entries: dict[str, GraphEntry] = {}
     latent_decode = (options.latent_decode or checkpoint.model.pipeline_latent_decode) if options.latents else ""
     if latent_decode:
-        latent_graph_parts(checkpoint.model)  # before any graph: an encoder-only model is refused at once
+        refuse_latents_without_decoder(checkpoint.model)  # before any graph is exported
     if latent_decode == QUANTIZE and getattr(checkpoint.model_config, "used_codes", None) is not None:
         # The library quantises latents to the nearest of all rows, code ids to rows in use: not one codebook.
         raise VqtoolError(
