@@ -68,7 +68,8 @@ from vqtool.model.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from vqtool.model.config import ModelConfig
 from vqtool.model.imported import ImportedConfig
 from vqtool.precisions import BF16, FP16, FP32, INT8, PRECISIONS
-from vqtool.runtime.base import CHECKED_BACKENDS
+from vqtool.precisions import row as precision_row
+from vqtool.runtime.base import CHECKED_BACKENDS, REFERENCE
 from vqtool.train.data.memory import TrainingData
 from vqtool.train.data.run_data import training_set_of
 
@@ -147,11 +148,42 @@ def _build_engines(
 def _bf16_parity(export_dir: Path, images: np.ndarray, min_identical: float) -> Verification:
     """OpenVINO BF16's parity on `images`, run in a fresh process (see EXPORT_RUNTIMES); its reports are empty, and
     its skipped list says why, where it cannot run here (no OpenVINO, or a CPU without BF16)."""
+    return _in_a_fresh_process(functools.partial(_openvino_bf16_parity, export_dir, images, min_identical))
+
+
+def refuse_bf16_that_nothing_runs() -> None:
+    """`--bf16` where no runtime of the precision table's BF16 row can run it here (no GPU, and neither PyTorch nor
+    OpenVINO has BF16 arithmetic on this CPU): the refusal parity would give after the whole FP32 export, given
+    before anything is read or written. Where one runtime might run it, parity decides, as for every precision."""
+    from vqtool.runtime.openvino import bf16_missing  # imports OpenVINO only when called, in its own process
+    from vqtool.runtime.pytorch import arithmetic_missing
+
+    reasons = []
+    # PyTorch's own check first: where it has BF16 (every CPU with AVX-512 BF16 or AMX), no process is started.
+    for backend, device in sorted(precision_row(BF16).runtimes, key=lambda runtime: runtime[0] != REFERENCE):
+        if device != "cpu":
+            if torch.cuda.is_available():
+                return
+            continue
+        if backend == REFERENCE:
+            missing = arithmetic_missing(torch, device, BF16)
+        elif backend == "openvino":
+            missing = _in_a_fresh_process(bf16_missing)
+        else:
+            return  # a runtime this check does not know: parity decides
+        if missing is None:
+            return
+        reasons.append(f"{backend} on {device} ({BF16}): {missing.split('; ')[0]}")
+    raise VqtoolError(f"--bf16: {'; '.join(reasons)}")
+
+
+def _in_a_fresh_process(call: Callable[[], Any]) -> Any:
+    """`call()` in a spawned process: OpenVINO must stay out of this one, which forks reader processes later."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_openvino_bf16_parity, export_dir, images, min_identical).result()
+        return pool.submit(call).result()
 
 
 def _openvino_bf16_parity(export_dir: Path, images: np.ndarray, min_identical: float) -> Verification:
@@ -331,6 +363,8 @@ def export_model(
         raise TypeError("export_model takes an ExportOptions or its keywords, not both")
     options = options or ExportOptions(**keywords)
     _check_options(options.int8, options.calibration_count, options.trt, options.latent_decode)
+    if options.bf16:
+        refuse_bf16_that_nothing_runs()
     with output_lock(out_dir):
         check_export_target(out_dir, overwrite=options.overwrite)
         checkpoint = load_for_export(checkpoint_path)
@@ -380,10 +414,10 @@ def _write_export(
         if latent_decode:
             how = "through their nearest codes" if latent_decode == QUANTIZE else "as they are"
             log(f"latent graphs ({precision}): latents decoded {how}")
-            written, latent_channels = write_latent_graphs(
+            latent_entries, latent_channels = write_latent_graphs(
                 checkpoint.model, checkpoint_sha, staging, precision, latent_decode
             )
-            entries.update(written)
+            entries.update(latent_entries)
     _check_trt_compatible(staging, entries, strict=options.trt, log=log)
     # The checkpoint's own data is read (and its skipped files reported) once, for calibration and parity.
     own_data = functools.cache(lambda: training_set_of(checkpoint, log))

@@ -198,7 +198,8 @@ def test_a_diffusers_vqmodel_imports_exports_encodes_and_decodes_as_the_library_
     imported = run_cli("import", str(tmp_path / "vqgan"), "--out", str(checkpoint))
     assert imported.returncode == 0, imported.stderr
     assert "diffusers VQModel" in imported.stdout and "32x32 images -> 8x8 codes" in imported.stdout
-    exported = run_cli("export", str(checkpoint), "--out", str(export))
+    # With the latent graphs that latent diffusion's pipelines call (which quantise the latents they decode).
+    exported = run_cli("export", str(checkpoint), "--out", str(export), "--latents")
     assert exported.returncode == 0, exported.stderr
     (report,) = [r for r in json.loads((export / "parity.json").read_text())["reports"] if r["precision"] == "fp32"]
     assert report["unexplained"] == 0 and report["recon_max_abs"] <= 1 and report["identical_fraction"] >= 0.99
@@ -207,6 +208,9 @@ def test_a_diffusers_vqmodel_imports_exports_encodes_and_decodes_as_the_library_
     # The largest activation, measured at export: the first blocks' 32 channels at full resolution, in FP32.
     assert manifest["graphs"]["encoder"]["activation_bytes"] == 32 * SIZE * SIZE * 4
     _batches_shrink_where_activations_are_large(export)
+    from tests.test_latents import check_latent_graphs
+
+    check_latent_graphs(model, export, "quantize")
 
     images = _photos(24, seed=9)
     folder = tmp_path / "images"

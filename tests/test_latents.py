@@ -1,7 +1,8 @@
 """Latents in and out (`export --latents`): the interface diffusion pipelines use. Latent diffusion hands
 `vqvae.decode` continuous latents that it quantises; Kandinsky decodes MoVQ's with `force_not_quantize=True`.
-Both are built here from diffusers' own VQModel with seeded weights, exported with their latent graphs, and compared
-with the library's own `encode(x).latents` and `decode(latents)` on real photographs."""
+Both are built from diffusers' own VQModel with seeded weights, exported with their latent graphs, and compared
+with the library's own `encode(x).latents` and `decode(latents)` on real photographs: MoVQ here, latent diffusion's
+VQModel in tests/test_import.py's command-line test, which exports it with `--latents`."""
 
 from __future__ import annotations
 
@@ -27,36 +28,22 @@ def _library(model: Any, images: np.ndarray, quantize: bool) -> tuple[np.ndarray
     return latents.numpy(), pictures
 
 
-@pytest.mark.parametrize(
-    ("options", "decode", "fp16"),
-    [({}, "quantize", False), ({"norm_type": "spatial", "mid_block_add_attention": False}, "direct", True)],
-    ids=["latent-diffusion-quantizes", "movq-decodes-as-they-are"],
-)
-def test_latent_graphs_give_the_librarys_latents_and_decode_them_as_its_pipeline_does(
-    options: dict[str, Any], decode: str, fp16: bool, tmp_path: Path
-) -> None:
+def check_latent_graphs(model: Any, export: Path, decode: str) -> None:
+    """What `export --latents` of the library `model` must give: the latents its pipeline decodes as `decode`,
+    unasked; FP32 latent graphs that passed parity (recorded in parity.json); and through the API, the library's
+    `encode(x).latents` and its decode of them on real photographs, the codes path unchanged beside them.
+    tests/test_import.py checks latent diffusion's VQModel (which quantises) with this, through the command line."""
     import vqtool
-    from vqtool.export.pipeline import export_model
-    from vqtool.model.importing import import_model
+    from vqtool.formats.records import LatentReport
 
-    model = make_vqmodel(tmp_path / "vq", **options)
-    import_model(tmp_path / "vq", tmp_path / "vq.pt", log=lambda _: None)
-    result = export_model(tmp_path / "vq.pt", tmp_path / "export", latents=True, fp16=fp16, log=lambda _: None)
-    assert result.manifest.latent_decode == decode  # as the model's pipeline decodes, unasked
-    (fp32,) = [r for r in result.verification.latents if r.precision == "fp32"]
+    assert json.loads((export / "manifest.json").read_text())["latent_decode"] == decode
+    recorded = [LatentReport.from_dict(r) for r in json.loads((export / "parity.json").read_text())["latents"]]
+    (fp32,) = [r for r in recorded if r.precision == "fp32"]
     assert fp32.passed and fp32.decode_psnr >= 50 and fp32.latent_error <= 1e-4
-    # FP16's latent graphs are published where they meet their rule, and left out where they miss it, each graph
-    # on its own.
-    for report in [r for r in result.verification.latents if r.precision == "fp16"]:
-        for role in ("encoder_latents", "decoder_latents"):
-            assert (f"{role}.fp16" in result.manifest.graphs) == (not report.failures_of(role))
-            assert (tmp_path / "export" / f"{role}.fp16.onnx").exists() == (not report.failures_of(role))
-    recorded = json.loads((tmp_path / "export" / "parity.json").read_text())["latents"]
-    assert {r["precision"] for r in recorded} == {r.precision for r in result.verification.latents}
 
     images = _photos(12, seed=11)
     latents, pictures = _library(model, images, quantize=decode == "quantize")
-    with vqtool.load(tmp_path / "export", "onnxruntime", "cpu") as tok:
+    with vqtool.load(export, "onnxruntime", "cpu") as tok:
         ours = tok.encode_latents(images)
         assert ours.dtype == np.float32 and ours.shape == latents.shape
         assert np.abs(ours - latents).max() <= 1e-4 * np.abs(latents).max()
@@ -68,9 +55,31 @@ def test_latent_graphs_give_the_librarys_latents_and_decode_them_as_its_pipeline
     # The other decode gives other pictures: which one runs matters, and the manifest says it.
     other = _library(model, images, quantize=decode != "quantize")[1]
     assert psnr(other, decoded) < 45
-    if fp16:
-        _pytorch_runs_the_latent_graphs(tmp_path / "export", images, latents, pictures)
-        _each_latent_graph_is_judged_on_its_own(tmp_path / "export", latents, images)
+
+
+def test_movq_latent_graphs_decode_as_kandinsky_does_and_each_fp16_graph_is_judged_on_its_own(
+    tmp_path: Path,
+) -> None:
+    from vqtool.export.pipeline import export_model
+    from vqtool.model.importing import import_model
+
+    model = make_vqmodel(tmp_path / "vq", norm_type="spatial", mid_block_add_attention=False)
+    import_model(tmp_path / "vq", tmp_path / "vq.pt", log=lambda _: None)
+    result = export_model(tmp_path / "vq.pt", tmp_path / "export", latents=True, fp16=True, log=lambda _: None)
+    # FP16's latent graphs are published where they meet their rule, and left out where they miss it, each graph
+    # on its own.
+    for report in [r for r in result.verification.latents if r.precision == "fp16"]:
+        for role in ("encoder_latents", "decoder_latents"):
+            assert (f"{role}.fp16" in result.manifest.graphs) == (not report.failures_of(role))
+            assert (tmp_path / "export" / f"{role}.fp16.onnx").exists() == (not report.failures_of(role))
+    recorded = json.loads((tmp_path / "export" / "parity.json").read_text())["latents"]
+    assert {r["precision"] for r in recorded} == {r.precision for r in result.verification.latents}
+    check_latent_graphs(model, tmp_path / "export", "direct")  # force_not_quantize, as Kandinsky decodes
+
+    images = _photos(12, seed=11)
+    latents, pictures = _library(model, images, quantize=False)
+    _pytorch_runs_the_latent_graphs(tmp_path / "export", images, latents, pictures)
+    _each_latent_graph_is_judged_on_its_own(tmp_path / "export", latents, images)
 
 
 def _pytorch_runs_the_latent_graphs(

@@ -270,9 +270,10 @@ def test_without_openvino_the_backend_names_the_extra(export_dir: Path, tmp_path
 def test_export_publishes_bf16_under_the_contract_it_meets(int8_export: Path, tmp_path: Path) -> None:
     checkpoint = int8_export.parent / "run" / "checkpoint.pt"
     result = run_cli("export", str(checkpoint), "--out", str(tmp_path / "export"), "--bf16")
-    if not _bf16_here():  # refused before anything is written, naming each runtime that cannot run BF16 here
+    if not _bf16_here():  # refused before any work, naming each runtime that cannot run BF16 here
         line = one_error_line(result, "openvino on cpu (bf16): this CPU has no BF16 support in OpenVINO")
         assert line.startswith("error: --bf16: ") and not (tmp_path / "export").exists()
+        assert "parity" not in result.stdout and "graph" not in result.stdout, result.stdout
         return
     assert result.returncode == 0, result.stderr  # a BF16 that meets no contract is refused, the rest published
     folder = tmp_path / "export"

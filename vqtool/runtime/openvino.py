@@ -34,6 +34,22 @@ def import_openvino() -> Any:
     return openvino
 
 
+def bf16_missing() -> str | None:
+    """Why OpenVINO cannot run BF16 here (not installed, or a CPU without BF16 arithmetic); None where it can.
+    It imports OpenVINO: call it in a process that will not fork afterwards."""
+    try:
+        ov = import_openvino()
+    except VqtoolError as exc:
+        return str(exc)
+    return _bf16_missing(ov.Core())
+
+
+def _bf16_missing(core: Any) -> str | None:
+    if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        return None
+    return f"this CPU has no BF16 support in OpenVINO ({cpu_description()}); use fp32 or int8"
+
+
 def _decodes(role: str) -> bool:
     """Whether the graph of `role` is a decoder (decoder, decoder_latents): its quantizer side comes first."""
     return role.split("_")[0] == "decoder"
@@ -82,8 +98,9 @@ class OpenVinoRunner:
         if precision not in HINTS:
             raise VqtoolError(f"OpenVINO runs fp32, bf16 or int8, not {precision}")
         core = ov.Core()
-        if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-            raise VqtoolError(f"this CPU has no BF16 support in OpenVINO ({cpu_description()}); use fp32 or int8")
+        missing = _bf16_missing(core) if precision == "bf16" else None
+        if missing:
+            raise VqtoolError(missing)
 
         def config(hint: str) -> dict[str, Any]:
             # Without the hint OpenVINO runs FP32 graphs in BF16 on CPUs with AMX: FP32 must say so.

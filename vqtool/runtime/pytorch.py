@@ -158,10 +158,18 @@ class TorchRunner:
 def _check_arithmetic(torch: Any, device: str, precision: str) -> None:
     """Refuse, in one sentence, a reduced precision this device has no arithmetic for: PyTorch would emulate it,
     slower than FP32."""
+    missing = arithmetic_missing(torch, device, precision)
+    if missing:
+        raise VqtoolError(missing)
+
+
+def arithmetic_missing(torch: Any, device: str, precision: str) -> str | None:
+    """Why PyTorch has no arithmetic for `precision` (a reduced one) on `device` here; None where it has."""
     if device == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        raise VqtoolError(f"this CPU has no BF16 arithmetic for PyTorch ({cpu_description()}); use fp32")
+        return f"this CPU has no BF16 arithmetic for PyTorch ({cpu_description()}); use fp32"
     if device == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise VqtoolError(f"this GPU ({torch.cuda.get_device_name()}) has no BF16 arithmetic; use fp16 or fp32")
+        return f"this GPU ({torch.cuda.get_device_name()}) has no BF16 arithmetic; use fp16 or fp32"
+    return None
 
 
 def _parts_on(parts: Any, device: Any) -> Any:
