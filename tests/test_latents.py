@@ -134,7 +134,7 @@ def _each_latent_graph_is_judged_on_its_own(export: Path, latents: np.ndarray, i
             tok.encode_latents(images[:2])
     for key in ("encoder_failures", "decoder_failures"):
         del fp16[key]
-    fp16.update(failures=["decoded 30.0 dB from the library's decode (< 40)"], passed=False)
+    fp16.update(failures=["decoded 30.0 dB from PyTorch's decode (< 40)"], passed=False)
     parity_path.write_text(json.dumps(record))
     with vqtool.load(export, "onnxruntime", "cpu", precision="fp16") as tok:
         with pytest.raises(vqtool.VqtoolError, match="decoder_latents missed its rule"):

@@ -127,9 +127,10 @@ BOUNDED = BoundedRule(max_regret_p99=2.0, max_rank=8, min_drift_psnr=40.0)
 
 @dataclass(frozen=True)
 class LatentRule:
-    """What the latent graphs (`export --latents`) must meet against the library's own code at a precision: the
-    encoder's latents within `max_error` of the library's (largest difference over the latents' largest magnitude),
-    and the decoder's pictures from the library's latents at least `min_decode_psnr` dB from the library's decode.
+    """What the latent graphs (`export --latents`) must meet against the model's own code in PyTorch (an imported
+    model's: its library's) at a precision: the encoder's latents within `max_error` of PyTorch's (largest
+    difference over the latents' largest magnitude), and the decoder's pictures from PyTorch's latents at least
+    `min_decode_psnr` dB from PyTorch's decode.
     Each graph is judged on its own: a pipeline that only decodes latents needs only the decoder's."""
 
     max_error: float
@@ -142,7 +143,7 @@ class LatentRule:
 
     def decoder_missed(self, decode_psnr: float) -> list[str]:
         if not decode_psnr >= self.min_decode_psnr:
-            return [f"decoded {decode_psnr:.1f} dB from the library's decode (< {self.min_decode_psnr:g})"]
+            return [f"decoded {decode_psnr:.1f} dB from PyTorch's decode (< {self.min_decode_psnr:g})"]
         return []
 
 

@@ -82,8 +82,8 @@ def _show_verification(verification: dict[str, Any]) -> None:
         ]
         say(
             f"{r['runtime']} {r['precision']} latent graphs: {', '.join(verdicts)}; latents within "
-            f"{r['latent_error']:.2g} of the library's range, decoded {_decibels(r['decode_psnr'])} from the "
-            f"library's decode ({r['decode']})"
+            f"{r['latent_error']:.2g} of their range from PyTorch's, decoded {_decibels(r['decode_psnr'])} from "
+            f"PyTorch's decode ({r['decode']})"
         )
     for reason in verification["skipped"]:
         say(f"not checked: {reason}")

@@ -176,9 +176,10 @@ def _no_more_than_its_figures(report: ParityReport) -> ParityReport:
 
 @dataclass(frozen=True)
 class LatentReport:
-    """The latent graphs (export --latents) of one runtime and precision against the library's own code: the
-    encoder's latents (largest difference over the latents' largest magnitude) and the decoder's pictures from the
-    library's latents (PSNR against the library's decode, decoding as `decode` says). Each graph meets its rule or
+    """The latent graphs (export --latents) of one runtime and precision against the model's own code in PyTorch
+    (an imported model's: its library's): the encoder's latents (largest difference over the latents' largest
+    magnitude) and the decoder's pictures from PyTorch's latents (PSNR against PyTorch's decode, decoding as
+    `decode` says). Each graph meets its rule or
     not on its own: `encoder_failures` and `decoder_failures` say why not."""
 
     runtime: str
