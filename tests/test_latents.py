@@ -2,7 +2,8 @@
 `vqvae.decode` continuous latents that it quantises; Kandinsky decodes MoVQ's with `force_not_quantize=True`.
 Both are built from diffusers' own VQModel with seeded weights, exported with their latent graphs, and compared
 with the library's own `encode(x).latents` and `decode(latents)` on real photographs: MoVQ here, latent diffusion's
-VQModel in tests/test_import.py's command-line test, which exports it with `--latents`."""
+VQModel in tests/test_import.py's command-line test, which exports it with `--latents`. vqtool's own model exports
+its latent graphs through the command line here."""
 
 from __future__ import annotations
 
@@ -193,13 +194,13 @@ def _records_decide_each_graph(outcome: dict[str, Any]) -> None:
     assert "openvino was never checked" in refused
 
 
-def test_latent_options_and_refusals_on_the_command_line(tmp_path: Path, export_dir: Path) -> None:
-    from vqtool.model.importing import import_model
-
-    make_vqmodel(tmp_path / "vq")
-    checkpoint, export = tmp_path / "vq.pt", tmp_path / "export"
-    import_model(tmp_path / "vq", checkpoint, log=lambda _: None)  # `vqtool import` itself: tests/test_import.py
-    exported = run_cli("export", str(checkpoint), "--out", str(export), "--latent-decode", "direct")
+def test_latent_options_and_refusals_on_the_command_line(
+    tmp_path: Path, trained_checkpoint: Path, export_dir: Path
+) -> None:
+    """vqtool's own models have latent graphs too: the reference design (the suite's trained checkpoint, whose
+    latents its pipeline would quantise) exported with `--latent-decode direct`, which implies `--latents`."""
+    export = tmp_path / "export"
+    exported = run_cli("export", str(trained_checkpoint), "--out", str(export), "--latent-decode", "direct")
     assert exported.returncode == 0, exported.stderr
     assert "encoder_latents.onnx" in exported.stdout and "decoder_latents.onnx" in exported.stdout
     assert "latent graphs: encoder_latents meets its rule, decoder_latents meets its rule" in exported.stderr
@@ -211,19 +212,27 @@ def test_latent_options_and_refusals_on_the_command_line(tmp_path: Path, export_
     assert latents["passed"] and latents["decode"] == "direct"
 
     import vqtool
+    from vqtool.model.checkpoint import load_checkpoint
 
+    images = _photos(6, seed=2)
+    model = load_checkpoint(trained_checkpoint).model
+    with torch.no_grad():
+        theirs = model.pipeline_latents(model.model_input(torch.from_numpy(images))).numpy()
+    with vqtool.load(export, "onnxruntime", "cpu") as tok:
+        ours = tok.encode_latents(images)
+        assert ours.shape == theirs.shape == (6, 256, 2, 2)  # the reference design: D = 256, a 2 x 2 grid
+        assert np.abs(ours - theirs).max() <= 1e-4 * np.abs(theirs).max()
+        with pytest.raises(vqtool.VqtoolError, match="latents must be finite floats"):
+            tok.decode_latents(np.full((1, 256, 2, 2), np.nan, np.float32))
+        with pytest.raises(vqtool.VqtoolError, match=r"this model's latents are N x 256 x 2 x 2, got float32 shaped"):
+            tok.decode_latents(np.zeros((1, 3, 2, 2), np.float32))
     with vqtool.load(export_dir, "torch", "cpu", lazy=True) as tok:  # PyTorch too: only where exported with them
         with pytest.raises(vqtool.VqtoolError, match="no latent graphs; export again with --latents"):
-            tok.encode_latents(_photos(2))
+            tok.encode_latents(images[:2])
     with vqtool.load(export_dir, "onnxruntime", "cpu") as tok:  # an export without --latents
         assert not tok.has_latents
         with pytest.raises(vqtool.VqtoolError, match="export again with --latents"):
-            tok.decode_latents(np.zeros((1, 4, 8, 8), np.float32))
-    with vqtool.load(export, "onnxruntime", "cpu") as tok:
-        with pytest.raises(vqtool.VqtoolError, match="latents must be finite floats"):
-            tok.decode_latents(np.full((1, 4, 8, 8), np.nan, np.float32))
-        with pytest.raises(vqtool.VqtoolError, match=r"this model's latents are N x 4 x 8 x 8, got float32 shaped"):
-            tok.decode_latents(np.zeros((1, 3, 8, 8), np.float32))
-    refused = run_cli("export", str(checkpoint), "--out", str(tmp_path / "x"), "--latent-decode", "sideways")
+            tok.decode_latents(np.zeros((1, 256, 2, 2), np.float32))
+    refused = run_cli("export", str(trained_checkpoint), "--out", str(tmp_path / "x"), "--latent-decode", "sideways")
     assert refused.returncode != 0 and "sideways" in refused.stderr
     assert not (tmp_path / "x").exists()
