@@ -9,7 +9,7 @@ published config.json (PUBLISHED, with their sources), seeded, its codebook draw
 photographs (so that codes spread over the images as a trained model's do), and saved with save_pretrained. Then:
   parity  `vqtool import`, `vqtool export --fp16 --bf16` (ONNX Runtime FP32 and FP16, OpenVINO BF16 and PyTorch
           BF16 under autocast against the library, on --parity-images of the embedded photographs, each published
-          under the contract it meets),
+          under the contract it meets; --bf16 only where some runtime runs BF16 here),
           and `vqtool parity --backend openvino --precision fp32`; vqtool checkpoints (--checkpoints) are
           compared on their own held-out data;
   speed   batch 4 at the native resolution, ONNX Runtime FP32 and each opt-in precision against the library's
@@ -211,13 +211,26 @@ def _photo_folder(folder: Path, size: int, count: int) -> Path:
     return folder
 
 
+def _bf16_runs_here() -> bool:
+    """Whether some runtime runs BF16 on this machine; where none does, `export --bf16` is refused, so not asked."""
+    from vqtool.errors import VqtoolError
+    from vqtool.export.pipeline import refuse_bf16_that_nothing_runs
+
+    try:
+        refuse_bf16_that_nothing_runs()
+    except VqtoolError as exc:
+        print(f"BF16 not checked: {exc}", flush=True)
+        return False
+    return True
+
+
 def parity(name: str, work: Path, spec: dict[str, Any], images: int, int8: bool) -> dict[str, Any]:
     """Export (FP32, FP16, OpenVINO BF16, INT8 if asked) with parity on `images` photographs, and OpenVINO FP32's
     parity. A vqtool checkpoint (spec "checkpoint") is compared on its own held-out data instead."""
     checkpoint, export = Path(spec.get("checkpoint", work / f"{name}.pt")), work / f"{name}-export"
     photos = work / f"parity-{spec['image_size']}-{images}"
     if not (export / "manifest.json").is_file():
-        options = ["--fp16", "--bf16", *(["--int8"] if int8 else [])]
+        options = ["--fp16", *(["--bf16"] if _bf16_runs_here() else []), *(["--int8"] if int8 else [])]
         if "checkpoint" not in spec:
             imported = _vqtool(
                 "import", str(work / name), "--out", str(checkpoint), "--image-size", str(spec["image_size"]),
