@@ -70,7 +70,7 @@ def started_runtimes(
             except VqtoolError as exc:
                 _close(opened)
                 if skipped is not None:
-                    skipped.append(f"{backend} on {device} ({precision}): {str(exc).split('; ')[0]}")
+                    skipped.append(not_started(backend, device, precision, str(exc)))
                 continue
             try:
                 yield Started(backend, device, precision, tuple(opened))
@@ -78,6 +78,11 @@ def started_runtimes(
                 _close(opened)
     if without_gpu and skipped is not None:
         skipped.append(f"{', '.join(dict.fromkeys(without_gpu))} on cuda: no NVIDIA GPU here")
+
+
+def not_started(backend: str, device: str, precision: str, why: str) -> str:
+    """The line saying a runtime did not start at `precision` here: its refusal's first sentence."""
+    return f"{backend} on {device} ({precision}): {why.split('; ')[0]}"
 
 
 def _close(runners: list[Runner | None]) -> None:

@@ -20,6 +20,7 @@ import torch
 
 import vqtool
 from vqtool.errors import VqtoolError
+from vqtool.export.checked import not_started
 from vqtool.export.graphs import (
     DECODER_INPUT,
     ENCODER_INPUT,
@@ -158,12 +159,13 @@ def refuse_bf16_that_nothing_runs() -> None:
     from vqtool.runtime.openvino import bf16_missing  # imports OpenVINO only when called, in its own process
     from vqtool.runtime.pytorch import arithmetic_missing
 
+    runtimes = precision_row(BF16).runtimes
+    if torch.cuda.is_available() and any(device != "cpu" for _, device in runtimes):
+        return  # a GPU's runtimes are for parity to try
     reasons = []
     # PyTorch's own check first: where it has BF16 (every CPU with AVX-512 BF16 or AMX), no process is started.
-    for backend, device in sorted(precision_row(BF16).runtimes, key=lambda runtime: runtime[0] != REFERENCE):
+    for backend, device in sorted(runtimes, key=lambda runtime: runtime[0] != REFERENCE):
         if device != "cpu":
-            if torch.cuda.is_available():
-                return
             continue
         if backend == REFERENCE:
             missing = arithmetic_missing(torch, device, BF16)
@@ -173,8 +175,13 @@ def refuse_bf16_that_nothing_runs() -> None:
             return  # a runtime this check does not know: parity decides
         if missing is None:
             return
-        reasons.append(f"{backend} on {device} ({BF16}): {missing.split('; ')[0]}")
-    raise VqtoolError(f"--bf16: {'; '.join(reasons)}")
+        reasons.append(not_started(backend, device, BF16, missing))
+    raise _bf16_refused(reasons)
+
+
+def _bf16_refused(reasons: list[str]) -> VqtoolError:
+    """The one line `--bf16` is refused with, where no runtime ran it: each runtime's reason."""
+    return VqtoolError(f"--bf16: {'; '.join(reasons) or 'BF16 ran on no runtime here'}")
 
 
 def _in_a_fresh_process(call: Callable[[], Any]) -> Any:
@@ -448,7 +455,7 @@ def _write_export(
         verification = verification.joined(_bf16_parity(staging, compared, options.min_identical))
         if not any(report.precision == BF16 for report in verification.reports):
             bf16_skipped = [why for why in verification.skipped if f"({BF16})" in why]
-            raise VqtoolError(f"--bf16: {'; '.join(bf16_skipped) or 'BF16 ran on no runtime here'}")
+            raise _bf16_refused(bf16_skipped)
     if latent_decode:
         latents = verify_latents(
             checkpoint.model, staging, manifest, compared, backends=EXPORT_RUNTIMES, precisions=written, log=log

@@ -179,8 +179,8 @@ class LatentReport:
     """The latent graphs (export --latents) of one runtime and precision against the model's own code in PyTorch
     (an imported model's: its library's): the encoder's latents (largest difference over the latents' largest
     magnitude) and the decoder's pictures from PyTorch's latents (PSNR against PyTorch's decode, decoding as
-    `decode` says). Each graph meets its rule or
-    not on its own: `encoder_failures` and `decoder_failures` say why not."""
+    `decode` says). Each graph meets its rule or not on its own: `encoder_failures` and `decoder_failures` say why
+    not."""
 
     runtime: str
     provider: str = ""
