@@ -281,6 +281,8 @@ def test_a_record_is_held_to_todays_rules_by_its_own_figures() -> None:
     # Figures it does not have are not held against it; figures that are not numbers are.
     assert ParityReport.from_dict({"runtime": "openvino", "precision": "bf16", "passed": True}).met == "exact"
     assert read(precision="int8", contract="bounded", identical=900, **{**near, "rank_max": None}).met == "none"
+    text = read(precision="fp32", contract="exact", identical="1000")
+    assert text.met == "none" and text.failures == ("its figures are not all numbers",)
     # A record claiming less than its figures meet keeps its claim (it may have asked for more: --min-identical).
     assert read(precision="int8", contract="none", failures=["bounded: 90.00% identical"], **near).met == "none"
     # The latent graphs are held to their rule the same way, each on its own.

@@ -167,11 +167,21 @@ def _no_more_than_its_figures(report: ParityReport) -> ParityReport:
         return report
     if not report.codes and report.recorded_identical_fraction is None:
         return report  # no count of identical codes to judge by (a record written by hand)
-    try:
-        held = judged(report)
-    except TypeError:  # a figure written as null or text: nothing to hold the claim to
+    if not _figures_are_numbers(report):  # a figure written as null or text: nothing to hold the claim to
         return replace(report, contract=NO_CONTRACT, failures=("its figures are not all numbers",), outside_exact=())
+    held = judged(report)
     return report if CONTRACT_RANK[held.met] >= CONTRACT_RANK[report.met] else held
+
+
+# The fields a contract is judged by: every figure that is always a number (the optional ones may be null).
+_FIGURES = tuple(f.name for f in fields(ParityReport) if f.type in ("int", "float"))
+
+
+def _figures_are_numbers(report: ParityReport) -> bool:
+    return all(
+        isinstance(value, int | float) and not isinstance(value, bool)
+        for value in (getattr(report, name) for name in _FIGURES)
+    )
 
 
 @dataclass(frozen=True)
