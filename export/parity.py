@@ -239,7 +239,7 @@ class Verification:
 
     @property
     def passed(self) -> bool:
-        return bool(self.reports) and all(r.passed for r in (*self.reports, *self.latents))
+        return bool(self.reports) and all(r.passed for r in self.reports) and all(r.passed for r in self.latents)
 
     @property
     def exact_held(self) -> bool:

@@ -235,7 +235,7 @@ def _write_int8(
         else:
             from vqtool.data.whole import read_image_set
 
-            photos, source = read_image_set(calibration, size, fit=Fit(CENTER, max_pixels))[0], calibration
+            photos, source = read_image_set(calibration, size, fit=Fit(CENTER, max_pixels))[0], str(calibration)
         photos = photos[:count]
         log(f"calibrating INT8 ranges on {len(photos)} images from {source}, at {size}x{size}")
         checked = photos[: -(-AGREEMENT_CODES // checkpoint.model_config.grid**2)]
@@ -243,6 +243,7 @@ def _write_int8(
         return write_checked_int8_encoder(
             staging, fp32_encoder, photos, judge, log, f"{len(checked)} of the same images"
         )
+    data: TrainingData
     if calibration is not None:
         from vqtool.train.data.streaming import load_training_set
 

@@ -11,6 +11,9 @@ python3 -m venv .venv
 # The dependency direction (pyproject's [tool.importlinter]), checked on the checkout itself: vqtool/train and
 # vqtool/export are links to the top-level folders, so the checkout is laid out as an install lays it.
 .venv/bin/lint-imports
+# The types, across the package (pyproject's [tool.mypy]); tests/test_tensorrt.py also checks the TensorRT code
+# strictly, against the real API's stubs.
+.venv/bin/mypy vqtool
 # The documentation site: a broken link, a missing anchor or a page left out of the navigation fails here.
 NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet --site-dir "$(mktemp -d)"
 # One worker per core, and so one PyTorch thread per worker: two threads in each of two workers on two cores

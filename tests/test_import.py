@@ -321,6 +321,14 @@ def test_janus_imports_with_either_quantizer_and_says_how_many_codes_they_change
     exported = export_model(tmp_path / "original.pt", tmp_path / "export", log=lambda _: None)
     assert exported.verification.passed
     assert json.loads((tmp_path / "export" / "manifest.json").read_text())["model_config"]["quantizer"] == "original"
+    # An imported model is not vqtool's to train: resuming a folder that holds one is refused in one line.
+    from vqtool.errors import VqtoolError
+    from vqtool.train.run import CHECKPOINT_NAME, resume_run
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / CHECKPOINT_NAME).write_bytes((tmp_path / "library.pt").read_bytes())
+    with pytest.raises(VqtoolError, match="run: holds an imported model, which vqtool does not train"):
+        resume_run(tmp_path / "run")
 
 
 def test_import_refuses_what_it_cannot_read_in_one_line(tmp_path: Path) -> None:

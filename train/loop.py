@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -176,7 +176,8 @@ class _Run:
     @property
     def evaluated(self) -> VQVAE:
         """The model validation, figures and the checkpoint see: the averaged weights where there are any."""
-        return self.model if self.averaged is None else self.averaged.module
+        # AveragedModel holds a copy of the VQVAE it was given, typed only as a Module.
+        return self.model if self.averaged is None else cast(VQVAE, self.averaged.module)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -212,7 +213,7 @@ class _Run:
         self.skipped = {s["file"]: SkippedFile(s["file"], s["reason"]) for s in saved.extra.get("skipped", [])}
 
     def save(self) -> None:
-        extra = {
+        extra: dict[str, Any] = {
             "records": self.records,
             "trace": self.trace,
             "codebook": self.health.state_dict(),

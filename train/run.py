@@ -93,6 +93,8 @@ def resume_run(
         saved = load_checkpoint(run_dir / CHECKPOINT_NAME)
     except CheckpointError as exc:
         raise VqtoolError(str(exc)) from None
+    if not isinstance(saved.model_config, ModelConfig):
+        raise VqtoolError("holds an imported model, which vqtool does not train", run_dir)
     changes: dict[str, int | None] = {
         k: v for k, v in (("epochs", epochs), ("steps", steps), ("workers", workers)) if v is not None
     }

@@ -60,7 +60,9 @@ class Share:
 class TrainingData(Protocol):
     """What training reads: held-out validation images, seeded batches, and a stream of them for a process."""
 
-    val: np.ndarray
+    # Read-only, so that a frozen dataclass such as TrainingSet satisfies it.
+    @property
+    def val(self) -> np.ndarray: ...
 
     def steps_per_epoch(self, batch_size: int) -> int: ...
 

@@ -263,7 +263,7 @@ class ShardSet:
             Stream(),
             batch_size=None,
             num_workers=workers,
-            collate_fn=_as_is,
+            collate_fn=_as_is,  # type: ignore[arg-type]  # with batch_size=None it gets each item, not torch's list
             worker_init_fn=_lower_priority,
             multiprocessing_context=_FORK,
         )

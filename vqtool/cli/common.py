@@ -8,7 +8,7 @@ import inspect
 import sys
 import typing
 from collections.abc import Callable, Iterable
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeAlias, TypeVar
 
 import typer
 from rich.console import Console
@@ -86,9 +86,15 @@ def choices(name: str, values: Iterable[str]) -> Any:
     return enum.Enum(name, {value: value for value in values}, type=str)
 
 
-Preset = choices("Preset", (*PRESETS, *PRESET_ALIASES))  # vqtool.model.presets: what each sets
-Crop = choices("Crop", CROPS)  # vqtool.images.fit: how images reach the model's size
-RunPrecision = choices("RunPrecision", (*PRECISIONS, FASTEST))  # vqtool.precisions, and "fastest" of them
+# Members made at run time are beyond mypy, so to it a choice type is Any; the library's tuple stays the one list.
+if TYPE_CHECKING:
+    Preset: TypeAlias = Any
+    Crop: TypeAlias = Any
+    RunPrecision: TypeAlias = Any
+else:
+    Preset = choices("Preset", (*PRESETS, *PRESET_ALIASES))  # vqtool.model.presets: what each sets
+    Crop = choices("Crop", CROPS)  # vqtool.images.fit: how images reach the model's size
+    RunPrecision = choices("RunPrecision", (*PRECISIONS, FASTEST))  # vqtool.precisions, and "fastest" of them
 
 
 DeviceOption = Annotated[Device, typer.Option(help="Where to run: a CUDA GPU if one starts (auto), cpu or cuda.")]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeAlias
 
 import typer
 
@@ -27,7 +27,10 @@ from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.precisions import FP32, NO_CONTRACT, Precision
 from vqtool.runtime.base import CheckedBackend
 
-LatentDecode = choices("LatentDecode", LATENT_DECODES)  # vqtool.formats.manifest: how decoder_latents decodes
+if TYPE_CHECKING:  # a choice type is Any to mypy (vqtool.cli.common says why)
+    LatentDecode: TypeAlias = Any
+else:
+    LatentDecode = choices("LatentDecode", LATENT_DECODES)  # vqtool.formats.manifest: how decoder_latents decodes
 MinIdenticalOption = Annotated[
     float,
     typer.Option(

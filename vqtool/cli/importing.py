@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any, TypeAlias
 
 import typer
 
 from vqtool.cli.common import OverwriteOption, app, choices, print_result, require_torch, say, user_errors
 from vqtool.model.config import QUANTIZERS, SOURCE_FORMATS
 
-Quantizer = choices("Quantizer", QUANTIZERS)  # vqtool.model.config: how an imported model's codes are searched
-SourceFormat = choices("SourceFormat", SOURCE_FORMATS)  # vqtool.model.config: what vqtool import reads
+if TYPE_CHECKING:  # a choice type is Any to mypy (vqtool.cli.common says why)
+    Quantizer: TypeAlias = Any
+    SourceFormat: TypeAlias = Any
+else:
+    Quantizer = choices("Quantizer", QUANTIZERS)  # vqtool.model.config: how an imported model's codes are searched
+    SourceFormat = choices("SourceFormat", SOURCE_FORMATS)  # vqtool.model.config: what vqtool import reads
 
 
 @app.command("import")
@@ -88,9 +92,9 @@ def import_command(
         overwrite=overwrite,
         log=say,
     )
-    config = result.config
+    imported = result.config
     print_result(
-        f"imported {config.library} {config.class_name} from {result.folder}: {config.codes} codes, "
-        f"{config.image_size}x{config.image_size} images -> {config.grid}x{config.grid} codes\n"
+        f"imported {imported.library} {imported.class_name} from {result.folder}: {imported.codes} codes, "
+        f"{imported.image_size}x{imported.image_size} images -> {imported.grid}x{imported.grid} codes\n"
         f"checkpoint: {out}\nnext:       vqtool export {out}"
     )

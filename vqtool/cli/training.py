@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeAlias
 
 import typer
 
@@ -122,7 +122,10 @@ L2CodesOption = Annotated[
 ]
 
 
-LrSchedule = choices("LrSchedule", LR_SCHEDULES)  # vqtool.model.config: the learning-rate schedules
+if TYPE_CHECKING:  # a choice type is Any to mypy (vqtool.cli.common says why)
+    LrSchedule: TypeAlias = Any
+else:
+    LrSchedule = choices("LrSchedule", LR_SCHEDULES)  # vqtool.model.config: the learning-rate schedules
 
 
 LrScheduleOption = Annotated[

@@ -3,7 +3,7 @@ each imported family alike, so that none of them asks which kind of model it hol
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -71,7 +71,11 @@ class TokenizerModel(Protocol):
     """What every caller outside the model package sees of a tokenizer, vqtool's own or imported."""
 
     config: Any  # ModelConfig or ImportedConfig: image_size, grid, codes, downsample, to_dict()
-    quantizer: Quantizing
+
+    # Read-only, so that each model's own quantizer class satisfies it (a settable member must be exactly Quantizing).
+    @property
+    def quantizer(self) -> Quantizing: ...
+
     # Whether vqtool trained it, on data the checkpoint names (parity and INT8 calibration then use that data's
     # held-out crops); an imported model is checked and calibrated on whole photographs at its own size instead.
     trained_by_vqtool: bool
@@ -100,9 +104,13 @@ class TokenizerModel(Protocol):
 
     def decode_pipeline_latents(self, latents: torch.Tensor, quantize: bool) -> torch.Tensor: ...
 
-    # nn.Module's own, which export and parity use
+    # nn.Module's own, which export, parity and checkpoints use
     def eval(self) -> Any: ...
 
     def to(self, *args: Any, **kwargs: Any) -> Any: ...
 
     def modules(self) -> Any: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> Any: ...
