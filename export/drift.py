@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from vqtool.model.face import TokenizerModel
 
 
-def _percentile(values: np.ndarray, q: float) -> float:
-    return float(np.percentile(values, q)) if len(values) else 0.0
+def _percentile(values: np.ndarray, q: float, method: Literal["linear", "inverted_cdf"] = "linear") -> float:
+    return float(np.percentile(values, q, method=method)) if len(values) else 0.0
 
 
 def regret_and_rank(reference: Reference, codebook: torch.Tensor, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -64,8 +64,9 @@ def measure_drift(
         regret_p50=_percentile(regret, 50),
         regret_p99=_percentile(regret, 99),
         regret_max=float(regret.max()) if len(regret) else 0.0,
-        rank_p50=_percentile(rank, 50),
-        rank_p99=_percentile(rank, 99),
+        # A rank is a whole place among the nearest codes: the nearest-rank percentile keeps it one.
+        rank_p50=_percentile(rank, 50, "inverted_cdf"),
+        rank_p99=_percentile(rank, 99, "inverted_cdf"),
         rank_max=int(rank.max()) if len(rank) else 0,
     )
     exact = reference.reconstructions

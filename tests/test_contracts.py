@@ -15,7 +15,7 @@ import torch
 
 import vqtool
 from tests.conftest import in_subprocess, one_error_line, run_cli
-from vqtool.export.drift import regret_and_rank
+from vqtool.export.drift import measure_drift, regret_and_rank
 from vqtool.export.parity import Reference, check_parity, torch_reference
 from vqtool.host import cpu_description
 from vqtool.model.checkpoint import load_checkpoint
@@ -33,6 +33,9 @@ def test_regret_and_rank_read_the_latent_space() -> None:
     assert regret == pytest.approx([80.0, 840.0], rel=1e-5) and list(rank) == [1, 2]  # float32 latents
     none_changed = regret_and_rank(reference, book, np.array([[[0], [2]]]))
     assert len(none_changed[0]) == 0
+    # A rank's percentiles are whole places (nearest rank), not points between two of them.
+    drift = measure_drift(reference, book, np.array([[[1], [0]]]), None, None)
+    assert (drift.rank_p50, drift.rank_p99, drift.rank_max) == (1, 2, 2)
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +216,7 @@ def test_fastest_starts_the_fastest_runtime_published_under_a_contract(
     shutil.copytree(int8_export, export)
     # Nothing measured: FP32, and the reason says how to measure.
     unmeasured = vqtool.load(export, precision="fastest")
-    assert unmeasured.precision == "fp32" and "bench.json measures no runtime" in unmeasured.describe()
+    assert unmeasured.precision == "fp32" and "bench.json has measured none of the runtimes" in unmeasured.describe()
 
     def measured(speeds: dict[tuple[str, str], float]) -> None:
         rows = [

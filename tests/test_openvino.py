@@ -249,6 +249,12 @@ def test_bench_says_which_runtime_is_fastest_and_on_what_cpu(int8_copy: Path) ->
     assert report["cpu"] in result.stderr and "fastest here, at batch 8" in result.stderr
     fastest = {(f["stage"], f["precision"]): f["backend"] for f in report["fastest"]}
     assert fastest[("encode", "int8")] in ("onnxruntime", "openvino")
+    for entry in report["fastest"]:  # each with the contract its codes are published under, or how to check it
+        if entry["contract"] == "unchecked":
+            check = f"vqtool parity {int8_copy} --backend {entry['backend']} --precision {entry['precision']}"
+            assert check in result.stderr
+        else:
+            assert entry["contract"] in ("exact", "bounded")
     assert {r["backend"] for r in report["model_only"]} == {"torch", "openvino"}  # as limited, with the baseline
     # PyTorch under BF16 autocast is timed against eager FP32, beside the other runtimes.
     if _bf16_here():

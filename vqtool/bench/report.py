@@ -17,10 +17,12 @@ from vqtool.bench.folder import folder_encode
 from vqtool.bench.model_only import BATCH_SIZES, fastest_runtimes, fp32_roofline, model_only
 from vqtool.errors import VqtoolError
 from vqtool.formats.atomic import write_json
+from vqtool.formats.contract import UNCHECKED, contract_of
 from vqtool.formats.manifest import BENCH_NAME, read_manifest
 from vqtool.host import cpu_description
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.images.reading import list_images, read_rgb
+from vqtool.precisions import NO_CONTRACT
 
 
 def run_bench(
@@ -56,11 +58,11 @@ def run_bench(
         "cpu_count": os.cpu_count(),
         "model_only": [vars(r) for r in rows],
         "skipped": skipped,
-        "fastest": fastest_runtimes(rows),
+        "fastest": [_with_contract(export_dir, entry) for entry in fastest_runtimes(rows)],
     }
     if show is not None:
         show("model_only", report["model_only"])
-    _log_fastest(report, skipped, max(batch_sizes), log)
+    _log_fastest(export_dir, report, skipped, max(batch_sizes), log)
     roofline = fp32_roofline(export_dir, manifest, rows, seconds)
     log(roofline.describe())
     report["fp32_roofline"] = roofline.to_dict()
@@ -75,12 +77,28 @@ def run_bench(
     return report, target
 
 
-def _log_fastest(report: dict[str, Any], skipped: list[str], batch: int, log: Callable[[str], None]) -> None:
+def _with_contract(export_dir: Path, entry: dict[str, Any]) -> dict[str, Any]:
+    """A fastest runtime with the contract parity.json publishes its codes under: speed alone is not a choice."""
+    contract = contract_of(export_dir, entry["backend"], entry["precision"], entry["provider"])
+    return {**entry, "contract": contract.name}
+
+
+def _log_fastest(
+    export_dir: Path, report: dict[str, Any], skipped: list[str], batch: int, log: Callable[[str], None]
+) -> None:
     for reason in skipped:
         log(f"not measured: {reason}")
     log(f"fastest here, at batch {batch} (CPU: {report['cpu']}):")
     for entry in report["fastest"]:
+        backend, precision, contract = entry["backend"], entry["precision"], entry["contract"]
+        if contract == UNCHECKED:
+            contract += f" (vqtool parity {export_dir} --backend {backend} --precision {precision} checks it)"
+        elif contract == NO_CONTRACT:
+            contract = "no contract (parity refused its codes)"
+        else:
+            contract += " contract"
         log(
-            f"  {entry['stage']} {entry['precision']}: {entry['backend']} {entry['images_per_s']:,.0f} images/s"
+            f"  {entry['stage']} {precision}: {backend} {entry['images_per_s']:,.0f} images/s"
             + (f" ({entry['vs_baseline']:.2f}x eager)" if entry["vs_baseline"] else "")
+            + f", {contract}"
         )

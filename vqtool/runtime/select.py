@@ -92,7 +92,7 @@ def fastest_choice(export_dir: Path, manifest: Manifest, choice: RuntimeChoice) 
     speeds = {(r.backend, r.precision): r.images_per_s for r in rows if r.batch == largest}
     measured = [r for r in published if (r.runtime, r.precision) in speeds]
     if not measured:
-        why = "bench.json measures no runtime parity published (vqtool bench EXPORT_DIR measures them): fp32"
+        why = "fp32, as bench.json has measured none of the runtimes parity published (vqtool bench EXPORT_DIR does)"
         return replace(choice, precision=FP32), f"fastest: {why}"
     best = max(measured, key=lambda r: speeds[(r.runtime, r.precision)])
     speed = speeds[(best.runtime, best.precision)]
