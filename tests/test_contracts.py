@@ -274,12 +274,14 @@ def test_a_record_is_held_to_todays_rules_by_its_own_figures() -> None:
     far = read(precision="int8", contract="bounded", identical=900, **{**near, "regret_p99": 9.0})
     assert far.met == "none" and not far.passed
     assert f"bounded: changed codes' regret p99 9 > {BOUNDED.max_regret_p99:g}" in far.failures
+    assert far.first_failure.startswith("bounded: changed codes' regret p99 9")  # INT8 has no exact rule to miss
     assert read(precision="int8", contract="bounded", identical=900, **{**near, "rank_max": 40}).met == "none"
     assert read(precision="int8", contract="bounded", identical=900, **{**near, "drift_psnr": 31.0}).met == "none"
     assert read(precision="int8", contract="bounded", identical=900, **near).met == "bounded"
     assert read(precision="int8", contract="bounded", identical=900, **{**near, "regret_p99": math.nan}).met == "none"
     unexplained = read(precision="fp32", contract="exact", identical=997, unexplained=3)
     assert unexplained.met == "none" and "3 codes differ from PyTorch" in unexplained.failures[0]
+    assert unexplained.first_failure == unexplained.failures[0]  # FP32 has no bounded contract to try
     assert read(precision="fp32", contract="exact", identical=997, near_ties=3).met == "exact"  # near-ties count
     # Figures it does not have are not held against it; figures that are not numbers are.
     assert ParityReport.from_dict({"runtime": "openvino", "precision": "bf16", "passed": True}).met == "exact"

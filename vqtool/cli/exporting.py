@@ -268,7 +268,7 @@ def parity(
     if not verification.reports:
         raise VqtoolError("no backend could run here, so nothing was compared")
     if not verification.passed:
-        failed = [f"{r.runtime} {r.precision} ({r.failures[0]})" for r in verification.reports if not r.passed]
+        failed = [f"{r.runtime} {r.precision} ({r.first_failure})" for r in verification.reports if not r.passed]
         failed += [f"{r.runtime} {r.precision} latents ({r.failures[0]})" for r in verification.latents if not r.passed]
         raise VqtoolError(f"parity failed for {'; '.join(failed)}; details in {export_dir / PARITY_NAME}")
     print_result(f"parity passed for {len(verification.reports)} runtime(s); wrote {export_dir / PARITY_NAME}")

@@ -20,6 +20,8 @@ from vqtool.precisions import BOUNDED_CONTRACT, EXACT_CONTRACT, NO_CONTRACT, TAB
 R = TypeVar("R")
 # A runtime's record of parity.json: a ParityReport or a LatentReport.
 Record = TypeVar("Record", "ParityReport", "LatentReport")
+# How a record's failures name the bounded contract's misses (after the exact rule's, which are why it was tried).
+BOUNDED_MISS = "bounded: "
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,13 @@ class ParityReport(Drift):
     def passed(self) -> bool:
         """Whether it met a contract (exact or bounded)."""
         return not self.failures
+
+    @property
+    def first_failure(self) -> str:
+        """The reason to give first: the bounded contract's miss where that was tried (missing the exact rule is only
+        why it was), else the first miss of the exact rule; "" where it passed."""
+        bounded = [f for f in self.failures if f.startswith(BOUNDED_MISS)]
+        return (bounded or [*self.failures, ""])[0]
 
     @property
     def met(self) -> str:
@@ -156,7 +165,7 @@ def judged(report: ParityReport, min_identical: float = 0.0) -> ParityReport:
     beyond = rule.missed(report.identical_fraction, report.regret_p99, report.rank_max, report.drift_psnr)
     if not beyond:
         return replace(report, contract=BOUNDED_CONTRACT, failures=(), outside_exact=tuple(outside))
-    failures = (*outside, *(f"bounded: {b}" for b in beyond))
+    failures = (*outside, *(f"{BOUNDED_MISS}{b}" for b in beyond))
     return replace(report, contract=NO_CONTRACT, failures=failures, outside_exact=())
 
 
