@@ -237,7 +237,10 @@ def test_auto_takes_the_fastest_runtime_with_exact_codes(export_copy: Path) -> N
     (export_copy / "bench.json").write_text(json.dumps(bench_rows(20000.0)))
     (export_copy / "parity.json").write_text(json.dumps({**saved, "reports": [{**exact, "identical": 1791}]}))
     backend, described = chosen()
-    assert backend == "onnxruntime" and "no exact OpenVINO codes" in described
+    assert backend == "onnxruntime" and "parity.json shows no exact fp32 codes from OpenVINO" in described
+    (export_copy / "parity.json").write_text(json.dumps({**saved, "reports": [*others, exact]}))
+    (export_copy / "bench.json").write_text(json.dumps({"model_only": []}))
+    assert "bench.json has not timed them against each other here" in chosen()[1]
 
 
 def test_bench_says_which_runtime_is_fastest_and_on_what_cpu(int8_copy: Path) -> None:

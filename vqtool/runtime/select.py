@@ -128,7 +128,13 @@ def cpu_choice(export_dir: Path, role: str, precision: str) -> tuple[list[str], 
     speeds = {r.backend: r.images_per_s for r in rows if r.batch == largest}
     measured = [name for name in candidates if name in speeds]
     if exact != set(candidates) or len(measured) < len(candidates):
-        why = "bench.json measures no race" if exact == set(candidates) else "parity.json shows no exact OpenVINO codes"
+        unproven = [LABELS.get(b, b) for b in candidates if b not in exact]
+        kind = "exact" if precision == FP32 else "passing"
+        why = (
+            f"parity.json shows no {kind} {precision} codes from {' or '.join(unproven)}"
+            if unproven
+            else "bench.json has not timed them against each other here"
+        )
         ordered = [default, *(b for b in candidates if b != default)]
         return ordered, f"on the CPU: ONNX Runtime by default, {why}"
     order = sorted(candidates, key=lambda name: -speeds[name])
