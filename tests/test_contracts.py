@@ -275,6 +275,9 @@ def test_a_record_is_held_to_todays_rules_by_its_own_figures() -> None:
     assert far.met == "none" and not far.passed
     assert f"bounded: changed codes' regret p99 9 > {BOUNDED.max_regret_p99:g}" in far.failures
     assert far.first_failure.startswith("bounded: changed codes' regret p99 9")  # INT8 has no exact rule to miss
+    both = read(precision="bf16", contract="exact", identical=980, **{**near, "regret_p99": 9.0})
+    assert "98.00% identical codes" in both.failures[0]  # the exact rule's miss, then the bounded contract's
+    assert both.met == "none" and both.first_failure.startswith("bounded: changed codes' regret p99 9")
     assert read(precision="int8", contract="bounded", identical=900, **{**near, "rank_max": 40}).met == "none"
     assert read(precision="int8", contract="bounded", identical=900, **{**near, "drift_psnr": 31.0}).met == "none"
     assert read(precision="int8", contract="bounded", identical=900, **near).met == "bounded"
@@ -288,6 +291,8 @@ def test_a_record_is_held_to_todays_rules_by_its_own_figures() -> None:
     assert read(precision="int8", contract="bounded", identical=900, **{**near, "rank_max": None}).met == "none"
     text = read(precision="fp32", contract="exact", identical="1000")
     assert text.met == "none" and text.failures == ("its figures are not all numbers",)
+    share = ParityReport.from_dict({"runtime": "openvino", "precision": "bf16", "identical_fraction": "0.99"})
+    assert share.met == "none" and share.failures == ("its figures are not all numbers",)  # no count: the share
     # A record claiming less than its figures meet keeps its claim (it may have asked for more: --min-identical).
     assert read(precision="int8", contract="none", failures=["bounded: 90.00% identical"], **near).met == "none"
     # The latent graphs are held to their rule the same way, each on its own.

@@ -22,7 +22,6 @@ from vqtool.formats.manifest import BENCH_NAME, read_manifest
 from vqtool.host import cpu_description
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.images.reading import list_images, read_rgb
-from vqtool.precisions import NO_CONTRACT
 
 
 def run_bench(
@@ -91,10 +90,8 @@ def _log_fastest(
     log(f"fastest here, at batch {batch} (CPU: {report['cpu']}):")
     for entry in report["fastest"]:
         backend, precision, contract = entry["backend"], entry["precision"], entry["contract"]
-        if contract == UNCHECKED:
+        if contract == UNCHECKED:  # bench starts no runtime that parity refused: the others met a contract
             contract += f" (vqtool parity {export_dir} --backend {backend} --precision {precision} checks it)"
-        elif contract == NO_CONTRACT:
-            contract = "no contract (parity refused its codes)"
         else:
             contract += " contract"
         log(

@@ -182,15 +182,14 @@ def _no_more_than_its_figures(report: ParityReport) -> ParityReport:
     return report if CONTRACT_RANK[held.met] >= CONTRACT_RANK[report.met] else held
 
 
-# The fields a contract is judged by: every figure that is always a number (the optional ones may be null).
-_FIGURES = tuple(f.name for f in fields(ParityReport) if f.type in ("int", "float"))
+# A record's figures: the fields that are numbers by default (the optional ones, null by default, may stay null).
+_FIGURES = tuple(f.name for f in fields(ParityReport) if type(f.default) in (int, float))
 
 
 def _figures_are_numbers(report: ParityReport) -> bool:
-    return all(
-        isinstance(value, int | float) and not isinstance(value, bool)
-        for value in (getattr(report, name) for name in _FIGURES)
-    )
+    """Every figure a number, and the share of identical codes too where it stands in for their count."""
+    names = _FIGURES if report.codes else (*_FIGURES, "recorded_identical_fraction")
+    return all(type(getattr(report, name)) in (int, float) for name in names)
 
 
 @dataclass(frozen=True)

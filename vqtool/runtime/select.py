@@ -129,11 +129,14 @@ def cpu_choice(export_dir: Path, role: str, precision: str) -> tuple[list[str], 
     measured = [name for name in candidates if name in speeds]
     if exact != set(candidates) or len(measured) < len(candidates):
         unproven = [LABELS.get(b, b) for b in candidates if b not in exact]
-        kind = "exact" if precision == FP32 else "passing"
+        shown = f"exact fp32 codes from {' or '.join(unproven)}"
+        if precision != FP32:
+            shown = f"{precision} codes from {' or '.join(unproven)} under a contract"
+        untimed = " against ".join(LABELS.get(b, b) for b in candidates)
         why = (
-            f"parity.json shows no {kind} {precision} codes from {' or '.join(unproven)}"
+            f"parity.json shows no {shown}"
             if unproven
-            else "bench.json has not timed them against each other here"
+            else f"bench.json has not timed {untimed} at {precision} here (vqtool bench EXPORT_DIR does)"
         )
         ordered = [default, *(b for b in candidates if b != default)]
         return ordered, f"on the CPU: ONNX Runtime by default, {why}"
@@ -207,7 +210,7 @@ def _refused_by_parity(export_dir: Path, backend: str, precision: str, provider:
     if own is not None:
         if own.met != NO_CONTRACT:
             return None
-        return f"{backend} {precision} met no contract on this export ({(own.failures or ('refused',))[-1]}){instead}"
+        return f"{backend} {precision} met no contract on this export ({own.first_failure or 'refused'}){instead}"
     if precision == FP32:
         return None
     for report in reports:
