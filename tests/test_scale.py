@@ -155,6 +155,10 @@ def test_bench_reports_every_backend_against_the_eager_baseline(
             onnx_row = rows[(stage, "onnxruntime", "fp32", batch)]
             assert onnx_row["vs_baseline"] > 0 and onnx_row["p99_ms"] >= onnx_row["p50_ms"] > 0
     assert rows[("encode", "onnxruntime", "int8", 32)]["vs_baseline"] > 0
+    # Each row says the contract its runtime's codes are published under, as the table beside it does.
+    assert rows[("encode", "onnxruntime", "int8", 32)]["contract"] == "bounded"
+    assert rows[("encode", "onnxruntime", "fp32", 32)]["contract"] == "exact"
+    assert rows[("decode", "torch", "fp32", 1)]["contract"] == "exact"  # the reference
     assert ("decode", "onnxruntime", "int8", 32) not in rows  # INT8 is an encoder only
     folders = {(r["backend"], r["precision"]): r for r in report["folder_encode"]}
     assert {("onnxruntime", "fp32"), ("onnxruntime", "int8")} <= set(folders)

@@ -52,12 +52,19 @@ def run_bench(
     rows, skipped = model_only(
         export_dir, manifest, batch_sizes=batch_sizes, backends=backends, seconds=seconds, log=log
     )
+    # The contract parity.json publishes each runtime's codes under, beside its speed: speed alone is not a choice.
+    runtimes = {(r.backend, r.precision, r.provider) for r in rows}
+    contracts = {runtime: contract_of(export_dir, *runtime).name for runtime in runtimes}
+
+    def with_contract(entry: dict[str, Any]) -> dict[str, Any]:
+        return {**entry, "contract": contracts[(entry["backend"], entry["precision"], entry["provider"])]}
+
     report: dict[str, Any] = {
         "cpu": cpu_description(),
         "cpu_count": os.cpu_count(),
-        "model_only": [vars(r) for r in rows],
+        "model_only": [with_contract(vars(r)) for r in rows],
         "skipped": skipped,
-        "fastest": [_with_contract(export_dir, entry) for entry in fastest_runtimes(rows)],
+        "fastest": [with_contract(entry) for entry in fastest_runtimes(rows)],
     }
     if show is not None:
         show("model_only", report["model_only"])
@@ -74,12 +81,6 @@ def run_bench(
     target = out or export_dir / BENCH_NAME
     write_json(target, report)
     return report, target
-
-
-def _with_contract(export_dir: Path, entry: dict[str, Any]) -> dict[str, Any]:
-    """A fastest runtime with the contract parity.json publishes its codes under: speed alone is not a choice."""
-    contract = contract_of(export_dir, entry["backend"], entry["precision"], entry["provider"])
-    return {**entry, "contract": contract.name}
 
 
 def _log_fastest(

@@ -4,7 +4,6 @@ library functions behind it. None of them needs PyTorch but bench, whose baselin
 from __future__ import annotations
 
 import enum
-import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -261,17 +260,12 @@ def bench(
         max_pixels=pixel_limit(max_pixels),
         out=out_path,
         log=say,
-        show=functools.partial(_show_bench_part, export_dir),
+        show=_show_bench_part,
     )
     print_result(f"wrote {target}")
 
 
-def _show_bench_part(export_dir: Path, part: str, rows: list[dict[str, Any]]) -> None:
+def _show_bench_part(part: str, rows: list[dict[str, Any]]) -> None:
     from vqtool.cli.tables import bench_table, folder_table
-    from vqtool.formats.contract import contract_of
 
-    if part != "model_only":
-        out.print(folder_table(rows))
-        return
-    contracts = [contract_of(export_dir, r["backend"], r["precision"], r["provider"]).name for r in rows]
-    out.print(bench_table([{**r, "contract": c} for r, c in zip(rows, contracts, strict=True)]))
+    out.print(bench_table(rows) if part == "model_only" else folder_table(rows))
