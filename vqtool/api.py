@@ -161,7 +161,8 @@ class Tokenizer:
 
     @property
     def backend(self) -> str:
-        """The backend that runs: onnxruntime, tensorrt or torch (encoder first if the two differ)."""
+        """The backend that runs: onnxruntime, openvino, tensorrt, onnxruntime-trt or torch (encoder first if the two
+        differ)."""
         if not self.has_decoder:
             return self._encoder.runner.backend
         return _joined(self._encoder.runner.backend, self._decoder.runner.backend)
@@ -318,7 +319,7 @@ class Tokenizer:
 
         `inputs`: image files and folders (recursive, sorted), `.txt` lists of paths, WebDataset tar shards (a
         .tar, a folder of them, a brace pattern) and Parquet files with an image-bytes column (`image_column`,
-        found by itself when it is image, jpg, png or webp; keys from `key_column`, by default `key`).
+        found by itself when it is image, jpg, jpeg, png or webp; keys from `key_column`, by default `key`).
         Streaming (reader processes decode files while the graph runs), resumable (`resume`), sharded
         (`shard="I/N"`); the options are the command's, as keywords (batch_size, resize, crop, max_pixels, shard,
         resume, overwrite, skip_bad, readers, image_column, key_column) or as one EncodeOptions. An existing

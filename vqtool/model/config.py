@@ -135,7 +135,7 @@ class TrainConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     skip_bad: bool = False
     val_data: str | None = None
-    # Reader processes (None: one per two cores); batches do not depend on it, except from tar shards.
+    # Reader processes (None: one per four cores); batches do not depend on it, except from tar shards.
     workers: int | None = None
 
     def __post_init__(self) -> None:

@@ -62,7 +62,7 @@ MAX_BLOCK_ROWS = 2048
 
 
 def staging_path(out: Path) -> Path:
-    """The folder beside the output where Ray's workers store finished blocks until the driver joins them."""
+    """The folder beside the output where the command stores the blocks Ray returns until it joins them."""
     return out.with_name(f".{out.name}.ray")
 
 
@@ -92,7 +92,7 @@ def encode_on_ray(
 
     `address` joins an existing cluster (ray.init's address: "auto", "ray://host:10001", ...); without one a
     local instance starts, with one CPU per core. `actors` is the number of TokenizeBatch actors (default: one
-    per node's worth of CPUs, each with the runtime's threads, by default the CPUs shared among them).
+    per CPU of the cluster, each with the runtime's threads, by default the CPUs shared among them: one each).
     `tokenizer_class` is the actor class, TokenizeBatch or a subclass of it. An existing `out` is replaced only
     with `options.overwrite` (or continued with `options.resume`), and no other run may write `out` meanwhile.
     """
