@@ -25,6 +25,7 @@ from vqtool.export.drift import measure_drift, torch_decoder
 from vqtool.export.graphs import write_graphs
 from vqtool.export.latents import verify_latents
 from vqtool.formats.atomic import write_json
+from vqtool.formats.lock import output_lock
 from vqtool.formats.manifest import (
     PARITY_NAME,
     Manifest,
@@ -406,42 +407,45 @@ def check_export(
     The result's `passed` says whether every runtime held its tolerance; `reports` is empty when none started.
     Reports of runtimes not checked this time (e.g. export's, when only --backend openvino ran) are kept.
     """
-    manifest = read_manifest(export_dir)
-    try:
-        checkpoint = load_checkpoint(verify_pytorch_file(export_dir, manifest))
-    except CheckpointError as exc:
-        raise VqtoolError(str(exc)) from None
-    if images is not None:
-        pixels = read_image_set(images, manifest.image_size, fit=Fit.of(True, crop, max_pixels))[0]
-    else:
-        pixels = default_parity_images(checkpoint, lambda: training_set_of(checkpoint, log))
-    verification = verify_export(
-        checkpoint.model,
-        export_dir,
-        manifest,
-        pixels,
-        backends=backends,
-        naive_fp16=naive_fp16,
-        naive_bf16=naive_bf16,
-        precisions=precisions,
-        min_identical=min_identical,
-        log=log,
-    )
-    if manifest.latent_decode:
-        latents = verify_latents(
-            checkpoint.model, export_dir, manifest, pixels, backends=backends, precisions=precisions, log=log
+    # parity.json is read, merged with this run's reports and written again: one writer at a time, and no export
+    # replacing the graphs meanwhile.
+    with output_lock(export_dir):
+        manifest = read_manifest(export_dir)
+        try:
+            checkpoint = load_checkpoint(verify_pytorch_file(export_dir, manifest))
+        except CheckpointError as exc:
+            raise VqtoolError(str(exc)) from None
+        if images is not None:
+            pixels = read_image_set(images, manifest.image_size, fit=Fit.of(True, crop, max_pixels))[0]
+        else:
+            pixels = default_parity_images(checkpoint, lambda: training_set_of(checkpoint, log))
+        verification = verify_export(
+            checkpoint.model,
+            export_dir,
+            manifest,
+            pixels,
+            backends=backends,
+            naive_fp16=naive_fp16,
+            naive_bf16=naive_bf16,
+            precisions=precisions,
+            min_identical=min_identical,
+            log=log,
         )
-        verification = replace(verification, latents=latents)
-    checked = {(r.runtime, r.precision) for r in verification.reports}
-    kept = [r for r in read_parity_reports(export_dir) if (r.runtime, r.precision) not in checked]
-    reports = [*kept, *verification.reports]
-    checked_latents = {(r.runtime, r.precision) for r in verification.latents}
-    kept_latents = [r for r in read_latent_reports(export_dir) if (r.runtime, r.precision) not in checked_latents]
-    record: dict[str, Any] = {
-        **verification.to_dict(),
-        "reports": [r.to_dict() for r in reports],
-        "latents": [r.to_dict() for r in (*kept_latents, *verification.latents)],
-    }
-    record["passed"] = bool(reports) and all(r.passed for r in reports)
-    write_json(export_dir / PARITY_NAME, record)
-    return verification
+        if manifest.latent_decode:
+            latents = verify_latents(
+                checkpoint.model, export_dir, manifest, pixels, backends=backends, precisions=precisions, log=log
+            )
+            verification = replace(verification, latents=latents)
+        checked = {(r.runtime, r.precision) for r in verification.reports}
+        kept = [r for r in read_parity_reports(export_dir) if (r.runtime, r.precision) not in checked]
+        reports = [*kept, *verification.reports]
+        checked_latents = {(r.runtime, r.precision) for r in verification.latents}
+        kept_latents = [r for r in read_latent_reports(export_dir) if (r.runtime, r.precision) not in checked_latents]
+        record: dict[str, Any] = {
+            **verification.to_dict(),
+            "reports": [r.to_dict() for r in reports],
+            "latents": [r.to_dict() for r in (*kept_latents, *verification.latents)],
+        }
+        record["passed"] = bool(reports) and all(r.passed for r in reports)
+        write_json(export_dir / PARITY_NAME, record)
+        return verification

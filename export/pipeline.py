@@ -393,7 +393,11 @@ def export_model(
             raise
         if not verification.exact_held:
             raise _fail_parity(staging, out_dir, verification)
-        replace_export(staging, out_dir)
+        try:
+            replace_export(staging, out_dir)
+        except VqtoolError:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         return ExportResult(out_dir, manifest, verification)
 
 

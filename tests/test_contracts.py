@@ -304,6 +304,26 @@ def test_a_record_is_held_to_todays_rules_by_its_own_figures() -> None:
     assert unmeasured.failures_of("encoder_latents") and not unmeasured.failures_of("decoder_latents")
 
 
+def test_records_from_elsewhere_never_stop_a_run_with_a_traceback(tmp_path: Path) -> None:
+    """parity.json and bench.json travel with exports from others: figures written as text, nesting deeper than the
+    parser goes and rows of the wrong types are read as what they can claim (nothing), never as a crash."""
+    from vqtool.formats.contract import contract_of
+    from vqtool.formats.records import read_bench_rows, read_parity_reports
+
+    parity = tmp_path / "parity.json"
+    parity.write_text(json.dumps({"reports": [{"runtime": "onnxruntime", "precision": "fp32", "drift_psnr": "x"}]}))
+    assert contract_of(tmp_path, "onnxruntime", "fp32", "").name == "none"
+    (failed,) = read_parity_reports(tmp_path)
+    assert failed.failures == ("its figures are not all numbers",) and failed.drift_psnr == math.inf
+    parity.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(RecursionError):
+        json.loads(parity.read_text())  # the nesting does go deeper than the parser
+    assert read_parity_reports(tmp_path) == [] and contract_of(tmp_path, "onnxruntime", "fp32", "").name == "unchecked"
+    rows = [{"stage": "encode", "backend": "onnxruntime", "batch": "64"}, {"stage": "encode", "backend": "openvino"}]
+    (tmp_path / "bench.json").write_text(json.dumps({"model_only": [*rows, {**rows[1], "batch": 64}]}))
+    assert [(r.backend, r.batch) for r in read_bench_rows(tmp_path)] == [("openvino", 0), ("openvino", 64)]
+
+
 def test_a_refused_graph_starts_nowhere_until_checked_there(int8_export: Path, tmp_path: Path) -> None:
     """Export publishes a reduced precision that met no contract beside the rest: no runtime starts it, one never
     checked included, until `vqtool parity` records a contract there."""

@@ -444,6 +444,14 @@ def test_decode_keeps_files_it_did_not_write_and_names_none_too_long(export_dir:
     codes.with_suffix(".json").write_text(json.dumps(sidecar))
     tok.decode_file(codes, out, log=lambda _: None, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == [".vqtool-decode.json", "0000_x.png", "mine.txt"]
+    # --overwrite replaces what a decode wrote, not a file of the user's that shares a name with one it writes.
+    sidecar["files"] = ["x.png", "y.png"]
+    np.save(codes, np.zeros((2, 2, 2), np.uint8))
+    codes.with_suffix(".json").write_text(json.dumps(sidecar))
+    (out / "0001_y.png").write_text("the user's")
+    with pytest.raises(VqtoolError, match=r"0001_y\.png: was not written by an earlier decode there"):
+        tok.decode_file(codes, out, log=lambda _: None, overwrite=True)
+    assert (out / "0001_y.png").read_text() == "the user's"
 
 
 def test_a_planted_link_at_a_temporary_name_is_never_written_through(tmp_path: Path) -> None:
@@ -454,6 +462,62 @@ def test_a_planted_link_at_a_temporary_name_is_never_written_through(tmp_path: P
     (tmp_path / f".0000.png.{os.getpid()}.tmp").symlink_to(target)
     write_pngs(tmp_path, ["0000.png"], np.zeros((1, 8, 8, 3), np.uint8))
     assert target.read_text() == "kept" and (tmp_path / "0000.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_link_planted_at_the_codes_partial_file_is_never_written_through(export_dir: Path, tmp_path: Path) -> None:
+    """Encode's resumable partial file has a fixed name beside the output: a link left there (by anyone who can
+    write to the folder) must not carry the codes into the file it points at, on a fresh run or a resumed one."""
+    import vqtool
+    from vqtool.data.specs import image_set
+    from vqtool.formats.atomic import partial_path
+    from vqtool.pipeline.encode import EncodeOptions, plan_encode
+
+    images = _small_pngs(tmp_path / "images", 3, seed=6)
+    victim = tmp_path / "elsewhere" / "victim.txt"
+    victim.parent.mkdir()
+    victim.write_text("kept")
+    out = tmp_path / "out" / "codes.npy"
+    out.parent.mkdir()
+    partial_path(out).symlink_to(victim)
+    assert partial_path(out).resolve() == victim  # the planted link leads out of the folder
+    tok = vqtool.load(export_dir)
+    tok.encode_files(images, out, log=lambda _: None)
+    assert victim.read_text() == "kept"
+    assert not out.is_symlink() and np.load(out).shape == (3, 2, 2)
+    # Resuming: an interrupted run's progress record beside a link in place of its partial file.
+    plan = plan_encode(image_set(images), tok.manifest, export_dir, out, EncodeOptions.of(), tok.precision, None)
+    out.with_name(f".{out.name}.progress.json").write_text(json.dumps({**plan.signature, "done": 1, "written": 1}))
+    partial_path(out).symlink_to(victim)
+    with pytest.raises(VqtoolError, match=r"codes\.npy\.partial: is a link, not a file vqtool wrote"):
+        tok.encode_files(images, out, log=lambda _: None, resume=True)
+    assert victim.read_text() == "kept"
+
+
+def test_parity_and_bench_wait_for_no_one_writing_the_export(export_copy: Path) -> None:
+    """parity.json is read, merged and written again, and bench.json replaced: neither while another run (an export
+    replacing the graphs, another parity) holds the export's lock."""
+    from vqtool.bench.report import run_bench
+    from vqtool.export.parity import check_export
+    from vqtool.formats.lock import OutputLock
+
+    record = (export_copy / "parity.json").read_bytes()
+    with OutputLock(export_copy):
+        busy = rf"export: another vqtool run is writing this output \(pid {os.getpid()}"
+        with pytest.raises(VqtoolError, match=busy):
+            check_export(export_copy, backends=("onnxruntime",), log=lambda _: None)
+        with pytest.raises(VqtoolError, match=busy):
+            run_bench(export_copy, batch_sizes=(1,), backends=("onnxruntime",), seconds=0.01, log=lambda _: None)
+    assert (export_copy / "parity.json").read_bytes() == record and not (export_copy / "bench.json").exists()
+
+
+def test_bench_replaces_no_file_it_did_not_write(export_dir: Path, tmp_path: Path) -> None:
+    from vqtool.bench.report import run_bench
+
+    mine = tmp_path / "results.json"
+    mine.write_text('{"the": "user\'s"}')
+    with pytest.raises(VqtoolError, match=r"results\.json: is not a bench record written by vqtool"):
+        run_bench(export_dir, out=mine, log=lambda _: None)
+    assert mine.read_text() == '{"the": "user\'s"}'
 
 
 def test_an_export_replaces_only_what_an_earlier_export_wrote(export_dir: Path, tmp_path: Path) -> None:
@@ -487,6 +551,16 @@ def test_an_export_replaces_only_what_an_earlier_export_wrote(export_dir: Path, 
         "parity.json",
     ]
     assert not staging.exists()
+    # A file of the user's that shares its name with one the new export writes stops the replacement before any
+    # file moves: the earlier export stands, and the user's file with it.
+    (earlier / "encoder.fp16.onnx").write_text("the user's")
+    staging.mkdir()
+    for name in ("manifest.json", "encoder.onnx", "decoder.onnx", "model.pt", "encoder.fp16.onnx"):
+        shutil.copy(export_dir / name, staging / name)
+    before = {p.name: p.read_bytes() for p in earlier.iterdir()}
+    with pytest.raises(VqtoolError, match=r"encoder\.fp16\.onnx: is not part of the export there"):
+        replace_export(staging, earlier)
+    assert {p.name: p.read_bytes() for p in earlier.iterdir()} == before
 
 
 def test_export_refuses_a_folder_it_did_not_make(trained_checkpoint: Path, tmp_path: Path) -> None:
@@ -523,6 +597,14 @@ def test_float_parquet_codes_and_oversized_grids_are_refused_before_any_output(
     )
     with pytest.raises(VqtoolError, match="must hold lists of integers"):
         tok.decode_file(tmp_path / "float.parquet", tmp_path / "o1", log=lambda _: None)
+    # Integer codes with an empty cell: pyarrow would hand it over as NaN in a float array.
+    schema = schema.set(1, pa.field("codes", pa.list_(pa.uint8())))
+    rows[1] = [[1, None, 2, 3]]
+    table = pa.Table.from_arrays([pa.array(c, t.type) for c, t in zip(rows, schema, strict=True)], schema=schema)
+    pq.write_table(table, tmp_path / "null.parquet")
+    assert table.column("codes").combine_chunks().flatten().to_numpy(zero_copy_only=False).dtype == np.float64
+    with pytest.raises(VqtoolError, match=r"null\.parquet: a row's codes hold empty \(null\) cells"):
+        tok.decode_file(tmp_path / "null.parquet", tmp_path / "o1", log=lambda _: None)
     np.save(tmp_path / "huge.npy", np.zeros((1, 2000, 2000), np.uint8))
     with pytest.raises(VqtoolError, match="2000x2000 codes decode to 32000x32000 images, over the limit"):
         tok.decode_file(tmp_path / "huge.npy", tmp_path / "o2", log=lambda _: None)
@@ -603,3 +685,84 @@ def test_past_the_file_size_limit_is_one_line_and_loses_nothing(export_dir: Path
     )
     one_error_line(result, str(out), "file-size limit", "the codes need 6,272 bytes")
     assert [p.name for p in out.parent.iterdir()] == []
+
+
+def test_malformed_files_from_others_are_one_line_before_any_output(
+    export_dir: Path, trained_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Each of these came as a traceback (or a half-written output) before: a Parquet image column that is a struct
+    without bytes, a shard sidecar naming no NumPy type, a model folder's config nested past the parser's depth,
+    a checkpoint whose training record holds text where numbers belong, a CIFAR batch that is a bare array, and
+    `--out` naming the file system's root."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    import vqtool
+    from vqtool.data.cifar import read_cifar_batch
+    from vqtool.formats.lock import OutputLock
+    from vqtool.model.checkpoint import CheckpointError, load_checkpoint
+    from vqtool.model.importing import import_model
+    from vqtool.pipeline.shards import merge_shards
+
+    tok = vqtool.load(export_dir)
+    images = pa.array([{"path": "a.png"}], pa.struct([("path", pa.string())]))
+    pq.write_table(pa.table({"image": images}), tmp_path / "structs.parquet")
+    out = tmp_path / "codes" / "codes.npy"
+    with pytest.raises(VqtoolError, match=r"structs\.parquet: column 'image' holds struct<path: string>, not image"):
+        tok.encode_files(tmp_path / "structs.parquet", out, log=lambda _: None)
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+
+    shard = tmp_path / "s0.npy"
+    tok.encode_files(_small_pngs(tmp_path / "images", 2, seed=8), shard, log=lambda _: None)
+    sidecar = json.loads(shard.with_suffix(".json").read_text())
+    shard.with_suffix(".json").write_text(json.dumps({**sidecar, "dtype": "no-such-type"}))
+    with pytest.raises(VqtoolError, match="'dtype' must be one of uint8, uint16, uint32"):
+        merge_shards([shard], tmp_path / "merged.npy")
+
+    (tmp_path / "deep").mkdir()
+    (tmp_path / "deep" / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(VqtoolError, match="config.json"):
+        import_model(tmp_path / "deep", tmp_path / "deep.pt", log=lambda _: None)
+
+    payload = torch.load(trained_checkpoint, weights_only=True)
+    payload["train_config"] = {**payload["train_config"], "epochs": "ten"}
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=r"bad\.pt: its training record is damaged"):
+        load_checkpoint(tmp_path / "bad.pt")
+
+    with open(tmp_path / "data_batch_1", "wb") as handle:
+        pickle.dump(np.zeros(3, np.uint8), handle)
+    with pytest.raises(VqtoolError, match="data_batch_1: not a CIFAR-10 python batch"):
+        read_cifar_batch(tmp_path / "data_batch_1")
+
+    with pytest.raises(VqtoolError, match="the file system's root"):
+        OutputLock("/")
+    here = os.getcwd()
+    try:
+        os.chdir(tmp_path / "images")
+        assert OutputLock(".").path == tmp_path / ".images.lock"  # beside the folder, wherever the run started
+    finally:
+        os.chdir(here)
+
+
+def test_a_stored_ray_block_with_rows_of_another_run_is_dropped_not_trusted(tmp_path: Path) -> None:
+    """A resumed Ray run joins the blocks in its staging folder; one whose rows lie outside this run's (damaged, or
+    left by hand) is removed and its rows run again, rather than ending the join with an IndexError."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vqtool.ray.engine import _parts
+
+    def block(name: str, index: list[int]) -> None:
+        count = len(index)
+        codes = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(count * 4, np.uint8)), 4)
+        columns = {"index": pa.array(index, pa.int64()), "codes": codes, "resized": [False] * count}
+        columns |= {"reason": [""] * count, "name": ["x"] * count, "runtime": ["onnxruntime"] * count}
+        pq.write_table(pa.table(columns), tmp_path / name)
+
+    block("rows-000000000000-2.parquet", [0, 1])
+    block("rows-000000000002-2.parquet", [2, 5])  # row 5 of a run of 4
+    parts = list(_parts(tmp_path, rows=4, cells=4))
+    assert [list(part["index"]) for part in parts] == [[0, 1]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows-000000000000-2.parquet"]

@@ -18,7 +18,9 @@ from vqtool.bench.model_only import BATCH_SIZES, fastest_runtimes, fp32_roofline
 from vqtool.errors import VqtoolError
 from vqtool.formats.atomic import write_json
 from vqtool.formats.contract import UNCHECKED, contract_of
-from vqtool.formats.manifest import BENCH_NAME, read_manifest
+from vqtool.formats.lock import output_lock
+from vqtool.formats.manifest import BENCH_FORMAT, BENCH_NAME, Manifest, read_manifest
+from vqtool.formats.outputs import check_bench_output
 from vqtool.host import cpu_description
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
 from vqtool.images.reading import list_images, read_rgb
@@ -42,6 +44,8 @@ def run_bench(
     report and where it was written (`out`, default EXPORT_DIR/bench.json).
     """
     manifest = read_manifest(export_dir)
+    if out is not None:
+        check_bench_output(out)
     if min(batch_sizes) < 1:
         raise VqtoolError(f"--batch must be at least 1, got {min(batch_sizes)}")
     if not seconds > 0:
@@ -49,6 +53,27 @@ def run_bench(
     files = list_images([images]) if images is not None else []
     for path in files:  # the naive script reads with plain Pillow: check every file before timing anything
         read_rgb(path, max_pixels)
+    target = out or export_dir / BENCH_NAME
+    # Held for the whole run: the graphs must not change under the timings (an export replacing them), and two
+    # benches must not write one report.
+    with output_lock(out if out is not None else export_dir):
+        report = _measure(export_dir, manifest, files, batch_sizes, backends, seconds, log, show)
+        write_json(target, report)
+    return report, target
+
+
+def _measure(
+    export_dir: Path,
+    manifest: Manifest,
+    files: list[Path],
+    batch_sizes: Sequence[int],
+    backends: Sequence[str] | None,
+    seconds: float,
+    log: Callable[[str], None],
+    show: Callable[[str, list[dict[str, Any]]], None] | None,
+) -> dict[str, Any]:
+    """The bench report: model-only timings, the fastest runtimes with their contracts, the FP32 roofline and,
+    with `files`, the folder end to end."""
     rows, skipped = model_only(
         export_dir, manifest, batch_sizes=batch_sizes, backends=backends, seconds=seconds, log=log
     )
@@ -60,6 +85,7 @@ def run_bench(
         return {**entry, "contract": contracts[(entry["backend"], entry["precision"], entry["provider"])]}
 
     report: dict[str, Any] = {
+        "format": BENCH_FORMAT,
         "cpu": cpu_description(),
         "cpu_count": os.cpu_count(),
         "model_only": [with_contract(vars(r)) for r in rows],
@@ -78,9 +104,7 @@ def run_bench(
         report["folder_encode"] = [result.to_dict() for result in folder]
         if show is not None:
             show("folder_encode", report["folder_encode"])
-    target = out or export_dir / BENCH_NAME
-    write_json(target, report)
-    return report, target
+    return report
 
 
 def _log_fastest(

@@ -53,7 +53,7 @@ def read_cifar_batch(path: Path) -> np.ndarray:
         return flat.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
     except FileNotFoundError:
         raise VqtoolError("missing CIFAR-10 batch file", path) from None
-    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as exc:
+    except (pickle.UnpicklingError, EOFError, KeyError, IndexError, ValueError, TypeError) as exc:
         raise VqtoolError(f"not a CIFAR-10 python batch ({exc})", path) from None
 
 

@@ -102,14 +102,23 @@ def _row_groups_from(reader: Any, row: int) -> tuple[list[int], int]:
     return list(range(group, len(starts) - 1)), row - int(starts[group])
 
 
+def _check_image_type(kind: Any, path: str, name: str) -> None:
+    """Image bytes: binary cells, or datasets' {bytes, path} Image structs with a binary `bytes` field."""
+    import pyarrow as pa
+
+    if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
+        kind = kind.field("bytes").type
+    if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
+        raise VqtoolError(f"column {name!r} holds {kind}, not image bytes", path)
+
+
 def _image_bytes(column: Any, path: str, name: str) -> list[bytes]:
     """A column's image bytes: binary cells, or the `bytes` field of datasets' {bytes, path} Image structs."""
     import pyarrow as pa
 
+    _check_image_type(column.type, path, name)
     if pa.types.is_struct(column.type):
         column = column.field("bytes")
-    if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
-        raise VqtoolError(f"column {name!r} holds {column.type}, not image bytes", path)
     return [b"" if cell is None else cell for cell in column.to_pylist()]
 
 
@@ -158,6 +167,7 @@ def parquet_rows(files: Sequence[str], image_column: str | None, key_column: str
         if chosen is not None and column != chosen:
             raise VqtoolError(f"its image column is {column!r}, the earlier files' {chosen!r}", path)
         chosen = column
+        _check_image_type(reader.schema_arrow.field(column).type, path, column)  # before any output, not mid-run
         count = reader.metadata.num_rows
         rows.append(count)
         key = key_column or (KEY_COLUMN if KEY_COLUMN in names else None)

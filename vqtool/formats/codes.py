@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from vqtool.errors import VqtoolError, first_line
-from vqtool.formats.manifest import Manifest
+from vqtool.formats.manifest import CODE_DTYPES, Manifest
 
 SIDECAR_FORMAT = "vqtool.codes"
 
@@ -74,6 +74,8 @@ def _sidecar_problem(raw: dict[str, Any]) -> str | None:
     for name in ("dtype", "manifest_sha256", "checkpoint_sha256", "precision"):
         if not isinstance(raw.get(name, ""), str):
             return f"'{name}' must be a string"
+    if raw.get("dtype") not in CODE_DTYPES:
+        return f"'dtype' must be one of {', '.join(CODE_DTYPES)}"
     contract = raw.get("contract")
     if contract is not None and not (
         isinstance(contract, dict) and all(isinstance(contract.get(k), str) for k in ("name", "backend", "precision"))

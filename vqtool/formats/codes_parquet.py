@@ -83,7 +83,10 @@ class ParquetCodes:
             heights, widths = batch.column(1).to_numpy(), batch.column(2).to_numpy()
             if len(batch) and not ((heights == self.grid[0]).all() and (widths == self.grid[1]).all()):
                 raise VqtoolError(f"rows with grids other than {self.grid[0]}x{self.grid[1]}", self.path)
-            flat = batch.column(0).flatten().to_numpy(zero_copy_only=False)
+            cells = batch.column(0).flatten()
+            if cells.null_count:  # to_numpy would make them NaN in a float array
+                raise VqtoolError("a row's codes hold empty (null) cells", self.path)
+            flat = cells.to_numpy(zero_copy_only=False)
             if flat.size != len(batch) * self.grid[0] * self.grid[1]:
                 raise VqtoolError("a row's codes do not fill its height x width", self.path)
             yield flat.reshape(len(batch), *self.grid)

@@ -47,7 +47,7 @@ def _holder_record() -> bytes:
 def _read_holder(path: Path) -> dict[str, object]:
     try:
         raw = json.loads(path.read_bytes() or b"{}")
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     return raw if isinstance(raw, dict) else {}
 
@@ -83,7 +83,11 @@ class OutputLock:
     """The exclusive right to write `output` (a file or a folder) and what vqtool derives from its name."""
 
     def __init__(self, output: Path | str) -> None:
-        self.output = Path(output)
+        # Absolute and normalised: `--out .` or `--out ..` names a folder whose lock lies beside it, wherever the
+        # run was started from.
+        self.output = Path(os.path.abspath(output))
+        if self.output == self.output.parent:
+            raise VqtoolError("is the file system's root; name a folder inside it", self.output)
         self.path = lock_path(self.output)
         self._fd: int | None = None
 
@@ -181,5 +185,5 @@ def output_lock(output: Path | str, *derived: Path) -> Iterator[OutputLock]:
     """Hold `output`'s lock for the block, after clearing the temporary files killed runs left beside `output` and
     the `derived` files written with it (a sidecar, a progress record)."""
     with OutputLock(output) as lock:
-        lock.clear_temporaries(Path(output), *derived)
+        lock.clear_temporaries(lock.output, *derived)
         yield lock

@@ -23,6 +23,7 @@ FORMAT_VERSION = 1
 PYTORCH_FILE = "model.pt"
 PARITY_NAME = "parity.json"
 BENCH_NAME = "bench.json"
+BENCH_FORMAT = "vqtool.bench"
 ROLES = ("encoder", "decoder")
 # The graphs `export --latents` adds, for diffusion pipelines that hand latents rather than codes: uint8 images ->
 # the latents before quantisation (the library's encode(x).latents), and latents -> uint8 images, decoded as the
@@ -89,11 +90,15 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+# The types codes are written in, smallest first.
+CODE_DTYPES = ("uint8", "uint16", "uint32")
+
+
 def code_dtype_for(num_codes: int) -> np.dtype:
     """The smallest unsigned integer type that holds codes 0..K-1."""
-    for dtype in (np.uint8, np.uint16, np.uint32):
-        if num_codes - 1 <= np.iinfo(dtype).max:
-            return np.dtype(dtype)
+    for name in CODE_DTYPES:
+        if num_codes - 1 <= np.iinfo(name).max:
+            return np.dtype(name)
     raise ValueError(f"{num_codes} codes do not fit in 32 bits")
 
 

@@ -19,6 +19,7 @@ from vqtool.formats.atomic import write_json
 from vqtool.formats.codes import SIDECAR_FORMAT, sidecar_path
 from vqtool.formats.codes_parquet import is_parquet
 from vqtool.formats.manifest import (
+    BENCH_FORMAT,
     BENCH_NAME,
     FORMAT,
     MANIFEST_NAME,
@@ -40,6 +41,16 @@ def check_new_file(out: Path, *, overwrite: bool) -> None:
         raise VqtoolError("is a folder; name the file to write", out)
     if _present(out) and not overwrite:
         raise VqtoolError(f"exists; {OVERWRITE_HINT}", out)
+
+
+def check_bench_output(out: Path) -> None:
+    """`vqtool bench --out`: a new file, or an earlier bench record of vqtool's, which it replaces."""
+    if out.is_dir():
+        raise VqtoolError("is a folder; name the file to write", out)
+    if _present(out) and (out.is_symlink() or _json_format(out) != BENCH_FORMAT):
+        raise VqtoolError(
+            "is not a bench record written by vqtool, and bench would replace it; move it, or name another --out", out
+        )
 
 
 def _json_format(path: Path) -> object:
@@ -105,6 +116,14 @@ def claim_decode_folder(out_dir: Path, names: Sequence[str], *, overwrite: bool)
             out_dir,
         )
     earlier = _recorded_names(out_dir) if out_dir.is_dir() else set()
+    # --overwrite replaces what vqtool wrote there, never a file of the user's that happens to share a name.
+    theirs = next((name for name in names if name not in earlier and _present(out_dir / name)), None)
+    if theirs is not None:
+        raise VqtoolError(
+            "was not written by an earlier decode there, and this decode would replace it; move it, or choose "
+            "another folder",
+            out_dir / theirs,
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     # Recorded first, so that a decode that dies part way still lists what it may have written.
     _record_decode(out_dir, earlier | set(names))
@@ -196,6 +215,13 @@ def replace_export(staging: Path, out_dir: Path) -> None:
         return
     earlier = export_files(out_dir) or set()
     written = {p.name for p in staging.iterdir()}
+    theirs = next((name for name in sorted(written - earlier) if _present(out_dir / name)), None)
+    if theirs is not None:  # nothing replaced yet: the earlier export stands, and the user's file with it
+        raise VqtoolError(
+            "is not part of the export there, and this export writes a file of that name; move it, or choose "
+            "another --out",
+            out_dir / theirs,
+        )
     for name in sorted(written - {MANIFEST_NAME}):
         os.replace(staging / name, out_dir / name)
     os.replace(staging / MANIFEST_NAME, out_dir / MANIFEST_NAME)

@@ -172,12 +172,16 @@ def judged(report: ParityReport, min_identical: float = 0.0) -> ParityReport:
 def _no_more_than_its_figures(report: ParityReport) -> ParityReport:
     """A record read back as it claims, unless its own figures meet a lesser contract under today's rules: then as
     they do (parity.json is read as written, by hand or by a vqtool whose rules were looser)."""
+    if not _figures_are_numbers(report):  # a figure written as null or text: nothing to hold a claim to, or to show
+        cleared: dict[str, Any] = {
+            field.name: field.default for field in fields(ParityReport) if field.name in _FIGURES
+        }
+        failures = ("its figures are not all numbers",)
+        return replace(report, **cleared, recorded_identical_fraction=None, contract=NO_CONTRACT, failures=failures)
     if report.precision not in TABLE or not report.passed:
         return report
     if not report.codes and report.recorded_identical_fraction is None:
         return report  # no count of identical codes to judge by (a record written by hand)
-    if not _figures_are_numbers(report):  # a figure written as null or text: nothing to hold the claim to
-        return replace(report, contract=NO_CONTRACT, failures=("its figures are not all numbers",), outside_exact=())
     held = judged(report)
     return report if CONTRACT_RANK[held.met] >= CONTRACT_RANK[report.met] else held
 
@@ -187,8 +191,8 @@ _FIGURES = tuple(f.name for f in fields(ParityReport) if type(f.default) in (int
 
 
 def _figures_are_numbers(report: ParityReport) -> bool:
-    """Every figure a number, and the share of identical codes too where it stands in for their count."""
-    names = _FIGURES if report.codes else (*_FIGURES, "recorded_identical_fraction")
+    """Every figure a number, and the recorded share of identical codes too where there is one."""
+    names = _FIGURES if report.recorded_identical_fraction is None else (*_FIGURES, "recorded_identical_fraction")
     return all(type(getattr(report, name)) in (int, float) for name in names)
 
 
@@ -266,7 +270,15 @@ class ModelRow:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelRow:
-        return cls(**_known(cls, raw))
+        """A row as bench.json holds it; a field of another type (text where a number belongs) raises TypeError."""
+        row = cls(**_known(cls, raw))
+        numbers = (row.images_per_s, row.p50_ms, row.p99_ms, *(() if row.vs_baseline is None else (row.vs_baseline,)))
+        texts = (row.stage, row.backend, row.provider, row.precision)
+        if type(row.batch) is not int or any(type(n) not in (int, float) for n in numbers):
+            raise TypeError(f"bench row with a figure that is not a number: {raw}")
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError(f"bench row with a name that is not text: {raw}")
+        return row
 
 
 def _known(cls: type[R], raw: dict[str, Any]) -> dict[str, Any]:
@@ -276,7 +288,7 @@ def _known(cls: type[R], raw: dict[str, Any]) -> dict[str, Any]:
 def _read_object(path: Path) -> dict[str, Any]:
     try:
         loaded = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
         return {}
     return loaded if isinstance(loaded, dict) else {}
 

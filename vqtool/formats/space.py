@@ -11,6 +11,7 @@ import errno
 import io
 import os
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -88,17 +89,48 @@ def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     return header.getvalue()
 
 
+def open_file_itself(path: Path, flags: int, mode: int = 0o666) -> int:
+    """os.open of `path` itself: never through a link planted at that name (it would send what vqtool writes to
+    the file the link points at, outside the output's folder), and never anything but a regular file."""
+    try:
+        descriptor = os.open(path, flags | os.O_NOFOLLOW, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise VqtoolError("is a link, not a file vqtool wrote; remove it", path) from None
+        raise
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise VqtoolError("is not a regular file; remove it", path)
+    return descriptor
+
+
+def writable_npy(path: Path) -> np.memmap:
+    """The .npy at `path` memory-mapped for writing, opened as open_file_itself opens it; a damaged header is
+    refused in one line."""
+    with os.fdopen(open_file_itself(path, os.O_RDWR), "r+b") as handle:
+        try:
+            version = np.lib.format.read_magic(handle)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(handle)
+            offset = handle.tell()
+            return np.memmap(handle, dtype=dtype, mode="r+", offset=offset, shape=shape, order="F" if fortran else "C")
+        except ValueError as exc:
+            raise VqtoolError(f"is damaged ({exc})", path) from None
+
+
 def allocated_memmap(path: Path, dtype: np.dtype, shape: tuple[int, ...], *, shown: Path) -> np.memmap:
     """A new .npy at `path` with every byte of it allocated on disk, memory-mapped for writing; a disk that cannot
     hold it is refused in one line naming `shown` (the output the user asked for), and the file is removed.
 
     The file is made here rather than by open_memmap, which extends it with a write past its end: on a full disk
-    that write, not the allocation, would fail, and with no word of what was needed."""
+    that write, not the allocation, would fail, and with no word of what was needed. Whatever was at `path` goes
+    first (an earlier run's file, or a link: the link itself, never what it points at)."""
     dtype = np.dtype(dtype)
     header = _npy_header(dtype, shape)
     size = len(header) + dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    path.unlink(missing_ok=True)
     try:
-        with open(path, "wb") as handle:
+        with os.fdopen(open_file_itself(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as handle:
             handle.write(header)
         reserve(path, size, shown=shown, what="the codes")
     except OSError as exc:
@@ -107,4 +139,4 @@ def allocated_memmap(path: Path, dtype: np.dtype, shape: tuple[int, ...], *, sho
     except BaseException:
         path.unlink(missing_ok=True)
         raise
-    return np.lib.format.open_memmap(path, mode="r+")
+    return writable_npy(path)

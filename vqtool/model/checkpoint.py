@@ -116,6 +116,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Che
         raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or truncated: {reason})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a vqtool checkpoint (no '{FORMAT}' header)")
+    if type(payload.get("format_version", 0)) is not int:
+        raise CheckpointError(f"{path}: damaged ('format_version' must be an integer)")
     if payload.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path}: written by a newer vqtool (format {payload['format_version']}); upgrade vqtool")
     try:
@@ -126,13 +128,16 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Che
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: checkpoint weights do not match its configuration ({exc})") from None
     model.eval()
-    return Checkpoint(
-        model=model,
-        model_config=model_config,
-        train_config=TrainConfig.from_dict(payload.get("train_config", {})),
-        step=int(payload.get("step", 0)),
-        epoch=int(payload.get("epoch", 0)),
-        data=payload.get("data"),
-        optimizer_state=payload.get("optimizer"),
-        extra=dict(payload.get("extra", {})),
-    )
+    try:
+        return Checkpoint(
+            model=model,
+            model_config=model_config,
+            train_config=TrainConfig.from_dict(payload.get("train_config", {})),
+            step=int(payload.get("step", 0)),
+            epoch=int(payload.get("epoch", 0)),
+            data=payload.get("data"),
+            optimizer_state=payload.get("optimizer"),
+            extra=dict(payload.get("extra", {})),
+        )
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: its training record is damaged ({_short_reason(exc)})") from None

@@ -52,7 +52,7 @@ class ImportResult:
 def _read_config_file(path: Path) -> dict[str, Any]:
     try:
         raw = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise VqtoolError(f"not a readable {path.name} ({first_line(exc)})", path) from None
     if not isinstance(raw, dict):
         raise VqtoolError(f"{path.name} does not hold an object", path)
@@ -167,7 +167,7 @@ def find_model_folder(source: Path, subfolder: str | None) -> Path:
 def _load_library_model(library: str, class_name: str, folder: Path, safetensors: bool) -> Any:
     try:
         model = LIBRARIES[library].load(class_name, folder, safetensors=safetensors)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, RecursionError) as exc:
         raise VqtoolError(f"{library} cannot load this {class_name} ({first_line(exc)})", folder) from None
     return model.float().eval()
 

@@ -161,8 +161,10 @@ def read_llamagen(path: Path, image_size: int | None, allow_pickle: bool) -> Ori
     return _llamagen_design(state, size, path, f"LlamaGen VQ-{{factor}} {{what}} from {path.name}")
 
 
-def _inside(folder: Path, name: str) -> Path:
-    """`name` from a file in `folder`, refused where it leads outside it."""
+def _inside(folder: Path, name: object) -> Path:
+    """`name` from a file in `folder`, refused where it is no file name or leads outside it."""
+    if not isinstance(name, str):
+        raise VqtoolError(f"names {name!r}, which is not a file name", folder)
     path = (folder / name).resolve()
     if not path.is_relative_to(folder.resolve()) or not path.is_file():
         raise VqtoolError(f"names {name!r}, which is not a file inside the folder", folder)
@@ -177,7 +179,7 @@ def _janus_shards(folder: Path) -> tuple[list[Path], bool]:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
                 names = sorted({file for key, file in weight_map.items() if key.startswith(JANUS_PREFIX)})
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
                 raise VqtoolError(f"not a readable checkpoint index ({first_line(exc)})", index) from None
             if not names:
                 raise VqtoolError(f"lists no {JANUS_PREFIX}* tensors: not a Janus checkpoint", index)
@@ -273,7 +275,7 @@ def read_taming_yaml(path: Path) -> TamingConfig:
         )
     except (OSError, yaml.YAMLError) as exc:
         raise VqtoolError(f"not a readable YAML file ({first_line(exc)})", path) from None
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
         raise VqtoolError(
             f"does not describe a VQ model as taming's YAML does (model.params.ddconfig: {exc})", path
         ) from None
@@ -443,7 +445,7 @@ def _janus_folder(folder: Path) -> bool:
     path = folder / "config.json"
     try:
         raw = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(raw, dict) and isinstance(raw.get("gen_vision_config"), dict)
 

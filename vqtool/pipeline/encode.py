@@ -29,7 +29,7 @@ from vqtool.formats.contract import Contract, contract_of
 from vqtool.formats.lock import output_lock
 from vqtool.formats.manifest import Manifest, code_dtype_for, fitting_batch, manifest_checksum
 from vqtool.formats.outputs import check_codes_output
-from vqtool.formats.space import allocated_memmap, reserve
+from vqtool.formats.space import allocated_memmap, reserve, writable_npy
 from vqtool.host import reader_count
 from vqtool.images.fit import CENTER, Fit
 from vqtool.images.limits import DEFAULT_MAX_PIXELS
@@ -257,7 +257,13 @@ def run_encode(
     progress = resume_point(out, plan.signature, resume, log)
     out.parent.mkdir(parents=True, exist_ok=True)
     if progress.done:
-        codes_out = np.lib.format.open_memmap(partial_path(out), mode="r+")
+        codes_out = writable_npy(partial_path(out))
+        if codes_out.shape != (total, *plan.grid) or codes_out.dtype != plan.dtype:
+            raise VqtoolError(
+                f"holds {codes_out.dtype} codes shaped {codes_out.shape}, not this run's {np.dtype(plan.dtype)} "
+                f"{(total, *plan.grid)}; rerun without --resume",
+                partial_path(out),
+            )
         # Allocated when it was made; again in case that run's vqtool did not, since a page the disk cannot back
         # ends the process (SIGBUS) rather than raising.
         reserve(partial_path(out), int(codes_out.offset) + codes_out.nbytes, shown=out, what="the codes")

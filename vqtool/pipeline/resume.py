@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 from vqtool.data.arrays import read_npy_header
 from vqtool.errors import VqtoolError
 from vqtool.formats.atomic import partial_path
+from vqtool.formats.space import open_file_itself
 from vqtool.images.reading import SkippedFile
 from vqtool.precisions import EXACT_CONTRACT
 
@@ -59,7 +61,7 @@ def resume_point(out: Path, signature: dict[str, object], resume: bool, log: Cal
             int(saved.get("written", done)),
             tuple(SkippedFile(str(s["file"]), str(s["reason"])) for s in saved.get("skipped", [])),
         )
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, ValueError):
+    except (UnicodeDecodeError, AttributeError, KeyError, TypeError, ValueError, RecursionError):
         raise VqtoolError("progress record is corrupt; rerun without --resume", progress) from None
 
 
@@ -70,7 +72,7 @@ def shrink_rows(path: Path, rows: int) -> None:
     NumPy pads headers so that the row count can change in place, and writing the header through NumPy
     gives the bytes a fresh np.save would: shards merged later match a single pass byte for byte.
     """
-    with open(path, "r+b") as handle:
+    with os.fdopen(open_file_itself(path, os.O_RDWR), "r+b") as handle:
         version, shape, fortran, dtype = read_npy_header(handle)
         if version not in ((1, 0), (2, 0)):
             raise ValueError(f"{path}: .npy format {version} is not one open_memmap writes")

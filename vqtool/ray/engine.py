@@ -32,7 +32,7 @@ import numpy as np
 from vqtool.data.sets import located_refs
 from vqtool.data.specs import image_set
 from vqtool.errors import VqtoolError, first_line, missing_extra
-from vqtool.formats.atomic import partial_path, write_json
+from vqtool.formats.atomic import atomic_output, partial_path, write_json
 from vqtool.formats.contract import contract_of, joined
 from vqtool.formats.manifest import read_manifest
 from vqtool.formats.space import allocated_memmap
@@ -289,13 +289,15 @@ def _stored_rows(staging: Path, signature: dict[str, object], resume: bool, log:
     if staging.exists() and resume:
         try:
             saved = json.loads(record.read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        except (OSError, ValueError, RecursionError):
             saved = None
         if saved != json.loads(json.dumps(signature)):
             raise VqtoolError(
                 "the interrupted run encoded other files or used another model; rerun without --resume", staging
             )
-        return {int(i) for part in _parts(staging) for i in part["index"]}
+        rows, grid = signature["rows"], signature["grid"]
+        assert isinstance(rows, int) and isinstance(grid, list)
+        return {int(i) for part in _parts(staging, rows, int(np.prod(grid))) for i in part["index"]}
     if staging.exists():
         log(f"{staging}: an interrupted earlier run left stored blocks; starting over (use --resume to continue it)")
         shutil.rmtree(staging)
@@ -333,13 +335,13 @@ def _store_blocks(dataset: Any, staging: Path, skip_bad: bool) -> None:
             }
         )
         path = staging / f"rows-{int(index.min()):012d}-{len(index)}.parquet"
-        pq.write_table(table, partial_path(path))
-        os.replace(partial_path(path), path)
+        with atomic_output(path) as temporary:  # a unique name (O_EXCL), never a link left in the folder
+            pq.write_table(table, temporary)
 
 
-def _parts(staging: Path) -> Iterator[dict[str, Any]]:
-    """Each stored block's columns (codes flat, row after row); a file that cannot be read is removed (its rows
-    run again)."""
+def _parts(staging: Path, rows: int, cells: int) -> Iterator[dict[str, Any]]:
+    """Each stored block's columns (codes flat, row after row, `cells` codes a row); a file that cannot be read, or
+    whose rows are not rows of this run's `rows`, is removed (its rows run again)."""
     import pyarrow.parquet as pq
 
     for path in sorted(staging.glob("*.parquet")):
@@ -353,6 +355,14 @@ def _parts(staging: Path) -> Iterator[dict[str, Any]]:
                 "name": table.column("name").to_pylist(),
                 "runtime": set(table.column("runtime").to_pylist()),
             }
+            index = part["index"]
+            if not (
+                index.dtype.kind in "iu"
+                and ((index >= 0) & (index < rows)).all()
+                and part["codes"].size == len(index) * cells
+                and len(part["resized"]) == len(part["reason"]) == len(part["name"]) == len(index)
+            ):
+                raise ValueError("a block whose rows are not this run's")
         except Exception:  # a truncated or half-written block: its rows were never counted as stored
             path.unlink(missing_ok=True)
             continue
@@ -370,7 +380,7 @@ def _join(plan: EncodePlan, staging: Path) -> tuple[int, int, list[SkippedFile],
     resized = 0
     reasons: dict[int, SkippedFile] = {}
     runtimes: set[str] = set()
-    for part in _parts(staging):
+    for part in _parts(staging, total, int(np.prod(plan.grid))):
         runtimes |= part["runtime"]
         index = part["index"]
         part["codes"] = part["codes"].reshape(len(index), *plan.grid)
