@@ -738,6 +738,8 @@ def test_malformed_files_from_others_are_one_line_before_any_output(
 
     with pytest.raises(VqtoolError, match="the file system's root"):
         OutputLock("/")
+    with pytest.raises(VqtoolError, match=r"codes are written as \.npy"):
+        tok.encode_files(tmp_path / "images", Path("/"), log=lambda _: None)
     here = os.getcwd()
     try:
         os.chdir(tmp_path / "images")

@@ -331,7 +331,7 @@ class Tokenizer:
         options = options or EncodeOptions.of(**keywords)
         log = log or _log.info
         out = Path(out)
-        with codes_output(out, overwrite=options.overwrite, resume=options.resume, left_behind=_left_behind(out)):
+        with codes_output(out, overwrite=options.overwrite, resume=options.resume, left_behind=_left_behind):
             images = image_set(
                 [inputs] if isinstance(inputs, str | Path) else inputs,
                 image_column=options.image_column,

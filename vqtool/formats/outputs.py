@@ -62,11 +62,17 @@ def _json_format(path: Path) -> object:
     return raw.get("format") if isinstance(raw, dict) else None
 
 
+def check_codes_name(out: Path) -> None:
+    """A codes output is named .npy or .parquet: checked before any other name (a sidecar's, a lock's) is made from
+    it."""
+    if out.suffix.lower() not in CODES_SUFFIXES:
+        raise VqtoolError("codes are written as .npy (with a .json sidecar beside it) or .parquet; name it so", out)
+
+
 def check_codes_output(out: Path, *, overwrite: bool, resuming: bool) -> None:
     """A codes output (.npy with its sidecar, or .parquet): what `vqtool encode` and `merge` may write, checked before
     any work. `resuming`: an interrupted run of the same output is being continued, which replaces it as it ends."""
-    if out.suffix.lower() not in CODES_SUFFIXES:
-        raise VqtoolError("codes are written as .npy (with a .json sidecar beside it) or .parquet; name it so", out)
+    check_codes_name(out)
     if resuming:
         check_new_file(out, overwrite=True)
     else:

@@ -28,7 +28,7 @@ from vqtool.formats.codes_parquet import is_parquet, require_pyarrow, write_code
 from vqtool.formats.contract import Contract, contract_of
 from vqtool.formats.lock import output_lock
 from vqtool.formats.manifest import Manifest, code_dtype_for, fitting_batch, manifest_checksum
-from vqtool.formats.outputs import check_codes_output
+from vqtool.formats.outputs import check_codes_name, check_codes_output
 from vqtool.formats.space import allocated_memmap, reserve, writable_npy
 from vqtool.host import reader_count
 from vqtool.images.fit import CENTER, Fit
@@ -119,12 +119,15 @@ class EncodePlan:
 
 
 @contextlib.contextmanager
-def codes_output(out: Path, *, overwrite: bool, resume: bool, left_behind: Sequence[Path]) -> Iterator[None]:
+def codes_output(
+    out: Path, *, overwrite: bool, resume: bool, left_behind: Callable[[Path], Sequence[Path]]
+) -> Iterator[None]:
     """Hold `out` for the run (one writer per output), after checking that the run may write it: an existing output
-    is replaced only with `overwrite`, or with `resume` where an interrupted run left `left_behind` to continue.
-    Both engines start here, before any work."""
+    is replaced only with `overwrite`, or with `resume` where an interrupted run left `left_behind(out)` to
+    continue. Both engines start here, before any work."""
+    check_codes_name(out)
     with output_lock(out, sidecar_path(out), progress_path(out)):
-        resuming = resume and all(path.exists() for path in left_behind)
+        resuming = resume and all(path.exists() for path in left_behind(out))
         check_codes_output(out, overwrite=overwrite, resuming=resuming)
         if is_parquet(out):
             require_pyarrow("codes.parquet")  # now, not after the whole encode

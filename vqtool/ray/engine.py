@@ -101,7 +101,7 @@ def encode_on_ray(
     ray = _ray()
     started = time.perf_counter()
     resume = options.resume
-    with codes_output(out, overwrite=options.overwrite, resume=resume, left_behind=(staging_path(out),)):
+    with codes_output(out, overwrite=options.overwrite, resume=resume, left_behind=lambda out: (staging_path(out),)):
         images = image_set(inputs, image_column=options.image_column, key_column=options.key_column)
         plan = plan_encode(images, read_manifest(model), model, out, options, runtime.precision)
         staging = staging_path(out)
