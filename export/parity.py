@@ -407,6 +407,7 @@ def check_export(
     The result's `passed` says whether every runtime held its tolerance; `reports` is empty when none started.
     Reports of runtimes not checked this time (e.g. export's, when only --backend openvino ran) are kept.
     """
+    read_manifest(export_dir)  # a folder that holds no export is refused before its lock is made beside it
     # parity.json is read, merged with this run's reports and written again: one writer at a time, and no export
     # replacing the graphs meanwhile.
     with output_lock(export_dir):

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -295,8 +295,7 @@ def _stored_rows(staging: Path, signature: dict[str, object], resume: bool, log:
             raise VqtoolError(
                 "the interrupted run encoded other files or used another model; rerun without --resume", staging
             )
-        rows, grid = signature["rows"], signature["grid"]
-        assert isinstance(rows, int) and isinstance(grid, list)
+        rows, grid = cast(int, signature["rows"]), cast(list[int], signature["grid"])  # plan_encode's
         return {int(i) for part in _parts(staging, rows, int(np.prod(grid))) for i in part["index"]}
     if staging.exists():
         log(f"{staging}: an interrupted earlier run left stored blocks; starting over (use --resume to continue it)")
