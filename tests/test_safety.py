@@ -491,6 +491,10 @@ def test_a_link_planted_at_the_codes_partial_file_is_never_written_through(expor
     with pytest.raises(VqtoolError, match=r"codes\.npy\.partial: is a link, not a file vqtool wrote"):
         tok.encode_files(images, out, log=lambda _: None, resume=True)
     assert victim.read_text() == "kept"
+    partial_path(out).unlink()
+    partial_path(out).write_bytes(b"\x93NUMPY\x01\x00\x76\x00{'descr': ('<u1'" + b" " * 100 + b"\n")
+    with pytest.raises(VqtoolError, match=r"codes\.npy\.partial: is damaged"):
+        tok.encode_files(images, out, log=lambda _: None, resume=True)
 
 
 def test_parity_and_bench_wait_for_no_one_writing_the_export(export_copy: Path) -> None:
@@ -518,6 +522,10 @@ def test_bench_replaces_no_file_it_did_not_write(export_dir: Path, tmp_path: Pat
     with pytest.raises(VqtoolError, match=r"results\.json: is not a bench record written by vqtool"):
         run_bench(export_dir, out=mine, log=lambda _: None)
     assert mine.read_text() == '{"the": "user\'s"}'
+    # A record bench wrote before bench.json named its format is bench's to replace.
+    mine.write_text(json.dumps({"cpu": "earlier", "cpu_count": 2, "model_only": []}))
+    run_bench(export_dir, out=mine, batch_sizes=(1,), backends=("onnxruntime",), seconds=0.01, log=lambda _: None)
+    assert json.loads(mine.read_text())["format"] == "vqtool.bench"
 
 
 def test_an_export_replaces_only_what_an_earlier_export_wrote(export_dir: Path, tmp_path: Path) -> None:
@@ -561,6 +569,14 @@ def test_an_export_replaces_only_what_an_earlier_export_wrote(export_dir: Path, 
     with pytest.raises(VqtoolError, match=r"encoder\.fp16\.onnx: is not part of the export there"):
         replace_export(staging, earlier)
     assert {p.name: p.read_bytes() for p in earlier.iterdir()} == before
+    # ONNX Runtime's TensorRT engine cache is the export's own folder: replaced with it, never in the way.
+    (earlier / "encoder.fp16.onnx").unlink()
+    (earlier / "ort_trt_cache").mkdir()
+    (earlier / "ort_trt_cache" / "old.engine").write_text("built from the earlier graphs")
+    (staging / "ort_trt_cache").mkdir()
+    (staging / "ort_trt_cache" / "new.engine").write_text("built from these graphs")
+    replace_export(staging, earlier)
+    assert [p.name for p in (earlier / "ort_trt_cache").iterdir()] == ["new.engine"]
 
 
 def test_export_refuses_a_folder_it_did_not_make(trained_checkpoint: Path, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ the model, and for a folder the script a user would otherwise write (a Pillow lo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -43,7 +44,7 @@ def run_bench(
     `show` receives each part of the report ("model_only", then "folder_encode") as it is ready. Returns the
     report and where it was written (`out`, default EXPORT_DIR/bench.json).
     """
-    manifest = read_manifest(export_dir)
+    read_manifest(export_dir)  # no export there: one line, before anything else
     if out is not None:
         check_bench_output(out)
     if min(batch_sizes) < 1:
@@ -54,10 +55,10 @@ def run_bench(
     for path in files:  # the naive script reads with plain Pillow: check every file before timing anything
         read_rgb(path, max_pixels)
     target = out or export_dir / BENCH_NAME
-    # Held for the whole run: the graphs must not change under the timings (an export replacing them), and two
-    # benches must not write one report.
-    with output_lock(out if out is not None else export_dir):
-        report = _measure(export_dir, manifest, files, batch_sizes, backends, seconds, log, show)
+    # The export's lock for the whole run: the graphs must not change under the timings (an export replacing them),
+    # and two benches must not write one report; --out's too, where the report goes elsewhere.
+    with output_lock(export_dir), output_lock(out) if out is not None else contextlib.nullcontext():
+        report = _measure(export_dir, read_manifest(export_dir), files, batch_sizes, backends, seconds, log, show)
         write_json(target, report)
     return report, target
 

@@ -130,6 +130,14 @@ class OutputLock:
             return True, os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             pass
+        except PermissionError as exc:  # EACCES; a read-only file system answers EROFS, an OSError of its own
+            why = f"cannot make the lock beside it ({exc.strerror}): vqtool writes its lock in the folder that holds it"
+            raise VqtoolError(why, self.output) from None
+        except OSError as exc:
+            if exc.errno != errno.EROFS:
+                raise
+            why = "is on a read-only file system: vqtool writes its lock in the folder that holds it"
+            raise VqtoolError(why, self.output) from None
         try:
             return False, os.open(self.path, flags)
         except FileNotFoundError:

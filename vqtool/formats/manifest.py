@@ -24,6 +24,8 @@ PYTORCH_FILE = "model.pt"
 PARITY_NAME = "parity.json"
 BENCH_NAME = "bench.json"
 BENCH_FORMAT = "vqtool.bench"
+# The folder ONNX Runtime's TensorRT provider caches its engines in, inside the export (built from its graphs).
+ORT_TRT_CACHE = "ort_trt_cache"
 ROLES = ("encoder", "decoder")
 # The graphs `export --latents` adds, for diffusion pipelines that hand latents rather than codes: uint8 images ->
 # the latents before quantisation (the library's encode(x).latents), and latents -> uint8 images, decoded as the

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from vqtool.formats.manifest import (
     BENCH_NAME,
     FORMAT,
     MANIFEST_NAME,
+    ORT_TRT_CACHE,
     PARITY_NAME,
     engine_path,
 )
@@ -47,10 +49,23 @@ def check_bench_output(out: Path) -> None:
     """`vqtool bench --out`: a new file, or an earlier bench record of vqtool's, which it replaces."""
     if out.is_dir():
         raise VqtoolError("is a folder; name the file to write", out)
-    if _present(out) and (out.is_symlink() or _json_format(out) != BENCH_FORMAT):
+    if _present(out) and (out.is_symlink() or not _is_bench_record(out)):
         raise VqtoolError(
             "is not a bench record written by vqtool, and bench would replace it; move it, or name another --out", out
         )
+
+
+def _is_bench_record(path: Path) -> bool:
+    """A bench.json: with its `format`, or, written before bench.json had one, its `cpu` and `model_only` rows."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    if not isinstance(raw, dict):
+        return False
+    return raw.get("format") == BENCH_FORMAT or (
+        "format" not in raw and "cpu" in raw and isinstance(raw.get("model_only"), list)
+    )
 
 
 def _json_format(path: Path) -> object:
@@ -123,7 +138,8 @@ def claim_decode_folder(out_dir: Path, names: Sequence[str], *, overwrite: bool)
         )
     earlier = _recorded_names(out_dir) if out_dir.is_dir() else set()
     # --overwrite replaces what vqtool wrote there, never a file of the user's that happens to share a name.
-    theirs = next((name for name in names if name not in earlier and _present(out_dir / name)), None)
+    present = {p.name for p in others}
+    theirs = next((name for name in names if name in present and name not in earlier), None)
     if theirs is not None:
         raise VqtoolError(
             "was not written by an earlier decode there, and this decode would replace it; move it, or choose "
@@ -158,7 +174,7 @@ def export_files(folder: Path) -> set[str] | None:
         return None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         return None
-    names = {MANIFEST_NAME, PARITY_NAME, BENCH_NAME}
+    names = {MANIFEST_NAME, PARITY_NAME, BENCH_NAME, ORT_TRT_CACHE}
     if isinstance(raw.get("pytorch_file"), str) and raw["pytorch_file"]:
         names.add(raw["pytorch_file"])
     graphs = raw.get("graphs")
@@ -192,6 +208,14 @@ def check_export_target(out_dir: Path, *, overwrite: bool) -> None:
         )
 
 
+def _remove_own(path: Path) -> None:
+    """Remove a file (or the engine cache folder) an export wrote; a link goes, never what it points at."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
 def remove_export(folder: Path) -> bool:
     """Remove the files the export in `folder` consists of, and the folder if nothing else is left in it; returns
     whether the folder is gone. Files vqtool did not write stay."""
@@ -199,9 +223,7 @@ def remove_export(folder: Path) -> bool:
     if listed is None:
         return False
     for name in listed - {MANIFEST_NAME}:
-        path = folder / name
-        if path.is_file() or path.is_symlink():
-            path.unlink()
+        _remove_own(folder / name)
     (folder / MANIFEST_NAME).unlink(missing_ok=True)  # last: until then the folder still says what it holds
     with contextlib.suppress(OSError):
         folder.rmdir()
@@ -229,10 +251,10 @@ def replace_export(staging: Path, out_dir: Path) -> None:
             out_dir / theirs,
         )
     for name in sorted(written - {MANIFEST_NAME}):
+        if (out_dir / name).is_dir() and not (out_dir / name).is_symlink():
+            shutil.rmtree(out_dir / name)  # the earlier export's engine cache: a folder no rename replaces
         os.replace(staging / name, out_dir / name)
     os.replace(staging / MANIFEST_NAME, out_dir / MANIFEST_NAME)
     for name in earlier - written:
-        path = out_dir / name
-        if path.is_file() and not path.is_symlink():
-            path.unlink()
+        _remove_own(out_dir / name)
     staging.rmdir()

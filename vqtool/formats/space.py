@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vqtool.errors import VqtoolError
+from vqtool.errors import VqtoolError, first_line
 
 # What a full disk, a full quota and a file-size limit (ulimit -f) answer a write or an allocation.
 FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -112,10 +112,12 @@ def writable_npy(path: Path) -> np.memmap:
             version = np.lib.format.read_magic(handle)
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, fortran, dtype = read(handle)
+            if dtype.hasobject:
+                raise ValueError("it holds Python objects, not codes")
             offset = handle.tell()
             return np.memmap(handle, dtype=dtype, mode="r+", offset=offset, shape=shape, order="F" if fortran else "C")
-        except ValueError as exc:
-            raise VqtoolError(f"is damaged ({exc})", path) from None
+        except Exception as exc:  # numpy's header parser raises ValueError, SyntaxError, tokenize's TokenError, ...
+            raise VqtoolError(f"is damaged ({first_line(exc)})", path) from None
 
 
 def allocated_memmap(path: Path, dtype: np.dtype, shape: tuple[int, ...], *, shown: Path) -> np.memmap:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from vqtool.errors import VqtoolError, first_line
-from vqtool.formats.manifest import LARGE_ACTIVATION_BYTES, Manifest, engine_path, graph_key
+from vqtool.formats.manifest import LARGE_ACTIVATION_BYTES, ORT_TRT_CACHE, Manifest, engine_path, graph_key
 from vqtool.host import inference_lanes
 from vqtool.runtime import tensors
 from vqtool.runtime.base import DEVICES, GraphToOpen, Runner
@@ -76,7 +76,7 @@ class TrtOptions:
         if engine.is_file():
             meta = read_engine_metadata(engine)
             batches = (meta.profile_min[0], meta.profile_opt[0], meta.profile_max[0])
-        return cls(entry.input, tail, batches, export_dir / "ort_trt_cache")
+        return cls(entry.input, tail, batches, export_dir / ORT_TRT_CACHE)
 
     def profile_options(self) -> dict[str, str]:
         """trt_profile_min_shapes=images:1x32x32x3 and its opt and max twins."""
