@@ -48,7 +48,8 @@ PrecisionOption = Annotated[
 
 
 ReadersOption = Annotated[
-    int | None, typer.Option(help="Processes that read image files, at low priority (default: one per core).")
+    int | None,
+    typer.Option(help="Processes that read image files, at low priority (default: one per core, at most 16)."),
 ]
 
 
@@ -197,7 +198,8 @@ def decode(
     device: DeviceOption = Device.auto,
     precision: PrecisionOption = RunPrecision.fp32,
     writers: Annotated[
-        int | None, typer.Option(help="Processes that write PNG files, at low priority (default: one per 2 cores).")
+        int | None,
+        typer.Option(help="Processes that write PNG files, at low priority (default: one per 2 cores, at most 16)."),
     ] = None,
     threads: ThreadsOption = None,
     overwrite: OverwriteOption = False,
