@@ -8,12 +8,13 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
 from vqtool.data.refs import ARRAY_ROW, ArrayRow, Decoded, ImageRef, Locators
 from vqtool.errors import VqtoolError, first_line
+from vqtool.formats.space import read_npy_header
 
 ARRAY_SUFFIXES = frozenset({".npy", ".npz"})
 
@@ -27,14 +28,6 @@ def _check_array(images: Any, path: Path) -> np.ndarray:
     if len(images) == 0:
         raise VqtoolError("the array holds no images", path)
     return images
-
-
-def read_npy_header(handle: BinaryIO) -> tuple[tuple[int, int], tuple[int, ...], bool, np.dtype]:
-    """(format version, shape, Fortran order, dtype) of the .npy open in `handle`, which is left at the data."""
-    version = np.lib.format.read_magic(handle)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read(handle)
-    return version, shape, fortran, dtype
 
 
 class NpyRows:

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 from collections.abc import Iterable, Sequence
@@ -28,6 +27,7 @@ from vqtool.formats.manifest import (
     PARITY_NAME,
     engine_path,
 )
+from vqtool.formats.records import read_json_object
 
 CODES_SUFFIXES = (".npy", ".parquet")
 OVERWRITE_HINT = "pass --overwrite to replace it, or choose another output"
@@ -57,12 +57,7 @@ def check_bench_output(out: Path) -> None:
 
 def _is_bench_record(path: Path) -> bool:
     """A bench.json: with its `format`, or, written before bench.json had one, its `cpu` and `model_only` rows."""
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):
-        return False
-    if not isinstance(raw, dict):
-        return False
+    raw = read_json_object(path)
     return raw.get("format") == BENCH_FORMAT or (
         "format" not in raw and "cpu" in raw and isinstance(raw.get("model_only"), list)
     )
@@ -70,11 +65,7 @@ def _is_bench_record(path: Path) -> bool:
 
 def _json_format(path: Path) -> object:
     """The `format` field of a JSON file, or None where it is not JSON holding an object."""
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):
-        return None
-    return raw.get("format") if isinstance(raw, dict) else None
+    return read_json_object(path).get("format")
 
 
 def check_codes_name(out: Path) -> None:
@@ -111,11 +102,8 @@ DECODE_FORMAT = "vqtool.decode"
 
 def _recorded_names(out_dir: Path) -> set[str]:
     record = out_dir / DECODE_RECORD
-    try:
-        raw = json.loads(record.read_text())
-    except (OSError, ValueError, RecursionError):
-        return set()
-    if not isinstance(raw, dict) or raw.get("format") != DECODE_FORMAT or not isinstance(raw.get("files"), list):
+    raw = read_json_object(record)
+    if raw.get("format") != DECODE_FORMAT or not isinstance(raw.get("files"), list):
         return set()
     return {name for name in raw["files"] if isinstance(name, str) and os.path.basename(name) == name}
 
@@ -168,11 +156,8 @@ def export_files(folder: Path) -> set[str] | None:
     """The files of the vqtool export in `folder`, as its manifest lists them (graphs, the PyTorch file, the engines
     built from its graphs, the records vqtool keeps there), or None where `folder` holds no vqtool manifest."""
     manifest = folder / MANIFEST_NAME
-    try:
-        raw = json.loads(manifest.read_text())
-    except (OSError, ValueError, RecursionError):
-        return None
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+    raw = read_json_object(manifest)
+    if raw.get("format") != FORMAT:
         return None
     names = {MANIFEST_NAME, PARITY_NAME, BENCH_NAME, ORT_TRT_CACHE}
     if isinstance(raw.get("pytorch_file"), str) and raw["pytorch_file"]:
@@ -251,8 +236,8 @@ def replace_export(staging: Path, out_dir: Path) -> None:
             out_dir / theirs,
         )
     for name in sorted(written - {MANIFEST_NAME}):
-        if (out_dir / name).is_dir() and not (out_dir / name).is_symlink():
-            shutil.rmtree(out_dir / name)  # the earlier export's engine cache: a folder no rename replaces
+        if (out_dir / name).is_dir():
+            _remove_own(out_dir / name)  # the earlier export's engine cache: a folder no rename replaces
         os.replace(staging / name, out_dir / name)
     os.replace(staging / MANIFEST_NAME, out_dir / MANIFEST_NAME)
     for name in earlier - written:

@@ -285,7 +285,9 @@ def _known(cls: type[R], raw: dict[str, Any]) -> dict[str, Any]:
     return {f.name: raw[f.name] for f in fields(cls) if f.name in raw}  # type: ignore[arg-type]
 
 
-def _read_object(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`, or {} where it is missing, unreadable, nested past the parser's depth or not an
+    object: a record that cannot be read claims nothing."""
     try:
         loaded = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
@@ -306,12 +308,12 @@ def _entries(cls: Any, items: Any) -> list[Any]:
 
 def read_parity_reports(export_dir: Path) -> list[ParityReport]:
     """Every report of the export's parity.json, or none where it is missing or unreadable."""
-    return _entries(ParityReport, _read_object(export_dir / PARITY_NAME).get("reports"))
+    return _entries(ParityReport, read_json_object(export_dir / PARITY_NAME).get("reports"))
 
 
 def read_latent_reports(export_dir: Path) -> list[LatentReport]:
     """The latent graphs' reports of the export's parity.json, or none."""
-    return _entries(LatentReport, _read_object(export_dir / PARITY_NAME).get("latents"))
+    return _entries(LatentReport, read_json_object(export_dir / PARITY_NAME).get("latents"))
 
 
 def runtime_record(reports: Iterable[Record], runtime: str, precision: str, provider: str = "") -> Record | None:
@@ -332,4 +334,4 @@ def parity_report(export_dir: Path, runtime: str, precision: str) -> ParityRepor
 
 def read_bench_rows(export_dir: Path) -> list[ModelRow]:
     """The model-only timings of the export's bench.json, or none where it is missing or unreadable."""
-    return _entries(ModelRow, _read_object(export_dir / BENCH_NAME).get("model_only"))
+    return _entries(ModelRow, read_json_object(export_dir / BENCH_NAME).get("model_only"))

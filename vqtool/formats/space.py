@@ -13,6 +13,7 @@ import os
 import shutil
 import stat
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -89,6 +90,14 @@ def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     return header.getvalue()
 
 
+def read_npy_header(handle: BinaryIO) -> tuple[tuple[int, int], tuple[int, ...], bool, np.dtype]:
+    """(format version, shape, Fortran order, dtype) of the .npy open in `handle`, which is left at the data."""
+    version = np.lib.format.read_magic(handle)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(handle)
+    return version, shape, fortran, dtype
+
+
 def open_file_itself(path: Path, flags: int, mode: int = 0o666) -> int:
     """os.open of `path` itself: never through a link planted at that name (it would send what vqtool writes to
     the file the link points at, outside the output's folder), and never anything but a regular file."""
@@ -109,9 +118,7 @@ def writable_npy(path: Path) -> np.memmap:
     refused in one line."""
     with os.fdopen(open_file_itself(path, os.O_RDWR), "r+b") as handle:
         try:
-            version = np.lib.format.read_magic(handle)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read(handle)
+            _, shape, fortran, dtype = read_npy_header(handle)
             if dtype.hasobject:
                 raise ValueError("it holds Python objects, not codes")
             offset = handle.tell()

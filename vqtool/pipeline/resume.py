@@ -11,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from vqtool.data.arrays import read_npy_header
 from vqtool.errors import VqtoolError
 from vqtool.formats.atomic import partial_path
-from vqtool.formats.space import open_file_itself
+from vqtool.formats.space import open_file_itself, read_npy_header
 from vqtool.images.reading import SkippedFile
 from vqtool.precisions import EXACT_CONTRACT
 
